@@ -1,0 +1,3 @@
+from lorahub.cli.app import main
+
+main()

@@ -1,0 +1,82 @@
+"""`lorahub` entry point. Command groups live in sibling modules that register on ``app``.
+
+Each command module imports only typer/rich at module level; heavy libraries (torch, diffusers,
+transformers) are imported inside the command functions, so catalogue commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from lorahub import __version__
+
+app = typer.Typer(
+    name="lorahub",
+    help="Catalogue, inspect, create and share LoRA adapters for Stable Diffusion-family models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Command modules, in the order their commands appear in --help. Each registers on `app`.
+COMMAND_MODULES = (
+    "catalog",   # add scan list search show tag edit rm gc export dupes verify demo
+    "formats",   # convert inspect diff
+    "extract",   # extract resize
+    "merge",     # merge
+    "sweep",     # sweep render previews
+    "train",     # train captions
+    "hub",       # push pull
+    "admin",     # backup restore
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorahub {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """lorahub: a local registry of LoRA files and real ML operations on them."""
+
+
+def _load_commands() -> None:
+    for name in COMMAND_MODULES:
+        modname = f"lorahub.cli.{name}"
+        try:
+            importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lorahub.errors import LorahubError
+
+    _load_commands()
+    try:
+        app(args=argv, prog_name="lorahub")
+    except LorahubError as exc:
+        msg = str(exc).replace("\n", " ")
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line; LORAHUB_DEBUG=1 shows the traceback
+        if os.environ.get("LORAHUB_DEBUG"):
+            raise
+        sys.stderr.write(f"internal error: {type(exc).__name__}: {exc} (set LORAHUB_DEBUG=1 for a traceback)\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Tiny, deterministic Stable Diffusion-style pipelines built on CPU in seconds, for tests and the demo.
+
+``build_sd1(dest)`` and ``build_sdxl(dest)`` write diffusers folders (model_index.json, unet, vae,
+text_encoder(s), tokenizer(s), scheduler) made from the configs in ``fixtures/configs`` with fixed
+seeds: the same bytes on every run. ``ensure(kind)`` builds into a cache folder once and reuses it.
+
+The tokenizer vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two special
+tokens, with no merges: every word is spelled out character by character. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lorahub.resources import fixtures_dir
+
+FIXTURE_VERSION = "1"
+
+
+def _config(name: str) -> dict:
+    cfg = json.loads((fixtures_dir() / "configs" / f"{name}.json").read_text())
+    cfg.pop("_class_name", None)
+    return cfg
+
+
+def _byte_vocab() -> dict[str, int]:
+    # GPT-2 style byte -> unicode map (printable stand-ins for every byte)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab: dict[str, int] = {}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def make_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = _byte_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77,
+                        bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return tok
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def make_text_encoder(seed: int, with_projection: bool = False, hidden_size: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = _config("clip_text")
+    if hidden_size is not None:
+        cfg["hidden_size"] = hidden_size
+    _seeded(seed)
+    config = CLIPTextConfig(**cfg)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return model.eval()
+
+
+def make_unet(kind: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    _seeded(seed)
+    return UNet2DConditionModel(**_config(f"{kind}_unet")).eval()
+
+
+def make_vae(seed: int = 2):
+    from diffusers import AutoencoderKL
+
+    _seeded(seed)
+    return AutoencoderKL(**_config("vae")).eval()
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**_config("scheduler"))
+
+
+def make_pipeline(kind: str = "sd1"):
+    """Build the tiny pipeline in memory (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
+    if kind == "sd1":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            unet=make_unet("sd1", 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
+            tokenizer=make_tokenizer(), scheduler=make_scheduler(), safety_checker=None,
+            feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    if kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            unet=make_unet("sdxl", 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
+            text_encoder_2=make_text_encoder(3, with_projection=True), tokenizer=make_tokenizer(),
+            tokenizer_2=make_tokenizer(), scheduler=make_scheduler(), force_zeros_for_empty_prompt=True)
+    raise ValueError(f"unknown tiny pipeline kind {kind!r} (sd1 or sdxl)")
+
+
+def build(kind: str, dest: os.PathLike | str) -> Path:
+    """Write the tiny pipeline as a diffusers folder at ``dest`` (atomically: temp folder + rename)."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe = make_pipeline(kind)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LORAHUB_FIXTURES_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorahub-fixtures"
+
+
+def _fingerprint() -> str:
+    import diffusers
+    import torch
+    import transformers
+
+    h = hashlib.sha256(FIXTURE_VERSION.encode())
+    for p in sorted((fixtures_dir() / "configs").glob("*.json")):
+        h.update(p.name.encode() + p.read_bytes())
+    h.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
+    return h.hexdigest()[:12]
+
+
+def ensure(kind: str = "sd1") -> Path:
+    """Path of the cached tiny pipeline folder, built on first use."""
+    folder = cache_root() / f"{kind}-{_fingerprint()}"
+    if not (folder / "model_index.json").exists():
+        build(kind, folder)
+    return folder
