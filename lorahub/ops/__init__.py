@@ -1,0 +1,1 @@
+"""ML operations on canonical LoRAs: inspect, convert, extract, resize, merge, sweep."""
