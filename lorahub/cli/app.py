@@ -26,7 +26,8 @@ app = typer.Typer(
 # Command modules, in the order their commands appear in --help. Each registers on `app`.
 COMMAND_MODULES = (
     "catalog",   # add scan list search show tag edit rm gc export dupes verify demo
-    "formats",   # convert inspect diff
+    "formats",   # convert
+    "inspect",   # inspect diff
     "extract",   # extract resize
     "merge",     # merge
     "sweep",     # sweep render previews
