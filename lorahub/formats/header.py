@@ -104,7 +104,9 @@ def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Hea
         raise FormatError(f"{name}: safetensors header is not valid JSON") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
-    meta_raw = obj.pop("__metadata__", None) or {}
+    meta_raw = obj.pop("__metadata__", None)
+    if meta_raw is None:
+        meta_raw = {}
     if not isinstance(meta_raw, dict):
         raise FormatError(f"{name}: __metadata__ is not an object")
     metadata: dict[str, str] = {}
