@@ -1,0 +1,552 @@
+"""Classify a LoRA / LyCORIS / embedding / checkpoint file from its header alone.
+
+``detect(path) -> Detection`` reads the safetensors header (key names, dtypes, shapes, metadata) and at
+most the few bytes of the scalar ``alpha`` tensors. It never imports torch (numpy at most) and never
+unpickles: pickled ``.pt``/``.ckpt``/``.bin`` files are read through a restricted unpickler that only
+accepts plain tensor dictionaries (see :mod:`lorahub.formats.pickle_safe`).
+
+Dialects recognised (facts in ``FORMATS.md``):
+
+* kohya / webui: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` with
+  ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``.lora_mid.weight`` for Tucker LoCon);
+* LyCORIS in the same naming: ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff`` (full), ``dora_scale``;
+* diffusers: ``unet.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` with ``lora_A``/``lora_B``, the
+  older ``.lora.down``/``.lora.up`` and attn-processor ``to_q_lora.down`` forms;
+* peft: the same without a part prefix (or with ``base_model.model.``);
+* cloneofsimo: ``<model>:<i>:up`` / ``<model>:<i>:down`` (+ ``<embed>`` tokens);
+* textual inversion: ``emb_params``, ``clip_l``/``clip_g``, diffusers ``{token: (n, d)}``, webui
+  ``.pt`` ``string_to_param``;
+* single-file Stable Diffusion checkpoints (``model.diffusion_model.…``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorahub.errors import FormatError
+from lorahub.formats.header import Header, TensorInfo, read_header
+
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
+KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
+BASES = ("sd1", "sd2", "sdxl", "unknown")
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                  "lora_te_": "text_encoder"}
+# per-module suffixes of the kohya/LyCORIS naming, longest first
+KOHYA_SUFFIXES = (
+    ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale",
+    ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
+    ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_w1", ".lokr_w2", ".lokr_t2",
+    ".diff_b", ".diff", ".on_input", ".weight", ".bias",
+)
+DIFFUSERS_PARTS = ("unet.", "text_encoder_2.", "text_encoder.")
+_DIFF_SUFFIX = re.compile(
+    r"^(?P<mod>.+?)\.(?:(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight|lora_[AB]\.weight|lora\.(?P<ud>up|down)\.weight"
+    r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?|alpha)$")
+_PROC_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?P<proj>to_q|to_k|to_v|to_out(?:\.0)?|add_k_proj|add_v_proj)_lora\."
+                          r"(?P<ud>up|down)\.weight$")
+_CLONE = re.compile(r"^(?P<model>[A-Za-z0-9_]+):(?P<i>\d+):(?P<ud>up|down)$")
+CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass
+class Detection:
+    format: str
+    kind: str
+    base: str = "unknown"
+    parts: list[str] = field(default_factory=list)
+    rank: int | None = None
+    rank_min: int | None = None
+    rank_max: int | None = None
+    alpha: float | None = None
+    tokens: list[str] = field(default_factory=list)
+    n_layers: int = 0
+    notes: list[str] = field(default_factory=list)
+    dtype: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("format", "kind", "base", "parts", "rank", "rank_min", "rank_max",
+                                               "alpha", "tokens", "n_layers", "notes", "dtype")}
+
+
+# ----------------------------------------------------------------------------------------------
+# base model from metadata
+
+def base_from_metadata(meta: dict[str, str]) -> tuple[str | None, str | None]:
+    """(base, which field said so) from kohya / modelspec / webui metadata."""
+    v = (meta.get("ss_base_model_version") or "").lower()
+    if v:
+        if v.startswith("sdxl"):
+            return "sdxl", "ss_base_model_version"
+        if v.startswith("sd_v2") or v.startswith("sd_2") or v.startswith("sd2"):
+            return "sd2", "ss_base_model_version"
+        if v.startswith("sd_v1") or v.startswith("sd_1") or v.startswith("sd1"):
+            return "sd1", "ss_base_model_version"
+    arch = (meta.get("modelspec.architecture") or "").lower()
+    if arch:
+        if arch.startswith("stable-diffusion-xl"):
+            return "sdxl", "modelspec.architecture"
+        if arch.startswith("stable-diffusion-v2"):
+            return "sd2", "modelspec.architecture"
+        if arch.startswith("stable-diffusion-v1"):
+            return "sd1", "modelspec.architecture"
+    if meta.get("ss_v2", "").lower() == "true":
+        return "sd2", "ss_v2"
+    if meta.get("ss_v2", "").lower() == "false" and "ss_base_model_version" not in meta:
+        return "sd1", "ss_v2"
+    return None, None
+
+
+def _width_base(width: int) -> str | None:
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(width))
+
+
+# ----------------------------------------------------------------------------------------------
+# classification
+
+@dataclass
+class _Layer:
+    part: str
+    name: str
+    factors: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+def _group_kohya(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _Layer], list[str], list[str]]:
+    layers: dict[str, _Layer] = {}
+    tokens: list[str] = []
+    other: list[str] = []
+    for key, info in tensors.items():
+        if key.startswith("bundle_emb."):
+            tok = key.split(".")[1]
+            if tok not in tokens:
+                tokens.append(tok)
+            continue
+        prefix = next((p for p in KOHYA_PREFIXES if key.startswith(p)), None)
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
+        if prefix is None or suffix is None:
+            other.append(key)
+            continue
+        mod = key[: -len(suffix)]
+        layer = layers.setdefault(mod, _Layer(KOHYA_PREFIXES[prefix], mod))
+        layer.factors[suffix.lstrip(".").replace(".weight", "") if suffix != ".weight" else "weight"] = info
+    return layers, tokens, other
+
+
+def _group_diffusers(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _Layer], list[str]]:
+    layers: dict[str, _Layer] = {}
+    other: list[str] = []
+    for key, info in tensors.items():
+        m = _PROC_SUFFIX.match(key)
+        if m:
+            mod = f"{m['mod']}.{m['proj']}"
+            fac = m["ud"]
+        else:
+            m = _DIFF_SUFFIX.match(key)
+            if not m:
+                other.append(key)
+                continue
+            mod = m["mod"]
+            tail = key[len(mod) + 1:]
+            if tail.startswith("lora_A"):
+                fac = "down"
+            elif tail.startswith("lora_B"):
+                fac = "up"
+            elif tail.startswith("lora.down"):
+                fac = "down"
+            elif tail.startswith("lora.up"):
+                fac = "up"
+            elif tail.startswith("lora_magnitude_vector"):
+                fac = "dora_scale"
+            else:
+                fac = "alpha"
+        part = next((p[:-1] for p in DIFFUSERS_PARTS if mod.startswith(p)), "")
+        layers.setdefault(mod, _Layer(part, mod)).factors[fac] = info
+    return layers, other
+
+
+def _clone_layers(tensors: dict[str, TensorInfo]) -> dict[str, _Layer]:
+    layers: dict[str, _Layer] = {}
+    for key, info in tensors.items():
+        m = _CLONE.match(key)
+        if m:
+            mod = f"{m['model']}:{m['i']}"
+            layers.setdefault(mod, _Layer(m["model"], mod)).factors[m["ud"]] = info
+    return layers
+
+
+def _scalar(path: Path | None, header: Header | None, info: TensorInfo) -> float | None:
+    """Read one scalar tensor's bytes (alpha) with numpy."""
+    if path is None or header is None or info.nbytes > 8 or info.nbytes == 0:
+        return None
+    import numpy as np
+
+    with open(path, "rb") as f:
+        f.seek(header.data_start + info.start)
+        raw = f.read(info.nbytes)
+    if len(raw) != info.nbytes:
+        return None
+    if info.dtype == "BF16":
+        v = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return float(v.view(np.float32)[0])
+    np_dt = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+             "I8": "i1", "U8": "u1"}.get(info.dtype)
+    if np_dt is None:
+        return None
+    return float(np.frombuffer(raw, dtype=np_dt)[0])
+
+
+def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
+    for k in ("lora_down", "down"):
+        if k in f and f[k].shape:
+            return int(f[k].shape[0])
+    if "hada_w1_b" in f:
+        return int(f["hada_w1_b"].shape[0])
+    for k in ("lokr_w2_a", "lokr_w1_a"):
+        if k in f and len(f[k].shape) >= 2:
+            return int(f[k].shape[1])
+    return None
+
+
+def _layer_kind(f: dict[str, TensorInfo]) -> str:
+    if any(k.startswith("hada_") for k in f):
+        return "loha"
+    if any(k.startswith("lokr_") for k in f):
+        return "lokr"
+    if "diff" in f:
+        return "full"
+    if "on_input" in f or ("weight" in f and "lora_down" not in f):
+        return "ia3"
+    d = f.get("lora_down") or f.get("down")
+    if d is not None and len(d.shape) == 4 and d.shape[2] * d.shape[3] > 1:
+        return "locon"
+    return "lora"
+
+
+def _cross_attention_width(layers: dict[str, _Layer]) -> int | None:
+    """In-features of the cross-attention to_k/to_v factors (768 sd1, 1024 sd2, 2048 sdxl)."""
+    widths = Counter()
+    for name, layer in layers.items():
+        n = name.replace("_", ".")
+        if "attn2" in n and ("to.k" in n or "to.v" in n or "to_k" in name or "to_v" in name):
+            f = layer.factors
+            d = f.get("lora_down") or f.get("down") or f.get("hada_w1_b") or f.get("hada_w2_b")
+            if d is not None and len(d.shape) >= 2:
+                widths[int(d.shape[1])] += 1
+            elif "lokr_w1" in f and ("lokr_w2" in f or "lokr_w2_b" in f):
+                w2 = f.get("lokr_w2") or f.get("lokr_w2_b")
+                widths[int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])] += 1
+    return widths.most_common(1)[0][0] if widths else None
+
+
+def _te_width(layers: dict[str, _Layer], part: str) -> int | None:
+    """Hidden width of a text encoder: the in/out feature count shared by its projections."""
+    widths = Counter()
+    for layer in layers.values():
+        if layer.part != part:
+            continue
+        f = layer.factors
+        d = f.get("lora_down") or f.get("down")
+        u = f.get("lora_up") or f.get("up")
+        if d is not None and u is not None and len(d.shape) == 2:
+            widths[int(d.shape[1])] += 1
+            widths[int(u.shape[0])] += 1
+    known = [(n, w) for w, n in widths.items() if w in (768, 1024, 1280)]
+    return max(known)[1] if known else None
+
+
+def _settle_base(shape_base: str | None, meta: dict[str, str], notes: list[str]) -> str:
+    mbase, field_ = base_from_metadata(meta)
+    if shape_base and mbase and shape_base != mbase:
+        notes.append(f"shapes say {shape_base} but {field_} says {mbase}; using the shapes")
+        return shape_base
+    if shape_base:
+        return shape_base
+    if mbase:
+        notes.append(f"base from {field_} only (shapes match no full-size model)")
+        return mbase
+    return "unknown"
+
+
+def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], notes: list[str],
+                         strings: dict[str, str] | None = None) -> Detection | None:
+    keys = list(tensors)
+    if not keys:
+        return None
+    dims: list[int] = []
+    tokens: list[str] = []
+    base = None
+    if set(keys) == {"emb_params"}:
+        dims = [tensors["emb_params"].shape[-1]]
+        name = meta.get("name") or (strings or {}).get("name")
+        tokens = [name] if name else []
+        if not tokens:
+            notes.append("webui embedding without a stored name: the file name is the token")
+    elif {"clip_l", "clip_g"} <= set(keys) and len(keys) == 2:
+        base = "sdxl"
+        dims = [tensors["clip_l"].shape[-1], tensors["clip_g"].shape[-1]]
+        notes.append("SDXL embedding (clip_l + clip_g): load each tensor into its own text encoder")
+    elif any(k.startswith("string_to_param.") for k in keys):
+        keys = [k for k in keys if k.startswith("string_to_param.")]
+        dims = [tensors[k].shape[-1] for k in keys]
+        name = (strings or {}).get("name")
+        tokens = [name] if name else []
+    elif (len(keys) <= 64 and all(1 <= len(tensors[k].shape) <= 2 for k in keys)
+          and all(tensors[k].dtype in _FLOAT_DTYPES for k in keys)
+          and not any(k.endswith((".weight", ".bias", ".alpha")) or ":" in k for k in keys)):
+        dims = [tensors[k].shape[-1] for k in keys]
+        tokens = keys
+    else:
+        return None
+    if base is None:
+        bases = {_width_base(d) if d != 2048 else None for d in dims}
+        bases.discard(None)
+        base = bases.pop() if len(bases) == 1 else None
+    d = Detection(format="embedding", kind="textual-inversion", tokens=tokens, notes=notes, metadata=meta)
+    d.base = _settle_base(base, meta, notes)
+    vectors = [tensors[k].shape[0] if len(tensors[k].shape) == 2 else 1 for k in keys]
+    d.n_layers = 0
+    d.dtype = Counter(tensors[k].dtype for k in keys).most_common(1)[0][0]
+    d.parts = ["text_encoder", "text_encoder_2"] if base == "sdxl" and "clip_g" in keys else ["text_encoder"]
+    notes.append(f"{max(vectors)} vector(s) per token")
+    return d
+
+
+def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], notes: list[str]) -> Detection:
+    base = None
+    if any(k.startswith("conditioner.embedders.1.") for k in tensors):
+        base = "sdxl"
+    else:
+        for k, info in tensors.items():
+            if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight") and len(info.shape) == 2:
+                base = _width_base(info.shape[1])
+                break
+    parts = []
+    if any(k.startswith("model.diffusion_model.") for k in tensors):
+        parts.append("unet")
+    if any(k.startswith(("cond_stage_model.", "conditioner.embedders.0.")) for k in tensors):
+        parts.append("text_encoder")
+    if any(k.startswith("conditioner.embedders.1.") for k in tensors):
+        parts.append("text_encoder_2")
+    d = Detection(format="checkpoint", kind="checkpoint", parts=parts, notes=notes, metadata=meta)
+    d.base = _settle_base(base, meta, notes)
+    d.n_layers = len(tensors)
+    d.dtype = Counter(i.dtype for i in tensors.values()).most_common(1)[0][0] if tensors else None
+    return d
+
+
+def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path | None = None,
+             header: Header | None = None, strings: dict[str, str] | None = None,
+             name: str = "file") -> Detection:
+    """Classify from names/shapes/metadata (the core of :func:`detect`)."""
+    notes: list[str] = []
+    keys = list(tensors)
+    if not keys:
+        raise FormatError(f"{name}: holds no tensors: not a LoRA, embedding or checkpoint")
+
+    if any(k.startswith(CHECKPOINT_MARKERS) for k in keys):
+        return _checkpoint_detection(tensors, meta, notes)
+
+    clone = _clone_layers(tensors)
+    if clone:
+        layers = clone
+        fmt = "cloneofsimo"
+        tokens = [k for k, v in meta.items() if v == "<embed>" and k in tensors]
+        other = [k for k in keys if not _CLONE.match(k) and k not in tokens]
+        parts = sorted({layer.part for layer in layers.values()}, key=_part_order)
+        if tokens:
+            notes.append(f"bundles {len(tokens)} token embedding(s): {', '.join(tokens)}")
+    else:
+        klayers, ktokens, kother = _group_kohya(tensors)
+        dlayers, dother = _group_diffusers(tensors) if len(kother) + len(ktokens) > 0 or not klayers else ({}, [])
+        if klayers and len(klayers) >= len(dlayers):
+            layers, other, tokens = klayers, kother, ktokens
+            kinds = {_layer_kind(layer.factors) for layer in layers.values()}
+            fmt = "lycoris" if kinds & {"loha", "lokr", "full", "ia3"} else "kohya"
+            if tokens:
+                notes.append(f"bundles {len(tokens)} token embedding(s): diffusers' load_lora_weights "
+                             "rejects such files")
+        elif dlayers:
+            layers, other, tokens = dlayers, dother, []
+            prefixed = [layer for layer in layers.values() if layer.part]
+            if len(prefixed) == len(layers):
+                fmt = "diffusers"
+            else:
+                fmt = "peft"
+                notes.append("keys lack the unet./text_encoder. prefix: diffusers >= 0.33 loads this as a silent "
+                             "no-op; `lorahub convert --to diffusers` fixes it")
+                for layer in layers.values():
+                    if not layer.part:
+                        n = layer.name
+                        layer.part = ("text_encoder" if ("text_model" in n or "self_attn" in n or "mlp.fc" in n)
+                                      else "unet")
+            if any(".lora.down" in k or "_lora.down" in k for k in keys):
+                notes.append("older diffusers naming (lora.down/lora.up or attn-processor keys)")
+        else:
+            emb = _embedding_detection(tensors, meta, notes, strings)
+            if emb is not None:
+                return emb
+            # a full diffusers UNet / text encoder state dict?
+            if any(k.endswith("attn2.to_k.weight") for k in keys) or any(k.endswith("self_attn.q_proj.weight")
+                                                                          for k in keys):
+                return _checkpoint_detection(tensors, meta, notes)
+            raise FormatError(f"{name}: unknown format (no LoRA, LyCORIS, embedding or checkpoint keys found; "
+                              f"first key {keys[0]!r})")
+        parts = sorted({layer.part for layer in layers.values() if layer.part}, key=_part_order)
+    if other:
+        notes.append(f"{len(other)} key(s) not understood, e.g. {other[0]!r}")
+
+    # incomplete layers
+    for layer in layers.values():
+        f = layer.factors
+        if ("lora_down" in f) != ("lora_up" in f) or ("down" in f) != ("up" in f):
+            notes.append(f"layer {layer.name} lacks its up or down factor")
+            break
+
+    # kind
+    kinds = Counter(_layer_kind(layer.factors) for layer in layers.values())
+    has_dora = any("dora_scale" in layer.factors for layer in layers.values())
+    if has_dora:
+        kind = "dora"
+    elif kinds.get("loha"):
+        kind = "loha"
+    elif kinds.get("lokr"):
+        kind = "lokr"
+    elif kinds.get("locon"):
+        kind = "locon"
+    elif kinds.get("ia3"):
+        kind = "lora"
+        notes.append("(IA)3 layers present")
+    else:
+        kind = "lora"
+
+    # ranks
+    ranks = [r for r in (_layer_rank(layer.factors) for layer in layers.values()) if r is not None]
+    rank = rank_min = rank_max = None
+    if ranks:
+        c = Counter(ranks)
+        top = max(c.values())
+        rank = max(r for r, n in c.items() if n == top)
+        rank_min, rank_max = min(ranks), max(ranks)
+    if any(r == 0 for r in ranks):
+        notes.append("a layer has rank 0")
+
+    # alpha
+    alphas: list[float] = []
+    for layer in layers.values():
+        a = layer.factors.get("alpha")
+        if a is not None:
+            v = _scalar(path, header, a)
+            if v is not None:
+                alphas.append(v)
+    alpha = None
+    if alphas:
+        c = Counter(alphas)
+        alpha = c.most_common(1)[0][0]
+        if len(c) > 1:
+            notes.append(f"alpha varies by layer ({min(alphas):g}..{max(alphas):g})")
+    else:
+        alpha = _alpha_from_meta(meta, fmt)
+    if fmt == "cloneofsimo":
+        alpha = None  # scale folded into `up`: alpha = rank
+
+    # base from shapes
+    shape_base = None
+    if "text_encoder_2" in parts:
+        shape_base = "sdxl"
+    elif fmt in ("kohya", "lycoris") and any(n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
+                                                          "lora_unet_middle_block")) for n in layers):
+        width = _cross_attention_width(layers)
+        shape_base = "sdxl" if width in (None, 2048) else None
+        if width and width != 2048:
+            notes.append(f"SGM-layout (SDXL) names with cross-attention width {width}")
+    else:
+        width = _cross_attention_width(layers)
+        if width is not None:
+            shape_base = _width_base(width)
+        if shape_base is None:
+            tw = _te_width(layers, "text_encoder")
+            shape_base = {768: "sd1", 1024: "sd2"}.get(tw) if tw else None
+    if fmt == "cloneofsimo" and shape_base is None:
+        tw = Counter(int(tensors[t].shape[-1]) for t in tokens)
+        if tw:
+            shape_base = {768: "sd1", 1024: "sd2"}.get(tw.most_common(1)[0][0])
+    base = _settle_base(shape_base, meta, notes)
+
+    dtypes = Counter(i.dtype for k, i in tensors.items() if not k.endswith(".alpha"))
+    d = Detection(format=fmt, kind=kind, base=base, parts=parts, rank=rank, rank_min=rank_min, rank_max=rank_max,
+                  alpha=alpha, tokens=tokens, n_layers=len(layers), notes=notes,
+                  dtype=dtypes.most_common(1)[0][0] if dtypes else None, metadata=meta)
+    return d
+
+
+def _alpha_from_meta(meta: dict[str, str], fmt: str) -> float | None:
+    v = meta.get("ss_network_alpha")
+    if v:
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    raw = meta.get("lora_adapter_metadata")
+    if raw:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            return None
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k.endswith("lora_alpha") and isinstance(v, (int, float)):
+                    return float(v)
+    return None
+
+
+def _part_order(p: str) -> int:
+    order = {"unet": 0, "text_encoder": 1, "text_encoder_2": 2}
+    return order.get(p, 3)
+
+
+def detect(path: str | Path) -> Detection:
+    """Detect the format of ``path`` from its header (safetensors) or its pickle index (.pt/.ckpt/.bin)."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{path}: no such file")
+    if p.is_dir():
+        raise FormatError(f"{path}: is a directory, not a file")
+    if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+        with open(p, "rb") as f:
+            magic = f.read(8)
+        if not magic.startswith(b"PK"):
+            # maybe a safetensors file with a pickle suffix
+            try:
+                header = read_header(p)
+            except FormatError:
+                from lorahub.errors import UnsafeFile
+
+                raise UnsafeFile(f"{p.name}: legacy pickle file: refusing to unpickle it "
+                                 "(re-save it as safetensors with a tool you trust)") from None
+            return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
+        from lorahub.formats.pickle_safe import read_pickle_shapes
+
+        stubs, strings = read_pickle_shapes(p)
+        if not stubs:
+            raise FormatError(f"{p.name}: pickle holds no tensors")
+        # webui embedding .pt: {"string_to_param": {"*": tensor}, "name": ...}
+        tensors = {k: TensorInfo(s.dtype, s.shape, 0, 0) for k, s in stubs.items()}
+        # pickled cloneofsimo .pt: a flat list [up0, down0, up1, down1, ...]
+        if all(k.isdigit() for k in tensors):
+            d = Detection(format="cloneofsimo", kind="lora", parts=[], n_layers=len(tensors) // 2,
+                          notes=["pickled cloneofsimo list (up, down pairs); no module names stored"])
+            ranks = [int(tensors[str(i)].shape[0]) for i in range(1, len(tensors), 2)
+                     if len(tensors[str(i)].shape) >= 1]
+            if ranks:
+                d.rank, d.rank_min, d.rank_max = Counter(ranks).most_common(1)[0][0], min(ranks), max(ranks)
+            d.dtype = Counter(i.dtype for i in tensors.values()).most_common(1)[0][0]
+            return d
+        return classify(tensors, {}, strings=strings, name=p.name)
+    header = read_header(p)
+    return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
