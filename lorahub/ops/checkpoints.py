@@ -1,0 +1,663 @@
+"""Streaming, tensor-by-tensor access to full Stable Diffusion checkpoints.
+
+Two storage layouts are read and written:
+
+* a **diffusers folder**: ``unet/diffusion_pytorch_model.safetensors``, ``text_encoder/model.safetensors``,
+  ``text_encoder_2/model.safetensors`` (each possibly sharded with a ``*.safetensors.index.json``, or
+  stored as an ``fp16`` variant);
+* a **single-file checkpoint** in the original layout: LDM for SD1/SD2
+  (``model.diffusion_model.*``, ``cond_stage_model.transformer.*`` or OpenCLIP ``cond_stage_model.model.*``)
+  and SGM for SDXL (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``).
+
+Every tensor that belongs to the UNet or a text encoder is exposed under its *canonical* name, the
+diffusers module path with a part prefix (the same keys LoRA layers use, plus ``.weight``/``.bias``)::
+
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight
+    text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight
+
+Tensors are read one at a time with positioned reads (no memory map, so reading a whole model never
+makes the process hold it): peak memory stays near the largest tensor in use.
+
+API::
+
+    ck = open_checkpoint(path)        # folder or .safetensors file
+    ck.family                         # sd1 | sd2 | sdxl | unknown
+    ck.layout                         # diffusers | ldm | sgm
+    ck.keys(); ck.shape(name); ck.get(name, dtype=None)
+    write_like(ck, dest, transform=fn, dtype=None)   # same layout, every tensor passed through fn
+    save_single_file(ck, dest, transform=fn)         # UNet + text encoders in LDM/SGM layout
+    ck.close()  (or use ``with open_checkpoint(p) as ck:``)
+
+``transform(name, tensor) -> tensor`` sees canonical names and must keep the shape; tensors that have
+no canonical name (VAE, EMA copies, ...) are copied through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from lorahub.errors import FormatError, LorahubError
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+_ST_TO_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
+
+
+def _torch_dtype(st: str):
+    import torch
+
+    try:
+        return getattr(torch, _ST_TO_TORCH[st])
+    except KeyError:
+        raise FormatError(f"tensor dtype {st} is not supported") from None
+
+
+def _st_dtype(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    for k, v in _ST_TO_TORCH.items():
+        if v == name:
+            return k
+    raise FormatError(f"dtype {dtype} cannot be written to safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw safetensors files: positioned reads, streaming writes
+# --------------------------------------------------------------------------------------------------
+class _File:
+    """One safetensors file read tensor by tensor (header parsed by the hostile-safe parser)."""
+
+    def __init__(self, path: Path):
+        from lorahub.formats.header import read_header
+
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self._fh = open(self.path, "rb")
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def info(self, key: str):
+        return self.header.tensors[key]
+
+    def read(self, key: str):
+        import torch
+
+        info = self.header.tensors[key]
+        buf = bytearray(info.nbytes)
+        self._fh.seek(self.header.data_start + info.start)
+        got = self._fh.readinto(memoryview(buf))
+        if got != info.nbytes:
+            raise FormatError(f"{self.path}: truncated tensor {key}")
+        dt = _torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dt)
+        return torch.frombuffer(buf, dtype=dt).reshape(info.shape)
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+
+
+class StreamWriter:
+    """Write a safetensors file whose tensor list (name, dtype, shape) is known up front, one tensor
+    at a time, so that a whole model never has to be in memory. Use inside ``fsutil.atomic_path``."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        from lorahub.formats.header import DTYPE_SIZES
+
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        off = 0
+        self._expect: list[tuple[str, int]] = []
+        for name, st, shape in entries:
+            n = DTYPE_SIZES[st]
+            for s in shape:
+                n *= int(s)
+            header[name] = {"dtype": st, "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+            self._expect.append((name, n))
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * ((8 - len(raw) % 8) % 8)
+        self._fh = open(path, "wb")
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+        self._i = 0
+
+    def write(self, name: str, tensor) -> None:
+        exp_name, exp_n = self._expect[self._i]
+        if name != exp_name:
+            raise AssertionError(f"stream writer expected {exp_name}, got {name}")
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        data = t.view(__import__("torch").uint8).numpy() if t.numel() else b""
+        if len(memoryview(data).cast("B")) != exp_n:
+            raise LorahubError(f"{name}: tensor size changed while writing (shape/dtype must be kept)")
+        self._fh.write(memoryview(data).cast("B"))
+        self._i += 1
+
+    def close(self) -> None:
+        if self._i != len(self._expect):
+            self._fh.close()
+            raise AssertionError("stream writer closed before every tensor was written")
+        self._fh.flush()
+        self._fh.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Key mapping: original LDM/SGM single-file layout <-> diffusers module paths
+# --------------------------------------------------------------------------------------------------
+_RESNET_LDM_TO_DIFF = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                       "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RESNET_DIFF_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFF.items()}
+_TOP_LDM_TO_DIFF = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+                    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+_TOP_DIFF_TO_LDM = {v: k for k, v in _TOP_LDM_TO_DIFF.items()}
+
+UNET_LDM_PREFIX = "model.diffusion_model."
+
+
+def _resnet_ldm(rest: str) -> str | None:
+    for a, b in _RESNET_LDM_TO_DIFF.items():
+        if rest.startswith(a + "."):
+            return b + rest[len(a):]
+    return None
+
+
+def _resnet_diff(rest: str) -> str | None:
+    for a, b in _RESNET_DIFF_TO_LDM.items():
+        if rest.startswith(a + "."):
+            return b + rest[len(a):]
+    return None
+
+
+def unet_ldm_to_diffusers(key: str, layers_per_block: int) -> str | None:
+    """Diffusers UNet parameter name of an LDM/SGM UNet key (without ``model.diffusion_model.``)."""
+    for a, b in _TOP_LDM_TO_DIFF.items():
+        if key.startswith(a + "."):
+            return b + key[len(a):]
+    L1 = layers_per_block + 1
+    m = re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)$", key)
+    if m:
+        k, sub, rest = int(m[1]), int(m[2]), m[3]
+        if k == 0:
+            return None
+        i, j = divmod(k - 1, L1)
+        if j == layers_per_block:
+            if sub == 0 and rest.startswith("op."):
+                return f"down_blocks.{i}.downsamplers.0.conv.{rest[3:]}"
+            return None
+        if sub == 0:
+            r = _resnet_ldm(rest)
+            return f"down_blocks.{i}.resnets.{j}.{r}" if r else None
+        if sub == 1:
+            return f"down_blocks.{i}.attentions.{j}.{rest}"
+        return None
+    m = re.match(r"middle_block\.(\d+)\.(.+)$", key)
+    if m:
+        sub, rest = int(m[1]), m[2]
+        if sub in (0, 2):
+            r = _resnet_ldm(rest)
+            return f"mid_block.resnets.{sub // 2}.{r}" if r else None
+        if sub == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return None
+    m = re.match(r"output_blocks\.(\d+)\.(\d+)\.(.+)$", key)
+    if m:
+        k, sub, rest = int(m[1]), int(m[2]), m[3]
+        i, j = divmod(k, L1)
+        if sub == 0:
+            r = _resnet_ldm(rest)
+            return f"up_blocks.{i}.resnets.{j}.{r}" if r else None
+        if rest.startswith("conv."):
+            return f"up_blocks.{i}.upsamplers.0.conv.{rest[5:]}"
+        if sub == 1:
+            return f"up_blocks.{i}.attentions.{j}.{rest}"
+    return None
+
+
+def unet_diffusers_to_ldm(name: str, layers_per_block: int, up_has_attn: Callable[[int], bool]) -> str | None:
+    """Inverse of :func:`unet_ldm_to_diffusers` (name without the ``unet.`` prefix)."""
+    for a, b in _TOP_DIFF_TO_LDM.items():
+        if name.startswith(a + "."):
+            return b + name[len(a):]
+    L1 = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)$", name)
+    if m:
+        i, what, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if what == "resnets":
+            r = _resnet_diff(rest)
+            return f"input_blocks.{1 + i * L1 + j}.0.{r}" if r else None
+        if what == "attentions":
+            return f"input_blocks.{1 + i * L1 + j}.1.{rest}"
+        if rest.startswith("conv."):
+            return f"input_blocks.{(i + 1) * L1}.0.op.{rest[5:]}"
+        return None
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", name)
+    if m:
+        what, j, rest = m[1], int(m[2]), m[3]
+        if what == "attentions":
+            return f"middle_block.1.{rest}"
+        r = _resnet_diff(rest)
+        return f"middle_block.{2 * j}.{r}" if r else None
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)$", name)
+    if m:
+        i, what, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if what == "resnets":
+            r = _resnet_diff(rest)
+            return f"output_blocks.{i * L1 + j}.0.{r}" if r else None
+        if what == "attentions":
+            return f"output_blocks.{i * L1 + j}.1.{rest}"
+        if rest.startswith("conv."):
+            return f"output_blocks.{i * L1 + layers_per_block}.{2 if up_has_attn(i) else 1}.conv.{rest[5:]}"
+    return None
+
+
+_OPENCLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a canonical tensor lives: file index, raw key, optional (index, count) slice along dim 0
+    (OpenCLIP's fused q/k/v), optional transpose (OpenCLIP's text_projection)."""
+
+    file: int
+    key: str
+    part: tuple[int, int] | None = None
+    transpose: bool = False
+
+
+def _openclip_map(rest: str, part: str, n_layers_keep: int | None):
+    """Canonical name(s) of an OpenCLIP text-tower key (``rest`` after ``...model.``)."""
+    tm = f"{part}.text_model."
+    m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", rest)
+    if m:
+        n, r = int(m[1]), m[2]
+        if n_layers_keep is not None and n >= n_layers_keep:
+            return None
+        base = f"{tm}encoder.layers.{n}."
+        if r in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            suffix = "weight" if r.endswith("weight") else "bias"
+            return [(f"{base}self_attn.{p}_proj.{suffix}", (i, 3), False) for i, p in enumerate("qkv")]
+        for a, b in _OPENCLIP_LAYER.items():
+            if r.startswith(a + "."):
+                return [(base + b + r[len(a):], None, False)]
+        return None
+    if rest == "token_embedding.weight":
+        return [(f"{tm}embeddings.token_embedding.weight", None, False)]
+    if rest == "positional_embedding":
+        return [(f"{tm}embeddings.position_embedding.weight", None, False)]
+    if rest.startswith("ln_final."):
+        return [(f"{tm}final_layer_norm.{rest[len('ln_final.'):]}", None, False)]
+    if rest == "text_projection" and part == "text_encoder_2":
+        return [(f"{part}.text_projection.weight", None, True)]
+    return None
+
+
+def _hf_text_name(part: str, key: str) -> str:
+    """Canonical name of a transformers CLIP text-model key (with or without ``text_model.``)."""
+    if key.startswith("text_model.") or key.startswith("text_projection."):
+        return f"{part}.{key}"
+    return f"{part}.text_model.{key}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint
+# --------------------------------------------------------------------------------------------------
+class Checkpoint:
+    """A full model opened for streaming reads; see the module docstring."""
+
+    def __init__(self, path: Path, layout: str, files: list[_File], mapping: dict[str, Source],
+                 family: str, layers_per_block: int | None = None):
+        self.path = Path(path)
+        self.layout = layout
+        self.family = family
+        self.layers_per_block = layers_per_block
+        self._files = files
+        self._map = mapping
+        self._inverse: dict[tuple[int, str], list[str]] = {}
+        for name, src in mapping.items():
+            self._inverse.setdefault((src.file, src.key), []).append(name)
+
+    # reading ---------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._map
+
+    def parts(self) -> list[str]:
+        found = {k.split(".", 1)[0] for k in self._map}
+        return [p for p in PARTS if p in found]
+
+    def source(self, name: str) -> Source:
+        try:
+            return self._map[name]
+        except KeyError:
+            raise LorahubError(f"{self.path}: no tensor {name}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self.source(name)
+        shape = list(self._files[src.file].info(src.key).shape)
+        if src.part is not None:
+            shape[0] //= src.part[1]
+        if src.transpose:
+            shape = shape[::-1]
+        return tuple(shape)
+
+    def dtype(self, name: str) -> str:
+        """safetensors dtype string (F16, BF16, F32, ...) as stored."""
+        src = self.source(name)
+        return self._files[src.file].info(src.key).dtype
+
+    def get(self, name: str, dtype=None):
+        src = self.source(name)
+        t = self._files[src.file].read(src.key)
+        if src.part is not None:
+            i, n = src.part
+            step = t.shape[0] // n
+            t = t[i * step:(i + 1) * step].clone()
+        if src.transpose:
+            t = t.T.contiguous()
+        if dtype is not None:
+            t = t.to(dtype)
+        return t
+
+    def nbytes(self) -> int:
+        return sum(f.info(k).nbytes for f in self._files for k in f.keys())
+
+    def metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for f in self._files:
+            out.update(f.header.metadata)
+        return out
+
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # raw access for writers -------------------------------------------------------------------
+    def _raw_tensor(self, fi: int, key: str, transform, dtype):
+        names = self._inverse.get((fi, key))
+        if not names:
+            t = self._files[fi].read(key)
+        else:
+            pieces = []
+            for name in names:
+                x = self.get(name)
+                if transform is not None:
+                    y = transform(name, x)
+                    if tuple(y.shape) != tuple(x.shape):
+                        raise LorahubError(f"{name}: transform changed the shape {tuple(x.shape)} -> "
+                                           f"{tuple(y.shape)}")
+                    x = y
+                if self._map[name].transpose:
+                    x = x.T
+                pieces.append(x)
+            import torch
+
+            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+            t = t.to(_torch_dtype(self._files[fi].info(key).dtype))
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
+
+def _detect_family_single(keys: Iterable[str], shapes: dict[str, tuple]) -> str:
+    keys = list(keys)
+    if any(k.startswith("conditioner.") or k.startswith(UNET_LDM_PREFIX + "label_emb.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    for k, s in shapes.items():
+        if k.endswith("attn2.to_k.weight"):
+            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(s[-1]), "unknown")
+    return "unknown"
+
+
+def _open_single(path: Path) -> Checkpoint:
+    f = _File(path)
+    keys = f.keys()
+    unet_keys = [k[len(UNET_LDM_PREFIX):] for k in keys if k.startswith(UNET_LDM_PREFIX)]
+    # layers per block: the first downsampler sits at input_blocks.(L+1)
+    downs = sorted(int(m[1]) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k)))
+    if downs:
+        L = downs[0] - 1
+    else:
+        idx = [int(m[1]) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.", k))]
+        L = max(idx) if idx else 1
+    mapping: dict[str, Source] = {}
+    # SD2's diffusers text encoder drops the last of OpenCLIP's 24 blocks (penultimate-layer output)
+    clip_blocks = {int(m[1]) for k in keys if (m := re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", k))}
+    sd2_keep = max(clip_blocks) if clip_blocks else None
+    for k in keys:
+        if k.startswith(UNET_LDM_PREFIX):
+            d = unet_ldm_to_diffusers(k[len(UNET_LDM_PREFIX):], L)
+            if d is not None:
+                mapping["unet." + d] = Source(0, k)
+            continue
+        for prefix, part, kind in (("cond_stage_model.transformer.", "text_encoder", "hf"),
+                                   ("conditioner.embedders.0.transformer.", "text_encoder", "hf"),
+                                   ("conditioner.embedders.1.model.", "text_encoder_2", "openclip"),
+                                   ("cond_stage_model.model.", "text_encoder", "openclip")):
+            if k.startswith(prefix):
+                rest = k[len(prefix):]
+                if kind == "hf":
+                    if rest.endswith("position_ids"):
+                        break
+                    mapping[_hf_text_name(part, rest)] = Source(0, k)
+                else:
+                    keep = sd2_keep if prefix.startswith("cond_stage_model") else None
+                    for name, sl, tr in _openclip_map(rest, part, keep) or []:
+                        mapping[name] = Source(0, k, sl, tr)
+                break
+    shapes = {k: f.info(k).shape for k in keys}
+    family = _detect_family_single(keys, shapes)
+    if not any(n.startswith("unet.") for n in mapping):
+        f.close()
+        raise FormatError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet "
+                          "tensors); LoRA files and other models are not supported here")
+    return Checkpoint(path, "sgm" if family == "sdxl" else "ldm", [f], mapping, family, L)
+
+
+def _part_files(folder: Path, stem: str) -> list[Path]:
+    """Weight files of one diffusers component folder (plain, sharded, or fp16 variant)."""
+    plain = folder / f"{stem}.safetensors"
+    if plain.exists():
+        return [plain]
+    for idx_name in (f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors.index.json"):
+        idx = folder / idx_name
+        if idx.exists():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError, OSError):
+                raise FormatError(f"{idx}: unreadable shard index") from None
+            files = []
+            for fn in dict.fromkeys(weight_map.values()):
+                p = folder / str(fn)
+                if "/" in str(fn) or "\\" in str(fn) or not p.exists():
+                    raise FormatError(f"{idx}: shard {fn} is missing")
+                files.append(p)
+            return files
+    variant = folder / f"{stem}.fp16.safetensors"
+    if variant.exists():
+        return [variant]
+    if any(folder.glob("*.bin")):
+        raise FormatError(f"{folder}: only pickle (.bin) weights; convert them to safetensors first")
+    return []
+
+
+def _open_folder(path: Path) -> Checkpoint:
+    files: list[_File] = []
+    mapping: dict[str, Source] = {}
+    for part in PARTS:
+        sub = path / part
+        if not sub.is_dir():
+            continue
+        stem = "diffusion_pytorch_model" if part == "unet" else "model"
+        for p in _part_files(sub, stem):
+            f = _File(p)
+            fi = len(files)
+            files.append(f)
+            for k in f.keys():
+                if k.endswith("position_ids"):
+                    continue
+                name = f"unet.{k}" if part == "unet" else _hf_text_name(part, k)
+                mapping[name] = Source(fi, k)
+    if not any(n.startswith("unet.") for n in mapping):
+        for f in files:
+            f.close()
+        raise FormatError(f"{path}: no unet/ safetensors weights in this diffusers folder")
+    family = "sd1"
+    if "text_encoder_2" in {n.split(".", 1)[0] for n in mapping} or "unet.add_embedding.linear_1.weight" in mapping:
+        family = "sdxl"
+    else:
+        try:
+            cfg = json.loads((path / "unet" / "config.json").read_text())
+            if cfg.get("cross_attention_dim") == 1024:
+                family = "sd2"
+        except (OSError, ValueError):
+            pass
+    L = None
+    idx = [int(m[1]) for n in mapping if (m := re.match(r"unet\.down_blocks\.0\.resnets\.(\d+)\.", n))]
+    if idx:
+        L = max(idx) + 1
+    return Checkpoint(path, "diffusers", files, mapping, family, L)
+
+
+def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
+    """Open a diffusers folder or a single-file ``.safetensors`` checkpoint for streaming reads."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _open_folder(p)
+    if not p.exists():
+        raise LorahubError(f"{path}: no such file or folder")
+    if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise FormatError(f"{path}: pickle checkpoints are not supported (never unpickled); "
+                          "use a .safetensors checkpoint")
+    return _open_single(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------------
+def _write_file(ck: Checkpoint, fi: int, dest: Path, transform, dtype, metadata=None) -> None:
+    from lorahub import fsutil
+
+    f = ck._files[fi]
+    entries = []
+    for k in f.keys():
+        info = f.info(k)
+        st = info.dtype
+        if dtype is not None and st in ("F16", "BF16", "F32", "F64"):
+            st = _st_dtype(dtype)
+        entries.append((k, st, tuple(info.shape)))
+    with fsutil.atomic_path(dest) as tmp:
+        w = StreamWriter(tmp, entries, f.header.metadata if metadata is None else metadata)
+        for k, _, _ in entries:
+            w.write(k, ck._raw_tensor(fi, k, transform, dtype))
+        w.close()
+
+
+def write_like(ck: Checkpoint, dest: os.PathLike | str, *, transform=None, dtype=None) -> Path:
+    """Write ``ck`` again in its own layout (single file or diffusers folder), streaming, with every
+    canonical tensor passed through ``transform(name, tensor)``; other tensors copied unchanged.
+    ``dtype`` (torch dtype) casts floating-point tensors."""
+    dest = Path(dest)
+    if ck.layout != "diffusers":
+        _write_file(ck, 0, dest, transform, dtype)
+        return dest
+    tmp = dest.with_name(dest.name + f".lorahub-tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    weight_files = {f.path.resolve(): i for i, f in enumerate(ck._files)}
+    try:
+        for src in ck.path.rglob("*"):
+            rel = src.relative_to(ck.path)
+            out = tmp / rel
+            if src.is_dir():
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fi = weight_files.get(src.resolve())
+            if fi is not None:
+                _write_file(ck, fi, out, transform, dtype)
+            elif rel.parts[0] in PARTS and src.suffix in (".safetensors", ".bin"):
+                continue  # other variants of the weights: not carried over
+            else:
+                shutil.copy2(src, out)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _ldm_name(ck: Checkpoint, name: str, family: str, up_attn: set[int], L: int) -> list[tuple[str, tuple | None, bool]] | None:
+    part, rest = name.split(".", 1)
+    if part == "unet":
+        k = unet_diffusers_to_ldm(rest, L, lambda i: i in up_attn)
+        return [(UNET_LDM_PREFIX + k, None, False)] if k else None
+    if rest.startswith("text_model.") or rest.startswith("text_projection."):
+        if part == "text_encoder" and family != "sd2":
+            prefix = "conditioner.embedders.0.transformer." if family == "sdxl" else "cond_stage_model.transformer."
+            return [(prefix + rest, None, False)]
+    return None  # OpenCLIP towers: written only by write_like (fused q/k/v needs the source layout)
+
+
+def save_single_file(ck: Checkpoint, dest: os.PathLike | str, *, transform=None, dtype=None,
+                     family: str | None = None) -> Path:
+    """Write the UNet (and the HF-layout CLIP-L text encoder of SD1/SDXL) of ``ck`` as one
+    LDM/SGM-layout ``.safetensors`` file, streaming. The VAE and OpenCLIP towers are not converted."""
+    from lorahub import fsutil
+
+    family = family or ck.family
+    L = ck.layers_per_block or 1
+    up_attn = {int(m[1]) for n in ck.keys() if (m := re.match(r"unet\.up_blocks\.(\d+)\.attentions\.", n))}
+    plan = []
+    for name in ck.keys():
+        tgt = _ldm_name(ck, name, family, up_attn, L)
+        if tgt:
+            plan.append((tgt[0][0], name))
+    entries = []
+    for raw, name in plan:
+        st = ck.dtype(name)
+        if dtype is not None and st in ("F16", "BF16", "F32", "F64"):
+            st = _st_dtype(dtype)
+        entries.append((raw, st, ck.shape(name)))
+    with fsutil.atomic_path(Path(dest)) as tmp:
+        w = StreamWriter(tmp, entries, {"format": "pt"})
+        for (raw, name), (_, st, _) in zip(plan, entries):
+            x = ck.get(name)
+            if transform is not None:
+                y = transform(name, x)
+                if tuple(y.shape) != tuple(x.shape):
+                    raise LorahubError(f"{name}: transform changed the shape")
+                x = y
+            w.write(raw, x.to(_torch_dtype(st)))
+        w.close()
+    return Path(dest)
