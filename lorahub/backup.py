@@ -1,0 +1,170 @@
+"""``lorahub backup`` / ``lorahub restore``: a consistent copy of a registry home.
+
+The database is copied with SQLite's online backup API (consistent even while other processes
+write); every other file of the home (the content-addressed store, previews) is copied and listed in
+``manifest.json`` with its size and SHA-256. ``restore`` checks every file against the manifest
+before anything is written to the target, copies the files, and puts the database in place last,
+atomically, so an interrupted restore leaves no registry that points at missing blobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from lorahub.errors import LorahubError
+from lorahub.fsutil import TMP_PREFIX, atomic_path, atomic_write_text, os_error_message
+
+DB_NAME = "lorahub.db"
+MANIFEST = "manifest.json"
+FORMAT = "lorahub-backup/1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _home_files(home: Path):
+    for p in sorted(home.rglob("*")):
+        if not p.is_file() or p.is_symlink():
+            continue
+        rel = p.relative_to(home)
+        name = rel.name
+        if rel.parts[0].startswith(DB_NAME) or name.startswith(TMP_PREFIX) or name.endswith(".lock"):
+            continue
+        yield p, rel
+
+
+def backup(home: Path, dest: Path, progress=None) -> dict:
+    """Write a backup of ``home`` into the new folder ``dest``; return the manifest."""
+    home = Path(home)
+    dest = Path(dest)
+    db = home / DB_NAME
+    if not db.is_file():
+        raise LorahubError(f"{home}: no lorahub registry here (no {DB_NAME})")
+    if dest.exists() and any(dest.iterdir()):
+        raise LorahubError(f"{dest}: backup destination exists and is not empty")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        files = []
+        todo = list(_home_files(home))
+        task = progress.add_task("backup", total=len(todo) + 1) if progress else None
+        for src, rel in todo:
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out) as tmp:
+                shutil.copyfile(src, tmp)
+            files.append({"path": rel.as_posix(), "size": out.stat().st_size, "sha256": _sha256(out)})
+            if progress:
+                progress.advance(task)
+        with atomic_path(dest / DB_NAME) as tmp:
+            src_conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            dst_conn = sqlite3.connect(tmp)
+            try:
+                src_conn.backup(dst_conn)
+            finally:
+                dst_conn.close()
+                src_conn.close()
+        check = sqlite3.connect(dest / DB_NAME)
+        try:
+            ok = check.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            check.close()
+        if ok != "ok":
+            raise LorahubError(f"{home}: database failed its integrity check during backup: {ok}")
+        if progress:
+            progress.advance(task)
+        manifest = {
+            "format": FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": str(home.resolve()),
+            "database": {"path": DB_NAME, "size": (dest / DB_NAME).stat().st_size,
+                         "sha256": _sha256(dest / DB_NAME)},
+            "files": files,
+        }
+        atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2))
+        return manifest
+    except OSError as exc:
+        raise LorahubError(os_error_message(exc, dest)) from None
+
+
+def _load_manifest(src: Path) -> dict:
+    try:
+        manifest = json.loads((src / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise LorahubError(f"{src}: not a lorahub backup (no {MANIFEST})") from None
+    except ValueError:
+        raise LorahubError(f"{src}: {MANIFEST} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LorahubError(f"{src}: unknown backup format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+    return manifest
+
+
+def _safe_rel(rel: str, src: Path) -> Path:
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise LorahubError(f"{src}: manifest names an unsafe path {rel!r}")
+    return p
+
+
+def verify_backup(src: Path) -> dict:
+    """Check every file of a backup against its manifest; raise on the first problem."""
+    src = Path(src)
+    manifest = _load_manifest(src)
+    entries = [manifest.get("database")] + list(manifest.get("files") or [])
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise LorahubError(f"{src}: malformed manifest entry")
+        rel = _safe_rel(item["path"], src)
+        f = src / rel
+        if not f.is_file():
+            raise LorahubError(f"{src}: backup is missing {rel}")
+        if f.stat().st_size != item.get("size") or _sha256(f) != item.get("sha256"):
+            raise LorahubError(f"{src}: {rel} does not match the manifest (corrupt backup)")
+    return manifest
+
+
+def restore(src: Path, home: Path, *, force: bool = False, progress=None) -> dict:
+    """Restore the backup ``src`` into ``home`` (empty, or replaced with ``force``)."""
+    src, home = Path(src), Path(home)
+    manifest = verify_backup(src)
+    if (home / DB_NAME).exists() and not force:
+        raise LorahubError(f"{home}: a registry already exists here (use --force to replace it)")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        files = manifest["files"]
+        task = progress.add_task("restore", total=len(files) + 1) if progress else None
+        for item in files:
+            rel = _safe_rel(item["path"], src)
+            out = home / rel
+            read_only = rel.parts[0] == "objects"
+            if out.exists() and out.is_file() and out.stat().st_size == item["size"] and _sha256(out) == item["sha256"]:
+                pass
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if out.exists():
+                    os.chmod(out, 0o644)
+                with atomic_path(out, mode=0o444 if read_only else None) as tmp:
+                    shutil.copyfile(src / rel, tmp)
+            if progress:
+                progress.advance(task)
+        for suffix in ("-wal", "-shm"):
+            stale = home / (DB_NAME + suffix)
+            if stale.exists():
+                stale.unlink()
+        with atomic_path(home / DB_NAME) as tmp:
+            shutil.copyfile(src / DB_NAME, tmp)
+        if progress:
+            progress.advance(task)
+    except OSError as exc:
+        raise LorahubError(os_error_message(exc, home)) from None
+    return manifest
