@@ -1,0 +1,331 @@
+"""Module lists of the real architectures, and name maps between LoRA dialects and canonical names.
+
+The module lists are *derived*, never hand-written: the UNet and text encoders are built on the meta
+device (no weights, no memory, no network) from the published configs in ``fixtures/configs/real``
+(SD1.5, SD2.1, SDXL base) or from the tiny fixture configs (``tiny-sd1``, ``tiny-sdxl``), and every
+``nn.Linear`` / ``nn.Conv2d`` is listed with its weight shape under its canonical name:
+
+    unet.<diffusers module path>
+    text_encoder.text_model.<path>        (the canonical spelling, with ``text_model.``)
+    text_encoder_2.text_model.<path>
+
+Dialect names are produced from those lists:
+
+* kohya: ``lora_unet_`` / ``lora_te_`` (SD1/SD2) / ``lora_te1_`` + ``lora_te2_`` (SDXL) + the module path
+  with dots replaced by underscores. SDXL UNet names use the original SGM layout
+  (``input_blocks.4.1…``, ``middle_block…``, ``output_blocks…``), computed from the diffusers path and
+  the UNet config. Reading maps through the generated table — never by guessing where dots were.
+* cloneofsimo: the order of ``nn.Linear`` modules found by walking the model's modules, keeping
+  ancestors whose class name is in the target set (see :func:`cloneofsimo_order`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+
+from lorahub.errors import FormatError
+from lorahub.resources import fixtures_dir
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+ARCHS = ("sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sdxl")
+FAMILY = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+
+_REAL = {
+    "sd1": {"unet": "sd15_unet", "text_encoder": "clip_vit_l14_text"},
+    "sd2": {"unet": "sd21_unet", "text_encoder": "openclip_vit_h14_text"},
+    "sdxl": {"unet": "sdxl_unet", "text_encoder": "clip_vit_l14_text", "text_encoder_2": "openclip_vit_bigg14_text"},
+}
+_TINY = {
+    "tiny-sd1": {"unet": "sd1_unet", "text_encoder": "clip_text"},
+    "tiny-sdxl": {"unet": "sdxl_unet", "text_encoder": "clip_text", "text_encoder_2": "clip_text"},
+}
+
+
+def _load_config(arch: str, part: str) -> dict:
+    if arch in _REAL:
+        path = fixtures_dir() / "configs" / "real" / f"{_REAL[arch][part]}.json"
+    else:
+        path = fixtures_dir() / "configs" / f"{_TINY[arch][part]}.json"
+    cfg = json.loads(path.read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+@dataclass
+class Arch:
+    """One architecture: canonical module names with weight shapes, its UNet config, meta models."""
+
+    name: str
+    family: str
+    modules: dict[str, tuple[int, ...]]
+    unet_config: dict
+    models: dict = field(default_factory=dict, repr=False)  # part -> meta nn.Module
+    _kohya: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in PARTS if p in self.models)
+
+    def kohya_to_canonical(self) -> dict[str, str]:
+        if self._kohya is None:
+            self._kohya = {to_kohya(name, self): name for name in self.modules}
+        return self._kohya
+
+
+@functools.lru_cache(maxsize=None)
+def get_arch(name: str) -> Arch:
+    """Build (once per process) the module list of ``name`` on the meta device."""
+    if name not in ARCHS:
+        raise FormatError(f"unknown architecture {name!r} (one of {', '.join(ARCHS)})")
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ucfg = _load_config(name, "unet")
+    models = {}
+    with torch.device("meta"):
+        models["unet"] = UNet2DConditionModel(**ucfg)
+        models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_load_config(name, "text_encoder")))
+        if FAMILY[name] == "sdxl":
+            models["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig(**_load_config(name, "text_encoder_2")))
+    modules: dict[str, tuple[int, ...]] = {}
+    for part, model in models.items():
+        for path, mod in model.named_modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                modules[canonical(part, path)] = tuple(int(s) for s in mod.weight.shape)
+    return Arch(name=name, family=FAMILY[name], modules=modules, unet_config=ucfg, models=models)
+
+
+# ----------------------------------------------------------------------------------------------
+# canonical spelling
+
+def canonical(part: str, path: str) -> str:
+    """Canonical name of module ``path`` of ``part`` (adds ``text_model.`` for text encoders)."""
+    if part in ("text_encoder", "text_encoder_2") and not path.startswith(("text_model.", "text_projection")):
+        path = "text_model." + path
+    return f"{part}.{path}"
+
+
+def normalize(name: str) -> str:
+    """Canonical spelling of a prefixed diffusers-style module name (accepts transformers-5 paths)."""
+    part, _, rest = name.partition(".")
+    if part in ("text_encoder", "text_encoder_2"):
+        return canonical(part, rest)
+    return name
+
+
+def split(name: str) -> tuple[str, str]:
+    part, _, rest = name.partition(".")
+    return part, rest
+
+
+def live_path(name: str, root) -> str:
+    """Module path of canonical ``name`` inside the live model ``root`` (its part), e.g. a pipeline's
+    ``text_encoder``: transformers 5 ``CLIPTextModel`` has no ``.text_model``."""
+    _part, rest = split(name)
+    if rest.startswith("text_model.") and not hasattr(root, "text_model"):
+        return rest[len("text_model."):]
+    return rest
+
+
+def get_live_module(pipe, name: str):
+    """The live ``nn.Module`` a canonical layer name adapts, in a diffusers pipeline."""
+    part, _ = split(name)
+    root = getattr(pipe, part, None)
+    if root is None:
+        raise FormatError(f"the pipeline has no {part}")
+    return root.get_submodule(live_path(name, root))
+
+
+# ----------------------------------------------------------------------------------------------
+# SGM (original Stability) layout of the SDXL UNet
+
+_RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def unet_to_sgm(path: str, ucfg: dict) -> str:
+    """SGM module path of a diffusers UNet module path (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in`` for SDXL)."""
+    lpb = ucfg.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+        raise FormatError("per-block layers_per_block has no SGM layout")
+    n = lpb + 1
+    for k, v in _TOP_TO_SGM.items():
+        if path == k or path.startswith(k + "."):
+            return v + path[len(k):]
+
+    def resnet(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        mapped = _RESNET_TO_SGM.get(head, head)
+        return mapped + ("." + tail if tail else "")
+
+    m = re.match(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = i * n + j + 1
+        return f"input_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+    m = re.match(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)$", path)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op{m[2]}"
+    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3]
+        return f"middle_block.{2 * j}.{resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    m = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = i * n + j
+        return f"output_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+    m = re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv(.*)$", path)
+    if m:
+        i = int(m[1])
+        has_attn = "CrossAttn" in ucfg["up_block_types"][i]
+        return f"output_blocks.{i * n + lpb}.{2 if has_attn else 1}.conv{m[2]}"
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# kohya names
+
+def to_kohya(name: str, arch: Arch) -> str:
+    """kohya module name (without the ``.lora_down.weight`` suffix) of canonical ``name``."""
+    part, rest = split(name)
+    if part == "unet":
+        if arch.family == "sdxl":
+            rest = unet_to_sgm(rest, arch.unet_config)
+        return "lora_unet_" + rest.replace(".", "_")
+    if part == "text_encoder":
+        prefix = "lora_te1_" if arch.family == "sdxl" else "lora_te_"
+    elif part == "text_encoder_2":
+        prefix = "lora_te2_"
+    else:
+        raise FormatError(f"{name}: no kohya name for part {part!r}")
+    return prefix + rest.replace(".", "_")
+
+
+def from_kohya(kname: str, arch: Arch) -> str | None:
+    """Canonical name of kohya module ``kname`` in ``arch`` (None when it is not a module of ``arch``)."""
+    table = arch.kohya_to_canonical()
+    hit = table.get(kname)
+    if hit is None and arch.family == "sdxl" and kname.startswith("lora_te_"):
+        hit = table.get("lora_te1_" + kname[len("lora_te_"):])
+    if hit is None and arch.family != "sdxl" and kname.startswith("lora_te1_"):
+        hit = table.get("lora_te_" + kname[len("lora_te1_"):])
+    if hit is None and kname.startswith("lora_unet_") and arch.family == "sdxl":
+        # some tools write SDXL kohya names in the diffusers layout
+        hit = _diffusers_kohya_table(arch.name).get(kname)
+    return hit
+
+
+@functools.lru_cache(maxsize=None)
+def _diffusers_kohya_table(arch_name: str) -> dict[str, str]:
+    arch = get_arch(arch_name)
+    return {"lora_unet_" + split(n)[1].replace(".", "_"): n for n in arch.modules if n.startswith("unet.")}
+
+
+# ----------------------------------------------------------------------------------------------
+# architecture inference
+
+def _order(base_hint: str | None) -> list[str]:
+    fam = base_hint if base_hint in ("sd1", "sd2", "sdxl") else None
+    order = list(ARCHS)
+    if fam:
+        order.sort(key=lambda a: FAMILY[a] != fam)
+    return order
+
+
+def infer_arch(names_shapes: dict[str, tuple[int, ...]], *, kohya: bool = False,
+               base_hint: str | None = None) -> Arch:
+    """The architecture whose module list holds every name with a matching weight shape.
+
+    ``names_shapes``: module name (canonical, or kohya when ``kohya``) -> weight shape (out, in[, kh, kw]).
+    Shapes may be None to skip the check. Raises FormatError naming the closest candidate otherwise.
+    """
+    best = None
+    for arch_name in _order(base_hint):
+        arch = get_arch(arch_name)
+        missing = 0
+        bad_shape = 0
+        for n, shape in names_shapes.items():
+            c = from_kohya(n, arch) if kohya else normalize(n)
+            if c is None or c not in arch.modules:
+                missing += 1
+                continue
+            if shape is not None and not _shape_ok(arch.modules[c], shape):
+                bad_shape += 1
+        if missing == 0 and bad_shape == 0:
+            return arch
+        score = missing + bad_shape
+        if best is None or score < best[0]:
+            best = (score, arch_name, missing, bad_shape)
+    if best is None:
+        raise FormatError("no architectures available")
+    _, arch_name, missing, bad_shape = best
+    raise FormatError(f"the layers match no known model (closest: {arch_name}, {missing} unknown module(s), "
+                      f"{bad_shape} shape mismatch(es)); is this a LoRA for another base model?")
+
+
+def _shape_ok(module_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if len(module_shape) == 4 and len(shape) == 2:
+        # a linear-shaped factor pair on a 1x1 conv (some tools flatten)
+        return module_shape[0] == shape[0] and module_shape[1] * module_shape[2] * module_shape[3] == shape[1]
+    if len(module_shape) == 2 and len(shape) == 4:
+        return tuple(shape[2:]) == (1, 1) and module_shape == tuple(shape[:2])
+    return tuple(module_shape) == tuple(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# cloneofsimo module walk
+
+CLONE_DEFAULT_TARGETS = {"unet": ["CrossAttention", "Attention", "GEGLU"], "text_encoder": ["CLIPAttention"]}
+_CLASS_ALIASES = {"CrossAttention": "Attention", "Attention": "Attention"}
+
+
+def cloneofsimo_order(arch: Arch, part: str, targets: list[str] | None = None,
+                      legacy_block_order: bool = False) -> list[str]:
+    """Canonical names of the ``nn.Linear`` modules in cloneofsimo's walk order.
+
+    The walk: every module of ``model.modules()`` whose class name is in ``targets`` (an ancestor), then
+    every ``nn.Linear`` of that ancestor's ``named_modules()``. Class names of the diffusers release
+    cloneofsimo used (``CrossAttention``) are matched to today's (``Attention``). With
+    ``legacy_block_order`` each transformer block is walked as diffusers <= 0.11 registered it
+    (attn1, ff, attn2) instead of today's (attn1, attn2, ff).
+    """
+    import torch
+
+    model = arch.models.get(part)
+    if model is None:
+        raise FormatError(f"{arch.name} has no {part}")
+    wanted = {_CLASS_ALIASES.get(t, t) for t in (targets or CLONE_DEFAULT_TARGETS.get(part, []))}
+    named = dict(model.named_modules())
+    ancestors = [n for n, m in model.named_modules() if type(m).__name__ in wanted]
+    if legacy_block_order:
+        ancestors = _legacy_reorder(ancestors)
+    out: list[str] = []
+    seen: set[str] = set()
+    for a in ancestors:
+        for sub, m in named[a].named_modules():
+            if isinstance(m, torch.nn.Linear):
+                full = f"{a}.{sub}" if sub else a
+                out.append(canonical(part, full))
+                seen.add(full)
+    return out
+
+
+def _legacy_reorder(ancestors: list[str]) -> list[str]:
+    """Within each transformer block, order attn1, ff, attn2 (diffusers <= 0.11 registration order)."""
+    def key(item):
+        i, name = item
+        m = re.match(r"^(.*transformer_blocks\.\d+)\.(attn1|attn2|ff)(\..*)?$", name)
+        if not m:
+            return (i, 0)
+        block_first = min(j for j, n in enumerate(ancestors) if n.startswith(m[1] + "."))
+        return (block_first, {"attn1": 0, "ff": 1, "attn2": 2}[m[2]])
+    return [n for _, n in sorted(enumerate(ancestors), key=key)]
