@@ -10,6 +10,7 @@ Conv factors are handled by the caller flattening down to (r, in·kh·kw) and up
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -132,3 +133,211 @@ def split(sp: Spectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def effective_rank(S: torch.Tensor, energy: float) -> int:
     """Number of singular values covering ``energy`` of Σ S²."""
     return choose_rank(S, energy=energy)
+
+
+# ----- Gram-core routines (added for inspect/diff) -------------------------------------------------
+# With Gu = UᵀU and Gd = D·Dᵀ (both r×r), ΔW = U·D has ‖ΔW‖²_F = tr(Gu·Gd) and its non-zero singular
+# values are those of Luᵀ·Ld where Gu = Lu·Luᵀ and Gd = Ld·Ldᵀ (Cholesky): (U·Lu⁻ᵀ) and (Dᵀ·Ld⁻ᵀ) have
+# orthonormal columns. Forming the Grams is one BLAS-3 product per factor — cheaper than a QR — and
+# the rest is r×r work. Grams square the condition number, so singular values far below
+# √eps·σ_max come out as noise near zero; norms, spectral norms and energy-based effective ranks
+# (what inspect reports) are unaffected. Rank-deficient Grams fall back to a symmetric square root.
+
+
+def grams(up: torch.Tensor, down: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(UᵀU, D·Dᵀ) in float64, the products taken in ``dtype`` (conv factors flattened)."""
+    u, d = as_matrices(up.to(dtype), down.to(dtype))
+    return (u.T @ u).to(torch.float64), (d @ d.T).to(torch.float64)
+
+
+def _psd_sqrt_factor(g: torch.Tensor) -> torch.Tensor:
+    """L with L·Lᵀ = g for a symmetric positive semi-definite g (Cholesky, else eigen square root)."""
+    g = (g + g.T) * 0.5
+    lower, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return lower
+    ev, vec = torch.linalg.eigh(g)
+    return vec * torch.sqrt(torch.clamp(ev, min=0.0))
+
+
+def singular_values_from_grams(gu: torch.Tensor, gd: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Singular values (descending, float64) of scale·U·D given its Grams UᵀU and D·Dᵀ."""
+    lu = _psd_sqrt_factor(gu.to(torch.float64))
+    ld = _psd_sqrt_factor(gd.to(torch.float64))
+    return torch.linalg.svdvals(lu.T @ ld) * abs(float(scale))
+
+
+def gram_singular_values(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0,
+                         dtype=torch.float32) -> torch.Tensor:
+    """Singular values of scale·up·down via r×r Gram matrices (fast path; see the note above)."""
+    gu, gd = grams(up, down, dtype)
+    return singular_values_from_grams(gu, gd, scale)
+
+
+def inner_product(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor,
+                  scale1: float = 1.0, scale2: float = 1.0, dtype=torch.float64) -> float:
+    """Frobenius inner product ⟨s1·U1·D1, s2·U2·D2⟩ = s1·s2·tr((U1ᵀU2)(D2·D1ᵀ)), from r1×r2 products."""
+    u1, d1 = as_matrices(up1.to(dtype), down1.to(dtype))
+    u2, d2 = as_matrices(up2.to(dtype), down2.to(dtype))
+    if u1.shape[0] != u2.shape[0] or d1.shape[1] != d2.shape[1]:
+        raise ValueError(f"shapes differ: {tuple(u1.shape[:1]) + tuple(d1.shape[1:])} vs "
+                         f"{tuple(u2.shape[:1]) + tuple(d2.shape[1:])}")
+    val = torch.sum((u1.T @ u2) * (d1 @ d2.T))
+    return float(val) * float(scale1) * float(scale2)
+
+
+def cosine_similarity(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor,
+                      scale1: float = 1.0, scale2: float = 1.0, dtype=torch.float64) -> float | None:
+    """⟨ΔW1, ΔW2⟩ / (‖ΔW1‖_F·‖ΔW2‖_F) from the factors; None when either update is zero."""
+    n1 = frobenius_norm(up1, down1, scale1, dtype)
+    n2 = frobenius_norm(up2, down2, scale2, dtype)
+    if n1 == 0.0 or n2 == 0.0:
+        return None
+    c = inner_product(up1, down1, up2, down2, scale1, scale2, dtype) / (n1 * n2)
+    return max(-1.0, min(1.0, c))
+
+
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Overlap of the spans of two orthonormal column sets a (n×ka), b (n×kb): ‖aᵀb‖²_F / min(ka, kb).
+
+    1 when the smaller span lies inside the larger, 0 when they are orthogonal; two random spans in
+    n dimensions give about max(ka, kb)/n.
+    """
+    k = min(a.shape[1], b.shape[1])
+    if k == 0:
+        return None
+    m = a.to(torch.float64).T @ b.to(torch.float64)
+    return float(torch.sum(m * m)) / k
+
+
+# ------------------------------------------------------------------------------------------------
+# Low-rank approximation of a dense matrix (extract): exact spectrum from the Gram matrix, fast
+# randomized factors, checked against the Eckart–Young optimum, exact SVD as the fallback.
+# ------------------------------------------------------------------------------------------------
+def _linalg_errors():
+    return (torch.linalg.LinAlgError, RuntimeError)
+
+
+def _with_f64_retry(fn, A: torch.Tensor, what: str = "SVD"):
+    """Run fn(A) in A's dtype; on non-convergence retry in float64. Returns (result, retried)."""
+    try:
+        out = fn(A)
+        if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+            raise torch.linalg.LinAlgError(f"{what} produced non-finite values")
+        return out, False
+    except _linalg_errors():
+        if A.dtype == torch.float64:
+            raise
+        return fn(A.to(torch.float64)), True
+
+
+def exact_singular_values(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """All singular values of A (descending, float64) from the eigenvalues of the smaller Gram
+    matrix (A·Aᵀ or Aᵀ·A): O(m·n·min(m,n)) without any singular vectors. Returns (S, retried_f64)."""
+    m, n = A.shape
+
+    def go(X):
+        G = X @ X.T if m <= n else X.T @ X
+        return torch.linalg.eigvalsh(G)
+
+    ev, retried = _with_f64_retry(go, A, "eigvalsh")
+    ev = torch.clamp(ev.to(torch.float64), min=0.0).flip(0)
+    return torch.sqrt(ev), retried
+
+
+def exact_svd(A: torch.Tensor, k: int | None = None) -> tuple[Spectrum, bool]:
+    """Thin SVD (torch.linalg.svd, full_matrices=False), top k kept; float64 retry on failure."""
+    (U, S, Vh), retried = _with_f64_retry(lambda X: torch.linalg.svd(X, full_matrices=False), A)
+    if k is not None:
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    return Spectrum(U=U, S=S, Vh=Vh), retried
+
+
+def randomized_svd(A: torch.Tensor, k: int, *, oversample: int | None = None, power_iters: int = 2,
+                   seed: int = 0) -> tuple[Spectrum, bool]:
+    """Top-k SVD by a randomized range finder with subspace (power) iterations (Halko, Martinsson &
+    Tropp 2011). Cost O(m·n·(k+p)·(2q+2)). Deterministic for a given seed. float64 retry on failure."""
+    m, n = A.shape
+    transpose = m > n  # work on the wide orientation: smaller QRs
+    X0 = A.T if transpose else A
+    rows, cols = X0.shape
+    p = oversample if oversample is not None else max(8, k // 2)
+    l = min(k + p, rows, cols)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega_cpu = torch.randn(cols, l, generator=gen, dtype=torch.float32)
+
+    def go(X):
+        om = omega_cpu.to(device=X.device, dtype=X.dtype)
+        Q, _ = torch.linalg.qr(X @ om)
+        for _ in range(power_iters):
+            Z, _ = torch.linalg.qr(X.T @ Q)
+            Q, _ = torch.linalg.qr(X @ Z)
+        B = Q.T @ X
+        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        return Q @ Ub, S, Vh
+
+    (U, S, Vh), retried = _with_f64_retry(go, X0, "randomized SVD")
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    if transpose:
+        U, Vh = Vh.T, U.T
+    return Spectrum(U=U, S=S, Vh=Vh), retried
+
+
+@dataclass
+class Approximation:
+    """Result of :func:`low_rank_approx`: the top-k spectrum and how it was obtained."""
+
+    spectrum: Spectrum       # top-k: ΔW ≈ U·diag(S)·Vh
+    k: int
+    S_all: torch.Tensor      # every singular value of A (exact, descending, float64)
+    retained: float          # Frobenius fraction kept by the returned factors
+    optimum: float           # Eckart–Young optimum for this k (exact truncated SVD)
+    method: str              # "exact" | "randomized" | "exact-fallback"
+    float64_retry: bool
+
+
+def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                    sv_ratio: float | None = None, sv_fro: float | None = None,
+                    max_rank: int | None = None, method: str = "auto", tol: float = 1e-3,
+                    small: int = 256, seed: int = 0, power_iters: int = 2) -> Approximation:
+    """Best rank-k approximation of a dense matrix A (out, in), k chosen by :func:`choose_rank`.
+
+    method "exact": thin SVD. "randomized"/"auto": the exact singular values come from the Gram
+    matrix (cheap, no vectors), k is chosen on them, the factors from :func:`randomized_svd`; their
+    Frobenius retained is compared with the exact optimum √(Σ_{i<k} Sᵢ²/Σ Sᵢ²) and, when it falls
+    short by more than ``tol`` (relative), the exact SVD is used instead ("exact-fallback").
+    "auto" also goes exact for small matrices (min side ≤ ``small``) or when k is over a third of it.
+    """
+    if A.dim() != 2:
+        raise ValueError("low_rank_approx needs a matrix")
+    if not torch.isfinite(A).all():
+        raise ValueError("matrix has NaN or infinite entries")
+    m, n = A.shape
+    crit = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
+    total = float(torch.linalg.vector_norm(A, dtype=torch.float64) ** 2)
+    go_exact = method == "exact" or (method == "auto" and min(m, n) <= small)
+    if not go_exact:
+        S_all, r64 = exact_singular_values(A)
+        k = choose_rank(S_all, **crit)
+        if method == "auto" and 3 * k > min(m, n):
+            go_exact = True
+    if go_exact:
+        sp, r64 = exact_svd(A)
+        S_all = sp.S.to(torch.float64)
+        k = choose_rank(S_all, **crit)
+        opt = retained(S_all, k)
+        top = Spectrum(U=sp.U[:, :k], S=sp.S[:k], Vh=sp.Vh[:k])
+        return Approximation(top, k, S_all, opt, opt, "exact", r64)
+    opt = _retained_of(S_all, k, total)
+    sp, r2 = randomized_svd(A, k, seed=seed, power_iters=power_iters)
+    got = math.sqrt(min(1.0, float((sp.S.to(torch.float64) ** 2).sum()) / total)) if total > 0 else 1.0
+    if opt - got > tol * opt:
+        ex, r3 = exact_svd(A, k)
+        return Approximation(ex, k, S_all, opt, opt, "exact-fallback", r64 or r2 or r3)
+    return Approximation(sp, k, S_all, got, opt, "randomized", r64 or r2)
+
+
+def _retained_of(S: torch.Tensor, k: int, total: float) -> float:
+    if total <= 0:
+        return 1.0
+    return math.sqrt(min(1.0, float((S[:k].to(torch.float64) ** 2).sum()) / total))
