@@ -109,7 +109,7 @@ def hash_stream(f: BinaryIO, size: int, *, copy_to: BinaryIO | None = None, chun
     pool = ThreadPoolExecutor(1) if size >= 8 * chunk else None
     try:
         while True:
-            buf = f.read(chunk)
+            buf = f.read(max(chunk, 8) if first else chunk)
             if not buf:
                 break
             if first:

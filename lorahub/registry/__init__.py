@@ -410,10 +410,13 @@ class Registry:
         _check_choice("type", type, TYPES)
         _check_choice("base", base, BASES)
         det = detect(p)
-        try:
-            header_meta = dict(read_header(p).metadata)
-        except FormatError:
-            header_meta = {}
+        header_meta = getattr(det, "metadata", None)
+        if header_meta is None:
+            try:
+                header_meta = read_header(p).metadata
+            except FormatError:
+                header_meta = {}
+        header_meta = dict(header_meta)
         imported = md.collect(p, header_meta, sidecars=sidecars)
         tmp = self._store_tmp()
         linked = False

@@ -1,0 +1,412 @@
+"""Registry: catalogue + content-addressed store, through the Python API (lorahub.registry.Registry)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lorahub.errors import Ambiguous, LorahubError, NotFound
+from lorahub.registry import Registry
+
+SD1_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+SD1_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def make_kohya(path: Path, *, rank: int = 4, seed: int = 0, meta: dict | None = None, width: int = 768,
+               extra_rank: int | None = None) -> Path:
+    """A small kohya LoRA with SD-shaped cross-attention factors (width 768 -> sd1, 1024 -> sd2)."""
+    rng = np.random.default_rng(seed)
+    t = {
+        f"{SD1_K}.lora_down.weight": rng.standard_normal((rank, width)).astype(np.float16),
+        f"{SD1_K}.lora_up.weight": rng.standard_normal((320, rank)).astype(np.float16),
+        f"{SD1_K}.alpha": np.array(rank / 2, dtype=np.float16),
+    }
+    r2 = extra_rank or rank
+    t[f"{SD1_Q}.lora_down.weight"] = rng.standard_normal((r2, 320)).astype(np.float16)
+    t[f"{SD1_Q}.lora_up.weight"] = rng.standard_normal((320, r2)).astype(np.float16)
+    t[f"{SD1_Q}.alpha"] = np.array(r2 / 2, dtype=np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path), metadata=meta)
+    return path
+
+
+def png_bytes(color=(255, 0, 0), size=(8, 6)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def store_files(home: Path) -> list[Path]:
+    return sorted(p for p in (home / "objects").rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def reg(home):
+    r = Registry.open(home)
+    yield r
+    r.close()
+
+
+CONTRACT_KEYS = {"id", "name", "file_name", "sha256", "autov1", "autov2", "autov3", "crc32", "blake3", "size",
+                 "format", "base", "kind", "rank", "rank_min", "rank_max", "alpha", "parts", "type", "triggers",
+                 "tags", "description", "source", "created_at", "added_at", "metadata"}
+
+
+def test_add_file_entry_hashes_and_blob(reg, tmp_path):
+    f = make_kohya(tmp_path / "my_lora.safetensors", meta={"ss_network_dim": "4"})
+    data = f.read_bytes()
+    entry, created = reg.add_file(f, type="style", tags=["a", "b"])
+    assert created
+    assert CONTRACT_KEYS <= set(entry)
+    sha = hashlib.sha256(data).hexdigest()
+    n = struct.unpack("<Q", data[:8])[0]
+    assert entry["sha256"] == sha and entry["id"] == sha[:12]
+    assert entry["autov2"] == sha[:10]
+    assert entry["autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert entry["blake3"] == blake3.blake3(data).hexdigest()
+    assert entry["crc32"] == zlib.crc32(data).to_bytes(4, "little").hex()
+    assert entry["autov1"] is None and entry["size"] == len(data)
+    assert (entry["format"], entry["kind"], entry["base"]) == ("kohya", "lora", "sd1")
+    assert entry["rank"] == 4 and entry["alpha"] == 2.0 and entry["parts"] == ["unet"]
+    assert entry["name"] == "my_lora" and entry["file_name"] == "my_lora.safetensors"
+    assert entry["type"] == "style" and entry["tags"] == ["a", "b"]
+    assert entry["metadata"] == {"ss_network_dim": "4"}
+    blob = reg.blob_path(entry["id"])
+    assert blob == reg.home / "objects" / sha[:2] / sha
+    assert blob.read_bytes() == data
+    assert not os.access(blob, os.W_OK) or os.geteuid() == 0
+    assert blob.stat().st_mode & 0o222 == 0
+    assert reg.get(entry["id"]) == entry
+
+
+def test_duplicate_add_changes_nothing(reg, tmp_path):
+    f = make_kohya(tmp_path / "a.safetensors")
+    e1, c1 = reg.add_file(f)
+    copy = tmp_path / "other_name.safetensors"
+    copy.write_bytes(f.read_bytes())
+    e2, c2 = reg.add_file(copy, name="whatever", tags=["x"])
+    assert c1 and not c2
+    assert e2 == e1 and reg.count() == 1
+    assert len(store_files(reg.home)) == 1
+
+
+def test_wal_mode_and_schema_version(reg):
+    assert reg.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    from lorahub.registry import _migrations
+
+    assert reg.conn.execute("PRAGMA user_version").fetchone()[0] == _migrations()[-1][0] >= 2
+
+
+def test_resolve_by_every_handle(reg, tmp_path):
+    e, _ = reg.add_file(make_kohya(tmp_path / "one.safetensors", seed=1))
+    reg.add_file(make_kohya(tmp_path / "two.safetensors", seed=2))
+    for ref in (e["id"], "one", e["sha256"], e["sha256"][:8].upper(), e["autov2"].upper(), e["autov3"][:12],
+                e["blake3"][:10], e["crc32"].upper(), e["id"][:6]):
+        assert reg.resolve(ref)["id"] == e["id"], ref
+    with pytest.raises(NotFound):
+        reg.resolve("nope")
+    with pytest.raises(NotFound):
+        reg.resolve("abc")  # too short to be a hash prefix
+
+
+def test_same_tensors_other_metadata_share_autov3_and_are_ambiguous(reg, tmp_path):
+    a, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors", seed=5, meta={"v": "1"}))
+    b, created = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=5, meta={"v": "2", "w": "x"}))
+    assert created and a["sha256"] != b["sha256"] and a["autov3"] == b["autov3"]
+    groups = reg.dupes()
+    assert [sorted(x["id"] for x in g) for g in groups] == [sorted([a["id"], b["id"]])]
+    with pytest.raises(Ambiguous):
+        reg.resolve(a["autov3"][:12])
+
+
+def test_names_stay_unique(reg, tmp_path):
+    e1, _ = reg.add_file(make_kohya(tmp_path / "x" / "style.safetensors", seed=1))
+    e2, _ = reg.add_file(make_kohya(tmp_path / "y" / "style.safetensors", seed=2))
+    assert (e1["name"], e2["name"]) == ("style", "style-2")
+    with pytest.raises(LorahubError, match="taken"):
+        reg.update(e2["id"], name="style")
+    assert reg.resolve("style-2")["id"] == e2["id"]
+
+
+def test_lineage_previews_remotes(reg, tmp_path):
+    parent, _ = reg.add_file(make_kohya(tmp_path / "parent.safetensors", seed=1))
+    child, _ = reg.add_file(make_kohya(tmp_path / "child.safetensors", seed=2), lineage=[
+        {"relation": "converted-from", "parent": parent["id"], "detail": {"to": "diffusers"}},
+        {"relation": "trained-from", "parent": "tiny-sd1"},
+    ])
+    lin = reg.lineage(child["id"])
+    assert [(x["relation"], x["parent_id"], x["parent_sha256"]) for x in lin] == [
+        ("converted-from", parent["id"], parent["sha256"]), ("trained-from", None, None)]
+    assert lin[0]["detail"] == {"to": "diffusers"} and lin[0]["parent_name"] == "parent"
+    assert lin[1]["parent"] == "tiny-sd1"
+    assert reg.children(parent["id"]) == [{"relation": "converted-from", "entry_id": child["id"], "name": "child"}]
+
+    img = tmp_path / "grid.png"
+    img.write_bytes(png_bytes(size=(16, 12)))
+    pv = reg.add_preview(child["id"], img, kind="grid", params={"seed": 3, "scale": 0.8})
+    assert (pv["width"], pv["height"], pv["ext"], pv["params"]) == (16, 12, "png", {"seed": 3, "scale": 0.8})
+    assert Path(pv["path"]).read_bytes() == img.read_bytes()
+    assert reg.previews(child["id"]) == [pv]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(LorahubError, match="image"):
+        reg.add_preview(child["id"], bad)
+
+    reg.set_remote(child["id"], repo="me/lora", revision="main", commit="c1")
+    r = reg.set_remote(child["id"], repo="me/lora", revision="main", commit="c2")
+    reg.set_remote(child["id"], repo="me/lora", revision="main", commit="c3", endpoint="http://127.0.0.1:9")
+    rem = reg.remotes(child["id"])
+    assert [(x["repo"], x["commit"], x["endpoint"]) for x in rem] == [
+        ("me/lora", "c2", None), ("me/lora", "c3", "http://127.0.0.1:9")]
+    assert r["commit"] == "c2"
+
+    # removing the parent keeps the child's lineage as text
+    reg.remove(parent["id"])
+    lin = reg.lineage(child["id"])
+    assert lin[0]["parent_id"] is None and lin[0]["parent"] == parent["id"]
+
+
+def test_update_and_search_filters(reg, tmp_path):
+    a, _ = reg.add_file(make_kohya(tmp_path / "anime_girl.safetensors", seed=1, rank=8), type="character",
+                        triggers=["sks girl"], tags=["anime"], description="A cheerful character")
+    b, _ = reg.add_file(make_kohya(tmp_path / "watercolor.safetensors", seed=2, rank=4, width=1024),
+                        type="style", tags=["paint"])
+    c, _ = reg.add_file(make_kohya(tmp_path / "mixed.safetensors", seed=3, rank=2, extra_rank=16))
+    assert b["base"] == "sd2" and (c["rank_min"], c["rank_max"]) == (2, 16)
+    ids = lambda rows: sorted(r["id"] for r in rows)  # noqa: E731
+    assert ids(reg.search("sks")) == [a["id"]]
+    assert ids(reg.search("cheer")) == [a["id"]]          # prefix match in the description
+    assert ids(reg.search("anime")) == [a["id"]]          # name and tag
+    assert ids(reg.search("girl anime")) == [a["id"]]
+    assert ids(reg.search("water")) == [b["id"]]
+    assert reg.search("nothing-like-this") == []
+    assert ids(reg.search(None, type="style")) == [b["id"]]
+    assert ids(reg.search(None, base="sd1")) == sorted([a["id"], c["id"]])
+    assert ids(reg.search(None, tags=["PAINT"])) == [b["id"]]
+    assert ids(reg.search(None, rank_min=8)) == sorted([a["id"], c["id"]])
+    assert ids(reg.search(None, rank_max=4)) == sorted([b["id"], c["id"]])
+    assert ids(reg.search(None, rank_min=5, rank_max=8)) == sorted([a["id"], c["id"]])
+    assert ids(reg.search(None, kind="loha")) == []
+    assert ids(reg.search('"quoted" AND OR NOT (')) == []  # hostile FTS syntax is quoted, not an error
+    reg.update(b["id"], tags=["paint", "soft"], triggers=["wcstyle"], description="washes")
+    assert ids(reg.search("wcstyle")) == [b["id"]]
+    assert ids(reg.search("soft")) == [b["id"]]
+    with pytest.raises(LorahubError):
+        reg.update(b["id"], type="landscape")
+    with pytest.raises(LorahubError):
+        reg.update(b["id"], sha256="00")
+
+
+def test_remove_keeps_blob_until_gc(reg, tmp_path):
+    e, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors"))
+    keep, _ = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=9))
+    blob = reg.object_path(e["sha256"])
+    reg.remove(e["id"])
+    assert blob.is_file() and reg.count() == 1
+    old_tmp = reg.home / "objects" / ".lorahub-tmp-old"
+    old_tmp.write_bytes(b"x" * 10)
+    os.utime(old_tmp, (time.time() - 3600, time.time() - 3600))
+    new_tmp = reg.home / "objects" / ".lorahub-tmp-inflight"
+    new_tmp.write_bytes(b"y")
+    dry = reg.gc(dry_run=True)
+    assert dry["blobs"] == [e["sha256"]] and blob.is_file()
+    res = reg.gc()
+    assert res["blobs"] == [e["sha256"]] and res["temp_files"] == [str(old_tmp)]
+    assert not blob.exists() and not old_tmp.exists() and new_tmp.exists()
+    assert reg.blob_path(keep["id"]).is_file()
+    # re-adding after gc stores the blob again
+    e2, created = reg.add_file(tmp_path / "a.safetensors")
+    assert created and reg.blob_path(e2).read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    good = make_kohya(tmp_path / "good.safetensors").read_bytes()
+    out = {}
+    out["truncated"] = tmp_path / "truncated.safetensors"
+    out["truncated"].write_bytes(good[: len(good) - 100])
+    out["header_too_long"] = tmp_path / "hdr.safetensors"
+    out["header_too_long"].write_bytes(struct.pack("<Q", 10_000) + b'{"a":1}')
+    out["not_json"] = tmp_path / "notjson.safetensors"
+    out["not_json"].write_bytes(struct.pack("<Q", 9) + b"{not json" + b"\0" * 16)
+    unknown = {"some.random.weight": np.zeros((3, 3), np.float32), "other.bias": np.zeros((5,), np.float32)}
+    out["unknown_format"] = tmp_path / "unknown.safetensors"
+    save_file(unknown, str(out["unknown_format"]))
+    out["missing"] = tmp_path / "missing.safetensors"
+    return out
+
+
+def test_bad_input_writes_nothing(reg, tmp_path):
+    for label, path in _bad_files(tmp_path).items():
+        with pytest.raises(LorahubError) as ei:
+            reg.add_file(path)
+        assert "\n" not in str(ei.value), label
+    assert reg.count() == 0
+    assert store_files(reg.home) == []
+
+
+def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch):
+    f = make_kohya(tmp_path / "a.safetensors")
+
+    def boom(self, entry_id):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Registry, "_fts_sync", boom)
+    with pytest.raises(RuntimeError):
+        reg.add_file(f, lineage=[{"relation": "converted-from", "parent": "x"}])
+    assert reg.count() == 0
+    assert reg.conn.execute("SELECT count(*) FROM lineage").fetchone()[0] == 0
+    assert store_files(reg.home) == []
+    monkeypatch.undo()
+    e, created = reg.add_file(f)
+    assert created and reg.search("a")[0]["id"] == e["id"]
+
+
+def test_migrations_upgrade_older_and_refuse_newer(home, tmp_path):
+    r = Registry.open(home, migrate_to=1)
+    e, _ = r.add_file(make_kohya(tmp_path / "old.safetensors"))
+    tables = {x[0] for x in r.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "scan_cache" not in tables and r.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    r.close()
+    r = Registry.open(home)
+    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert r.resolve("old")["sha256"] == e["sha256"]
+    r.conn.execute("SELECT count(*) FROM scan_cache").fetchone()
+    r.conn.execute("PRAGMA user_version = 99")
+    r.close()
+    with pytest.raises(LorahubError, match="newer"):
+        Registry.open(home)
+
+
+def test_not_a_database(home):
+    home.mkdir(parents=True)
+    (home / "lorahub.db").write_bytes(b"garbage" * 1000)
+    with pytest.raises(LorahubError):
+        Registry.open(home)
+
+
+def test_concurrent_writers(home, tmp_path):
+    files = [make_kohya(tmp_path / f"c{i}.safetensors", seed=100 + i) for i in range(8)]
+    Registry.open(home).close()
+    errors = []
+
+    def worker(chunk):
+        try:
+            r = Registry.open(home)
+            for f in chunk:
+                r.add_file(f)
+            r.close()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(files[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    r = Registry.open(home)
+    assert r.count() == 8 and len(store_files(home)) == 8
+
+
+def test_metadata_and_sidecars_imported(reg, tmp_path):
+    cover = png_bytes((0, 255, 0), (10, 10))
+    meta = {
+        "ssmd_display_name": "Nice Display Name",
+        "ssmd_author": "someone",
+        "ssmd_keywords": "kw1, kw2",
+        "ssmd_tags": "t1,t2",
+        "ssmd_description": "from the header",
+        "ssmd_cover_images": json.dumps([base64.b64encode(cover).decode()]),
+        "ss_tag_frequency": json.dumps({"10_x": {"shouldnotwin": 10}}),
+    }
+    f = make_kohya(tmp_path / "side.safetensors", meta=meta)
+    (tmp_path / "side.json").write_text(json.dumps({
+        "description": "from the webui sidecar", "sd version": "SD1", "activation text": "act1, act2",
+        "preferred weight": 0.7, "negative text": "blurry", "notes": ""}))
+    (tmp_path / "side.civitai.info").write_text(json.dumps({
+        "id": 22, "modelId": 11, "trainedWords": ["tw1", "act1"], "baseModel": "SD 1.5",
+        "model": {"name": "Civitai Name", "type": "LORA", "tags": ["ct"]}}))
+    sidecar_png = png_bytes((0, 0, 255), (4, 4))
+    (tmp_path / "side.preview.png").write_bytes(sidecar_png)
+    (tmp_path / "side.txt").write_text("text description")
+    e, _ = reg.add_file(f)
+    assert e["triggers"] == ["act1", "act2", "tw1", "kw1", "kw2"]
+    assert e["name"] == "Civitai Name"
+    assert e["description"] == "from the webui sidecar"
+    assert e["tags"] == ["ct", "t1", "t2"]
+    assert e["source"] == "https://civitai.com/models/11?modelVersionId=22"
+    assert e["extra"]["author"] == "someone" and e["extra"]["preferred_weight"] == 0.7
+    assert e["extra"]["negative_text"] == "blurry"
+    pv = {p["kind"]: Path(p["path"]).read_bytes() for p in reg.previews(e["id"])}
+    assert pv == {"sidecar": sidecar_png, "cover": cover}
+
+
+def test_trigger_sources_header_only(reg, tmp_path):
+    f1 = make_kohya(tmp_path / "a.safetensors", seed=1, meta={"ss_tag_frequency": json.dumps(
+        {"10_sks dog": {"sks dog": 20, "dog": 21, "grass": 3}, "5_reg": {"sks dog": 5, "sky": 1}})})
+    f2 = make_kohya(tmp_path / "b.safetensors", seed=2, meta={"modelspec.trigger_phrase": "zkz style",
+                                                                "modelspec.title": "Title Name",
+                                                                "ss_tag_frequency": json.dumps({"d": {"x": 3}})})
+    e1, _ = reg.add_file(f1)
+    e2, _ = reg.add_file(f2)
+    assert e1["triggers"] == ["sks dog", "dog"]
+    assert e2["triggers"] == ["zkz style"] and e2["name"] == "Title Name"
+    e3, _ = reg.add_file(make_kohya(tmp_path / "c.safetensors", seed=3), triggers=["mine"])
+    assert e3["triggers"] == ["mine"]
+
+
+def test_base_from_metadata_when_shapes_are_not_full_size(reg, tmp_path):
+    f = make_kohya(tmp_path / "tiny.safetensors", width=32, meta={"ss_base_model_version": "sdxl_base_v1-0"})
+    e, _ = reg.add_file(f)
+    assert e["base"] == "sdxl"
+    g = make_kohya(tmp_path / "tiny2.safetensors", width=32, seed=4)
+    (tmp_path / "tiny2.civitai.info").write_text(json.dumps({"baseModel": "SD 2.1"}))
+    assert reg.add_file(g)[0]["base"] == "sd2"
+    h = make_kohya(tmp_path / "tiny3.safetensors", width=32, seed=5)
+    assert reg.add_file(h, base="sd1")[0]["base"] == "sd1"
+
+
+def test_checkpoint_can_be_registered(reg, tmp_path):
+    t = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((320, 768), np.float16),
+         "first_stage_model.decoder.conv_in.weight": np.zeros((4, 4, 3, 3), np.float16),
+         "cond_stage_model.transformer.text_model.final_layer_norm.weight": np.zeros((768,), np.float16)}
+    p = tmp_path / "ckpt.safetensors"
+    save_file(t, str(p))
+    e, _ = reg.add_file(p)
+    assert (e["format"], e["kind"], e["base"]) == ("checkpoint", "checkpoint", "sd1")
+    assert reg.resolve("ckpt")["id"] == e["id"] and reg.blob_path(e).read_bytes() == p.read_bytes()
+
+
+def test_copy_false_links_without_touching_the_source_mode(reg, tmp_path):
+    f = make_kohya(tmp_path / "linked.safetensors")
+    mode = f.stat().st_mode
+    e, _ = reg.add_file(f, copy=False)
+    assert reg.blob_path(e).read_bytes() == f.read_bytes()
+    assert f.stat().st_mode == mode
+
+
+def test_registry_module_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys; import lorahub.registry; "
+            "bad = [m for m in ('torch', 'numpy', 'sqlite_utils', 'diffusers', 'PIL', 'safetensors') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
