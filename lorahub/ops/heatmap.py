@@ -35,12 +35,26 @@ def _text_colour(c: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _font(size: int):
+    """(font, unicode_ok): DejaVu Sans when installed (has ‖ Δ –), else Pillow's default font."""
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=size)
+        return ImageFont.truetype("DejaVuSans.ttf", size), True
+    except OSError:
+        pass
+    try:
+        return ImageFont.load_default(size=size), False
     except (TypeError, OSError, ValueError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+        return ImageFont.load_default(), False
+
+
+_ASCII = {"‖": "|", "Δ": "d", "–": "-", "√": "sqrt", "Σ": "sum", "·": "-", "₂": "2", "…": "..."}
+
+
+def _plain(text: str) -> str:
+    for a, b in _ASCII.items():
+        text = text.replace(a, b)
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def fmt(v: float) -> str:
@@ -59,6 +73,14 @@ def row_label(block: str) -> str:
     return f"{names.get(head, head)} {tail}".strip()
 
 
+def _centred(d, xy, text, font, fill) -> None:
+    try:
+        d.text(xy, text, font=font, fill=fill, anchor="mm")
+    except ValueError:  # bitmap fonts have no anchors
+        box = d.textbbox((0, 0), text, font=font)
+        d.text((xy[0] - (box[0] + box[2]) / 2, xy[1] - (box[1] + box[3]) / 2), text, font=font, fill=fill)
+
+
 def render(grid: dict, out: Path | str, *, title: str = "LoRA strength") -> Path:
     """Draw ``grid`` (rows, cols, values, quantity — see lorahub.ops.inspect.grid) to a PNG, atomically."""
     from PIL import Image, ImageDraw
@@ -66,7 +88,8 @@ def render(grid: dict, out: Path | str, *, title: str = "LoRA strength") -> Path
     rows, cols, values = grid["rows"], grid["cols"], grid["values"]
     if not rows or not cols:
         rows, cols, values = ["(no layers)"], ["-"], [[None]]
-    f_cell, f_lab, f_title, f_small = _font(13), _font(14), _font(17), _font(12)
+    (f_cell, uni), (f_lab, _), (f_title, _), (f_small, _) = _font(13), _font(14), _font(17), _font(12)
+    txt = (lambda t: t) if uni else _plain
     cell_w, cell_h = 96, 24
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -77,12 +100,12 @@ def render(grid: dict, out: Path | str, *, title: str = "LoRA strength") -> Path
     label_w = max(tw(row_label(r), f_lab)[0] for r in rows) + 24
     top = 78
     legend_w = 120
-    width = max(label_w + cell_w * len(cols) + legend_w + 20, tw(title, f_title)[0] + 40, 420)
+    width = max(label_w + cell_w * len(cols) + legend_w + 20, tw(txt(title), f_title)[0] + 40, 420)
     height = top + cell_h * len(rows) + 54
     img = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(img)
-    d.text((12, 10), title, font=f_title, fill=FG)
-    d.text((12, 34), f"cell = {grid.get('quantity', '')}  ·  grey = no layer there", font=f_small, fill=(90, 90, 90))
+    d.text((12, 10), txt(title), font=f_title, fill=FG)
+    d.text((12, 34), txt(f"cell = {grid.get('quantity', '')}  ·  grey = no layer there"), font=f_small, fill=(90, 90, 90))
 
     finite = [v for row in values for v in row if v is not None]
     vmax = max(finite) if finite else 0.0
@@ -103,14 +126,13 @@ def render(grid: dict, out: Path | str, *, title: str = "LoRA strength") -> Path
         for j, v in enumerate(values[i]):
             x = label_w + j * cell_w
             if v is None:
-                fill, text = EMPTY, "–"
+                fill, text = EMPTY, txt("–")
             else:
                 fill = colour(v / vmax if vmax > 0 else 0.0)
                 text = fmt(v)
             d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=fill)
-            w, h = tw(text, f_cell)
-            d.text((x + (cell_w - 2 - w) / 2, y + (cell_h - 2 - h) / 2 - 2), text, font=f_cell,
-                   fill=_text_colour(fill) if v is not None else (120, 120, 120))
+            _centred(d, (x + (cell_w - 2) / 2, y + (cell_h - 2) / 2), text, f_cell,
+                     _text_colour(fill) if v is not None else (120, 120, 120))
     # legend bar
     lx = label_w + cell_w * len(cols) + 24
     ly0, ly1 = top, top + max(cell_h * len(rows) - 2, 60)
