@@ -1,0 +1,145 @@
+"""`lorahub push` and `lorahub pull`: share registry entries on a Hugging Face Hub (or a self-hosted one)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, List, Optional
+
+import typer
+
+from lorahub.cli.app import app
+from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress
+
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--endpoint", help="Hub URL (default $HF_ENDPOINT, else https://huggingface.co); self-hosted hubs work too.")]
+TokenEnvOpt = Annotated[Optional[str], typer.Option(
+    "--token-env", metavar="VAR",
+    help="Read the access token from this environment variable (default: HF_TOKEN or `hf auth login`). "
+         "The token is never stored or printed.")]
+
+
+def _prepare_env(endpoint: Optional[str]) -> None:
+    """huggingface_hub reads HF_ENDPOINT at import: set it first so no call goes to another hub."""
+    if endpoint:
+        os.environ["HF_ENDPOINT"] = endpoint.rstrip("/")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@app.command()
+def push(
+    refs: Annotated[List[str], typer.Argument(help="Registry entries (id, name or hash prefix): the LoRA first, "
+                                                   "then embeddings or more LoRAs.")],
+    repo: Annotated[str, typer.Option("--repo", help="Target model repo, user/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (default main; "
+                                                                        "created if missing).")] = None,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="Hub id of the base model for the card (default: the family's reference model).")] = None,
+    endpoint: EndpointOpt = None,
+    token_env: TokenEnvOpt = None,
+    json_out: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Upload entries to a Hub model repo in one commit, with a model card (README.md).
+
+    Uploads the LoRA in diffusers form (pytorch_lora_weights.safetensors), the webui (kohya) file under
+    its own name, embeddings, sweep preview images, and a card with trigger words, recommended strength,
+    loading instructions, lineage and hashes. Pushing the same entries again uploads nothing.
+    """
+    _prepare_env(endpoint)
+    from lorahub.hub.push import push as do_push
+
+    reg = open_registry(home)
+    with progress() as bar:
+        task = bar.add_task("pushing", total=None)
+        report = do_push(reg, refs, repo=repo, private=private, revision=revision, message=message,
+                         endpoint=endpoint, token_env=token_env, base_model=base_model)
+        bar.update(task, total=1, completed=1)
+    if json_out:
+        print_json(report)
+        return
+    c = console()
+    if report["uploaded"]:
+        c.print(f"pushed {', '.join(e['name'] for e in report['entries'])} to {report['repo']}@{report['revision']} "
+                f"(commit {report['commit'][:12]}): {len(report['files'])} files")
+    else:
+        c.print(f"{report['repo']}@{report['revision']} is up to date (commit {report['commit'][:12]}); "
+                "nothing uploaded")
+    for f in report["files"]:
+        c.print(f"  {f}")
+    for n in report["notes"]:
+        c.print(f"note: {n}")
+    c.print(report["url"])
+
+
+@app.command()
+def pull(
+    spec: Annotated[Optional[str], typer.Argument(metavar="REPO[@REV]", help="Hub model repo, user/name[@rev].")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", help="Pull only this file of the repo.")] = None,
+    type: Annotated[Optional[str], typer.Option("--type", help="Registry type of the pulled entries "
+                                                               "(character, style, pose, clothing, object, concept).")] = None,
+    tag: Annotated[Optional[List[str]], typer.Option("--tag", help="Extra tag (repeatable).")] = None,
+    search: Annotated[Optional[str], typer.Option("--search", help="List Hub LoRAs matching this text instead "
+                                                                   "of pulling.")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="With --search: only LoRAs of this "
+                                                                           "base model (Hub id).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="With --search: at most this many results.")] = 20,
+    max_size: Annotated[float, typer.Option("--max-size", metavar="MB",
+                                            help="Refuse files larger than this many MiB.")] = 2048,
+    endpoint: EndpointOpt = None,
+    token_env: TokenEnvOpt = None,
+    json_out: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Download a Hub repo's LoRA/embedding files and register them with the card's metadata.
+
+    Files go through huggingface_hub's cache (HF_HOME respected); base_model, instance_prompt (trigger
+    words), tags and license come from the model card; the source is recorded as repo@commit. Pulling
+    the same commit again registers nothing new. With --search, lists Hub LoRAs instead.
+    """
+    from lorahub.errors import LorahubError
+
+    _prepare_env(endpoint)
+    if search is not None or (spec is None and base_model):
+        if spec is not None:
+            raise LorahubError("give either REPO or --search, not both")
+        from lorahub.hub.pull import search as do_search
+
+        rows = do_search(search, endpoint=endpoint, token_env=token_env, limit=limit, base_model=base_model)
+        if json_out:
+            print_json(rows)
+            return
+        from rich.table import Table
+
+        t = Table(title=f"Hub LoRAs matching {search!r}" if search else "Hub LoRAs")
+        t.add_column("repo", no_wrap=True)
+        for col in ("base model", "downloads", "likes", "updated", "tags"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["repo"], r["base_model"] or "-", str(r["downloads"] if r["downloads"] is not None else "-"),
+                      str(r["likes"] if r["likes"] is not None else "-"), r["updated"] or "-", ", ".join(r["tags"]))
+        c = console()
+        c.print(t) if rows else c.print("no Hub LoRAs found")
+        return
+    if spec is None:
+        raise LorahubError("give a repo (user/name[@rev]) or --search TEXT")
+    from lorahub.hub.pull import pull as do_pull
+
+    reg = open_registry(home)
+    with progress() as bar:
+        task = bar.add_task("pulling", total=None)
+        report = do_pull(reg, spec, file=file, type=type, tags=tag or [], endpoint=endpoint, token_env=token_env,
+                         max_size_mb=max_size, progress=lambda: bar.advance(task))
+    if json_out:
+        print_json(report)
+        return
+    c = console()
+    new = [e for e in report["entries"] if e["created"]]
+    c.print(f"{report['repo']}@{report['commit'][:12]}: {len(new)} new, "
+            f"{len(report['entries']) - len(new)} already registered")
+    for e in report["entries"]:
+        c.print(f"  {'added' if e['created'] else 'exists'}  {e['id']}  {e['name']}  ({e['file']}, {e['kind']}, "
+                f"{e['base']})")
+    for s in report["skipped"]:
+        c.print(f"  skipped {s['file']}: {s['why']}")

@@ -1,0 +1,225 @@
+"""``lorahub push``: registry entries -> one commit on a Hub model repo, with a model card.
+
+Files in the commit:
+* the LoRA in diffusers form as ``pytorch_lora_weights.safetensors`` (what ``load_lora_weights`` looks for),
+* the webui file under its own name (the original kohya/LyCORIS file, or a kohya conversion),
+* embeddings under their own names, sweep preview images under ``images/``,
+* ``README.md`` written from the entry (see :mod:`lorahub.hub.card`).
+
+A re-push of the same entries is a no-op: the card is deterministic, so when the card on the Hub is
+byte-identical nothing is uploaded and no commit is made; otherwise the client skips files whose oid
+already matches the remote one.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from lorahub.errors import LorahubError
+from lorahub.hub import card as cardmod
+from lorahub.hub.client import (check_online, check_repo_id, hub_errors, quiet_client, resolve_endpoint,
+                                resolve_token)
+
+MAX_PREVIEWS = 8
+LORA_KINDS = ("lora", "locon", "loha", "lokr", "dora")
+DIFFUSERS_KINDS = ("lora", "locon")   # what diffusers' load_lora_weights can take
+
+
+def safe_file_name(name: str, default: str = "lora.safetensors") -> str:
+    """A plain file name for the repo root: basename only, no odd characters."""
+    base = Path(str(name or "")).name
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, "safetensors"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:100]
+    ext = re.sub(r"[^A-Za-z0-9]+", "", ext)[:16] or "safetensors"
+    return f"{stem}.{ext}" if stem else default
+
+
+def _unique(path: str, used: set[str]) -> str:
+    if path not in used:
+        used.add(path)
+        return path
+    stem, _, ext = path.rpartition(".")
+    i = 2
+    while f"{stem}-{i}.{ext}" in used:
+        i += 1
+    used.add(f"{stem}-{i}.{ext}")
+    return f"{stem}-{i}.{ext}"
+
+
+def _convert(reg, entry: dict, dialect: str, dest: Path) -> Path:
+    from lorahub.formats.io import load_lora, save_lora
+
+    model = load_lora(reg.blob_path(entry))
+    return Path(save_lora(model, dest, dialect=dialect))
+
+
+def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model: str | None = None) -> dict:
+    """Which files go where, and the card text. Conversions are written into ``workdir``."""
+    if not entries:
+        raise LorahubError("push: give at least one registry entry")
+    loras = [e for e in entries if e.get("kind") in LORA_KINDS]
+    embeds = [e for e in entries if e.get("kind") == "textual-inversion"]
+    others = [e for e in entries if e not in loras and e not in embeds]
+    if others:
+        raise LorahubError(f"push: {others[0]['name']} is a {others[0].get('kind')}, not a LoRA or an embedding")
+    main = loras[0] if loras else embeds[0]
+    used: set[str] = {"README.md"}
+    files: list[dict] = []
+    notes: list[str] = []
+    plan: dict = {"repo": repo, "files": files, "notes": notes, "diffusers_file": None, "webui_file": None,
+                  "diffusers_converted": False, "embeddings": []}
+
+    for e in loras:
+        blob = reg.blob_path(e)
+        is_main = e is main
+        fmt = e.get("format")
+        if is_main and fmt in ("diffusers", "peft") and e.get("kind") in DIFFUSERS_KINDS:
+            path = _unique("pytorch_lora_weights.safetensors", used)
+            files.append({"path": path, "src": blob, "role": "original", "entry": e,
+                          "form": f"{fmt} (original)", "for": "diffusers `load_lora_weights`"})
+            plan["diffusers_file"] = path
+            try:
+                conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
+                wpath = _unique(safe_file_name(f"{e['name']}.safetensors"), used)
+                files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
+                              "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
+                plan["webui_file"] = wpath
+            except Exception as exc:  # noqa: BLE001 - a conversion we cannot do is reported, not fatal
+                notes.append(f"no webui (kohya) copy: {exc}")
+            continue
+        own = e.get("file_name") or f"{e['name']}.safetensors"
+        if own == "pytorch_lora_weights.safetensors":
+            own = f"{e['name']}.safetensors"
+        path = _unique(safe_file_name(own), used)
+        webui_ok = fmt in ("kohya", "lycoris")
+        files.append({"path": path, "src": blob, "role": "original", "entry": e,
+                      "form": f"{fmt} (original)",
+                      "for": "AUTOMATIC1111 / Forge / ComfyUI" if webui_ok else "lorahub / the tool that made it"})
+        if is_main and webui_ok:
+            plan["webui_file"] = path
+        if is_main and not webui_ok:
+            try:
+                conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
+                wpath = _unique(safe_file_name(f"{e['name']}-kohya.safetensors"), used)
+                files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
+                              "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
+                plan["webui_file"] = wpath
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"no webui (kohya) copy: {exc}")
+        if is_main and e.get("kind") in DIFFUSERS_KINDS:
+            try:
+                conv = _convert(reg, e, "diffusers", workdir / "pytorch_lora_weights.safetensors")
+                dpath = _unique("pytorch_lora_weights.safetensors", used)
+                files.append({"path": dpath, "src": conv, "role": "converted", "entry": None,
+                              "form": "diffusers (converted by lorahub)", "for": "diffusers `load_lora_weights`"})
+                plan["diffusers_file"] = dpath
+                plan["diffusers_converted"] = True
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"no diffusers copy: {exc}")
+        elif is_main:
+            notes.append(f"diffusers cannot load a {e.get('kind')} adapter; only the original file is uploaded")
+
+    for e in embeds:
+        path = _unique(safe_file_name(e.get("file_name") or f"{e['name']}.safetensors"), used)
+        token = (e.get("tokens") or [None])[0] or path.rsplit(".", 1)[0]
+        files.append({"path": path, "src": reg.blob_path(e), "role": "embedding", "entry": e,
+                      "form": "textual-inversion embedding", "for": "diffusers `load_textual_inversion` / webui"})
+        plan["embeddings"].append({"path": path, "token": token})
+
+    # previews of the main entry: sweep images become the card's widget
+    previews = reg.previews(main["id"])[:MAX_PREVIEWS]
+    triggers = list(main.get("triggers") or [])
+    for emb in plan["embeddings"]:
+        if emb["token"] not in triggers:
+            triggers.append(emb["token"])
+    widget = []
+    for p in previews:
+        src = Path(p["path"])
+        ext = (p.get("ext") or src.suffix.lstrip(".") or "png").lstrip(".")
+        path = _unique(f"images/{p['sha256'][:16]}.{ext}", used)
+        files.append({"path": path, "src": src, "role": "preview", "entry": None, "form": "image", "for": "card"})
+        params = p.get("params") or {}
+        text = params.get("prompt") if isinstance(params.get("prompt"), str) else None
+        widget.append({"text": text or (", ".join(triggers) if triggers else main["name"]),
+                       "output": {"url": path}})
+    rec, swept = cardmod.recommended_alpha(previews)
+    fam = main.get("base") or "unknown"
+    lineage = []
+    for e in entries:
+        for item in reg.lineage(e["id"]):
+            if item not in lineage:
+                lineage.append(item)
+    plan.update({
+        "main": {"entry": main}, "triggers": triggers, "alpha": rec, "alphas": swept, "widget": widget,
+        "base_model": base_model or cardmod.BASE_MODEL_IDS.get(fam), "lineage": lineage,
+        "entries": entries,
+    })
+    plan["readme"] = cardmod.render(plan)
+    return plan
+
+
+def _remote_readme(api, repo: str, revision: str) -> bytes | None:
+    """The README.md at ``revision`` (None when the repo, branch or file is missing)."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        p = api.hf_hub_download(repo_id=repo, filename="README.md", revision=revision)
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError):
+        return None
+    return Path(p).read_bytes()
+
+
+def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: str | None = None,
+         message: str | None = None, endpoint: str | None = None, token_env: str | None = None,
+         base_model: str | None = None) -> dict:
+    """Push entries ``refs`` to ``repo`` in one commit; record the remote on every entry."""
+    check_repo_id(repo)
+    branch = revision or "main"
+    if not re.fullmatch(r"[A-Za-z0-9._/-]{1,200}", branch) or ".." in branch:
+        raise LorahubError(f"--revision {branch!r}: not a branch name")
+    ep = resolve_endpoint(endpoint)
+    token = resolve_token(token_env)
+    entries: list[dict] = []
+    for r in refs:
+        e = reg.resolve(r)
+        if all(x["id"] != e["id"] for x in entries):
+            entries.append(e)
+
+    check_online()
+    quiet_client()
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=ep, token=token, library_name="lorahub")
+    with tempfile.TemporaryDirectory(prefix="lorahub-push-") as td:
+        plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model)
+        readme = plan["readme"].encode("utf-8")
+        with hub_errors("push", endpoint=ep, token=token, repo=repo):
+            url = api.create_repo(repo_id=repo, private=private, exist_ok=True, repo_type="model")
+            if branch != "main":
+                api.create_branch(repo_id=repo, branch=branch, exist_ok=True)
+            remote = _remote_readme(api, repo, branch)
+            if remote == readme:
+                info = api.model_info(repo, revision=branch)
+                commit, uploaded = info.sha, False
+            else:
+                ops = [CommitOperationAdd(path_in_repo=f["path"], path_or_fileobj=str(f["src"]))
+                       for f in plan["files"]]
+                ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
+                msg = message or f"lorahub push: {', '.join(e['name'] for e in entries)}"
+                ci = api.create_commit(repo_id=repo, operations=ops, commit_message=msg, revision=branch,
+                                       repo_type="model")
+                commit, uploaded = ci.oid, True
+    for e in entries:
+        reg.set_remote(e["id"], repo=repo, revision=branch, commit=commit, endpoint=ep)
+    return {
+        "repo": repo, "revision": branch, "commit": commit, "endpoint": ep,
+        "url": str(getattr(url, "url", url)) if url else f"{ep}/{repo}",
+        "uploaded": uploaded, "up_to_date": not uploaded,
+        "files": [f["path"] for f in plan["files"]] + ["README.md"],
+        "entries": [{"id": e["id"], "name": e["name"]} for e in entries],
+        "notes": plan["notes"],
+    }

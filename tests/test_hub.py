@@ -1,0 +1,381 @@
+"""`lorahub push` / `lorahub pull` with the real, unpatched huggingface_hub client against tests/hubserver.py.
+
+Every test talks to a server bound to 127.0.0.1 only. The CLI runs in a child process with
+HF_HUB_OFFLINE=0 and HF_HUB_DISABLE_XET=1 (conftest sets HF_HUB_OFFLINE=1 for everything else) and a
+fresh HF_HOME, so a push followed by a pull is a real round trip through the client and its cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hubserver import HubServer, front_matter  # noqa: E402
+
+TOKEN = "hf_lorahubTestToken0123456789"
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def kohya_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for mod, din, dout in [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32, 32),
+                           ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 32, 32),
+                           ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32, 32)]:
+        t[f"{mod}.lora_down.weight"] = torch.randn(rank, din, generator=g)
+        t[f"{mod}.lora_up.weight"] = torch.randn(dout, rank, generator=g) * 0.01
+        t[f"{mod}.alpha"] = torch.tensor(float(rank) / 2)
+    save_file(t, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
+    return path
+
+
+def embedding(path: Path, seed: int = 1) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))}, str(path))
+    return path
+
+
+def png(path: Path, color=(200, 30, 30)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (16, 8), color).save(path)
+    return path
+
+
+def open_reg(home: Path):
+    from lorahub.registry import Registry
+
+    return Registry.open(home)
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with HubServer(tmp_path / "hubsrv", token=TOKEN) as h:
+        yield h
+
+
+@pytest.fixture
+def henv(hub, tmp_path):
+    """Environment of a CLI child process that talks to the test hub with a fresh HF cache."""
+    def make(name: str = "hf") -> dict:
+        return {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / name),
+                "HF_ENDPOINT": hub.url, "HF_TOKEN": "", "LORAHUB_TEST_TOKEN": TOKEN,
+                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    return make
+
+
+def ok(res):
+    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+    return res
+
+
+def fail(res, *needles):
+    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+    assert "Traceback" not in res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    return err
+
+
+@pytest.fixture
+def style_entry(home, tmp_path):
+    """A registered kohya LoRA with triggers, tags, a sweep preview and a lineage record."""
+    src = kohya_lora(tmp_path / "arcane_style.safetensors")
+    reg = open_reg(home)
+    entry, created = reg.add_file(src, triggers=["arcane style", "painterly"], tags=["anime"], type="style",
+                                  base="sd1", lineage=[{"relation": "trained-from", "parent": "tiny-sd1",
+                                                        "detail": {"steps": 200}}])
+    assert created
+    reg.add_preview(entry["id"], png(tmp_path / "grid.png"),
+                    params={"prompt": "arcane style, a castle", "alphas": [0.0, 0.5, 1.0], "recommended_alpha": 0.8})
+    e = reg.get(entry["id"])
+    reg.close()
+    return e
+
+
+# ---------------------------------------------------------------------------------------- push + pull
+def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_path):
+    env = henv("hf-push")
+    res = ok(cli("push", style_entry["id"], "--repo", "tester/arcane", "--token-env", "LORAHUB_TEST_TOKEN",
+                 "--json", home=home, env=env))
+    rep = json.loads(res.stdout)
+    assert rep["uploaded"] and rep["commit"] == hub.head("tester/arcane")
+    remote = hub.files("tester/arcane")
+    # the original file under its own name, README, the preview image, all in one commit
+    assert "arcane_style.safetensors" in remote and "README.md" in remote
+    imgs = [p for p in remote if p.startswith("images/")]
+    assert len(imgs) == 1
+    assert len(hub.commits) == 1
+    assert hub.file_bytes("tester/arcane", "arcane_style.safetensors") == \
+        open_reg(home).blob_path(style_entry).read_bytes()
+    assert set(rep["files"]) <= set(remote)
+
+    # the card: YAML front matter as diffusers' scripts write it + a body with usage and hashes
+    text = hub.file_bytes("tester/arcane", "README.md").decode()
+    fm, err = front_matter(text)
+    assert err is None
+    assert fm["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    for t in ("lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora", "style", "anime"):
+        assert t in fm["tags"]
+    assert fm["instance_prompt"] == "arcane style, painterly"
+    assert fm["license"] == "creativeml-openrail-m"
+    assert fm["library_name"] == "diffusers"
+    assert fm["widget"][0]["text"] == "arcane style, a castle"
+    assert fm["widget"][0]["output"]["url"] in remote
+    assert style_entry["sha256"].upper() in text and style_entry["autov2"].upper() in text
+    assert "**0.8**" in text and "<lora:arcane_style:0.8>" in text
+    assert "trained-from **tiny-sd1**" in text
+    if "pytorch_lora_weights.safetensors" in remote:  # diffusers form, when the formats converter exists
+        assert 'weight_name="pytorch_lora_weights.safetensors"' in text
+
+    # the remote is recorded on the entry
+    reg = open_reg(home)
+    remotes = reg.remotes(style_entry["id"])
+    assert [(r["repo"], r["revision"], r["commit"], r["endpoint"]) for r in remotes] == \
+        [("tester/arcane", "main", rep["commit"], hub.url)]
+    reg.close()
+
+    # the token went to the server and nowhere else
+    assert hub.auth_headers and all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
+    assert TOKEN not in res.stdout + res.stderr
+    assert all(TOKEN.encode() not in p.read_bytes() for p in files_under(home) if p.is_file())
+
+    # pull into a fresh registry through a fresh HF cache
+    home2, env2 = tmp_path / "home2", henv("hf-pull")
+    res = ok(cli("pull", "tester/arcane", "--type", "style", "--tag", "pulled", "--json", home=home2, env=env2))
+    rep2 = json.loads(res.stdout)
+    assert rep2["commit"] == rep["commit"]
+    got = {e["file"]: e for e in rep2["entries"]}
+    assert "arcane_style.safetensors" in got and got["arcane_style.safetensors"]["created"]
+    assert "pytorch_lora_weights.safetensors" not in got  # alternate form of the same LoRA: skipped
+    reg2 = open_reg(home2)
+    e2 = reg2.get(got["arcane_style.safetensors"]["id"])
+    assert e2["sha256"] == style_entry["sha256"]
+    assert reg2.blob_path(e2).read_bytes() == open_reg(home).blob_path(style_entry).read_bytes()
+    assert e2["triggers"] == ["arcane style", "painterly"]
+    assert {"anime", "style", "lora", "pulled"} <= set(e2["tags"])
+    assert e2["source"] == f"tester/arcane@{rep['commit']}"
+    assert e2["type"] == "style" and e2["base"] == "sd1"
+    assert e2["extra"]["license"] == "creativeml-openrail-m"
+    assert [(r["repo"], r["commit"]) for r in reg2.remotes(e2["id"])] == [("tester/arcane", rep["commit"])]
+    # downloads went into HF_HOME's hub cache
+    cached = list((tmp_path / "hf-pull" / "hub").rglob("arcane_style.safetensors"))
+    assert cached and cached[0].read_bytes() == reg2.blob_path(e2).read_bytes()
+    reg2.close()
+
+    # pulling again is a no-op: nothing registered, no weights downloaded again
+    gets = [d for d in hub.downloads if d[0] == "GET" and d[2].endswith(".safetensors")]
+    res = ok(cli("pull", f"tester/arcane@{rep['commit']}", "--json", home=home2, env=env2))
+    again = json.loads(res.stdout)
+    assert all(not e["created"] for e in again["entries"])
+    assert [d for d in hub.downloads if d[0] == "GET" and d[2].endswith(".safetensors")] == gets
+    assert open_reg(home2).count() == 1
+
+
+def test_repush_is_a_noop_and_changes_upload_only_what_changed(cli, home, hub, henv, style_entry):
+    env = henv()
+    args = ("push", style_entry["name"], "--repo", "tester/again", "--token-env", "LORAHUB_TEST_TOKEN", "--json")
+    first = json.loads(ok(cli(*args, home=home, env=env)).stdout)
+    n_commits, n_lfs = len(hub.commits), len(hub.lfs_uploads)
+    assert n_commits == 1 and n_lfs >= 2  # weights + preview image went through LFS
+
+    second = json.loads(ok(cli(*args, home=home, env=env)).stdout)
+    assert not second["uploaded"] and second["commit"] == first["commit"]
+    assert len(hub.commits) == n_commits and len(hub.lfs_uploads) == n_lfs
+    assert not [r for r in hub.requests if r[0] == "PUT"][n_lfs:]
+
+    # a changed trigger changes only the card: one new commit, no LFS upload
+    reg = open_reg(home)
+    reg.update(style_entry["id"], triggers=["arcane style"])
+    reg.close()
+    third = json.loads(ok(cli(*args, home=home, env=env)).stdout)
+    assert third["uploaded"] and third["commit"] != first["commit"]
+    assert len(hub.commits) == n_commits + 1 and len(hub.lfs_uploads) == n_lfs
+    fm, _ = front_matter(hub.file_bytes("tester/again", "README.md").decode())
+    assert fm["instance_prompt"] == "arcane style"
+    assert open_reg(home).remotes(style_entry["id"])[0]["commit"] == third["commit"]
+
+
+def test_push_branch_private_and_embedding(cli, home, hub, henv, style_entry, tmp_path):
+    reg = open_reg(home)
+    emb, _ = reg.add_file(embedding(tmp_path / "arcane_emb.safetensors"))
+    reg.close()
+    assert emb["kind"] == "textual-inversion"
+    env = henv()
+    rep = json.loads(ok(cli("push", style_entry["id"], emb["id"], "--repo", "tester/priv", "--private",
+                            "--revision", "dev", "-m", "first drop", "--token-env", "LORAHUB_TEST_TOKEN", "--json",
+                            home=home, env=env)).stdout)
+    assert rep["revision"] == "dev" and rep["commit"] == hub.head("tester/priv", "dev")
+    assert hub.head("tester/priv", "main") != rep["commit"]  # main untouched
+    assert hub.state.repos["tester/priv"]["private"] is True
+    assert hub.commits[-1][3] == "first drop"
+    files = hub.files("tester/priv", "dev")
+    assert "arcane_emb.safetensors" in files and "arcane_style.safetensors" in files
+    text = hub.file_bytes("tester/priv", "README.md", "dev").decode()
+    assert "load_textual_inversion" in text and "embeddings/" in text
+    reg = open_reg(home)
+    for eid in (style_entry["id"], emb["id"]):
+        assert reg.remotes(eid)[0]["revision"] == "dev"
+    reg.close()
+    # a private repo is not visible without the token
+    home2 = tmp_path / "h2"
+    fail(cli("pull", "tester/priv@dev", home=home2, env=henv("hf2") | {"LORAHUB_TEST_TOKEN": ""}), "not found")
+    pulled = json.loads(ok(cli("pull", "tester/priv@dev", "--token-env", "LORAHUB_TEST_TOKEN", "--json",
+                               home=home2, env=henv("hf2"))).stdout)
+    kinds = sorted(e["kind"] for e in pulled["entries"])
+    assert kinds == ["lora", "textual-inversion"]
+
+
+def test_pull_file_option_and_card_metadata(cli, hub, henv, tmp_path):
+    a = kohya_lora(tmp_path / "a.safetensors", seed=3).read_bytes()
+    b = kohya_lora(tmp_path / "b.safetensors", seed=4).read_bytes()
+    card = ("---\nbase_model: stabilityai/stable-diffusion-xl-base-1.0\ninstance_prompt: zyx person, red coat\n"
+            "tags:\n- lora\n- character\nlicense: openrail++\n---\n# hi\n")
+    sha = hub.seed("someone/two", {"README.md": card.encode(), "a.safetensors": a, "b.safetensors": b})
+    home = tmp_path / "home"
+    rep = json.loads(ok(cli("pull", "someone/two", "--file", "b.safetensors", "--json", home=home,
+                            env=henv())).stdout)
+    assert [e["file"] for e in rep["entries"]] == ["b.safetensors"]
+    reg = open_reg(home)
+    e = reg.get(rep["entries"][0]["id"])
+    assert e["triggers"] == ["zyx person", "red coat"]
+    assert e["base"] == "sdxl"  # tensors say unknown; the card's base_model decides
+    assert e["extra"]["license"] == "openrail++" and e["extra"]["base_model"].endswith("xl-base-1.0")
+    assert e["source"] == f"someone/two@{sha}" and "character" in e["tags"]
+    assert reg.count() == 1
+    reg.close()
+    fail(cli("pull", "someone/two", "--file", "nope.safetensors", home=home, env=henv()), "no file")
+
+
+# ---------------------------------------------------------------------------------------- hostile repos
+def _hostile_cases(tmp_path):
+    good = kohya_lora(tmp_path / "good.safetensors").read_bytes()
+    return {
+        "dotdot": ({"../evil.safetensors": good, "ok.safetensors": good}, {}, "unsafe file name"),
+        "absolute": ({"/tmp/evil.safetensors": good}, {}, "unsafe file name"),
+        "nested-dotdot": ({"a/../../evil.safetensors": good}, {}, "unsafe file name"),
+        "huge-announced-small": ({"big.safetensors": good + b"\0" * 200_000}, {"big.safetensors": 1000},
+                                 "announced"),
+        "bad-yaml": ({"README.md": b"---\ntags: [lora\nbase_model: a: b\n---\nbody\n", "ok.safetensors": good}, {},
+                     "not valid yaml"),
+        "not-safetensors": ({"lora.safetensors": b"\x80\x02garbage pickle" * 10}, {}, "nothing registered"),
+    }
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "nested-dotdot", "huge-announced-small", "bad-yaml",
+                                  "not-safetensors"])
+def test_pull_hostile_repo(cli, hub, henv, tmp_path, case):
+    files, announce, needle = _hostile_cases(tmp_path)[case]
+    hub.seed("evil/repo", files, announce=announce)
+    home = tmp_path / "home"
+    before = files_under(tmp_path)
+    err = fail(cli("pull", "evil/repo", home=home, env=henv()), needle)
+    assert TOKEN not in err
+    # nothing registered
+    if home.exists():
+        assert open_reg(home).count() == 0
+    # nothing written outside the HF cache, the registry home and the server's own folder
+    new = files_under(tmp_path) - before
+    allowed = (tmp_path / "hf", home, tmp_path / "hubsrv")
+    outside = [p for p in new if not any(str(p).startswith(str(a) + os.sep) for a in allowed)]
+    assert outside == []
+    assert not any(p.name == "evil.safetensors" for p in files_under(tmp_path) - before
+                   if not str(p).startswith(str(tmp_path / "hubsrv")))
+    assert not Path("/tmp/evil.safetensors").exists()
+
+
+def test_pull_refuses_files_over_max_size(cli, hub, henv, tmp_path):
+    hub.seed("big/one", {"x.safetensors": kohya_lora(tmp_path / "x.safetensors").read_bytes()})
+    fail(cli("pull", "big/one", "--max-size", "0.001", home=tmp_path / "h", env=henv()), "over --max-size")
+    assert not [d for d in hub.downloads if d[2] == "x.safetensors"]  # refused before downloading
+
+
+# ---------------------------------------------------------------------------------------- search, errors
+def test_pull_search_lists_hub_loras(cli, hub, henv, tmp_path):
+    lora = kohya_lora(tmp_path / "s.safetensors").read_bytes()
+    card = "---\nbase_model: {bm}\ntags: [lora, diffusers, {t}]\nlibrary_name: diffusers\n---\n"
+    hub.seed("alice/arcane-style", {"README.md": card.format(bm="stabilityai/stable-diffusion-xl-base-1.0",
+                                                             t="style").encode(), "a.safetensors": lora})
+    hub.seed("bob/arcane-character", {"README.md": card.format(bm="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                               t="character").encode(), "b.safetensors": lora})
+    hub.seed("carol/arcane-checkpoint", {"README.md": b"---\ntags: [diffusers]\n---\n"})
+    rows = json.loads(ok(cli("pull", "--search", "arcane", "--json", env=henv())).stdout)
+    assert sorted(r["repo"] for r in rows) == ["alice/arcane-style", "bob/arcane-character"]
+    fam = {r["repo"]: r["family"] for r in rows}
+    assert fam == {"alice/arcane-style": "sdxl", "bob/arcane-character": "sd1"}
+    rows = json.loads(ok(cli("pull", "--search", "arcane", "--base-model",
+                             "stabilityai/stable-diffusion-xl-base-1.0", "--json", env=henv())).stdout)
+    assert [r["repo"] for r in rows] == ["alice/arcane-style"]
+    table = ok(cli("pull", "--search", "arcane", env=henv())).stdout
+    assert "alice/arcane-style" in table and "bob/arcane-character" in table and "carol" not in table
+    assert any(r[1] == "/api/models" for r in hub.requests)
+
+
+def test_push_errors_are_one_line(cli, home, hub, henv, style_entry):
+    env = henv()
+    err = fail(cli("push", style_entry["id"], "--repo", "tester/x", "--token-env", "WRONG_TOKEN", home=home,
+                   env=env | {"WRONG_TOKEN": "hf_wrongWrongWrong123"}), "refused")
+    assert "hf_wrongWrongWrong123" not in err
+    fail(cli("push", style_entry["id"], "--repo", "tester/x", "--token-env", "UNSET_VAR_X", home=home, env=env),
+         "not set")
+    fail(cli("push", style_entry["id"], "--repo", "not a repo", home=home, env=env), "not a hub repo id")
+    fail(cli("push", "nosuchentry", "--repo", "tester/x", home=home, env=env), "no registry entry")
+    fail(cli("push", style_entry["id"], "--repo", "tester/x", "--endpoint", "http://127.0.0.1:9",
+             "--token-env", "LORAHUB_TEST_TOKEN", home=home, env=env), "cannot reach")
+    fail(cli("pull", "tester/x", home=home, env=env | {"HF_HUB_OFFLINE": "1"}), "HF_HUB_OFFLINE")
+    fail(cli("pull", "nobody/nothing", home=home, env=env), "not found")
+    assert "tester/x" not in hub.state.repos
+
+
+# ---------------------------------------------------------------------------------------- cards (no network)
+def test_card_parse_rejects_bad_front_matter():
+    from lorahub.errors import LorahubError
+    from lorahub.hub.card import card_fields, parse_card
+
+    meta = parse_card(b"---\nbase_model: [stabilityai/stable-diffusion-2-1]\ninstance_prompt: sks dog\n"
+                      b"tags: lora\nlicense: openrail++\n---\n# body\n")
+    f = card_fields(meta)
+    assert f == {"base_model": "stabilityai/stable-diffusion-2-1", "family": "sd2", "triggers": ["sks dog"],
+                 "tags": ["lora"], "license": "openrail++"}
+    assert parse_card(b"# no front matter\n") == {}
+    bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)) + "---\n"
+    for bad, msg in [(b"---\ntags: [a\n---\n", "not valid YAML"), (b"---\n- a\n- b\n---\n", "not a mapping"),
+                     (b"---\ntags: [a]\n", "closing"), (b"\xff\xfe---", "UTF-8"), (bomb.encode(), "too large")]:
+        with pytest.raises(LorahubError, match=msg):
+            parse_card(bad)
+
+
+def test_card_render_is_deterministic_yaml(home, style_entry, tmp_path):
+    from lorahub.hub.card import parse_card
+    from lorahub.hub.push import plan_push
+
+    reg = open_reg(home)
+    entry = reg.get(style_entry["id"])
+    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path)
+    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path)
+    assert p1["readme"] == p2["readme"]
+    meta = parse_card(p1["readme"].encode())
+    assert yaml.safe_load(yaml.safe_dump(meta)) == meta
+    assert meta["widget"][0]["output"]["url"].startswith("images/")
+    assert sqlite3.connect(home / "lorahub.db").execute("select count(*) from remotes").fetchone()[0] == 0
+    reg.close()
