@@ -132,6 +132,10 @@ class LoraModel:
     metadata: dict[str, str] = field(default_factory=dict)
     base: str = "unknown"  # sd1 | sd2 | sdxl | unknown
     source_format: str = "unknown"  # dialect it was read from
+    # architecture the layer names were matched against (sd1|sd2|sdxl|tiny-sd1|tiny-sdxl|unknown)
+    arch: str = "unknown"
+    # dialect details needed to write the file back bit for bit (e.g. how embeddings were keyed)
+    extra: dict = field(default_factory=dict)
 
     def parts(self) -> list[str]:
         found = {name.split(".", 1)[0] for name in self.layers}

@@ -1,0 +1,122 @@
+"""Read any LoRA dialect into the canonical :class:`LoraModel`, and write one back.
+
+``load_lora(path, arch=None)`` detects the dialect from the header (:func:`lorahub.formats.detect.detect`)
+and reads the tensors exactly as stored (dtype included). ``save_lora(model, path, dialect, dtype)`` writes
+``kohya`` (also LyCORIS / DoRA / bundled embeddings, natively), ``diffusers`` or ``peft``, atomically.
+A→B→A gives the same tensors bit for bit and the same metadata: what a writer adds for its dialect is
+recorded in the ``lorahub`` metadata field and removed again when read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from lorahub.errors import FormatError, LorahubError
+from lorahub.formats.canonical import LoraModel
+
+DIALECTS = ("kohya", "diffusers", "peft")
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise LorahubError(f"unknown dtype {dtype!r} (fp16, bf16 or fp32)") from None
+
+
+def _read_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    from lorahub.formats.pickle_safe import PICKLE_SUFFIXES, load_tensors
+
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        with open(p, "rb") as f:
+            if f.read(2) == b"PK":
+                tensors, strings = load_tensors(p)
+                return tensors, {}, strings
+    from safetensors.torch import load_file
+
+    from lorahub.formats.header import read_header
+
+    header = read_header(p)  # hostile-safe validation first
+    try:
+        tensors = load_file(str(p))
+    except Exception as exc:
+        raise FormatError(f"{p.name}: unreadable safetensors data ({str(exc).splitlines()[0][:120]})") from None
+    return tensors, dict(header.metadata), {}
+
+
+def load_lora(path: str | os.PathLike, *, arch: str | None = None) -> LoraModel:
+    """Read a LoRA / LyCORIS / embedding file of any supported dialect into canonical form."""
+    from lorahub.formats import cloneofsimo, diffusers_fmt, embeddings, kohya
+    from lorahub.formats.detect import detect
+
+    p = Path(path)
+    det = detect(p)
+    name = p.name
+    if det.format == "checkpoint":
+        raise FormatError(f"{name}: is a full model checkpoint, not a LoRA")
+    tensors, metadata, strings = _read_tensors(p)
+    hint = det.base if det.base != "unknown" else None
+    if det.format in ("kohya", "lycoris"):
+        model = kohya.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
+        model.source_format = det.format
+    elif det.format in ("diffusers", "peft"):
+        model = diffusers_fmt.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
+    elif det.format == "cloneofsimo":
+        if all(k.isdigit() for k in tensors):
+            model = cloneofsimo.read_pt_list(tensors, name=name, arch=arch)
+        else:
+            model = cloneofsimo.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
+    elif det.format == "embedding":
+        model = embeddings.read(tensors, metadata, strings=strings, stem=p.stem, name=name)
+        if model.base == "unknown":
+            model.base = det.base
+    else:
+        raise FormatError(f"{name}: format {det.format!r} cannot be loaded")
+    return model
+
+
+def check_finite(model: LoraModel) -> list[str]:
+    """Names of layers / tokens holding NaN or Inf values."""
+    bad = []
+    for n, layer in model.layers.items():
+        ts = list(layer.weights.values()) + ([layer.dora_scale] if layer.dora_scale is not None else [])
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts):
+            bad.append(n)
+        elif layer.alpha is not None and not math.isfinite(layer.alpha):
+            bad.append(n)
+    for tok, slots in model.embeddings.items():
+        if any(not bool(torch.isfinite(t).all()) for t in slots.values()):
+            bad.append(tok)
+    return bad
+
+
+def to_state_dict(model: LoraModel, dialect: str = "kohya", dtype=None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of ``model`` in ``dialect`` (what :func:`save_lora` writes)."""
+    from lorahub.formats import diffusers_fmt, embeddings, kohya
+
+    dt = parse_dtype(dtype)
+    if dialect not in DIALECTS:
+        raise LorahubError(f"unknown dialect {dialect!r} (one of {', '.join(DIALECTS)})")
+    if not model.layers:
+        return embeddings.write(model, dialect, dt)
+    if dialect == "kohya":
+        return kohya.write(model, dt)
+    return diffusers_fmt.write(model, dt, dialect)
+
+
+def save_lora(model: LoraModel, path: str | os.PathLike, dialect: str = "kohya", dtype=None) -> Path:
+    """Write ``model`` as ``dialect`` to ``path`` (safetensors, atomic). Returns the path."""
+    from lorahub.fsutil import save_safetensors
+
+    tensors, meta = to_state_dict(model, dialect, dtype)
+    return save_safetensors(tensors, path, metadata=meta)

@@ -1,0 +1,201 @@
+"""kohya / webui dialect (also LyCORIS LoHa/LoKr/full/DoRA, which use the same module naming).
+
+Keys: ``<kohya module>.<factor>`` with the kohya module name from :mod:`lorahub.formats.names`
+(``lora_unet_…``, ``lora_te_…``/``lora_te1_…``/``lora_te2_…``; SDXL UNet in the SGM layout) and
+factors ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``, ``dora_scale``,
+``hada_w1_a`` …, ``lokr_w1`` …, ``diff``. Bundled embeddings: ``bundle_emb.<token>.string_to_param.*``
+(SD1/SD2) or ``bundle_emb.<token>.clip_l`` / ``.clip_g`` (SDXL).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorahub.errors import FormatError
+from lorahub.formats import names
+from lorahub.formats.canonical import LoraLayer, LoraModel
+
+# file factor suffix -> (layer kind, canonical factor name)
+FACTORS = {
+    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"), "lora_mid.weight": ("lora", "mid"),
+    "hada_w1_a": ("loha", "w1a"), "hada_w1_b": ("loha", "w1b"), "hada_w2_a": ("loha", "w2a"),
+    "hada_w2_b": ("loha", "w2b"), "hada_t1": ("loha", "t1"), "hada_t2": ("loha", "t2"),
+    "lokr_w1": ("lokr", "w1"), "lokr_w1_a": ("lokr", "w1a"), "lokr_w1_b": ("lokr", "w1b"),
+    "lokr_w2": ("lokr", "w2"), "lokr_w2_a": ("lokr", "w2a"), "lokr_w2_b": ("lokr", "w2b"),
+    "lokr_t2": ("lokr", "t2"), "diff": ("full", "diff"), "diff_b": ("full", "diff_b"),
+}
+SUFFIX_OF = {(kind, fac): suffix for suffix, (kind, fac) in FACTORS.items()}
+_SPECIAL = ("alpha", "dora_scale")
+_ALL_SUFFIXES = sorted(list(FACTORS) + list(_SPECIAL), key=len, reverse=True)
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    for s in _ALL_SUFFIXES:
+        if key.endswith("." + s):
+            return key[: -len(s) - 1], s
+    return None
+
+
+def _adapted_shape(kind: str, f: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """Shape of the adapted weight implied by the factors (None when it needs the architecture)."""
+    if kind == "lora" and "down" in f and "up" in f:
+        down, up = f["down"], f["up"]
+        if down.dim() == 4:
+            kh, kw = (f["mid"].shape[2:] if "mid" in f else down.shape[2:])
+            return (int(up.shape[0]), int(down.shape[1]), int(kh), int(kw))
+        return (int(up.shape[0]), int(down.shape[1]))
+    if kind == "full":
+        return tuple(int(s) for s in f["diff"].shape)
+    if kind == "loha" and "t1" not in f:
+        out, inn = int(f["w1a"].shape[0]), int(f["w1b"].shape[1])
+        return (out, inn)
+    if kind == "lokr":
+        try:
+            w1 = f["w1"].shape if "w1" in f else (f["w1a"].shape[0], f["w1b"].shape[1])
+            w2 = f["w2"].shape if "w2" in f else (f["w2a"].shape[0], f["w2b"].shape[1])
+            return (int(w1[0] * w2[0]), int(w1[1] * w2[1]))
+        except KeyError:
+            return None
+    return None
+
+
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: str | None = None,
+         base_hint: str | None = None, name: str = "file") -> LoraModel:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    emb: dict[str, dict[str, torch.Tensor]] = {}
+    emb_keys: dict[str, dict[str, str]] = {}
+    for key, t in tensors.items():
+        if key.startswith("bundle_emb."):
+            _, tok, inner = key.split(".", 2)
+            slot = "clip_g" if inner == "clip_g" else "clip_l"
+            emb.setdefault(tok, {})[slot] = t
+            emb_keys.setdefault(tok, {})[slot] = inner
+            continue
+        sk = split_key(key)
+        if sk is None or not sk[0].startswith(tuple(names_prefixes())):
+            raise FormatError(f"{name}: key {key!r} is not a kohya/LyCORIS LoRA key ((IA)3 and other "
+                              "network types are not supported)")
+        groups.setdefault(sk[0], {})[sk[1]] = t
+
+    # factors and kinds per module
+    built: dict[str, tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+    for mod, fs in groups.items():
+        kinds = {FACTORS[s][0] for s in fs if s in FACTORS}
+        if len(kinds) != 1:
+            raise FormatError(f"{name}: module {mod} has " + ("no factors" if not kinds else
+                              f"factors of several kinds ({', '.join(sorted(kinds))})"))
+        kind = kinds.pop()
+        weights = {FACTORS[s][1]: t for s, t in fs.items() if s in FACTORS}
+        special = {s: t for s, t in fs.items() if s in _SPECIAL}
+        _check_factors(mod, kind, weights, name)
+        built[mod] = (kind, weights, special)
+
+    # architecture: every module name must exist with the implied shape
+    shapes = {mod: _adapted_shape(kind, w) for mod, (kind, w, _s) in built.items()}
+    if arch is not None:
+        a = names.get_arch(arch)
+        bad = [m for m in built if names.from_kohya(m, a) is None]
+        if bad:
+            raise FormatError(f"{name}: {len(bad)} module(s) are not in {arch}, e.g. {bad[0]}")
+    else:
+        a = names.infer_arch(shapes, kohya=True, base_hint=base_hint) if built else None
+
+    model = LoraModel(metadata=dict(metadata), source_format="kohya",
+                      base=a.family if a else (base_hint or "unknown"), arch=a.name if a else "unknown")
+    for mod, (kind, weights, special) in built.items():
+        cname = names.from_kohya(mod, a)
+        layer = LoraLayer(kind=kind, weights=weights)
+        if "alpha" in special:
+            at = special["alpha"]
+            if at.numel() != 1:
+                raise FormatError(f"{name}: alpha of {mod} is not a scalar")
+            layer.alpha = float(at.reshape(()).item())
+            layer.extra["alpha_dtype"] = str(at.dtype).replace("torch.", "")
+            layer.extra["alpha_shape"] = list(at.shape)
+        if "dora_scale" in special:
+            layer.dora_scale = special["dora_scale"]
+        if kind in ("loha", "lokr") or (kind == "lora" and "mid" in weights):
+            layer.extra["shape"] = list(a.modules[cname])
+        model.layers[cname] = layer
+    if emb:
+        model.embeddings = emb
+        model.extra["embedding_keys"] = emb_keys
+    return model
+
+
+def names_prefixes() -> tuple[str, ...]:
+    return ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def _check_factors(mod: str, kind: str, w: dict[str, torch.Tensor], name: str) -> None:
+    if kind == "lora":
+        if "down" not in w or "up" not in w:
+            raise FormatError(f"{name}: layer {mod} lacks its " + ("lora_up" if "down" in w else "lora_down")
+                              + " factor")
+        down, up = w["down"], w["up"]
+        if down.shape[0] == 0 or up.dim() < 2 or up.shape[1] == 0:
+            raise FormatError(f"{name}: layer {mod} has rank 0")
+        r_up = up.shape[1]
+        r_down = w["mid"].shape[0] if "mid" in w else down.shape[0]
+        if "mid" in w:
+            if w["mid"].shape[1] != down.shape[0]:
+                raise FormatError(f"{name}: layer {mod}: lora_mid {tuple(w['mid'].shape)} does not fit "
+                                  f"lora_down {tuple(down.shape)}")
+        if r_up != r_down:
+            raise FormatError(f"{name}: layer {mod}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} "
+                              "have different ranks")
+    elif kind == "loha":
+        for k in ("w1a", "w1b", "w2a", "w2b"):
+            if k not in w:
+                raise FormatError(f"{name}: LoHa layer {mod} lacks hada_{k[:2]}_{k[2]}")
+        if w["w1a"].shape[1] != w["w1b"].shape[0] or w["w2a"].shape[1] != w["w2b"].shape[0]:
+            raise FormatError(f"{name}: LoHa layer {mod} has mismatched factor shapes")
+        if w["w1b"].shape[0] == 0:
+            raise FormatError(f"{name}: layer {mod} has rank 0")
+    elif kind == "lokr":
+        if not (("w1" in w) or ("w1a" in w and "w1b" in w)) or not (("w2" in w) or ("w2a" in w and "w2b" in w)):
+            raise FormatError(f"{name}: LoKr layer {mod} lacks a Kronecker factor")
+
+
+def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of ``model`` in the kohya dialect."""
+    arch = _arch_for(model)
+    out: dict[str, torch.Tensor] = {}
+    for cname, layer in model.layers.items():
+        if cname not in arch.modules:
+            raise FormatError(f"layer {cname} is not a module of {arch.name}")
+        k = names.to_kohya(cname, arch)
+        for fac, t in layer.weights.items():
+            suffix = SUFFIX_OF.get((layer.kind, fac))
+            if suffix is None:
+                raise FormatError(f"layer {cname}: factor {fac!r} of kind {layer.kind} has no kohya key")
+            out[f"{k}.{suffix}"] = _cast(t, dtype)
+        if layer.alpha is not None:
+            adt = getattr(torch, layer.extra["alpha_dtype"]) if "alpha_dtype" in layer.extra and dtype is None \
+                else (dtype or next(iter(layer.weights.values())).dtype)
+            a = torch.tensor(layer.alpha, dtype=adt)
+            if layer.extra.get("alpha_shape"):
+                a = a.reshape(layer.extra["alpha_shape"])
+            out[f"{k}.alpha"] = a
+        if layer.dora_scale is not None:
+            out[f"{k}.dora_scale"] = _cast(layer.dora_scale, dtype)
+    keys = model.extra.get("embedding_keys", {})
+    for tok, slots in model.embeddings.items():
+        for slot, t in slots.items():
+            inner = keys.get(tok, {}).get(slot)
+            if inner is None:
+                inner = slot if (arch.family == "sdxl" or "clip_g" in slots) else "string_to_param.*"
+            out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
+    return out, dict(model.metadata)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def _arch_for(model: LoraModel) -> names.Arch:
+    if model.arch in names.ARCHS:
+        return names.get_arch(model.arch)
+    shapes = {n: tuple(layer.shape) if layer.kind in ("lora", "full") or "shape" in layer.extra else None
+              for n, layer in model.layers.items()}
+    return names.infer_arch(shapes, base_hint=model.base)
