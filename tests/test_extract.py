@@ -1,0 +1,229 @@
+"""lorahub extract: planted low-rank fine-tunes of the tiny fixtures are recovered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorahub.errors import LorahubError
+from lorahub.linalg import lowrank
+from lorahub.ops import checkpoints as C
+from lorahub.ops.extract import ExtractOptions, extract, layer_kind
+
+PLANT_RANK = 3
+NOISE = 1e-5
+
+
+def _planted(name: str, shape: tuple) -> torch.Tensor | None:
+    """Deterministic rank-3 ΔW for each adapted UNet layer (+ tiny noise); None for other tensors."""
+    kind = layer_kind(name, shape, conv=True)
+    if kind is None or not name.startswith("unet."):
+        return None
+    g = torch.Generator().manual_seed(abs(hash(name)) % (2**31))
+    out, inn = shape[0], int(torch.tensor(shape[1:]).prod())
+    u = torch.randn(out, PLANT_RANK, generator=g)
+    v = torch.randn(PLANT_RANK, inn, generator=g)
+    s = torch.tensor([1.0, 0.5, 0.25])[:PLANT_RANK, None]
+    d = (u @ (s * v)) * (0.05 / (out * inn) ** 0.25)
+    d = d + NOISE * torch.randn(out, inn, generator=g)
+    return d.reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_sd1, tmp_path_factory):
+    """(base folder, tuned folder, tuned single file, {name: ΔW as stored (float32)})."""
+    root = tmp_path_factory.mktemp("planted")
+    deltas = {}
+
+    def transform(name, t):
+        d = _planted(name, tuple(t.shape))
+        if d is None:
+            return t
+        new = (t.float() + d).to(t.dtype)
+        deltas[name] = new.float() - t.float()
+        return new
+
+    with C.open_checkpoint(tiny_sd1) as ck:
+        C.write_like(ck, root / "tuned", transform=transform)
+    with C.open_checkpoint(root / "tuned") as ck:
+        C.save_single_file(ck, root / "tuned.safetensors")
+    with C.open_checkpoint(tiny_sd1) as ck:
+        C.save_single_file(ck, root / "base.safetensors")
+    return tiny_sd1, root / "tuned", root / "tuned.safetensors", root / "base.safetensors", deltas
+
+
+def _check_recovered(res, deltas, conv: bool):
+    names = {r.name for r in res.layers}
+    expected = {n[:-len(".weight")] for n, d in deltas.items()
+                if conv or layer_kind(n, tuple(d.shape), conv=False)}
+    assert names == expected
+    for name, layer in res.model.layers.items():
+        d = deltas[name + ".weight"]
+        got = (layer.up.float().reshape(layer.up.shape[0], -1) @ layer.down.float().reshape(layer.rank, -1))
+        ref = d.reshape(d.shape[0], -1)
+        err = float((got - ref).norm())
+        # what a rank-3 fit cannot capture is the planted noise (‖noise‖ ≈ NOISE·√numel)
+        assert err < 1.2 * NOISE * ref.numel() ** 0.5 + 1e-4 * float(ref.norm()), (name, err)
+        assert layer.alpha == layer.rank == PLANT_RANK
+        assert layer.up.dtype == torch.float32
+
+
+def test_extract_recovers_planted_delta_folder_and_single_file(planted):
+    base, tuned_dir, tuned_file, base_file, deltas = planted
+    opts = ExtractOptions(rank=PLANT_RANK, conv_rank=PLANT_RANK, dtype="fp32")
+    r1 = extract(base, tuned_dir, opts)
+    _check_recovered(r1, deltas, conv=True)
+    assert r1.retained > 0.999
+    assert any(r.kind == "conv" for r in r1.layers)
+    # conv layers are stored LoCon-style: down (r, in, kh, kw), up (out, r, 1, 1)
+    conv_layer = next(r for r in r1.layers if r.kind == "conv")
+    lay = r1.model.layers[conv_layer.name]
+    assert lay.down.dim() == 4 and lay.down.shape[2:] == (3, 3) and lay.up.shape[2:] == (1, 1)
+    # the same from single-file LDM checkpoints (base folder vs tuned file, and file vs file)
+    r2 = extract(base_file, tuned_file, opts)
+    _check_recovered(r2, deltas, conv=True)
+    for name, layer in r1.model.layers.items():
+        a = layer.up.float().flatten(1) @ layer.down.float().flatten(1)
+        b = r2.model.layers[name].up.float().flatten(1) @ r2.model.layers[name].down.float().flatten(1)
+        assert torch.allclose(a, b, atol=1e-6)
+    # text encoder unchanged: skipped, and the report says so
+    assert any("text_encoder: skipped" in n for n in r1.notes)
+    meta = json.loads(r1.model.metadata["lorahub_extract"])
+    assert meta["frobenius_retained"] == pytest.approx(r1.retained, abs=1e-6)
+    assert len(meta["base"]["sha256"]) == 64 and meta["base"]["sha256"] != meta["tuned"]["sha256"]
+    per_layer = json.loads(r1.model.metadata["lorahub_extract_layers"])
+    assert set(per_layer) == set(r1.model.layers)
+
+
+def test_linear_only_without_conv_rank(planted):
+    base, tuned_dir, _, _, deltas = planted
+    res = extract(base, tuned_dir, ExtractOptions(rank=PLANT_RANK, dtype="fp32"))
+    assert all(r.kind == "linear" for r in res.layers)
+    assert not any(".resnets." in n for n in res.model.layers)
+    _check_recovered(res, deltas, conv=False)
+
+
+@pytest.mark.parametrize("crit", [{"energy": 0.999}, {"sv_fro": 0.9995}, {"sv_ratio": 20.0}])
+def test_dynamic_rank_picks_planted_rank(planted, crit):
+    base, tuned_dir, _, _, deltas = planted
+    opts = ExtractOptions(rank=16, conv_rank=16, dtype="fp32", **crit)
+    res = extract(base, tuned_dir, opts)
+    ranks = {r.name: r.rank for r in res.layers}
+    assert set(ranks.values()) == {PLANT_RANK}, ranks
+
+
+def test_dynamic_rank_is_capped(planted):
+    base, tuned_dir, _, _, _ = planted
+    res = extract(base, tuned_dir, ExtractOptions(rank=2, energy=0.999999, dtype="fp32"))
+    assert {r.rank for r in res.layers} == {2}
+    assert all(r.retained < 0.999 for r in res.layers)
+    # the retained fraction reported is the Eckart–Young optimum for that rank
+    for r in res.layers:
+        assert r.retained == pytest.approx(r.optimum, abs=2e-4)
+
+
+def test_fp16_output_retained_measured_after_cast(planted):
+    base, tuned_dir, _, _, _ = planted
+    res = extract(base, tuned_dir, ExtractOptions(rank=PLANT_RANK, dtype="fp16"))
+    for name, layer in res.model.layers.items():
+        assert layer.up.dtype == torch.float16 and layer.down.dtype == torch.float16
+    assert 0.99 < res.retained <= 1.0
+
+
+def test_clamp_quantile_limits_factor_range(planted):
+    base, tuned_dir, _, _, _ = planted
+    plain = extract(base, tuned_dir, ExtractOptions(rank=PLANT_RANK, dtype="fp32"))
+    clamped = extract(base, tuned_dir, ExtractOptions(rank=PLANT_RANK, dtype="fp32", clamp_quantile=0.5))
+    for name, layer in clamped.model.layers.items():
+        vals = torch.cat([layer.up.flatten(), layer.down.flatten()]).abs()
+        orig = torch.cat([plain.model.layers[name].up.flatten(), plain.model.layers[name].down.flatten()]).abs()
+        assert float(vals.max()) <= float(orig.median()) * 1.0001 + 1e-12
+    assert clamped.retained < plain.retained
+
+
+def test_text_encoder_extracted_when_changed(tiny_sd1, tmp_path):
+    deltas = {}
+
+    def transform(name, t):
+        if name.startswith("text_encoder.") and name.endswith("self_attn.q_proj.weight"):
+            g = torch.Generator().manual_seed(1)
+            d = torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g) * 0.01
+            new = (t.float() + d).to(t.dtype)
+            deltas[name] = new.float() - t.float()
+            return new
+        return t
+
+    with C.open_checkpoint(tiny_sd1) as ck:
+        C.write_like(ck, tmp_path / "te", transform=transform)
+    res = extract(tiny_sd1, tmp_path / "te", ExtractOptions(rank=2, dtype="fp32"))
+    assert set(res.model.layers) == {n[:-len(".weight")] for n in deltas}
+    assert any("text_encoder: extracted" in n for n in res.notes)
+    assert res.retained > 0.9999
+    # --no-text-encoder / a large --min-diff skip it
+    with pytest.raises(LorahubError, match="nothing to extract"):
+        extract(tiny_sd1, tmp_path / "te", ExtractOptions(rank=2, text_encoder=False))
+    with pytest.raises(LorahubError, match="nothing to extract"):
+        extract(tiny_sd1, tmp_path / "te", ExtractOptions(rank=2, min_diff=1.0))
+
+
+def test_identical_models_and_bad_options(tiny_sd1, tiny_sdxl):
+    with pytest.raises(LorahubError, match="identical"):
+        extract(tiny_sd1, tiny_sd1, ExtractOptions(rank=4))
+    with pytest.raises(LorahubError, match="at most one"):
+        extract(tiny_sd1, tiny_sd1, ExtractOptions(rank=4, energy=0.9, sv_fro=0.9))
+    with pytest.raises(LorahubError):
+        extract(tiny_sd1, tiny_sdxl, ExtractOptions(rank=4))
+
+
+# ----- the low-rank engine -----------------------------------------------------------------------
+def _decaying(m, n, decay=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+    s = torch.exp(-torch.arange(r, dtype=torch.float32) / decay) + 0.01
+    return (U * s) @ V.T, s
+
+
+def test_randomized_matches_eckart_young_optimum():
+    A, s = _decaying(400, 700)
+    ap = lowrank.low_rank_approx(A, rank=24, method="randomized")
+    assert ap.method == "randomized"
+    exact = torch.linalg.svdvals(A.double())
+    assert torch.allclose(ap.S_all[:24], exact[:24], rtol=1e-4)
+    opt = lowrank.retained(exact, 24)
+    assert ap.optimum == pytest.approx(opt, rel=1e-6)
+    assert opt - ap.retained <= 1e-3 * opt
+    # the factors really retain that much
+    sp = ap.spectrum
+    approx = (sp.U * sp.S) @ sp.Vh
+    kept = (1 - float((A - approx).norm() ** 2 / A.norm() ** 2)) ** 0.5
+    assert kept == pytest.approx(ap.retained, abs=1e-4)
+
+
+def test_randomized_falls_back_to_exact_when_it_misses():
+    # flat spectrum, no power iterations: the randomized range misses badly -> exact fallback
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(300, 300, generator=g)
+    ap = lowrank.low_rank_approx(A, rank=20, method="randomized", power_iters=0, tol=1e-6)
+    assert ap.method == "exact-fallback"
+    assert ap.retained == pytest.approx(lowrank.retained(torch.linalg.svdvals(A.double()), 20), rel=1e-6)
+
+
+def test_float64_retry_on_non_convergence(monkeypatch):
+    A, _ = _decaying(50, 60)
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(X, *a, **k):
+        calls.append(X.dtype)
+        if X.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(X, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    ap = lowrank.low_rank_approx(A, rank=5, method="exact")
+    assert ap.float64_retry and calls == [torch.float32, torch.float64]
+    assert ap.retained == pytest.approx(lowrank.retained(torch.linalg.svdvals(A.double()), 5), rel=1e-6)
