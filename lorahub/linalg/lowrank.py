@@ -138,7 +138,7 @@ def effective_rank(S: torch.Tensor, energy: float) -> int:
 # ----- Gram-core routines (added for inspect/diff) -------------------------------------------------
 # With Gu = UᵀU and Gd = D·Dᵀ (both r×r), ΔW = U·D has ‖ΔW‖²_F = tr(Gu·Gd) and its non-zero singular
 # values are those of Luᵀ·Ld where Gu = Lu·Luᵀ and Gd = Ld·Ldᵀ (Cholesky): (U·Lu⁻ᵀ) and (Dᵀ·Ld⁻ᵀ) have
-# orthonormal columns. Forming the Grams is one BLAS-3 product per factor — cheaper than a QR — and
+# orthonormal columns; their squares are the eigenvalues of Luᵀ·Gd·Lu. Forming the Grams is one BLAS-3 product per factor — cheaper than a QR — and
 # the rest is r×r work. Grams square the condition number, so singular values far below
 # √eps·σ_max come out as noise near zero; norms, spectral norms and energy-based effective ranks
 # (what inspect reports) are unaffected. Rank-deficient Grams fall back to a symmetric square root.
@@ -162,9 +162,11 @@ def _psd_sqrt_factor(g: torch.Tensor) -> torch.Tensor:
 
 def singular_values_from_grams(gu: torch.Tensor, gd: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Singular values (descending, float64) of scale·U·D given its Grams UᵀU and D·Dᵀ."""
+    # σ² are the eigenvalues of Luᵀ·Gd·Lu (Gu = Lu·Luᵀ): one Cholesky and one symmetric eigensolve.
     lu = _psd_sqrt_factor(gu.to(torch.float64))
-    ld = _psd_sqrt_factor(gd.to(torch.float64))
-    return torch.linalg.svdvals(lu.T @ ld) * abs(float(scale))
+    m = lu.T @ gd.to(torch.float64) @ lu
+    ev = torch.linalg.eigvalsh((m + m.T) * 0.5)
+    return torch.sqrt(torch.clamp(ev, min=0.0)).flip(0) * abs(float(scale))
 
 
 def gram_singular_values(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0,

@@ -170,10 +170,17 @@ def as_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float] | N
 
 
 def layer_singular_values(layer: LoraLayer) -> tuple[torch.Tensor, bool]:
-    """(singular values of ΔW, descending float64; whether ΔW had to be materialised)."""
+    """(singular values of ΔW, descending float64; whether ΔW had to be materialised).
+
+    Non-finite factors give non-finite values (callers check ``torch.isfinite``)."""
     f = as_factors(layer)
     if f is not None:
-        return lowrank.gram_singular_values(*f), False
+        up, down, scale = f
+        gu, gd = lowrank.grams(up, down)
+        # Any NaN/Inf in a factor shows on its Gram's diagonal (Σ x²): a free finiteness check.
+        if not (bool(torch.isfinite(gu.diagonal()).all()) and bool(torch.isfinite(gd.diagonal()).all())):
+            return torch.full((min(gu.shape[0], 1),), float("nan"), dtype=torch.float64), False
+        return lowrank.singular_values_from_grams(gu, gd, scale), False
     # LoHa / LoKr / full: no cheap factored form — materialise ΔW (layer-sized, float32).
     d = layer.delta(torch.float32)
     d = d.reshape(d.shape[0], -1)
@@ -214,7 +221,10 @@ def effective_rank(S: torch.Tensor, energy: float) -> int:
 
 def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = None) -> LayerStats:
     check_layer(key, layer)
-    finite = _is_finite(layer)
+    # Plain LoRA factors are checked for NaN/Inf through their Grams (layer_singular_values);
+    # the other kinds (and alpha) here.
+    finite = _is_finite(layer) if layer.kind != "lora" else (
+        layer.alpha is None or math.isfinite(float(layer.alpha)))
     try:
         shape = [int(s) for s in layer.shape]
     except (ValueError, KeyError):
@@ -229,6 +239,9 @@ def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = N
         return st
     S, mat = layer_singular_values(layer)
     st.materialised = mat
+    if not bool(torch.isfinite(S).all()):
+        st.finite = False
+        return st
     st.fro = float(torch.sqrt(torch.sum(S * S)))
     st.spectral = float(S[0]) if S.numel() else 0.0
     st.eff_rank_90 = effective_rank(S, ENERGIES[0])
