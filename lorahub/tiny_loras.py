@@ -1,0 +1,289 @@
+"""Small deterministic LoRA files of every dialect for the tiny fixture models (tests and the demo).
+
+``write_all(dest_dir) -> {name: path}`` writes, for ``tiny-sd1`` and ``tiny-sdxl``, files whose keys are
+built here from raw key dicts (not through lorahub's writers, so they test the readers) using the tiny
+models' real module paths:
+
+=====================  ==========================================================================
+name                   content
+=====================  ==========================================================================
+sd1-kohya              kohya LoRA, UNet attention + text encoder, rank 4, alpha 2, kohya metadata
+sd1-diffusers          diffusers LoRA (``unet.…lora_A``/``text_encoder.…``), alpha in metadata
+sd1-peft               PEFT adapter of the UNet (``base_model.model.…``), no part prefix
+sd1-cloneofsimo        cloneofsimo ``unet:<i>:up`` … in the module-walk order, with a ``<s1>`` token
+sd1-locon              kohya LoCon: attention + 3x3 ResNet convs (rank 4, alpha 4)
+sd1-loha / sd1-lokr    LyCORIS LoHa / LoKr on attention layers
+sd1-dora               kohya LoRA + ``dora_scale``
+sd1-ti-webui           ``{"emb_params": (2, 32)}``;  sd1-ti-diffusers: ``{"<tinytok>": (32,)}``
+sdxl-kohya             kohya LoRA with SGM-layout UNet names, ``lora_te1_`` + ``lora_te2_``
+sdxl-diffusers         diffusers LoRA with ``text_encoder_2``
+sdxl-ti                ``{"clip_l": (2, 32), "clip_g": (2, 32)}``
+=====================  ==========================================================================
+
+Every LoRA carries ``ss_network_dim``, ``ss_network_alpha``, ``ss_base_model_version`` and
+``ss_tag_frequency`` with a clear trigger word (``tinychar`` for SD1, ``tinystyle`` for SDXL).
+Fixed seeds: the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RANK = 4
+ALPHA = 2.0
+TRIGGERS = {"sd1": "tinychar", "sdxl": "tinystyle"}
+
+# SGM (original) layout of the tiny SDXL UNet's attention blocks (layers_per_block = 1), written out by
+# hand here so the files test lorahub.formats.names' generated map rather than reuse it.
+_TINY_SDXL_SGM = {
+    "down_blocks.1.attentions.0.": "input_blocks.3.1.",
+    "mid_block.attentions.0.": "middle_block.1.",
+    "up_blocks.0.attentions.0.": "output_blocks.0.1.",
+    "up_blocks.0.attentions.1.": "output_blocks.1.1.",
+}
+
+
+def _gen(seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.1):
+        return (torch.randn(*shape, generator=g) * scale).float()
+
+    return rand
+
+
+def _models(kind: str):
+    """The tiny UNet and text encoder(s) of ``kind`` built on the meta device (module tree only)."""
+    import torch
+
+    with torch.device("meta"):
+        unet = _meta_unet(kind)
+        tes = {"text_encoder": _meta_te(False)}
+        if kind == "sdxl":
+            tes["text_encoder_2"] = _meta_te(True)
+    return unet, tes
+
+
+def _meta_unet(kind):
+    from diffusers import UNet2DConditionModel
+
+    from lorahub import tiny
+
+    return UNet2DConditionModel(**tiny._config(f"{kind}_unet"))
+
+
+def _meta_te(with_projection):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorahub import tiny
+
+    cfg = CLIPTextConfig(**tiny._config("clip_text"))
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _attn_linears(unet):
+    """(path, out, in) of the Linear/1x1 modules kohya targets in transformer blocks (and proj_in/out)."""
+    import torch
+
+    out = []
+    for path, m in unet.named_modules():
+        if ".attentions." not in f".{path}" and not path.startswith("mid_block.attentions"):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            out.append((path, m.out_features, m.in_features, None))
+        elif isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+            out.append((path, m.out_channels, m.in_channels, (1, 1)))
+    return out
+
+
+def _te_linears(te):
+    import torch
+
+    out = []
+    for path, m in te.named_modules():
+        if isinstance(m, torch.nn.Linear) and (".self_attn." in path or ".mlp." in path):
+            p = path if path.startswith("text_model.") else "text_model." + path
+            out.append((p, m.out_features, m.in_features, None))
+    return out
+
+
+def _resnet_convs(unet):
+    import torch
+
+    return [(p, m.out_channels, m.in_channels, m.kernel_size) for p, m in unet.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and ".resnets." in p and m.kernel_size == (3, 3)]
+
+
+def _kohya_unet_name(path: str, kind: str) -> str:
+    if kind == "sdxl":
+        for k, v in _TINY_SDXL_SGM.items():
+            if path.startswith(k):
+                path = v + path[len(k):]
+                break
+        else:
+            raise ValueError(f"no SGM name written for {path}")
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def _meta(kind: str, network_module: str = "networks.lora", dim=RANK, alpha=ALPHA, extra: dict | None = None):
+    trig = TRIGGERS[kind]
+    m = {
+        "ss_network_module": network_module,
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sd_v1" if kind == "sd1" else "sdxl_base_v1-0",
+        "ss_output_name": f"tiny-{kind}",
+        "ss_tag_frequency": json.dumps({f"10_{trig}": {trig: 12, "1girl": 5, "smile": 3}}),
+        "ss_resolution": "(64, 64)",
+        "ss_num_epochs": "2",
+        "ss_learning_rate": "0.0001",
+        "modelspec.architecture": ("stable-diffusion-v1/lora" if kind == "sd1"
+                                   else "stable-diffusion-xl-v1-base/lora"),
+        "modelspec.title": f"tiny {kind} test LoRA",
+    }
+    m.update(extra or {})
+    return m
+
+
+def _lora_pair(rand, out_f, in_f, k, r=RANK):
+    if k is None:
+        return rand(r, in_f), rand(out_f, r)
+    return rand(r, in_f, *k), rand(out_f, r, 1, 1)
+
+
+def kohya_dict(kind: str, seed: int = 0, conv: bool = False) -> dict:
+    import torch
+
+    rand = _gen(seed)
+    unet, tes = _models(kind)
+    sd = {}
+    mods = [(_kohya_unet_name(p, kind), o, i, k) for p, o, i, k in _attn_linears(unet)]
+    if conv:
+        assert kind == "sd1"
+        mods += [(_kohya_unet_name(p, kind), o, i, k) for p, o, i, k in _resnet_convs(unet)]
+    prefixes = {"text_encoder": "lora_te_" if kind == "sd1" else "lora_te1_", "text_encoder_2": "lora_te2_"}
+    for part, te in tes.items():
+        mods += [(prefixes[part] + p.replace(".", "_"), o, i, k) for p, o, i, k in _te_linears(te)]
+    for name, o, i, k in mods:
+        down, up = _lora_pair(rand, o, i, k)
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.alpha"] = torch.tensor(ALPHA if not conv else float(RANK))
+    return sd
+
+
+def write_all(dest_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write every tiny LoRA file into ``dest_dir``; returns ``{name: path}``."""
+    import torch
+    from safetensors.torch import save_file
+
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+
+    def save(name, sd, meta=None):
+        p = dest / f"tiny-{name}.safetensors"
+        tmp = p.with_name(p.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+        out[name] = p
+
+    # --- SD1 -------------------------------------------------------------------------------
+    save("sd1-kohya", kohya_dict("sd1", 1), _meta("sd1"))
+    save("sd1-locon", kohya_dict("sd1", 2, conv=True),
+         _meta("sd1", "lycoris.kohya", alpha=float(RANK), extra={"ss_network_args": json.dumps(
+             {"conv_dim": str(RANK), "conv_alpha": str(RANK), "algo": "locon"})}))
+
+    unet, tes = _models("sd1")
+    rand = _gen(3)
+    diff = {}
+    alpha_cfg = {}
+    for part, mods in (("unet", _attn_linears(unet)), ("text_encoder", _te_linears(tes["text_encoder"]))):
+        for p, o, i, k in mods:
+            down, up = _lora_pair(rand, o, i, k)
+            diff[f"{part}.{p}.lora_A.weight"] = down
+            diff[f"{part}.{p}.lora_B.weight"] = up
+        tm = sorted(p.removeprefix("text_model.") for p, *_ in mods)
+        alpha_cfg.update({f"{part}.r": RANK, f"{part}.lora_alpha": ALPHA, f"{part}.target_modules": tm,
+                          f"{part}.rank_pattern": {}, f"{part}.alpha_pattern": {}, f"{part}.use_dora": False,
+                          f"{part}.lora_bias": False})
+    save("sd1-diffusers", diff, {"format": "pt", "lora_adapter_metadata": json.dumps(alpha_cfg, indent=2,
+                                                                                       sort_keys=True),
+                                 "modelspec.trigger_phrase": TRIGGERS["sd1"],
+                                 "modelspec.architecture": "stable-diffusion-v1/lora"})
+
+    rand = _gen(4)
+    peft = {}
+    for p, o, i, k in _attn_linears(unet):
+        down, up = _lora_pair(rand, o, i, k)
+        peft[f"base_model.model.{p}.lora_A.weight"] = down
+        peft[f"base_model.model.{p}.lora_B.weight"] = up
+    save("sd1-peft", peft)
+
+    # cloneofsimo: walk modules, keep Attention/GEGLU ancestors, their nn.Linear children in order
+    rand = _gen(5)
+    clone = {}
+    cmeta = {"unet": json.dumps(["CrossAttention", "Attention", "GEGLU"]),
+             "text_encoder": json.dumps(["CLIPAttention"])}
+    for part, model, targets in (("unet", unet, {"Attention", "GEGLU"}),
+                                 ("text_encoder", tes["text_encoder"], {"CLIPAttention"})):
+        i = 0
+        for anc in model.modules():
+            if type(anc).__name__ not in targets:
+                continue
+            for _, m in anc.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    clone[f"{part}:{i}:down"] = rand(RANK, m.in_features).half()
+                    clone[f"{part}:{i}:up"] = rand(m.out_features, RANK).half()
+                    cmeta[f"{part}:{i}:rank"] = str(RANK)
+                    i += 1
+    clone["<s1>"] = rand(32, scale=1.0)
+    cmeta["<s1>"] = "<embed>"
+    save("sd1-cloneofsimo", clone, cmeta)
+
+    # LyCORIS on the attention projections (Linear only)
+    rand = _gen(6)
+    loha, lokr, dora = {}, {}, {}
+    for p, o, i, k in _attn_linears(unet):
+        if k is not None:
+            continue
+        n = _kohya_unet_name(p, "sd1")
+        loha[f"{n}.hada_w1_a"], loha[f"{n}.hada_w1_b"] = rand(o, RANK), rand(RANK, i)
+        loha[f"{n}.hada_w2_a"], loha[f"{n}.hada_w2_b"] = rand(o, RANK), rand(RANK, i)
+        loha[f"{n}.alpha"] = torch.tensor(ALPHA)
+        # LoKr: w1 (f, f) full, w2 factored (o/f, r) @ (r, i/f), f = 4
+        f = 4
+        lokr[f"{n}.lokr_w1"] = rand(f, f, scale=1.0)
+        lokr[f"{n}.lokr_w2_a"], lokr[f"{n}.lokr_w2_b"] = rand(o // f, 2), rand(2, i // f)
+        lokr[f"{n}.alpha"] = torch.tensor(ALPHA)
+        down, up = _lora_pair(rand, o, i, None)
+        dora[f"{n}.lora_down.weight"], dora[f"{n}.lora_up.weight"] = down, up
+        dora[f"{n}.alpha"] = torch.tensor(ALPHA)
+        dora[f"{n}.dora_scale"] = 1.0 + rand(1, i)
+    save("sd1-loha", loha, _meta("sd1", "lycoris.kohya", extra={"ss_network_args": '{"algo": "loha"}'}))
+    save("sd1-lokr", lokr, _meta("sd1", "lycoris.kohya", extra={"ss_network_args": '{"algo": "lokr"}'}))
+    save("sd1-dora", dora, _meta("sd1", extra={"ss_network_args": '{"dora_wd": "True"}'}))
+
+    rand = _gen(7)
+    save("sd1-ti-webui", {"emb_params": rand(2, 32, scale=1.0)}, {"name": "tinytok"})
+    save("sd1-ti-diffusers", {"<tinytok>": rand(32, scale=1.0)})
+
+    # --- SDXL ------------------------------------------------------------------------------
+    save("sdxl-kohya", kohya_dict("sdxl", 11), _meta("sdxl"))
+    xunet, xtes = _models("sdxl")
+    rand = _gen(12)
+    diff = {}
+    for part, mods in (("unet", _attn_linears(xunet)), ("text_encoder", _te_linears(xtes["text_encoder"])),
+                       ("text_encoder_2", _te_linears(xtes["text_encoder_2"]))):
+        for p, o, i, k in mods:
+            down, up = _lora_pair(rand, o, i, k)
+            diff[f"{part}.{p}.lora_A.weight"] = down
+            diff[f"{part}.{p}.lora_B.weight"] = up
+    save("sdxl-diffusers", diff, {"format": "pt", "modelspec.trigger_phrase": TRIGGERS["sdxl"],
+                                  "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    save("sdxl-ti", {"clip_l": rand(2, 32, scale=1.0), "clip_g": rand(2, 32, scale=1.0)})
+    return out
