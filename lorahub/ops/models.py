@@ -36,20 +36,117 @@ def family_of_pipeline(pipe) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
 
 
-def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None):
-    """Load a text-to-image pipeline from MODEL, offline."""
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def parse_dtype(name: str | None):
+    """torch dtype of ``--dtype`` (fp32, fp16, bf16); None stays None (the model's own dtype)."""
+    if name is None:
+        return None
+    import torch
+
+    key = DTYPES.get(str(name).lower())
+    if key is None:
+        raise LorahubError(f"--dtype {name!r}: use fp32, fp16 or bf16")
+    return getattr(torch, key)
+
+
+def checkpoint_family(path: Path) -> tuple[str, bool]:
+    """(sd1|sd2|sdxl, is_inpainting) of a single-file (original layout) checkpoint, from its header."""
+    from lorahub.formats.header import read_header
+
+    if path.suffix.lower() not in ("", ".safetensors"):
+        raise LorahubError(f"{path}: only .safetensors single-file checkpoints are loaded (never pickles)")
+    hdr = read_header(path)
+    keys = hdr.tensors
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        family = "sdxl"
+    elif any(k.startswith("cond_stage_model.model.") for k in keys):
+        family = "sd2"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in keys) or \
+            any(k.startswith("model.diffusion_model.") for k in keys):
+        family = "sd1"
+    else:
+        raise LorahubError(f"{path}: not a Stable Diffusion single-file checkpoint (no model.diffusion_model.* keys)")
+    first = keys.get("model.diffusion_model.input_blocks.0.0.weight")
+    inpaint = first is not None and len(first.shape) == 4 and first.shape[1] == 9
+    return family, inpaint
+
+
+def _single_file_pipeline(path: Path, *, config: Path | None, dtype, inpaint: bool):
+    import tempfile
+
+    import diffusers
+
+    family, is_inpaint_model = checkpoint_family(path)
+    if config is None:
+        raise LorahubError(f"{path}: a single-file checkpoint needs --config <local diffusers folder of the same "
+                           "architecture> (nothing is downloaded)")
+    config = Path(config).expanduser()
+    if not (config / "model_index.json").exists():
+        raise LorahubError(f"{config}: --config must be a diffusers folder (with model_index.json)")
+    xl = family == "sdxl"
+    if inpaint or is_inpaint_model:
+        cls = diffusers.StableDiffusionXLInpaintPipeline if xl else diffusers.StableDiffusionInpaintPipeline
+    else:
+        cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+    kwargs = {"config": str(config), "local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    src = path
+    with tempfile.TemporaryDirectory(prefix="lorahub-ckpt-") as tmp:
+        if path.suffix.lower() != ".safetensors":  # registry blobs have no suffix; diffusers goes by it
+            src = Path(tmp) / "model.safetensors"
+            src.symlink_to(path.resolve())
+        try:
+            return cls.from_single_file(str(src), **kwargs)
+        except LorahubError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; report one line
+            raise LorahubError(f"{path}: cannot load this checkpoint with config {config}: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, config=None,
+                  inpaint: bool = False):
+    """Load a text-to-image (or, with ``inpaint``, inpainting) pipeline from MODEL, offline.
+
+    MODEL: tiny-sd1 / tiny-sdxl, a diffusers folder, a single-file ``.safetensors`` checkpoint (with
+    ``config``: a local diffusers folder of the same architecture) or a registry checkpoint entry.
+    """
     import torch
     from diffusers import DiffusionPipeline
 
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if device not in ("cpu",) and not str(device).startswith("cuda") and device != "mps":
+        raise LorahubError(f"--device {device!r}: use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LorahubError(f"device {device!r} requested but no CUDA device is available")
     path = resolve_model_ref(ref, registry)
     kwargs = {"local_files_only": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     if path.is_dir():
-        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise LorahubError(f"{ref}: cannot load the diffusers folder: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if inpaint:
+            pipe = to_inpaint(pipe)
     else:
-        raise LorahubError(f"{ref}: single-file checkpoints are not supported here yet; "
-                           "convert it to a diffusers folder first")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise LorahubError(f"device {device!r} requested but no CUDA device is available")
+        pipe = _single_file_pipeline(path, config=config, dtype=dtype, inpaint=inpaint)
     return pipe.to(device)
+
+
+def to_inpaint(pipe):
+    """The inpainting pipeline sharing ``pipe``'s components (SD1/SD2 or SDXL)."""
+    import diffusers
+
+    if isinstance(pipe, (diffusers.StableDiffusionInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline)):
+        return pipe
+    if family_of_pipeline(pipe) == "sdxl":
+        return diffusers.StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+    return diffusers.StableDiffusionInpaintPipeline.from_pipe(pipe)
