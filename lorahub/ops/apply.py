@@ -23,6 +23,7 @@ diffusers' ``load_textual_inversion`` (one tensor per encoder for SDXL) and unlo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -193,7 +194,9 @@ def _make_adapter(slot: int, layer, module: nn.Module) -> _Adapter:
             up = up.reshape(shape[0], r)
         return _Adapter(slot, "factors", down=down.to(device=device, dtype=dtype),
                         up=up.to(device=device, dtype=dtype), scale=float(layer.scale))
-    # everything else: materialised ΔW
+    # everything else: materialised ΔW (LyCORIS factors may leave the full shape to the module)
+    if "shape" not in layer.extra and layer.kind in ("loha", "lokr"):
+        layer = dataclasses.replace(layer, extra={**layer.extra, "shape": shape})
     if layer.dora_scale is not None:
         d = _dora_delta(layer, w.detach())
     else:
@@ -217,7 +220,7 @@ class AppliedLoras:
         self.applied: list[int] = []  # layers applied per slot
         self.unmatched: list[list[str]] = []
         self.tokens: list[list[str]] = []  # textual-inversion tokens per slot
-        self._ti_loaded: list[tuple[str, object, object]] = []  # (token, tokenizer, text_encoder)
+        self._ti_loaded: list[tuple[list[str], object, object]] = []  # (tokens, tokenizer, text_encoder)
         self.removed = False
 
     def set_scale(self, slot: int, value, parts=None) -> None:
@@ -234,9 +237,9 @@ class AppliedLoras:
         for root, path, original in reversed(self.wrapped):
             _set_submodule(root, path, original)
         self.wrapped.clear()
-        for token, tokenizer, text_encoder in self._ti_loaded:
+        for added, tokenizer, text_encoder in reversed(self._ti_loaded):
             try:
-                self.pipe.unload_textual_inversion(tokens=[token], tokenizer=tokenizer, text_encoder=text_encoder)
+                self.pipe.unload_textual_inversion(tokens=added, tokenizer=tokenizer, text_encoder=text_encoder)
             except Exception:  # noqa: BLE001 - best effort; the pipeline is usually discarded anyway
                 pass
         self._ti_loaded.clear()
@@ -268,7 +271,8 @@ def _load_embeddings(handle: AppliedLoras, model) -> list[str]:
             if token in tokenizer.get_vocab():
                 raise LorahubError(f"token {token!r} is already in the tokenizer")
             pipe.load_textual_inversion(emb.to(te.dtype), token=token, tokenizer=tokenizer, text_encoder=te)
-            handle._ti_loaded.append((token, tokenizer, te))
+            added = [token] + [f"{token}_{i}" for i in range(1, emb.shape[0])]
+            handle._ti_loaded.append((added, tokenizer, te))
             loaded = True
         if not loaded:
             raise LorahubError(f"embedding {token!r} has no tensor for this pipeline's text encoder(s)")
