@@ -38,6 +38,12 @@ def _rank_text(e: dict) -> str:
     return "" if e.get("rank") is None else str(e["rank"])
 
 
+def _print_table(con, table) -> None:
+    if not con.is_terminal:
+        con.width = max(con.width, 140)
+    con.print(table)
+
+
 def _entries_table(entries: list[dict], title: str | None = None):
     from rich.table import Table
 
@@ -136,25 +142,44 @@ def scan(
     reg = open_registry(home)
     files = list(_iter_files(folder, exts, reg.home))
     added, known, bad = [], [], []
+    seen: list[tuple[Path, os.stat_result, str]] = []
     with progress() as prog:
         task = prog.add_task("scanning", total=len(files))
+        todo = []
+        stats = {}
         for f in files:
             try:
                 st = f.stat()
-                sha = reg.scan_cache_get(f.resolve(), st)
-                entry = reg.find_sha256(sha) if sha else None
-                if entry is not None:
-                    known.append(entry)
-                else:
-                    entry, created = reg.add_file(f, tags=tag or None)
-                    (added if created else known).append(entry)
-                    with reg.conn:
-                        reg.scan_cache_put(f.resolve(), st, entry["sha256"])
-            except LorahubError as exc:
-                bad.append({"path": str(f), "error": str(exc)})
             except OSError as exc:
                 bad.append({"path": str(f), "error": exc.strerror or str(exc)})
+                prog.advance(task)
+                continue
+            sha = reg.scan_cache_get(f.resolve(), st)
+            entry = reg.find_sha256(sha) if sha else None
+            if entry is not None:
+                known.append(entry)
+                prog.advance(task)
+            else:
+                todo.append(f)
+                stats[f] = st
+
+        def done(path, entry, created, err):
+            if err is not None:
+                bad.append({"path": str(path), "error": str(err)})
+            elif entry is not None:
+                (added if created else known).append(entry)
+                seen.append((Path(path).resolve(), stats[path], entry["sha256"]))
+            else:  # same content as another file of this scan
+                known.append(None)
             prog.advance(task)
+
+        reg.add_many(todo, tags=tag or None, callback=done)
+    if seen:
+        reg.conn.execute("BEGIN IMMEDIATE")
+        for path, st, sha in seen:
+            reg.scan_cache_put(path, st, sha)
+        reg.conn.execute("COMMIT")
+    known = [e for e in known if e is not None] + [None] * sum(1 for e in known if e is None)
     if json_out:
         print_json({"added": [_short(e) for e in added], "already": len(known), "skipped": bad})
         return
@@ -191,7 +216,7 @@ def list_(
     if not entries:
         con.print("the registry is empty" if not (type or base or tag or kind) else "no entries match")
         return
-    con.print(_entries_table(entries))
+    _print_table(con, _entries_table(entries))
 
 
 @app.command()
@@ -215,7 +240,7 @@ def search(
     if not entries:
         con.print("no entries match")
         return
-    con.print(_entries_table(entries))
+    _print_table(con, _entries_table(entries))
 
 
 def _ancestry(reg, entry_id: str, depth: int = 0, seen: set | None = None) -> list[dict]:
@@ -289,7 +314,7 @@ def show(
                                                            if interesting else "")))
     for k, v in rows:
         t.add_row(k, v)
-    con.print(t)
+    _print_table(con, t)
     if lineage or children:
         tree = Tree(f"[bold]lineage[/bold] {e['name']} ({e['id']})")
 
@@ -586,14 +611,18 @@ def demo(home: HomeOpt = None) -> None:
         entries.append(entry)
         con.print(f"  $ lorahub add {Path(path).name}  -> {entry['id']} {entry['format']} {entry['kind']} "
                   f"{entry['base']} rank {_rank_text(entry) or '-'}")
-    con.print(_entries_table(entries, title=f"lorahub list ({len(entries)} entries)"))
-    query = "demo"
-    for q, kw in ((query, {"base": "sdxl"}), (query, {"kind": "loha"})):
-        hits = reg.search(q, **kw)
+    _print_table(con, _entries_table(entries, title=f"lorahub list ({len(entries)} entries)"))
+    with_triggers = [e for e in entries if e["triggers"]]
+    searches = [("", {"base": "sdxl"}), ("", {"kind": "loha"})]
+    if with_triggers:
+        searches.insert(0, (with_triggers[0]["triggers"][0], {}))
+    for q, kw in searches:
+        hits = reg.search(q or None, **kw)
         opts = " ".join(f"--{k} {v}" for k, v in kw.items())
-        con.print(f"$ lorahub search {q} {opts}  -> {len(hits)} hit(s): " + ", ".join(h["name"] for h in hits))
+        con.print(f"$ lorahub search {q} {opts}".replace("  ", " ").rstrip()
+                  + f"  -> {len(hits)} hit(s): " + ", ".join(h["name"] for h in hits))
     if entries:
-        first = entries[0]
+        first = (with_triggers or entries)[0]
         con.print(f"$ lorahub show {first['autov2']}")
         show(first["autov2"], json_out=False, home=home)
     con.print(f"done in {time.perf_counter() - t0:.1f} s; try: lorahub list --home {home}")

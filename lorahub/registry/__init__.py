@@ -371,17 +371,20 @@ class Registry:
         os.close(fd)
         return Path(tmp)
 
-    def _place_blob(self, tmp: Path, sha256: str, *, chmod: bool = True) -> Path:
-        """Rename a finished temp file into the store (call while holding the write lock)."""
+    def _place_blob(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
+        """Rename a finished temp file into the store (call while holding the write lock).
+
+        An existing file of that name is replaced, not trusted: after a crash it may be an unreferenced
+        blob whose data never reached the disk.
+        """
         dest = self.object_path(sha256)
-        if dest.is_file() and dest.stat().st_size == tmp.stat().st_size:
-            tmp.unlink()
-            return dest
-        dest.parent.mkdir(exist_ok=True)
+        if not dest.parent.is_dir():
+            dest.parent.mkdir(exist_ok=True)
         if chmod:
             os.chmod(tmp, 0o444)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        if durable:
+            _fsync_dir(dest.parent)
         return dest
 
     def add_file(self, path: str | os.PathLike, *, name: str | None = None, type: str | None = None,
@@ -395,6 +398,91 @@ class Registry:
         Hashes, detection (header only), header metadata and sidecars are read; the file is copied into
         the store while it is hashed (``copy=False``: hard-linked when the store is on the same file
         system, else copied). One transaction; bad input raises ``LorahubError`` with nothing written.
+        """
+        prep = self._prepare(path, name=name, type=type, triggers=triggers, tags=tags, base=base,
+                             description=description, source=source, lineage=lineage, copy=copy,
+                             sidecars=sidecars, extra=extra, durable=True)
+        if "hashes" not in prep:
+            return prep, False
+        return self._commit(prep, durable=True)
+
+    def add_many(self, paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
+                 batch_files: int = 128, batch_bytes: int = 256 * 1024 * 1024, callback=None) -> dict:
+        """Add many files (``scan``): one transaction per file, with the fsyncs of a batch issued
+        together (parallel fsyncs share the file system's journal commits). Blobs stay temp files until
+        their data is synced; each entry is then committed (and its blob renamed into place) in its own
+        transaction; the store folders are synced at the end of the batch.
+        ``callback(path, entry|None, created, error|None)`` is called per file.
+        """
+        from lorahub.errors import LorahubError as _LE
+
+        counts = {"added": 0, "already": 0, "failed": 0}
+        pending: list[dict] = []
+        size = 0
+
+        def report(p, entry, created, err):
+            counts["failed" if err else "added" if created else "already"] += 1
+            if callback:
+                callback(p, entry, created, err)
+
+        def flush():
+            nonlocal pending, size
+            if not pending:
+                return
+            files = [x["tmp"] for x in pending if not x["linked"]]
+            files += [t for x in pending for _k, t, *_ in x["previews"]]
+            _fsync_many(files, _fsync_file)  # parallel fsyncs share journal commits
+            dirs = set()
+            try:
+                for prep in pending:
+                    try:
+                        entry, created = self._commit(prep, durable=False)
+                    except _LE as exc:
+                        report(prep["path"], None, False, exc)
+                        continue
+                    if created:
+                        dirs.add(self.object_path(entry["sha256"]).parent)
+                        dirs.update(self.object_path(x[2]).parent for x in prep["previews"])
+                    report(prep["path"], entry, created, None)
+            finally:
+                for prep in pending:
+                    prep["tmp"].unlink(missing_ok=True)
+                _fsync_many(sorted(dirs), _fsync_dir)
+                pending, size = [], 0
+
+        try:
+            for p in paths:
+                try:
+                    prep = self._prepare(p, tags=tags, durable=False)
+                except _LE as exc:
+                    report(p, None, False, exc)
+                    continue
+                except OSError as exc:
+                    report(p, None, False, _LE(f"{p}: {exc.strerror or exc}"))
+                    continue
+                if "hashes" not in prep:
+                    report(p, prep, False, None)
+                    continue
+                if any(x["hashes"].sha256 == prep["hashes"].sha256 for x in pending):
+                    prep["tmp"].unlink(missing_ok=True)
+                    for _k, t, *_ in prep["previews"]:
+                        t.unlink(missing_ok=True)
+                    report(p, None, False, None)
+                    continue
+                pending.append(prep)
+                size += prep["hashes"].size
+                if len(pending) >= batch_files or size >= batch_bytes:
+                    flush()
+        finally:
+            flush()
+        return counts
+
+    def _prepare(self, path, *, name=None, type=None, triggers=None, tags=None, base=None, description=None,
+                 source=None, lineage=None, copy=True, sidecars=True, extra=None, durable=True):
+        """Detect, read metadata and sidecars, hash + copy into a temp blob. No database write.
+
+        Returns the existing entry (a dict with "id") when the sha256 is already registered, else a
+        prepared record for :meth:`_commit`.
         """
         from lorahub.errors import FormatError
         from lorahub.formats.detect import detect
@@ -428,7 +516,8 @@ class Registry:
                     except OSError as exc:
                         raise LorahubError(f"{path}: cannot read ({exc.strerror or exc})") from None
                     out.flush()
-                    os.fsync(out.fileno())
+                    if durable:
+                        os.fsync(out.fileno())
             else:
                 hashes = hash_file(p)
                 tmp.unlink()
@@ -439,30 +528,43 @@ class Registry:
                     import shutil
 
                     shutil.copyfile(p, tmp)
-                    with open(tmp, "rb+") as out:
-                        os.fsync(out.fileno())
-            if hashes.size != det_size(p):
+                    if durable:
+                        with open(tmp, "rb+") as out:
+                            os.fsync(out.fileno())
+            if hashes.size != p.stat().st_size:
                 raise FormatError(f"{path}: file changed while it was added")
             existing = self.find_sha256(hashes.sha256)
             if existing is not None:
                 tmp.unlink(missing_ok=True)
-                return existing, False
-            preview_blobs = self._prepare_previews(imported)
+                return existing
+            previews = self._prepare_previews(imported, durable=durable)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return {"path": p, "det": det, "meta": header_meta, "imported": imported, "tmp": tmp, "linked": linked,
+                "hashes": hashes, "previews": previews, "name": name, "type": type, "triggers": triggers,
+                "tags": tags, "base": base, "description": description, "source": source,
+                "lineage": lineage, "extra": extra}
+
+    def _commit(self, prep: dict, *, durable: bool) -> tuple[dict, bool]:
+        """One transaction: insert the entry, its lineage, previews and FTS row; rename the blobs in."""
+        from lorahub import metadata as md
+
+        p, det, imported, hashes, tmp = prep["path"], prep["det"], prep["imported"], prep["hashes"], prep["tmp"]
+        preview_blobs = prep["previews"]
+        try:
             self._begin()
             try:
                 existing = self.find_sha256(hashes.sha256)
                 if existing is not None:
                     self.conn.execute("ROLLBACK")
-                    tmp.unlink(missing_ok=True)
-                    for _k, t, _s, _e, _w, _h in preview_blobs:
-                        t.unlink(missing_ok=True)
                     return existing, False
                 entry_id = self._new_id(hashes.sha256)
                 stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-                final_name = self._unique_name(_clean_name(name or imported.name or stem))
+                final_name = self._unique_name(_clean_name(prep["name"] or imported.name or stem))
                 det_base = getattr(det, "base", None) or "unknown"
-                if base:
-                    final_base = base
+                if prep["base"]:
+                    final_base = prep["base"]
                 elif det_base != "unknown":
                     final_base = det_base
                 else:
@@ -475,8 +577,9 @@ class Registry:
                     ex["sidecars"] = imported.sidecars
                 if imported.base and det_base != "unknown" and imported.base != det_base:
                     ex["base_conflict"] = f"tensors say {det_base}, metadata says {imported.base}"
-                if extra:
-                    ex.update(extra)
+                if prep["extra"]:
+                    ex.update(prep["extra"])
+                triggers = prep["triggers"]
                 row = {
                     "id": entry_id, "sha256": hashes.sha256, "name": final_name, "file_name": p.name,
                     "autov1": hashes.autov1, "autov2": hashes.autov2, "autov3": hashes.autov3,
@@ -487,38 +590,38 @@ class Registry:
                     "alpha": getattr(det, "alpha", None), "n_layers": getattr(det, "n_layers", None),
                     "parts": json.dumps(list(getattr(det, "parts", None) or [])),
                     "tokens": json.dumps(list(getattr(det, "tokens", None) or [])),
-                    "type": type,
-                    "triggers": json.dumps(md.dedupe(triggers) if triggers else imported.triggers),
-                    "tags": json.dumps(md.dedupe(list(imported.tags) + list(tags or []))),
-                    "description": description or imported.description,
-                    "source": source or imported.source or str(p.resolve()),
+                    "type": prep["type"],
+                    "triggers": json.dumps(md.dedupe(triggers) if triggers else imported.triggers, ensure_ascii=False),
+                    "tags": json.dumps(md.dedupe(list(imported.tags) + list(prep["tags"] or [])), ensure_ascii=False),
+                    "description": prep["description"] or imported.description,
+                    "source": prep["source"] or imported.source or str(p.resolve()),
                     "created_at": imported.created_at or _mtime_iso(p),
                     "added_at": now_iso(),
-                    "metadata": json.dumps(header_meta, ensure_ascii=False),
+                    "metadata": json.dumps(prep["meta"], ensure_ascii=False),
                     "extra": json.dumps(ex, ensure_ascii=False, default=str),
-                    "blob_mode": "link" if linked else "copy",
+                    "blob_mode": "link" if prep["linked"] else "copy",
                 }
                 cols = ", ".join(f'"{c}"' for c in row)
                 self.conn.execute(f"INSERT INTO entries ({cols}) VALUES ({', '.join('?' * len(row))})",
                                   list(row.values()))
-                for item in lineage or []:
+                for item in prep["lineage"] or []:
                     self._insert_lineage(entry_id, item)
                 for kind, ptmp, psha, ext, w, h in preview_blobs:
-                    self._place_blob(ptmp, psha)
+                    self._place_blob(ptmp, psha, durable=durable)
                     self.conn.execute(
                         "INSERT OR IGNORE INTO previews(entry_id, sha256, kind, ext, width, height, params, added_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, '{}', ?)", (entry_id, psha, kind, ext, w, h, now_iso()))
                 self._fts_sync(entry_id)
-                self._place_blob(tmp, hashes.sha256, chmod=not linked)
+                self._place_blob(tmp, hashes.sha256, chmod=not prep["linked"], durable=durable)
                 self.conn.execute("COMMIT")
             except BaseException:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
-                for _k, t, _s, _e, _w, _h in preview_blobs:
-                    t.unlink(missing_ok=True)
                 raise
         finally:
             tmp.unlink(missing_ok=True)
+            for _k, t, *_ in preview_blobs:
+                t.unlink(missing_ok=True)
         return self.get(entry_id), True
 
     def _insert_lineage(self, entry_id: str, item: dict) -> None:
@@ -554,7 +657,7 @@ class Registry:
             self.conn.execute("ROLLBACK")
             raise
 
-    def _image_blob(self, data_or_path: bytes | Path) -> tuple[Path, str, str, int, int]:
+    def _image_blob(self, data_or_path: bytes | Path, *, durable: bool = True) -> tuple[Path, str, str, int, int]:
         """Check an image with PIL and write it as a temp blob: (tmp, sha256, ext, width, height)."""
         import hashlib
         import io
@@ -575,14 +678,15 @@ class Registry:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         return tmp, sha, ext, w, h
 
-    def _prepare_previews(self, imported) -> list:
+    def _prepare_previews(self, imported, *, durable: bool = True) -> list:
         out = []
         for kind, src in imported.previews:
             try:
-                tmp, sha, ext, w, h = self._image_blob(src)
+                tmp, sha, ext, w, h = self._image_blob(src, durable=durable)
             except (LorahubError, OSError):
                 imported.notes.append(f"{kind} preview is not a readable image, ignored")
                 continue
@@ -754,10 +858,6 @@ class Registry:
             (str(path), st.st_size, st.st_mtime_ns, sha256, now_iso()))
 
 
-def det_size(p: Path) -> int:
-    return p.stat().st_size
-
-
 def _mtime_iso(p: Path) -> str:
     ts = p.stat().st_mtime
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -787,6 +887,29 @@ def fts_query(query: str) -> str | None:
     if not words:
         return None
     return " AND ".join(f'"{w}"*' for w in words)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_many(paths, fn) -> None:
+    if not paths:
+        return
+    if len(paths) == 1:
+        fn(paths[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(32, len(paths))) as ex:
+        list(ex.map(fn, paths))
 
 
 def _fsync_dir(folder: Path) -> None:
