@@ -99,6 +99,7 @@ def _pattern_value(pattern: dict, path: str):
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: str | None = None,
          base_hint: str | None = None, name: str = "file") -> LoraModel:
     meta, info = _bookkeeping(metadata)
+    adapter_meta = metadata.get(META_KEY)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if "lora_magnitude_vector" in key:
@@ -158,7 +159,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
     if arch_obj is not None and arch is not None:
         cmap = candidates[0]
 
-    configs = _part_configs(meta.get(META_KEY), prefixed)
+    configs = _part_configs(adapter_meta, prefixed)
     no_alpha = set(info.get("no_alpha", []))
     layer_extra = info.get("layer_extra", {})
     model = LoraModel(metadata=meta, source_format=fmt,

@@ -9,6 +9,8 @@ factors ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from lorahub.errors import FormatError
@@ -100,7 +102,16 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
     else:
         a = names.infer_arch(shapes, kohya=True, base_hint=base_hint) if built else None
 
-    model = LoraModel(metadata=dict(metadata), source_format="kohya",
+    from lorahub.formats.diffusers_fmt import LOREHUB_KEY
+
+    metadata = dict(metadata)
+    raw = metadata.pop(LOREHUB_KEY, None)
+    if raw:
+        try:
+            metadata.update(json.loads(raw).get("stash", {}))
+        except (ValueError, AttributeError):
+            pass
+    model = LoraModel(metadata=metadata, source_format="kohya",
                       base=a.family if a else (base_hint or "unknown"), arch=a.name if a else "unknown")
     for mod, (kind, weights, special) in built.items():
         cname = names.from_kohya(mod, a)
@@ -186,7 +197,15 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
             if inner is None:
                 inner = slot if (arch.family == "sdxl" or "clip_g" in slots) else "string_to_param.*"
             out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
-    return out, dict(model.metadata)
+    meta = dict(model.metadata)
+    # diffusers' LoraConfig JSON must not reach a kohya file (diffusers refuses "network_alphas and
+    # metadata" together): stash it in lorahub's own field so a later --to diffusers restores it.
+    from lorahub.formats.diffusers_fmt import LOREHUB_KEY, META_KEY
+
+    if META_KEY in meta:
+        meta[LOREHUB_KEY] = json.dumps({"stash": {META_KEY: meta.pop(META_KEY)}}, sort_keys=True,
+                                       separators=(",", ":"))
+    return out, meta
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
