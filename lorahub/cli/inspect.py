@@ -46,6 +46,26 @@ def _summary_value(v) -> str:
     return _f(v)
 
 
+_ABBREV = (("text_encoder_2.text_model.encoder.layers.", "te2.layers."), ("text_encoder.text_model.encoder.layers.", "te.layers."),
+           ("text_encoder_2.encoder.layers.", "te2.layers."), ("text_encoder.encoder.layers.", "te.layers."),
+           ("unet.", ""), ("down_blocks.", "down."), ("up_blocks.", "up."), ("mid_block.", "mid."),
+           ("attentions.", "attn."), ("transformer_blocks.", "tb."), ("resnets.", "res."))
+
+
+def short_key(key: str) -> str:
+    """Compact display form of a canonical key (tables only; --json keeps the full keys)."""
+    for a, b in _ABBREV:
+        key = key.replace(a, b)
+    return key
+
+
+def _out():
+    out = console()
+    if not out.is_terminal:  # piped: do not squeeze tables into 80 columns
+        out.width = 200
+    return out
+
+
 def _warn(lines: list[str]) -> None:
     err = console(stderr=True)
     for w in lines:
@@ -97,7 +117,8 @@ def inspect_cmd(
     with progress() as bar:
         task = bar.add_task("inspecting", total=n)
         report = ins.inspect_model(model, path=path, layers=layers, base=base_w, base_ref=base,
-                                   on_layer=lambda _k: bar.advance(task), fmt=_detect_format(path))
+                                   on_layer=lambda _k: bar.advance(task),
+                                   fmt=model.source_format if model.source_format != "unknown" else _detect_format(path))
     if entry is not None:
         report["entry"] = {"id": entry.get("id"), "name": entry.get("name")}
     if plot is not None:
@@ -116,7 +137,7 @@ def inspect_cmd(
 def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
     from rich.table import Table
 
-    out = console()
+    out = _out()
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -159,7 +180,7 @@ def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
     if r["blocks"]:
         bt = Table(title="per block", title_justify="left")
         for c in ("block", "layers", "params", "‖ΔW‖_F (√Σ²)", "mean ‖ΔW‖_F", "max ‖ΔW‖₂", "mean eff. rank 90%"):
-            bt.add_column(c, justify="left" if c == "block" else "right")
+            bt.add_column(c, justify="left" if c == "block" else "right", no_wrap=True)
         if rel:
             bt.add_column("‖ΔW‖/‖W0‖", justify="right")
         for b in r["blocks"]:
@@ -176,15 +197,16 @@ def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
     if not layers and top and len(per) > top:
         shown = sorted([p for p in per if p["fro"] is not None], key=lambda p: -p["fro"])[:top]
         shown += [p for p in per if p["fro"] is None][: max(0, top - len(shown))]
-        title = f"strongest {len(shown)} of {len(per)} layers (--layers PATTERN or --top 0 for all, --json for everything)"
+        title = f"strongest {len(shown)} of {len(per)} layers (--layers PATTERN or --top 0 for all; --json for full keys)"
     if shown:
         lt = Table(title=title, title_justify="left")
         for c in ("layer", "kind", "shape", "rank", "alpha", "scale", "‖ΔW‖_F", "‖ΔW‖₂", "eff 90%", "eff 99%"):
-            lt.add_column(c, justify="left" if c in ("layer", "kind") else "right")
+            lt.add_column(c, justify="left" if c in ("layer", "kind") else "right",
+                          overflow="fold", no_wrap=c != "layer")
         if rel:
             lt.add_column("‖ΔW‖/‖W0‖", justify="right")
         for p in shown:
-            row = [p["key"], p["kind"] + (" (NaN/Inf!)" if not p["finite"] else ""), "×".join(map(str, p["shape"])),
+            row = [short_key(p["key"]), p["kind"] + (" (NaN/Inf!)" if not p["finite"] else ""), "×".join(map(str, p["shape"])),
                    str(p["rank"]), _f(p["alpha"]), _f(p["scale"]), _f(p["fro"]), _f(p["spectral"]),
                    _f(p["eff_rank_90"]), _f(p["eff_rank_99"])]
             if rel:
@@ -225,7 +247,7 @@ def diff_cmd(
         return
     from rich.table import Table
 
-    out = console()
+    out = _out()
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -248,10 +270,11 @@ def diff_cmd(
     if per:
         lt = Table(title=f"shared layers ({len(per)} of {s['common']}, strongest first)", title_justify="left")
         for c in ("layer", "cosine", "‖B‖/‖A‖", "overlap out", "overlap in", "chance", "status"):
-            lt.add_column(c, justify="left" if c in ("layer", "status") else "right")
+            lt.add_column(c, justify="left" if c in ("layer", "status") else "right",
+                          overflow="fold", no_wrap=c != "layer")
         for p in per:
             ch = None if p["chance_out"] is None else (p["chance_out"] + p["chance_in"]) / 2
-            lt.add_row(p["key"], _f(p["cosine"], 3), _f(p["norm_ratio"], 3), _f(p["overlap_out"], 3),
+            lt.add_row(short_key(p["key"]), _f(p["cosine"], 3), _f(p["norm_ratio"], 3), _f(p["overlap_out"], 3),
                        _f(p["overlap_in"], 3), _f(ch, 2), p["status"])
         out.print(lt)
     for label, keys in (("only in A", res["only_a"]), ("only in B", res["only_b"])):
