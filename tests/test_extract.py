@@ -227,3 +227,73 @@ def test_float64_retry_on_non_convergence(monkeypatch):
     ap = lowrank.low_rank_approx(A, rank=5, method="exact")
     assert ap.float64_retry and calls == [torch.float32, torch.float64]
     assert ap.retained == pytest.approx(lowrank.retained(torch.linalg.svdvals(A.double()), 5), rel=1e-6)
+
+
+# ----- diffusers cross-check: the saved LoRA reproduces the tuned UNet ---------------------------
+@pytest.mark.parametrize("dialect", ["kohya", "diffusers"])
+def test_extracted_lora_loaded_by_diffusers_reproduces_tuned_unet(planted, tmp_path, dialect):
+    import warnings
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from lorahub.formats.io import save_lora
+
+    base, tuned_dir, tuned_file, _, _ = planted
+    res = extract(base, tuned_file, ExtractOptions(rank=PLANT_RANK, conv_rank=PLANT_RANK, dtype="fp16"))
+    out = save_lora(res.model, tmp_path / f"x-{dialect}.safetensors", dialect=dialect)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    enc = torch.randn(2, 7, 32, generator=g)
+    t = torch.tensor([10, 500])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = UNet2DConditionModel.from_pretrained(str(tuned_dir), subfolder="unet").eval()
+        pipe = StableDiffusionPipeline.from_pretrained(str(base), local_files_only=True)
+        with torch.no_grad():
+            y_tuned = tuned(x, t, enc).sample
+            y_base = pipe.unet(x, t, enc).sample
+        pipe.load_lora_weights(str(out))
+        with torch.no_grad():
+            y_lora = pipe.unet(x, t, enc).sample
+    gap = float((y_base - y_tuned).norm())
+    assert gap > 0.05 * float(y_tuned.norm())          # the fine-tune matters
+    assert float((y_lora - y_tuned).norm()) < 0.01 * gap  # and the LoRA reproduces it
+
+
+# ----- CLI -------------------------------------------------------------------------------------
+def test_cli_extract_register_and_report(planted, tmp_path, home, cli):
+    from lorahub.formats.io import load_lora
+    from lorahub.registry import Registry
+
+    base, _, tuned_file, _, deltas = planted
+    out = tmp_path / "ex.safetensors"
+    r = cli("extract", "tiny-sd1", str(tuned_file), "--rank", str(PLANT_RANK), "--conv-rank", str(PLANT_RANK),
+            "--dtype", "fp32", "--out", str(out), "--register", "--type", "style", "--trigger", "zq",
+            "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["frobenius_retained"] > 0.999 and rep["layers"] == len(deltas)
+    assert {b["block"] for b in rep["blocks"]} >= {"unet.down_blocks.0", "unet.mid_block", "unet.up_blocks.1"}
+    model = load_lora(out)
+    assert set(model.layers) == {n[:-len(".weight")] for n in deltas}
+    reg = Registry.open(home)
+    entry = reg.get(rep["registered"]["id"])
+    assert entry["type"] == "style" and entry["triggers"] == ["zq"] and entry["rank"] == PLANT_RANK
+    lin = reg.lineage(entry["id"])
+    assert sorted(x["relation"] for x in lin) == ["extracted-from", "extracted-from"]
+    meta = json.loads(model.metadata["lorahub_extract"])
+    assert {x["parent"] for x in lin} == {meta["base"]["sha256"], meta["tuned"]["sha256"]}
+    assert {x["detail"]["role"] for x in lin} == {"base", "tuned"}
+    # the human report: a table of blocks and the total
+    r = cli("extract", "tiny-sd1", str(tuned_file), "--rank", "2", "--out", str(tmp_path / "h.safetensors"),
+            home=home)
+    assert r.returncode == 0, r.stderr
+    assert "retained" in r.stdout and "unet.mid_block" in r.stdout and "total" in r.stdout
+    assert "text_encoder: skipped" in r.stdout
+
+
+def test_cli_extract_bad_input(tmp_path, home, cli):
+    r = cli("extract", "tiny-sd1", str(tmp_path / "nope.safetensors"), home=home)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
+    r = cli("extract", "tiny-sd1", "tiny-sd1", "--energy", "0.9", "--sv-fro", "0.9", home=home)
+    assert r.returncode == 2 and "at most one" in r.stderr

@@ -92,8 +92,8 @@ def resize_layer(layer, opts: ResizeOptions):
     from lorahub.formats.canonical import LoraLayer
     from lorahub.linalg import lowrank
 
-    shape = tuple(layer.shape)
     if layer.kind == "lora" and layer.mid is None:
+        shape = tuple(layer.shape)
         up, down = layer.up, layer.down
         out_dtype = up.dtype if up.is_floating_point() else torch.float32
         sp = lowrank.spectrum(up, down, 1.0)     # unscaled product; the scale goes to alpha
@@ -101,6 +101,7 @@ def resize_layer(layer, opts: ResizeOptions):
         how = "factored"
     else:
         d = layer.delta(torch.float64)
+        shape = tuple(d.shape)
         out_dtype = next(iter(layer.weights.values())).dtype
         A = d.reshape(d.shape[0], -1)
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
