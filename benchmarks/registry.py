@@ -15,6 +15,13 @@
 
 from __future__ import annotations
 
+import sys as _sys
+from os.path import abspath as _abspath, dirname as _dirname
+
+# benchmarks/ holds inspect.py, merge.py, ...: keep them from shadowing the standard library
+if _sys.path and _abspath(_sys.path[0] or ".") == _dirname(_abspath(__file__)):
+    _sys.path.pop(0)
+
 import argparse
 import datetime as dt
 import os
