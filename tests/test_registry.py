@@ -410,3 +410,26 @@ def test_registry_module_is_light():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_add_many_batches_dedupes_and_reports(reg, tmp_path):
+    files = [make_kohya(tmp_path / f"m{i}.safetensors", seed=200 + i) for i in range(5)]
+    twin = tmp_path / "twin.safetensors"
+    twin.write_bytes(files[0].read_bytes())
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x03\0\0\0\0\0\0\0{x}")
+    seen = []
+    counts = reg.add_many(files[:3] + [twin, bad] + files[3:], batch_files=2,
+                          callback=lambda p, e, c, err: seen.append((Path(p).name, c, err is not None)))
+    assert counts == {"added": 5, "already": 1, "failed": 1}
+    assert sorted(seen) == sorted([(f.name, True, False) for f in files] + [("twin.safetensors", False, False),
+                                                                             ("bad.safetensors", False, True)])
+    assert reg.count() == 5
+    blobs = store_files(reg.home)
+    assert len(blobs) == 5 and not any(b.name.startswith(".lorahub-tmp-") for b in blobs)
+    for f in files:
+        e = reg.resolve(f.stem)
+        assert reg.blob_path(e).read_bytes() == f.read_bytes()
+        assert reg.blob_path(e).stat().st_mode & 0o222 == 0
+    # again: everything is already there
+    assert reg.add_many(files) == {"added": 0, "already": 5, "failed": 0}
