@@ -594,23 +594,28 @@ def demo(home: HomeOpt = None) -> None:
         from lorahub.tiny_loras import write_all
     except ImportError:
         raise LorahubError("lorahub.tiny_loras is not available in this installation") from None
-    work = home / "demo-files"
-    files = write_all(work)
-    con.print(f"wrote {len(files)} small LoRA files of every dialect to {work}")
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix="lorahub-demo-files-"))
     reg = open_registry(home)
     entries = []
     tags_for = {"sd1": "demo-sd1", "sdxl": "demo-sdxl"}
-    for label, path in sorted(files.items()):
-        try:
-            entry, created = reg.add_file(path, name=label, tags=["demo"])
-        except LorahubError as exc:
-            con.print(f"  could not add {label}: {exc}")
-            continue
-        if entry["base"] in tags_for:
-            entry = reg.update(entry["id"], tags=entry["tags"] + [tags_for[entry["base"]]])
-        entries.append(entry)
-        con.print(f"  $ lorahub add {Path(path).name}  -> {entry['id']} {entry['format']} {entry['kind']} "
-                  f"{entry['base']} rank {_rank_text(entry) or '-'}")
+    try:
+        files = write_all(work)
+        con.print(f"wrote {len(files)} small LoRA files of every dialect to {work}")
+        for label, path in sorted(files.items()):
+            try:
+                entry, created = reg.add_file(path, name=label, tags=["demo"], source="lorahub demo (tiny fixtures)")
+            except LorahubError as exc:
+                con.print(f"  could not add {label}: {exc}")
+                continue
+            if entry["base"] in tags_for and tags_for[entry["base"]] not in entry["tags"]:
+                entry = reg.update(entry["id"], tags=entry["tags"] + [tags_for[entry["base"]]])
+            entries.append(entry)
+            con.print(f"  $ lorahub add {Path(path).name}  -> {entry['id']} {entry['format']} {entry['kind']} "
+                      f"{entry['base']} rank {_rank_text(entry) or '-'}" + ("" if created else " (already there)"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     _print_table(con, _entries_table(entries, title=f"lorahub list ({len(entries)} entries)"))
     with_triggers = [e for e in entries if e["triggers"]]
     searches = [("", {"base": "sdxl"}), ("", {"kind": "loha"})]
