@@ -767,7 +767,9 @@ class Trainer:
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.save_precision]
 
     def _embedding_files(self, md: dict) -> list[Path]:
-        from lorahub.fsutil import save_safetensors
+        """One webui-style file per placeholder: ``emb_params`` (SD1/SD2) or ``clip_l``+``clip_g`` (SDXL)."""
+        from lorahub.formats.canonical import LoraModel
+        from lorahub.formats.io import save_lora
 
         cfg = self.cfg
         rows = self.learned_embeddings()
@@ -776,16 +778,15 @@ class Trainer:
         suffix = ".emb" if cfg.method == "pivotal" else ""
         out = []
         for k, p in enumerate(ph):
+            slots = {"clip_l": rows[0][k * n:(k + 1) * n]}
             if self.family == "sdxl":
-                tensors = {"clip_l": rows[0][k * n:(k + 1) * n], "clip_g": rows[1][k * n:(k + 1) * n]}
-            else:
-                tensors = {"emb_params": rows[0][k * n:(k + 1) * n]}
-            tensors = {key: v.to(self._save_dtype()) for key, v in tensors.items()}
-            stem = self.name if len(ph) == 1 else f"{self.name}-{_safe(p)}"
-            dest = self.out_dir / f"{stem}{suffix}.safetensors"
+                slots["clip_g"] = rows[1][k * n:(k + 1) * n]
             meta = {**md, "ss_placeholder_token": p, "modelspec.trigger_phrase": p,
                     "lorahub_triggers": json.dumps([p])}
-            save_safetensors(tensors, dest, meta)
+            model = LoraModel(embeddings={p: slots}, metadata=meta, base=self.family)
+            stem = self.name if len(ph) == 1 else f"{self.name}-{_safe(p)}"
+            dest = self.out_dir / f"{stem}{suffix}.safetensors"
+            save_lora(model, dest, dialect="kohya", dtype=self._save_dtype())
             out.append(dest)
         return out
 
