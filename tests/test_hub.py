@@ -23,19 +23,43 @@ TOKEN = "hf_lorahubTestToken0123456789"
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def kohya_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
+UNET_MODULES = {  # kohya name -> path in the tiny SD1 UNet (32-wide attention)
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+        ("down_blocks", 0, "attentions", 0, "transformer_blocks", 0, "attn1", "to_q"),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
+        ("down_blocks", 0, "attentions", 0, "transformer_blocks", 0, "attn2", "to_k"),
+}
+
+
+def kohya_lora(path: Path, seed: int = 0, rank: int = 4, te: bool = True) -> Path:
+    """A kohya LoRA whose modules exist in the tiny SD1 pipeline (32-wide)."""
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     t = {}
-    for mod, din, dout in [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32, 32),
-                           ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 32, 32),
-                           ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32, 32)]:
+    mods = list(UNET_MODULES) + (["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] if te else [])
+    for mod, din, dout in [(m, 32, 32) for m in mods]:
         t[f"{mod}.lora_down.weight"] = torch.randn(rank, din, generator=g)
         t[f"{mod}.lora_up.weight"] = torch.randn(dout, rank, generator=g) * 0.01
         t[f"{mod}.alpha"] = torch.tensor(float(rank) / 2)
     save_file(t, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
+    return path
+
+
+def loha(path: Path, seed: int = 2, rank: int = 4) -> Path:
+    """A LyCORIS LoHa (kohya-style keys): diffusers cannot load it, so push converts nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for mod in UNET_MODULES:
+        for a, shape in (("hada_w1_a", (32, rank)), ("hada_w1_b", (rank, 32)), ("hada_w2_a", (32, rank)),
+                         ("hada_w2_b", (rank, 32))):
+            t[f"{mod}.{a}"] = torch.randn(*shape, generator=g) * 0.1
+        t[f"{mod}.alpha"] = torch.tensor(float(rank))
+    save_file(t, str(path))
     return path
 
 
@@ -146,6 +170,14 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     if "pytorch_lora_weights.safetensors" in remote:  # diffusers form, when the formats converter exists
         assert 'weight_name="pytorch_lora_weights.safetensors"' in text
 
+    # a re-push of the same entry uploads nothing and makes no commit
+    n_lfs = len(hub.lfs_uploads)
+    again = json.loads(ok(cli("push", style_entry["name"], "--repo", "tester/arcane", "--token-env",
+                              "LORAHUB_TEST_TOKEN", "--json", home=home, env=env)).stdout)
+    assert not again["uploaded"] and again["commit"] == rep["commit"]
+    assert len(hub.commits) == 1 and len(hub.lfs_uploads) == n_lfs
+    assert len([r for r in hub.requests if r[0] == "PUT"]) == n_lfs
+
     # the remote is recorded on the entry
     reg = open_reg(home)
     remotes = reg.remotes(style_entry["id"])
@@ -189,38 +221,31 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     assert [d for d in hub.downloads if d[0] == "GET" and d[2].endswith(".safetensors")] == gets
     assert open_reg(home2).count() == 1
 
-
-def test_repush_is_a_noop_and_changes_upload_only_what_changed(cli, home, hub, henv, style_entry):
-    env = henv()
-    args = ("push", style_entry["name"], "--repo", "tester/again", "--token-env", "LORAHUB_TEST_TOKEN", "--json")
-    first = json.loads(ok(cli(*args, home=home, env=env)).stdout)
-    n_commits, n_lfs = len(hub.commits), len(hub.lfs_uploads)
-    assert n_commits == 1 and n_lfs >= 2  # weights + preview image went through LFS
-
-    second = json.loads(ok(cli(*args, home=home, env=env)).stdout)
-    assert not second["uploaded"] and second["commit"] == first["commit"]
-    assert len(hub.commits) == n_commits and len(hub.lfs_uploads) == n_lfs
-    assert not [r for r in hub.requests if r[0] == "PUT"][n_lfs:]
-
-    # a changed trigger changes only the card: one new commit, no LFS upload
+    # changed metadata: one new commit with only the card; weights and converted copies stay as they are
     reg = open_reg(home)
     reg.update(style_entry["id"], triggers=["arcane style"])
     reg.close()
-    third = json.loads(ok(cli(*args, home=home, env=env)).stdout)
-    assert third["uploaded"] and third["commit"] != first["commit"]
-    assert len(hub.commits) == n_commits + 1 and len(hub.lfs_uploads) == n_lfs
-    fm, _ = front_matter(hub.file_bytes("tester/again", "README.md").decode())
+    before = dict(hub.files("tester/arcane"))
+    third = json.loads(ok(cli("push", style_entry["id"], "--repo", "tester/arcane", "--token-env",
+                              "LORAHUB_TEST_TOKEN", "--json", home=home, env=env)).stdout)
+    assert third["uploaded"] and third["commit"] == hub.head("tester/arcane") != rep["commit"]
+    assert len(hub.commits) == 2 and len(hub.lfs_uploads) == n_lfs
+    after = hub.files("tester/arcane")
+    assert set(after) == set(before)
+    assert [p for p in after if after[p] != before[p]] == ["README.md"]
+    fm, _ = front_matter(hub.file_bytes("tester/arcane", "README.md").decode())
     assert fm["instance_prompt"] == "arcane style"
     assert open_reg(home).remotes(style_entry["id"])[0]["commit"] == third["commit"]
 
 
-def test_push_branch_private_and_embedding(cli, home, hub, henv, style_entry, tmp_path):
+def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
     reg = open_reg(home)
+    lh, _ = reg.add_file(loha(tmp_path / "arcane_style.safetensors"), triggers=["arcane"])
     emb, _ = reg.add_file(embedding(tmp_path / "arcane_emb.safetensors"))
     reg.close()
-    assert emb["kind"] == "textual-inversion"
+    assert emb["kind"] == "textual-inversion" and lh["kind"] == "loha"
     env = henv()
-    rep = json.loads(ok(cli("push", style_entry["id"], emb["id"], "--repo", "tester/priv", "--private",
+    rep = json.loads(ok(cli("push", lh["id"], emb["id"], "--repo", "tester/priv", "--private",
                             "--revision", "dev", "-m", "first drop", "--token-env", "LORAHUB_TEST_TOKEN", "--json",
                             home=home, env=env)).stdout)
     assert rep["revision"] == "dev" and rep["commit"] == hub.head("tester/priv", "dev")
@@ -229,10 +254,14 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, style_entry, tm
     assert hub.commits[-1][3] == "first drop"
     files = hub.files("tester/priv", "dev")
     assert "arcane_emb.safetensors" in files and "arcane_style.safetensors" in files
+    assert "pytorch_lora_weights.safetensors" not in files  # diffusers cannot load a LoHa
     text = hub.file_bytes("tester/priv", "README.md", "dev").decode()
     assert "load_textual_inversion" in text and "embeddings/" in text
+    assert "diffusers cannot load this loha adapter" in text and "<lora:arcane_style:1>" in text
+    fm, _ = front_matter(text)
+    assert "loha" in fm["tags"] and fm["instance_prompt"] == "arcane, arcane_emb"
     reg = open_reg(home)
-    for eid in (style_entry["id"], emb["id"]):
+    for eid in (lh["id"], emb["id"]):
         assert reg.remotes(eid)[0]["revision"] == "dev"
     reg.close()
     # a private repo is not visible without the token
@@ -241,7 +270,7 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, style_entry, tm
     pulled = json.loads(ok(cli("pull", "tester/priv@dev", "--token-env", "LORAHUB_TEST_TOKEN", "--json",
                                home=home2, env=henv("hf2"))).stdout)
     kinds = sorted(e["kind"] for e in pulled["entries"])
-    assert kinds == ["lora", "textual-inversion"]
+    assert kinds == ["loha", "textual-inversion"]
 
 
 def test_pull_file_option_and_card_metadata(cli, hub, henv, tmp_path):
@@ -371,11 +400,62 @@ def test_card_render_is_deterministic_yaml(home, style_entry, tmp_path):
 
     reg = open_reg(home)
     entry = reg.get(style_entry["id"])
-    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path)
-    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "a")
+    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "b")
     assert p1["readme"] == p2["readme"]
+    # converted files are byte-identical too (same LFS oid on a re-push)
+    conv1 = {f["path"]: Path(f["src"]).read_bytes() for f in p1["files"] if f["role"] == "converted"}
+    conv2 = {f["path"]: Path(f["src"]).read_bytes() for f in p2["files"] if f["role"] == "converted"}
+    assert conv1 == conv2
     meta = parse_card(p1["readme"].encode())
     assert yaml.safe_load(yaml.safe_dump(meta)) == meta
     assert meta["widget"][0]["output"]["url"].startswith("images/")
     assert sqlite3.connect(home / "lorahub.db").execute("select count(*) from remotes").fetchone()[0] == 0
     reg.close()
+
+
+def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, tmp_path, tiny_sd1):
+    """Follow the card: load_lora_weights(weight_name=...) on the file as stored on the hub, fuse at the
+    card's α, and compare every touched UNet weight with W0 + α·(alpha/rank)·up·down."""
+    import re
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    src = kohya_lora(tmp_path / "unet_only.safetensors", seed=7, te=False)
+    reg = open_reg(home)
+    entry, _ = reg.add_file(src, triggers=["zq style"], base="sd1")
+    reg.add_preview(entry["id"], png(tmp_path / "g.png"), params={"recommended_alpha": 0.6})
+    reg.close()
+    ok(cli("push", entry["id"], "--repo", "tester/unet", "--token-env", "LORAHUB_TEST_TOKEN", home=home, env=henv()))
+    card = hub.file_bytes("tester/unet", "README.md").decode()
+    m = re.search(r'pipe\.load_lora_weights\("tester/unet", weight_name="([^"]+)"\)', card)
+    assert m, card
+    weight_name = m.group(1)
+    scale = float(re.search(r'cross_attention_kwargs=\{"scale": ([0-9.]+)\}', card).group(1))
+    assert scale == 0.6
+    local = tmp_path / "fromhub"
+    local.mkdir()
+    (local / weight_name).write_bytes(hub.file_bytes("tester/unet", weight_name))
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1), local_files_only=True)
+
+    def module(p, path):
+        obj = p.unet
+        for a in path:
+            obj = obj[a] if isinstance(a, int) else getattr(obj, a)
+        return getattr(obj, "base_layer", obj)
+
+    w0 = {k: module(pipe, v).weight.detach().clone() for k, v in UNET_MODULES.items()}
+    pipe.load_lora_weights(str(local), weight_name=weight_name)
+    pipe.fuse_lora(lora_scale=scale)
+    sd = load_file(str(src))
+    for k, path in UNET_MODULES.items():
+        rank = sd[f"{k}.lora_down.weight"].shape[0]
+        delta = scale * (sd[f"{k}.alpha"] / rank) * sd[f"{k}.lora_up.weight"] @ sd[f"{k}.lora_down.weight"]
+        got = module(pipe, path).weight.detach() - w0[k]
+        assert delta.abs().max() > 1e-3
+        torch.testing.assert_close(got, delta, atol=1e-6, rtol=1e-4)

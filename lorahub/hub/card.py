@@ -9,6 +9,7 @@ makes a re-push a no-op.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -298,4 +299,20 @@ def render(plan: dict) -> str:
         L.append("")
         L.append(f"`{diff}` was converted by lorahub from `{plan['webui_file']}` (same weights, diffusers key names).")
     L += ["", "---", "", "Card written by lorahub from its local registry.", ""]
+    conv = {f["path"]: {"from": f["from_sha256"], "dialect": f["dialect"]}
+            for f in plan["files"] if f["role"] == "converted"}
+    if conv:
+        L += [f"<!-- lorahub-converted: {json.dumps(conv, sort_keys=True)} -->", ""]
     return "\n".join(L)
+
+
+def converted_marker(text: str) -> dict:
+    """The ``lorahub-converted`` record of a card we wrote: {path: {"from": sha256, "dialect": d}}."""
+    m = re.search(r"<!-- lorahub-converted: (\{.*?\}) -->", text or "")
+    if not m:
+        return {}
+    try:
+        data = json.loads(m.group(1))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -50,15 +50,51 @@ def _unique(path: str, used: set[str]) -> str:
     return f"{stem}-{i}.{ext}"
 
 
-def _convert(reg, entry: dict, dialect: str, dest: Path) -> Path:
+def canonical_safetensors(path: Path) -> Path:
+    """Rewrite a safetensors header with sorted keys (metadata order is otherwise random per process),
+    so the same weights always give the same bytes -- and the same LFS oid on the Hub."""
+    import json
+    import struct
+
+    from lorahub.fsutil import atomic_write_bytes
+
+    data = Path(path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    atomic_write_bytes(path, struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return Path(path)
+
+
+def convert(reg, entry: dict, dialect: str, dest: Path) -> Path:
+    """Write ``entry`` in ``dialect`` to ``dest`` (deterministic bytes)."""
     from lorahub.formats.io import load_lora, save_lora
 
     model = load_lora(reg.blob_path(entry))
-    return Path(save_lora(model, dest, dialect=dialect))
+    return canonical_safetensors(Path(save_lora(model, dest, dialect=dialect)))
 
 
-def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model: str | None = None) -> dict:
-    """Which files go where, and the card text. Conversions are written into ``workdir``."""
+class _Lazy:
+    """Plans conversions without doing them (a re-push whose card is unchanged never converts)."""
+
+    def __init__(self, failed: dict):
+        self.failed = failed
+        self.todo: list[tuple[dict, str, Path]] = []
+
+    def __call__(self, reg, entry: dict, dialect: str, dest: Path) -> Path:
+        msg = self.failed.get((entry["id"], dialect))
+        if msg is not None:
+            raise LorahubError(msg)
+        self.todo.append((entry, dialect, dest))
+        return dest
+
+
+def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model: str | None = None,
+              converter=None) -> dict:
+    """Which files go where, and the card text. Conversions are written into ``workdir`` by
+    ``converter(reg, entry, dialect, dest)`` (default: :func:`convert`, done now)."""
+    _convert = converter or convert
     if not entries:
         raise LorahubError("push: give at least one registry entry")
     loras = [e for e in entries if e.get("kind") in LORA_KINDS]
@@ -86,6 +122,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
                 conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
                 wpath = _unique(safe_file_name(f"{e['name']}.safetensors"), used)
                 files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
+                              "from_sha256": e["sha256"], "dialect": "kohya",
                               "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
                 plan["webui_file"] = wpath
             except Exception as exc:  # noqa: BLE001 - a conversion we cannot do is reported, not fatal
@@ -106,6 +143,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
                 conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
                 wpath = _unique(safe_file_name(f"{e['name']}-kohya.safetensors"), used)
                 files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
+                              "from_sha256": e["sha256"], "dialect": "kohya",
                               "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
                 plan["webui_file"] = wpath
             except Exception as exc:  # noqa: BLE001
@@ -115,11 +153,14 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
                 conv = _convert(reg, e, "diffusers", workdir / "pytorch_lora_weights.safetensors")
                 dpath = _unique("pytorch_lora_weights.safetensors", used)
                 files.append({"path": dpath, "src": conv, "role": "converted", "entry": None,
+                              "from_sha256": e["sha256"], "dialect": "diffusers",
                               "form": "diffusers (converted by lorahub)", "for": "diffusers `load_lora_weights`"})
                 plan["diffusers_file"] = dpath
                 plan["diffusers_converted"] = True
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"no diffusers copy: {exc}")
+                if fmt == "kohya":  # diffusers' load_lora_weights reads kohya files itself
+                    plan["diffusers_file"] = path
         elif is_main:
             notes.append(f"diffusers cannot load a {e.get('kind')} adapter; only the original file is uploaded")
 
@@ -195,19 +236,45 @@ def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: st
 
     api = HfApi(endpoint=ep, token=token, library_name="lorahub")
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as td:
-        plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model)
+        failed: dict = {}
+        lazy = _Lazy(failed)
+        plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model, converter=lazy)
         readme = plan["readme"].encode("utf-8")
         with hub_errors("push", endpoint=ep, token=token, repo=repo):
             url = api.create_repo(repo_id=repo, private=private, exist_ok=True, repo_type="model")
             if branch != "main":
                 api.create_branch(repo_id=repo, branch=branch, exist_ok=True)
             remote = _remote_readme(api, repo, branch)
+        keep: set[str] = set()
+        if remote != readme and lazy.todo:
+            # a converted file already on the Hub from the same source bytes is neither redone nor re-sent
+            marker = cardmod.converted_marker(remote.decode("utf-8", "replace")) if remote else {}
+            if marker:
+                with hub_errors("push", endpoint=ep, token=token, repo=repo):
+                    have = set(api.list_repo_files(repo, revision=branch))
+                for f in plan["files"]:
+                    if f["role"] == "converted" and f["path"] in have and marker.get(f["path"]) == {
+                            "from": f["from_sha256"], "dialect": f["dialect"]}:
+                        keep.add(f["path"])
+            # convert now; a conversion that fails is left out and the card re-planned without it
+            for entry, dialect, dest in lazy.todo:
+                if any(f["path"] in keep and Path(f["src"]) == dest for f in plan["files"]):
+                    continue
+                try:
+                    convert(reg, entry, dialect, dest)
+                except Exception as exc:  # noqa: BLE001
+                    failed[(entry["id"], dialect)] = " ".join(str(exc).split())[:300] or type(exc).__name__
+            if failed:
+                plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model,
+                                 converter=_Lazy(failed))
+                readme = plan["readme"].encode("utf-8")
+        with hub_errors("push", endpoint=ep, token=token, repo=repo):
             if remote == readme:
                 info = api.model_info(repo, revision=branch)
                 commit, uploaded = info.sha, False
             else:
                 ops = [CommitOperationAdd(path_in_repo=f["path"], path_or_fileobj=str(f["src"]))
-                       for f in plan["files"]]
+                       for f in plan["files"] if f["path"] not in keep]
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
                 msg = message or f"lorahub push: {', '.join(e['name'] for e in entries)}"
                 ci = api.create_commit(repo_id=repo, operations=ops, commit_message=msg, revision=branch,
