@@ -407,7 +407,8 @@ class Registry:
         return self._commit(prep, durable=True)
 
     def add_many(self, paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
-                 batch_files: int = 128, batch_bytes: int = 256 * 1024 * 1024, callback=None) -> dict:
+                 batch_files: int = 64, batch_bytes: int = 256 * 1024 * 1024, workers: int = 2,
+                 callback=None) -> dict:
         """Add many files (``scan``): one transaction per file, with the fsyncs of a batch issued
         together (parallel fsyncs share the file system's journal commits). Blobs stay temp files until
         their data is synced; each entry is then committed (and its blob renamed into place) in its own
@@ -416,8 +417,19 @@ class Registry:
         """
         from lorahub.errors import LorahubError as _LE
 
+        from concurrent.futures import ThreadPoolExecutor
+
         counts = {"added": 0, "already": 0, "failed": 0}
         pending: list[dict] = []
+
+        def prep_one(p):
+            try:
+                return p, self._prepare(p, tags=tags, durable=False, check_existing=False), None
+            except _LE as exc:
+                return p, None, exc
+            except OSError as exc:
+                return p, None, _LE(f"{p}: {exc.strerror or exc}")
+
         size = 0
 
         def report(p, entry, created, err):
@@ -451,34 +463,36 @@ class Registry:
                 pending, size = [], 0
 
         try:
-            for p in paths:
-                try:
-                    prep = self._prepare(p, tags=tags, durable=False)
-                except _LE as exc:
-                    report(p, None, False, exc)
-                    continue
-                except OSError as exc:
-                    report(p, None, False, _LE(f"{p}: {exc.strerror or exc}"))
-                    continue
-                if "hashes" not in prep:
-                    report(p, prep, False, None)
-                    continue
-                if any(x["hashes"].sha256 == prep["hashes"].sha256 for x in pending):
-                    prep["tmp"].unlink(missing_ok=True)
-                    for _k, t, *_ in prep["previews"]:
-                        t.unlink(missing_ok=True)
-                    report(p, None, False, None)
-                    continue
-                pending.append(prep)
-                size += prep["hashes"].size
-                if len(pending) >= batch_files or size >= batch_bytes:
-                    flush()
+            for window in _windows(paths, batch_files, batch_bytes):
+                # detection + hashing + copying of a window run on worker threads (hashlib and file
+                # I/O release the GIL); database work stays on this thread
+                if workers > 1 and len(window) > 1:
+                    with ThreadPoolExecutor(min(workers, len(window))) as ex:
+                        results = list(ex.map(prep_one, window))
+                else:
+                    results = [prep_one(p) for p in window]
+                for p, prep, err in results:
+                    if err is not None:
+                        report(p, None, False, err)
+                        continue
+                    existing = self.find_sha256(prep["hashes"].sha256)
+                    if existing is not None or any(x["hashes"].sha256 == prep["hashes"].sha256 for x in pending):
+                        prep["tmp"].unlink(missing_ok=True)
+                        for _k, t, *_ in prep["previews"]:
+                            t.unlink(missing_ok=True)
+                        report(p, existing, False, None)
+                        continue
+                    pending.append(prep)
+                    size += prep["hashes"].size
+                    if len(pending) >= batch_files or size >= batch_bytes:
+                        flush()
         finally:
             flush()
         return counts
 
     def _prepare(self, path, *, name=None, type=None, triggers=None, tags=None, base=None, description=None,
-                 source=None, lineage=None, copy=True, sidecars=True, extra=None, durable=True):
+                 source=None, lineage=None, copy=True, sidecars=True, extra=None, durable=True,
+                 check_existing=True):
         """Detect, read metadata and sidecars, hash + copy into a temp blob. No database write.
 
         Returns the existing entry (a dict with "id") when the sha256 is already registered, else a
@@ -533,7 +547,7 @@ class Registry:
                             os.fsync(out.fileno())
             if hashes.size != p.stat().st_size:
                 raise FormatError(f"{path}: file changed while it was added")
-            existing = self.find_sha256(hashes.sha256)
+            existing = self.find_sha256(hashes.sha256) if check_existing else None
             if existing is not None:
                 tmp.unlink(missing_ok=True)
                 return existing
@@ -887,6 +901,26 @@ def fts_query(query: str) -> str | None:
     if not words:
         return None
     return " AND ".join(f'"{w}"*' for w in words)
+
+
+def _windows(items, n: int, max_bytes: int):
+    """Groups of at most ``n`` paths and (roughly) ``max_bytes`` of file data."""
+    buf, size = [], 0
+    for it in items:
+        try:
+            sz = os.stat(it).st_size
+        except OSError:
+            sz = 0
+        if buf and size + sz > max_bytes:
+            yield buf
+            buf, size = [], 0
+        buf.append(it)
+        size += sz
+        if len(buf) >= n:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
 
 
 def _fsync_file(path: Path) -> None:
