@@ -433,3 +433,40 @@ def test_add_many_batches_dedupes_and_reports(reg, tmp_path):
         assert reg.blob_path(e).stat().st_mode & 0o222 == 0
     # again: everything is already there
     assert reg.add_many(files) == {"added": 0, "already": 5, "failed": 0}
+
+
+def test_process_killed_after_blob_rename_before_commit(home, tmp_path):
+    import subprocess
+    import sys
+
+    f = make_kohya(tmp_path / "k.safetensors")
+    code = f"""
+import os
+from lorahub.registry import Registry
+orig = Registry._place_blob
+def place_then_die(self, tmp, sha, **kw):
+    orig(self, tmp, sha, **kw)
+    os._exit(9)
+Registry._place_blob = place_then_die
+Registry.open({str(home)!r}).add_file({str(f)!r})
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    reg = Registry.open(home)
+    assert reg.count() == 0 and reg.conn.execute("SELECT count(*) FROM entries_fts").fetchone()[0] == 0
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert [p.name for p in store_files(home)] == [sha]  # an unreferenced blob, no entry
+    assert reg.gc()["blobs"] == [sha]
+    e, created = reg.add_file(f)
+    assert created and reg.blob_path(e).read_bytes() == f.read_bytes()
+
+
+def test_stale_blob_under_the_final_name_is_replaced(reg, tmp_path):
+    f = make_kohya(tmp_path / "s.safetensors")
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    stale = reg.object_path(sha)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"\0" * f.stat().st_size)  # e.g. data lost in a crash before it reached the disk
+    e, _ = reg.add_file(f)
+    assert reg.blob_path(e).read_bytes() == f.read_bytes()
+    assert reg.verify() == []
