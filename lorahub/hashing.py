@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
@@ -106,7 +105,11 @@ def hash_stream(f: BinaryIO, size: int, *, copy_to: BinaryIO | None = None, chun
     pos = 0
     first = True
     # Large files: let the two SHA-256 streams run on two threads (hashlib releases the GIL).
-    pool = ThreadPoolExecutor(1) if size >= 8 * chunk else None
+    pool = None
+    if size >= 8 * chunk:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1)
     try:
         while True:
             buf = f.read(max(chunk, 8) if first else chunk)
