@@ -36,6 +36,28 @@ MaskOpt = Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask
 NoTriggerOpt = Annotated[bool, typer.Option("--no-trigger", help="Do not prepend the entry's trigger words.")]
 
 
+def _quiet() -> None:
+    """Keep diffusers/transformers progress bars and advisories off the terminal (one-line errors only)."""
+    import os
+    import warnings
+
+    for var, val in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                     ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(var, val)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
 def _loras(refs: list[str], home) -> tuple[list, list[dict | None], list[str], list[list[str]]]:
     """(LoraModel, registry entry or None, display name, triggers) for every reference."""
     from lorahub.errors import LorahubError
@@ -50,6 +72,8 @@ def _loras(refs: list[str], home) -> tuple[list, list[dict | None], list[str], l
         p = Path(ref).expanduser()
         if p.is_file():
             entry, path, name, trig = None, p, p.stem, []
+        elif "/" in ref or "\\" in ref or p.suffix.lower() in (".safetensors", ".pt", ".bin", ".ckpt"):
+            raise LorahubError(f"{ref}: no such file")
         else:
             if reg is None:
                 reg = open_registry(home)
@@ -176,7 +200,7 @@ def sweep(
     if gif is not None and gif.suffix.lower() not in (".gif", ".webp"):
         raise LorahubError(f"--gif {gif}: animations are .gif or .webp")
     img, msk = _inpaint_inputs(image, mask, size)
-
+    _quiet()
     models, entries, names, triggers = _loras(refs, home)
     for m, n in zip(models, names):
         if not m.layers:
@@ -299,6 +323,7 @@ def render(
     pairs = [_parse_weighted(r) for r in refs]
     seed_list = parse_seeds(seeds)
     img, msk = _inpaint_inputs(image, mask, size)
+    _quiet()
     models, entries, names, triggers = _loras([p[0] for p in pairs], home)
     pipe = _pipeline(base, home, device=device, dtype=dtype, config=config, inpaint=img is not None)
     set_scheduler(pipe, scheduler)

@@ -311,7 +311,11 @@ def apply_loras(pipe, models, names=None, *, strict: bool = False) -> AppliedLor
                 else:
                     unmatched.append(key)
                     continue
-                wrapper.add(_make_adapter(slot, layer, target))
+                try:
+                    adapter = _make_adapter(slot, layer, target)
+                except LorahubError as exc:
+                    raise LorahubError(f"{name}: {key}: {exc}; is it for another base model?") from None
+                wrapper.add(adapter)
                 applied += 1
             if unmatched and (strict or applied == 0) and model.layers:
                 raise LorahubError(f"{name}: {len(unmatched)} of {len(model.layers)} layers match no module of "

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from lorahub.errors import LorahubError
 
 SCHEDULERS = {
@@ -86,6 +84,7 @@ def plan_sweep(prompts: list[str], seeds: list[int], alphas: list[float],
 
 def _initial(pipe, seed: int, height: int, width: int, dtype, device, generator_device: str):
     from diffusers.utils.torch_utils import randn_tensor
+    import torch
 
     g = torch.Generator(device=generator_device).manual_seed(int(seed))
     c = pipe.unet.config.in_channels
@@ -114,6 +113,8 @@ def render_batch(pipe, handle, samples: list[Sample], *, steps: int, height: int
                  guidance: float = 7.5, negative: str | None = None, output_type: str = "pil",
                  generator_device: str = "cpu", image=None, mask=None, extra_call_kwargs: dict | None = None):
     """Render ``samples`` in ONE pipeline call (one batched UNet call per step). Returns the images."""
+    import torch
+
     if not samples:
         return []
     device = pipe._execution_device
