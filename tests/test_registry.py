@@ -224,10 +224,14 @@ def test_remove_keeps_blob_until_gc(reg, tmp_path):
     os.utime(old_tmp, (time.time() - 3600, time.time() - 3600))
     new_tmp = reg.home / "objects" / ".lorahub-tmp-inflight"
     new_tmp.write_bytes(b"y")
+    home_tmp = reg.home / ".lorahub-tmp-abc.db"
+    home_tmp.write_bytes(b"z")
+    os.utime(home_tmp, (time.time() - 3600, time.time() - 3600))
     dry = reg.gc(dry_run=True)
     assert dry["blobs"] == [e["sha256"]] and blob.is_file()
     res = reg.gc()
-    assert res["blobs"] == [e["sha256"]] and res["temp_files"] == [str(old_tmp)]
+    assert res["blobs"] == [e["sha256"]] and sorted(res["temp_files"]) == sorted([str(old_tmp), str(home_tmp)])
+    assert not home_tmp.exists()
     assert not blob.exists() and not old_tmp.exists() and new_tmp.exists()
     assert reg.blob_path(keep["id"]).is_file()
     # re-adding after gc stores the blob again

@@ -826,11 +826,21 @@ class Registry:
                             freed += st.st_size
                             if not dry_run:
                                 f.unlink(missing_ok=True)
-                    elif f.name not in refs and sub != f:
+                    elif f.name not in refs and sub != f and f.parent.parent == self.objects:
                         removed.append(f.name)
                         freed += st.st_size
                         if not dry_run:
                             f.unlink(missing_ok=True)
+            for f in sorted(self.home.glob(TMP_PREFIX + "*")):  # interrupted writes beside the database
+                try:
+                    st = f.lstat()
+                except OSError:
+                    continue
+                if f.is_file() and st.st_mtime <= limit:
+                    tmps.append(str(f))
+                    freed += st.st_size
+                    if not dry_run:
+                        f.unlink(missing_ok=True)
             if not dry_run:
                 self.conn.execute("DELETE FROM scan_cache WHERE sha256 NOT IN (SELECT sha256 FROM entries)")
             self.conn.execute("COMMIT")
