@@ -251,14 +251,18 @@ def _consistent(cfg: dict, layers: dict[str, LoraLayer]) -> bool:
     return True
 
 
-def _bookkeeping_meta(model: LoraModel, added: list[str]) -> str:
+def _bookkeeping_meta(model: LoraModel, added: list[str], has_config: bool) -> str:
     info: dict = {"added_keys": added}
-    na = [n for n, layer in model.layers.items() if layer.alpha is None]
+    na = [n for n, layer in model.layers.items() if layer.alpha is None] if has_config else []
     if na:
         info["no_alpha"] = na
     le = {}
     for n, layer in model.layers.items():
-        e = {k: layer.extra[k] for k in ("alpha_dtype", "alpha_shape") if k in layer.extra}
+        e = {}
+        if layer.extra.get("alpha_dtype", _dt(layer.down)) != _dt(layer.down):
+            e["alpha_dtype"] = layer.extra["alpha_dtype"]
+        if layer.extra.get("alpha_shape"):
+            e["alpha_shape"] = layer.extra["alpha_shape"]
         if e:
             le[n] = e
     if le:
@@ -282,8 +286,8 @@ def write(model: LoraModel, dtype: torch.dtype | None = None, dialect: str = "di
             out[f"base_model.model.{p}.lora_A.weight"] = _cast(layer.down, dtype)
             out[f"base_model.model.{p}.lora_B.weight"] = _cast(layer.up, dtype)
         existing = _part_configs(meta.get(META_KEY), prefixed=False).get("")
-        all_default = not existing and all(layer.alpha is None for layer in model.layers.values())
-        if not all_default and not (existing and _consistent(existing, model.layers)):
+        # a PEFT adapter always carries its LoraConfig (peft needs it to build the layers)
+        if not (existing and _consistent(existing, model.layers)):
             if META_KEY not in meta:
                 added.append(META_KEY)
             meta[META_KEY] = json.dumps(_config_for(model.layers), indent=2, sort_keys=True)
@@ -307,10 +311,14 @@ def write(model: LoraModel, dtype: torch.dtype | None = None, dialect: str = "di
     if "format" not in meta:
         meta["format"] = "pt"
         added.append("format")
-    book = _bookkeeping_meta(model, added)
+    book = _bookkeeping_meta(model, added, META_KEY in meta)
     if book != '{"added_keys":[]}':
         meta[LOREHUB_KEY] = book
     return out, meta
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

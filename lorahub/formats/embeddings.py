@@ -18,9 +18,12 @@ from lorahub.formats.canonical import LoraModel
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, strings: dict[str, str] | None = None,
          stem: str = "embedding", name: str = "file") -> LoraModel:
+    from lorahub.formats.diffusers_fmt import _bookkeeping
+
     strings = strings or {}
     keys = set(tensors)
-    model = LoraModel(metadata=dict(metadata), source_format="embedding")
+    clean, _info = _bookkeeping(metadata)
+    model = LoraModel(metadata=clean, source_format="embedding")
     shapes = {}
     if keys == {"emb_params"}:
         tok = metadata.get("name") or strings.get("name") or stem
@@ -82,7 +85,17 @@ def write(model: LoraModel, dialect: str, dtype: torch.dtype | None = None
         slots = model.embeddings[toks[0]]
         if "clip_g" in slots:
             return {"clip_l": cast(slots["clip_l"]), "clip_g": cast(slots["clip_g"])}, dict(model.metadata)
-        return {"emb_params": cast(slots["clip_l"], toks[0])}, dict(model.metadata)
+        meta = dict(model.metadata)
+        if meta.get("name") != toks[0]:
+            # the webui names the token after the file; keep ours in the header (marked as added)
+            import json
+
+            from lorahub.formats.diffusers_fmt import LOREHUB_KEY
+
+            if "name" not in meta:
+                meta[LOREHUB_KEY] = json.dumps({"added_keys": ["name"]}, separators=(",", ":"))
+            meta["name"] = toks[0]
+        return {"emb_params": cast(slots["clip_l"], toks[0])}, meta
     if dialect in ("diffusers", "peft"):
         if any("clip_g" in s for s in model.embeddings.values()):
             raise FormatError("SDXL embeddings (clip_l + clip_g) have no single-file diffusers form "

@@ -114,9 +114,39 @@ def to_state_dict(model: LoraModel, dialect: str = "kohya", dtype=None
     return diffusers_fmt.write(model, dt, dialect)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes, deterministically: sorted metadata and names, tensors ordered by
+    element size (largest first, so every tensor stays aligned) then name. The safetensors library
+    writes metadata in hash-map order, so the same content would not give the same bytes (and sha256)."""
+    import json
+
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    chunks = []
+    offset = 0
+    for k in order:
+        t = tensors[k].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise FormatError(f"tensor {k!r} has unsupported dtype {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    return len(hb).to_bytes(8, "little") + hb + b"".join(chunks)
+
+
 def save_lora(model: LoraModel, path: str | os.PathLike, dialect: str = "kohya", dtype=None) -> Path:
-    """Write ``model`` as ``dialect`` to ``path`` (safetensors, atomic). Returns the path."""
-    from lorahub.fsutil import save_safetensors
+    """Write ``model`` as ``dialect`` to ``path`` (safetensors, atomic, deterministic bytes)."""
+    from lorahub.fsutil import atomic_write_bytes
 
     tensors, meta = to_state_dict(model, dialect, dtype)
-    return save_safetensors(tensors, path, metadata=meta)
+    return atomic_write_bytes(path, safetensors_bytes(tensors, meta))
