@@ -459,3 +459,55 @@ def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, 
         got = module(pipe, path).weight.detach() - w0[k]
         assert delta.abs().max() > 1e-3
         torch.testing.assert_close(got, delta, atol=1e-6, rtol=1e-4)
+
+
+def test_card_uses_sweep_params_and_alpha_override(home, tmp_path):
+    """A sweep of two LoRAs stores prompts, alphas and alphas2: the card reads the list of each entry."""
+    from lorahub.hub.push import _Lazy, plan_push
+
+    reg = open_reg(home)
+    a, _ = reg.add_file(kohya_lora(tmp_path / "first.safetensors", seed=11), triggers=["tok a"])
+    b, _ = reg.add_file(kohya_lora(tmp_path / "second.safetensors", seed=12), triggers=["tok b"])
+    params = {"loras": [{"name": "first", "id": a["id"]}, {"name": "second", "id": b["id"]}],
+              "prompts": ["tok a, a red house", "tok a, a dog"], "alphas": [0.0, 0.25, 1.0],
+              "alphas2": [0.5, 0.75]}
+    grid = png(tmp_path / "grid.png")
+    for e in (a, b):
+        reg.add_preview(e["id"], grid, params=params)
+    pa = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, converter=_Lazy({}))
+    pb = plan_push(reg, [reg.get(b["id"])], repo="u/b", workdir=tmp_path, converter=_Lazy({}))
+    assert (pa["alpha"], pa["alphas"]) == (None, [0.0, 0.25, 1.0])
+    assert (pb["alpha"], pb["alphas"]) == (None, [0.5, 0.75])
+    assert pa["widget"][0]["text"] == "tok a, a red house"
+    assert "rendered α = 0, 0.25, 1" in pa["readme"] and "<lora:first:1>" in pa["readme"]
+    po = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, converter=_Lazy({}), alpha=0.7)
+    assert "**0.7**" in po["readme"] and "<lora:first:0.7>" in po["readme"]
+    assert '{"scale": 0.7}' in po["readme"]
+    # the lazy converter planned the diffusers copy without converting anything
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert 'weight_name="pytorch_lora_weights.safetensors"' in po["readme"]
+    reg.close()
+
+
+def test_pull_real_cloneofsimo_file_with_diffusers_card(cli, hub, henv, tmp_path):
+    """A real published pivotal-tuning LoRA (cloneofsimo dialect, with two token embeddings inside)."""
+    real = Path(__file__).resolve().parents[2] / "shared" / "real-loras" / "lora_disney.safetensors"
+    if not real.exists():
+        pytest.skip("real-loras not available")
+    card = ("---\nbase_model: runwayml/stable-diffusion-v1-5\ninstance_prompt: <s1><s2> style\nlicense: "
+            "creativeml-openrail-m\ntags:\n- text-to-image\n- lora\n- disney\nwidget:\n- text: <s1><s2> style\n---\n")
+    sha = hub.seed("cloneofsimo/disney", {"README.md": card.encode(), "lora_disney.safetensors": real.read_bytes(),
+                                          "unet/diffusion_pytorch_model.safetensors": b"not pulled"})
+    home = tmp_path / "home"
+    rep = json.loads(ok(cli("pull", "cloneofsimo/disney", "--json", home=home, env=henv())).stdout)
+    assert [e["file"] for e in rep["entries"]] == ["lora_disney.safetensors"]
+    assert not [d for d in hub.downloads if "unet/" in d[2]]  # pipeline folders are never downloaded
+    reg = open_reg(home)
+    e = reg.get(rep["entries"][0]["id"])
+    assert e["format"] == "cloneofsimo" and e["base"] == "sd1"
+    assert e["triggers"] == ["<s1><s2> style"] and "disney" in e["tags"]
+    assert e["source"] == f"cloneofsimo/disney@{sha}"
+    import hashlib
+
+    assert e["sha256"] == hashlib.sha256(real.read_bytes()).hexdigest()
+    reg.close()

@@ -36,6 +36,8 @@ def push(
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
     base_model: Annotated[Optional[str], typer.Option(
         "--base-model", help="Hub id of the base model for the card (default: the family's reference model).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(
+        "--alpha", help="Recommended strength to state on the card (default: what a sweep recorded).")] = None,
     endpoint: EndpointOpt = None,
     token_env: TokenEnvOpt = None,
     json_out: JsonOpt = False,
@@ -54,7 +56,7 @@ def push(
     with progress() as bar:
         task = bar.add_task("pushing", total=None)
         report = do_push(reg, refs, repo=repo, private=private, revision=revision, message=message,
-                         endpoint=endpoint, token_env=token_env, base_model=base_model)
+                         endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha)
         bar.update(task, total=1, completed=1)
     if json_out:
         print_json(report)

@@ -150,20 +150,29 @@ def _fmt_alpha(a: Any) -> str:
         return str(a)
 
 
-def recommended_alpha(previews: list[dict]) -> tuple[float | None, list[float]]:
-    """(recommended α, α values swept) from the params a sweep stored with its previews."""
+def recommended_alpha(previews: list[dict], entry_id: str | None = None) -> tuple[float | None, list[float]]:
+    """(recommended α, α values swept) from the params a sweep stored with its previews.
+
+    A sweep of two LoRAs stores the second one's strengths as ``alphas2``; ``entry_id`` picks the list.
+    """
+    def num(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     rec, alphas = None, []
     for p in previews:
         params = p.get("params") or {}
+        keys = ["alphas", "alpha", "scales"]
+        loras = params.get("loras")
+        if entry_id and isinstance(loras, list) and len(loras) > 1 and isinstance(loras[1], dict) \
+                and loras[1].get("id") == entry_id:
+            keys = ["alphas2"]
         for key in ("recommended_alpha", "recommended", "best_alpha"):
+            if num(params.get(key)) and rec is None:
+                rec = float(params[key])
+        for key in keys:
             v = params.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and rec is None:
-                rec = float(v)
-        for key in ("alphas", "alpha", "scales"):
-            v = params.get(key)
-            vals = v if isinstance(v, list) else [v]
-            for x in vals:
-                if isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) not in alphas:
+            for x in (v if isinstance(v, list) else [v]):
+                if num(x) and float(x) not in alphas:
                     alphas.append(float(x))
     return rec, sorted(alphas)
 

@@ -91,7 +91,7 @@ class _Lazy:
 
 
 def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model: str | None = None,
-              converter=None) -> dict:
+              converter=None, alpha: float | None = None) -> dict:
     """Which files go where, and the card text. Conversions are written into ``workdir`` by
     ``converter(reg, entry, dialect, dest)`` (default: :func:`convert`, done now)."""
     _convert = converter or convert
@@ -185,9 +185,14 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
         files.append({"path": path, "src": src, "role": "preview", "entry": None, "form": "image", "for": "card"})
         params = p.get("params") or {}
         text = params.get("prompt") if isinstance(params.get("prompt"), str) else None
+        prompts = params.get("prompts")
+        if text is None and isinstance(prompts, list) and prompts and isinstance(prompts[0], str):
+            text = prompts[0]
         widget.append({"text": text or (", ".join(triggers) if triggers else main["name"]),
                        "output": {"url": path}})
-    rec, swept = cardmod.recommended_alpha(previews)
+    rec, swept = cardmod.recommended_alpha(previews, main["id"])
+    if alpha is not None:
+        rec = float(alpha)
     fam = main.get("base") or "unknown"
     lineage = []
     for e in entries:
@@ -216,7 +221,7 @@ def _remote_readme(api, repo: str, revision: str) -> bytes | None:
 
 def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: str | None = None,
          message: str | None = None, endpoint: str | None = None, token_env: str | None = None,
-         base_model: str | None = None) -> dict:
+         base_model: str | None = None, alpha: float | None = None) -> dict:
     """Push entries ``refs`` to ``repo`` in one commit; record the remote on every entry."""
     check_repo_id(repo)
     branch = revision or "main"
@@ -238,7 +243,8 @@ def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: st
     with tempfile.TemporaryDirectory(prefix="lorahub-push-") as td:
         failed: dict = {}
         lazy = _Lazy(failed)
-        plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model, converter=lazy)
+        plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model, alpha=alpha,
+                         converter=lazy)
         readme = plan["readme"].encode("utf-8")
         with hub_errors("push", endpoint=ep, token=token, repo=repo):
             url = api.create_repo(repo_id=repo, private=private, exist_ok=True, repo_type="model")
@@ -265,7 +271,7 @@ def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: st
                 except Exception as exc:  # noqa: BLE001
                     failed[(entry["id"], dialect)] = " ".join(str(exc).split())[:300] or type(exc).__name__
             if failed:
-                plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model,
+                plan = plan_push(reg, entries, repo=repo, workdir=Path(td), base_model=base_model, alpha=alpha,
                                  converter=_Lazy(failed))
                 readme = plan["readme"].encode("utf-8")
         with hub_errors("push", endpoint=ep, token=token, repo=repo):
