@@ -245,9 +245,11 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
     reg.close()
     assert emb["kind"] == "textual-inversion" and lh["kind"] == "loha"
     env = henv()
+    # no --token-env: huggingface_hub's own lookup (HF_TOKEN) provides the token
     rep = json.loads(ok(cli("push", lh["id"], emb["id"], "--repo", "tester/priv", "--private",
-                            "--revision", "dev", "-m", "first drop", "--token-env", "LORAHUB_TEST_TOKEN", "--json",
-                            home=home, env=env)).stdout)
+                            "--revision", "dev", "-m", "first drop", "--json",
+                            home=home, env=env | {"HF_TOKEN": TOKEN})).stdout)
+    assert hub.auth_headers and all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
     assert rep["revision"] == "dev" and rep["commit"] == hub.head("tester/priv", "dev")
     assert hub.head("tester/priv", "main") != rep["commit"]  # main untouched
     assert hub.state.repos["tester/priv"]["private"] is True
@@ -371,6 +373,8 @@ def test_push_errors_are_one_line(cli, home, hub, henv, style_entry):
              "--token-env", "LORAHUB_TEST_TOKEN", home=home, env=env), "cannot reach")
     fail(cli("pull", "tester/x", home=home, env=env | {"HF_HUB_OFFLINE": "1"}), "HF_HUB_OFFLINE")
     fail(cli("pull", "nobody/nothing", home=home, env=env), "not found")
+    fail(cli("pull", "tester/x", "--type", "weird", home=home, env=env), "--type")
+    fail(cli("pull", "tester/x@../../etc", home=home, env=env), "bad revision")
     assert "tester/x" not in hub.state.repos
 
 
@@ -396,24 +400,46 @@ def test_card_parse_rejects_bad_front_matter():
 
 def test_card_render_is_deterministic_yaml(home, style_entry, tmp_path):
     from lorahub.hub.card import parse_card
-    from lorahub.hub.push import plan_push
+    from lorahub.hub.push import _Lazy, plan_push
 
     reg = open_reg(home)
     entry = reg.get(style_entry["id"])
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "a")
-    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "b")
+    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path, converter=_Lazy({}))
+    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path, converter=_Lazy({}))
     assert p1["readme"] == p2["readme"]
-    # converted files are byte-identical too (same LFS oid on a re-push)
-    conv1 = {f["path"]: Path(f["src"]).read_bytes() for f in p1["files"] if f["role"] == "converted"}
-    conv2 = {f["path"]: Path(f["src"]).read_bytes() for f in p2["files"] if f["role"] == "converted"}
-    assert conv1 == conv2
     meta = parse_card(p1["readme"].encode())
     assert yaml.safe_load(yaml.safe_dump(meta)) == meta
     assert meta["widget"][0]["output"]["url"].startswith("images/")
     assert sqlite3.connect(home / "lorahub.db").execute("select count(*) from remotes").fetchone()[0] == 0
+    # a conversion that fails is left out of the card, with a note
+    p3 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path,
+                   converter=_Lazy({(entry["id"], "diffusers"): "cannot convert"}))
+    assert "no diffusers copy: cannot convert" in p3["notes"]
+    assert "pytorch_lora_weights.safetensors" not in [f["path"] for f in p3["files"]]
+    assert 'weight_name="arcane_style.safetensors"' in p3["readme"]  # diffusers reads kohya files itself
     reg.close()
+
+
+def test_canonical_safetensors_bytes_do_not_depend_on_metadata_order(tmp_path):
+    """safetensors writes metadata in hash-map order (varies per process); converted files are rewritten
+    with a sorted header so the same weights always have the same bytes (and LFS oid)."""
+    import torch
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from lorahub.hub.push import canonical_safetensors
+
+    t = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3, dtype=torch.float16)}
+    meta = {f"k{i}": f"v{i}" for i in range(12)}
+    save_file(t, str(tmp_path / "x.safetensors"), metadata=meta)
+    save_file(dict(reversed(t.items())), str(tmp_path / "y.safetensors"), metadata=dict(reversed(meta.items())))
+    x = canonical_safetensors(tmp_path / "x.safetensors").read_bytes()
+    y = canonical_safetensors(tmp_path / "y.safetensors").read_bytes()
+    assert x == y
+    assert int.from_bytes(x[:8], "little") % 8 == 0
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+    with safe_open(str(tmp_path / "y.safetensors"), "pt") as f:
+        assert f.metadata() == meta
 
 
 def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, tmp_path, tiny_sd1):
