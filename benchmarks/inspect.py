@@ -10,24 +10,29 @@ Measured in one process:
   materialised for each layer ΔW = up·down·scale in float32, torch.linalg.svdvals, then the same
                quantities (‖ΔW‖_F, ‖ΔW‖₂, effective rank 90/99 %)
 and the wall time of the whole command `python -m lorahub inspect FILE --json` (a child process:
-imports, file read, per-layer work, JSON) — median of --repeat runs.
+imports, file read, per-layer work, JSON) — median of max(1, --repeat - 2) runs, plus one fresh process timing each step.
 
-    python benchmarks/inspect.py [--rank 128] [--threads 1] [--repeat 3] [--quick] [--out FILE]
+    python benchmarks/inspect.py [--rank 128] [--threads 1] [--repeat 3] [--stride 1] [--out FILE]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# This file is named like the stdlib module `inspect`: drop its folder from the import path first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +90,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="materialise only every 4th layer for the baseline")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="materialise every N-th layer for the baseline and extrapolate (1: all 264 layers)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -121,8 +127,8 @@ def main() -> None:
 
         # materialised baseline (same process, same threads)
         base_model = model
-        if args.quick:
-            keys = list(model.layers)[::4]
+        if args.stride > 1:
+            keys = list(model.layers)[::args.stride]
             base_model = LoraModel(layers={k: model.layers[k] for k in keys})
         t = time.perf_counter()
         ref = materialised_stats(base_model)
@@ -146,7 +152,7 @@ def main() -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                    LORAHUB_HOME=str(Path(tmp) / "home"))
         cli = []
-        for _ in range(args.repeat):
+        for _ in range(max(1, args.repeat - 2)):
             t = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "lorahub", "inspect", str(path), "--json"],
                                capture_output=True, text=True, env=env)
@@ -155,6 +161,22 @@ def main() -> None:
                 raise SystemExit(f"inspect failed: {p.stderr}")
         json.loads(p.stdout)
         res["cli_inspect_s"] = statistics.median(cli)
+        # where the command's time goes: the same steps, timed inside one fresh process
+        probe = (
+            "import json, sys, time\n"
+            "t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+            f"torch.set_num_threads({args.threads})\n"
+            "from lorahub.formats.io import load_lora\n"
+            "m = load_lora(sys.argv[1]); t2 = time.perf_counter()\n"
+            "from lorahub.ops.inspect import inspect_model\n"
+            "r = inspect_model(m, path=sys.argv[1]); t3 = time.perf_counter()\n"
+            "json.dumps(r); t4 = time.perf_counter()\n"
+            "print(json.dumps({'import_torch_s': t1 - t0, 'load_lora_cold_s': t2 - t1, 'inspect_s': t3 - t2,"
+            " 'json_s': t4 - t3, 'diffusers_imported': 'diffusers' in sys.modules}))\n")
+        p = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"probe failed: {p.stderr}")
+        res["cli_breakdown"] = json.loads(p.stdout.strip().splitlines()[-1])
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
         res["python_torch_import_s"] = time.perf_counter() - t
@@ -163,11 +185,15 @@ def main() -> None:
     print(f"  load_lora                         {res['load_s']:.3f} s")
     print(f"  per-layer stats from factors      {res['factors_s']:.3f} s")
     print(f"  per-layer stats materialised      {res['materialised_s']:.3f} s"
-          + (f"  (extrapolated from {res['materialised_layers_timed']} layers)" if args.quick else ""))
+          + (f"  (extrapolated from {res['materialised_layers_timed']} layers)" if args.stride > 1 else ""))
     print(f"  speed-up                          {res['speedup']:.1f}x   (target >= 20x)")
     print(f"  agreement: max rel err ‖ΔW‖_F {rel_fro:.1e}, ‖ΔW‖₂ {rel_spec:.1e}, eff-rank diff {eff_diff}")
     print(f"  `lorahub inspect FILE --json`     {res['cli_inspect_s']:.3f} s   (target < 2 s; "
           f"python + import torch alone {res['python_torch_import_s']:.3f} s)")
+    b = res["cli_breakdown"]
+    print(f"    of which, in a fresh process: import torch {b['import_torch_s']:.2f} s, load_lora (cold) "
+          f"{b['load_lora_cold_s']:.2f} s (diffusers imported: {b['diffusers_imported']}), "
+          f"per-layer stats {b['inspect_s']:.2f} s, JSON {b['json_s']:.2f} s")
     print(f"  {res['machine']}; {res['date']}")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -528,7 +528,7 @@ def _file_facts(path: Path | None) -> dict:
     facts: dict = {"file": str(path) if path else None, "size": None}
     if path is not None:
         try:
-            facts["size"] = path.stat().st_size
+            facts["size"] = Path(path).stat().st_size
         except OSError:
             pass
     return facts
