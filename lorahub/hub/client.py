@@ -24,6 +24,8 @@ def resolve_endpoint(endpoint: str | None) -> str:
     ep = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", ep):
         raise LorahubError(f"--endpoint {ep!r}: expected an http(s) URL such as {DEFAULT_ENDPOINT}")
+    if "@" in ep.split("://", 1)[1].split("/", 1)[0]:
+        raise LorahubError("--endpoint must not carry credentials; give the token with --token-env VAR")
     return ep
 
 
