@@ -537,3 +537,40 @@ def test_pull_real_cloneofsimo_file_with_diffusers_card(cli, hub, henv, tmp_path
 
     assert e["sha256"] == hashlib.sha256(real.read_bytes()).hexdigest()
     reg.close()
+
+
+def test_plan_for_diffusers_original_and_name_collisions(home, tmp_path):
+    """A diffusers-form original is uploaded as pytorch_lora_weights.safetensors with a kohya copy for the
+    webui; a second LoRA with a clashing file name gets a unique one; checkpoints are refused."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    from lorahub.errors import LorahubError
+    from lorahub.hub.push import _Lazy, plan_push
+
+    g = torch.Generator().manual_seed(5)
+    t = {}
+    for mod in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"):
+        t[f"unet.{mod}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+        t[f"unet.{mod}.lora_B.weight"] = torch.randn(32, 4, generator=g)
+    d = tmp_path / "d"
+    d.mkdir()
+    save_file(t, str(d / "pytorch_lora_weights.safetensors"))
+    reg = open_reg(home)
+    dif, _ = reg.add_file(d / "pytorch_lora_weights.safetensors", name="my_diff")
+    assert dif["format"] in ("diffusers", "peft")
+    other, _ = reg.add_file(kohya_lora(tmp_path / "my_diff.safetensors", seed=9))
+    plan = plan_push(reg, [reg.get(dif["id"]), reg.get(other["id"])], repo="u/r", workdir=tmp_path,
+                     converter=_Lazy({}))
+    paths = {f["path"]: f for f in plan["files"]}
+    assert paths["pytorch_lora_weights.safetensors"]["role"] == "original"
+    assert Path(paths["pytorch_lora_weights.safetensors"]["src"]) == reg.blob_path(dif)
+    assert paths["my_diff.safetensors"]["role"] == "converted"      # kohya copy of the diffusers original
+    assert paths["my_diff-2.safetensors"]["role"] == "original"     # the second LoRA, renamed
+    assert plan["diffusers_file"] == "pytorch_lora_weights.safetensors"
+    assert plan["webui_file"] == "my_diff.safetensors"
+    with pytest.raises(LorahubError, match="at least one"):
+        plan_push(reg, [], repo="u/r", workdir=tmp_path)
+    reg.close()
