@@ -217,3 +217,27 @@ print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_real_published_file(capsys):
+    """A cloneofsimo LoRA from the wild (rank 4, fp16, SD1.5 shapes): numbers match the materialised ΔW."""
+    from pathlib import Path
+
+    from lorahub.formats.io import load_lora
+
+    f = Path(__file__).resolve().parent.parent.parent / "shared" / "real-loras" / "analog_svd_rank4.safetensors"
+    if not f.exists():
+        pytest.skip("shared real-loras folder not present")
+    rc, out, err = run(capsys, "inspect", f, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    model = load_lora(f)
+    assert rep["format"] == "cloneofsimo" and rep["layers"] == len(model.layers) == 192
+    assert rep["rank"]["max"] == 4
+    per = {p["key"]: p for p in rep["per_layer"]}
+    for key in list(model.layers)[::12]:
+        d = model.layers[key].delta(torch.float64)
+        S = torch.linalg.svdvals(d.reshape(d.shape[0], -1))
+        assert per[key]["fro"] == pytest.approx(float(d.norm()), rel=1e-4)
+        assert per[key]["spectral"] == pytest.approx(float(S[0]), rel=1e-4)
+        assert per[key]["eff_rank_99"] <= 4

@@ -207,7 +207,7 @@ def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
             lt.add_column("‖ΔW‖/‖W0‖", justify="right")
         for p in shown:
             row = [short_key(p["key"]), p["kind"] + (" (NaN/Inf!)" if not p["finite"] else ""), "×".join(map(str, p["shape"])),
-                   str(p["rank"]), _f(p["alpha"]), _f(p["scale"]), _f(p["fro"]), _f(p["spectral"]),
+                   str(p["rank"]), "=rank" if p["alpha"] is None else _f(p["alpha"]), _f(p["scale"]), _f(p["fro"]), _f(p["spectral"]),
                    _f(p["eff_rank_90"]), _f(p["eff_rank_99"])]
             if rel:
                 row.append(_f(p["rel_strength"]))

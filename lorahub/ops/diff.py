@@ -133,6 +133,7 @@ def diff_layer(key: str, la: LoraLayer, lb: LoraLayer) -> LayerDiff:
 
 
 def verdict(summary: dict) -> str:
+    """One line answering "do these two LoRAs touch the same directions?"."""
     if summary["common"] == 0:
         return "no layers in common: the two LoRAs adapt disjoint modules (no interference when merged)"
     cos = summary["cosine"]
@@ -145,12 +146,12 @@ def verdict(summary: dict) -> str:
         return (f"strongly aligned: the updates push {way} (cosine {cos:+.2f}); merging them mostly "
                 "changes the overall strength")
     if ov >= max(0.5, 4 * ch):
-        return (f"same directions, different mixes: principal subspaces overlap {ov:.2f} (chance {ch:.2f}) "
+        return (f"same directions, different mixes: principal subspaces overlap {ov:.3g} (chance {ch:.3g}) "
                 f"though the cosine is {cos:+.2f}; merging will interfere")
-    if ov <= 2 * ch and abs(cos) < 0.1:
-        return (f"independent: subspace overlap {ov:.2f} is at chance level ({ch:.2f}) and the cosine is "
-                f"{cos:+.2f}; merging should not interfere much")
-    return (f"partial overlap: subspace overlap {ov:.2f} (chance {ch:.2f}), cosine {cos:+.2f}; expect some "
+    if ov < max(0.1, 2 * ch) and abs(cos) < 0.1:
+        return (f"independent: subspace overlap {ov:.3g} (chance {ch:.3g}) and cosine {cos:+.2f} are both "
+                "small; merging should not interfere much")
+    return (f"partial overlap: subspace overlap {ov:.3g} (chance {ch:.3g}), cosine {cos:+.2f}; expect some "
             "interference when merging")
 
 
