@@ -203,6 +203,8 @@ def test_update_and_search_filters(reg, tmp_path):
     assert ids(reg.search(None, rank_max=4)) == sorted([b["id"], c["id"]])
     assert ids(reg.search(None, rank_min=5, rank_max=8)) == sorted([a["id"], c["id"]])
     assert ids(reg.search(None, kind="loha")) == []
+    assert ids(reg.search(b["autov2"].upper())) == [b["id"]]             # a hash prefix is found too
+    assert ids(reg.search(b["autov3"][:8], type="character")) == []
     assert ids(reg.search('"quoted" AND OR NOT (')) == []  # hostile FTS syntax is quoted, not an error
     reg.update(b["id"], tags=["paint", "soft"], triggers=["wcstyle"], description="washes")
     assert ids(reg.search("wcstyle")) == [b["id"]]

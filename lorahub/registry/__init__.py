@@ -253,10 +253,19 @@ class Registry:
         if query and fts is None:
             return []
         if fts:
-            join = ("JOIN (SELECT entry_id, bm25(entries_fts, 0, 10.0, 5.0, 5.0, 1.0) AS score FROM entries_fts "
+            join = ("LEFT JOIN (SELECT entry_id, bm25(entries_fts, 0, 10.0, 5.0, 5.0, 1.0) AS score FROM entries_fts "
                     "WHERE entries_fts MATCH ?) f ON f.entry_id = e.id")
             args.append(fts)
-            order = "f.score, e.name COLLATE NOCASE"
+            q = query.strip()
+            if len(q) >= 6 and _HEX.match(q):  # a hash prefix finds its entry too
+                h = q.lower()
+                conds = " OR ".join(f"(e.{c} >= ? AND e.{c} < ?)" for c in ("id",) + HASH_COLUMNS)
+                where.append(f"(f.entry_id IS NOT NULL OR {conds})")
+                for _c in ("id",) + HASH_COLUMNS:
+                    args += [h, h + "g"]
+            else:
+                where.append("f.entry_id IS NOT NULL")
+            order = "f.score NULLS LAST, e.name COLLATE NOCASE"
         if type:
             where.append("e.type = ?"); args.append(type)
         if base:
