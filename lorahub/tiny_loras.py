@@ -31,6 +31,7 @@ import json
 import os
 from pathlib import Path
 
+VERSION = "1"
 RANK = 4
 ALPHA = 2.0
 TRIGGERS = {"sd1": "tinychar", "sdxl": "tinystyle"}
@@ -287,3 +288,30 @@ def write_all(dest_dir: str | os.PathLike) -> dict[str, Path]:
                                   "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     save("sdxl-ti", {"clip_l": rand(2, 32, scale=1.0), "clip_g": rand(2, 32, scale=1.0)})
     return out
+
+
+def ensure() -> dict[str, Path]:
+    """The tiny LoRA files in a shared cache folder (written once, then reused): ``{name: path}``."""
+    import hashlib
+
+    from lorahub import tiny
+
+    key = hashlib.sha256(f"{VERSION}/{tiny._fingerprint()}".encode()).hexdigest()[:12]
+    folder = tiny.cache_root() / f"loras-{key}"
+    done = folder / "index.json"
+    if done.exists():
+        index = json.loads(done.read_text())
+        paths = {k: folder / v for k, v in index.items()}
+        if all(p.exists() for p in paths.values()):
+            return paths
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    paths = write_all(tmp)
+    (tmp / "index.json").write_text(json.dumps({k: p.name for k, p in paths.items()}, indent=1))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process won the race: use its folder
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    index = json.loads(done.read_text())
+    return {k: folder / v for k, v in index.items()}

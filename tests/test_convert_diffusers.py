@@ -26,10 +26,10 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    from lorahub.tiny_loras import write_all
+def tiny_files():
+    from lorahub import tiny_loras
 
-    return write_all(tmp_path_factory.mktemp("tiny-loras"))
+    return tiny_loras.ensure()
 
 
 def _pipe(folder):

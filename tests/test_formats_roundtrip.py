@@ -20,10 +20,10 @@ REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real-loras"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from lorahub.tiny_loras import write_all
+def files():
+    from lorahub import tiny_loras
 
-    return write_all(tmp_path_factory.mktemp("tiny-loras"))
+    return tiny_loras.ensure()
 
 
 def _read(path):
