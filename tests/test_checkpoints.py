@@ -177,3 +177,16 @@ def test_stream_writer_round_trip(tmp_path):
     f = C._File(p)
     assert all(torch.equal(f.read(k), v) for k, v in ts.items())
     f.close()
+
+
+def test_reads_are_streamed_not_memory_mapped(tiny_sd1):
+    """Tensors are read with positioned reads: the weight files never appear in the process's maps."""
+    import os
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc")
+    with C.open_checkpoint(tiny_sd1) as ck:
+        for n in ck.keys():
+            ck.get(n)
+        maps = open("/proc/self/maps").read()
+        assert not any(str(p) in maps for p in ck.files())

@@ -297,3 +297,32 @@ def test_cli_extract_bad_input(tmp_path, home, cli):
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
     r = cli("extract", "tiny-sd1", "tiny-sd1", "--energy", "0.9", "--sv-fro", "0.9", home=home)
     assert r.returncode == 2 and "at most one" in r.stderr
+
+
+def test_sdxl_unet_and_second_text_encoder(tiny_sdxl, tmp_path):
+    from lorahub.formats.io import load_lora, save_lora
+
+    deltas = {}
+
+    def transform(name, t):
+        if name.endswith((".attn1.to_q.weight", "self_attn.v_proj.weight")) and not name.startswith("text_encoder."):
+            g = torch.Generator().manual_seed(len(name))
+            d = torch.randn(t.shape[0], 2, generator=g) @ torch.randn(2, t.shape[1], generator=g) * 0.01
+            new = (t.float() + d).to(t.dtype)
+            deltas[name[:-len(".weight")]] = new.float() - t.float()
+            return new
+        return t
+
+    with C.open_checkpoint(tiny_sdxl) as ck:
+        C.write_like(ck, tmp_path / "tuned", transform=transform)
+    res = extract(tiny_sdxl, tmp_path / "tuned", ExtractOptions(rank=2, dtype="fp32"))
+    assert res.family == "sdxl"
+    assert set(res.model.layers) == set(deltas)
+    assert any(n.startswith("text_encoder_2.") for n in deltas)
+    assert any("text_encoder_2: extracted" in n for n in res.notes)
+    assert any("text_encoder: skipped" in n for n in res.notes)
+    out = save_lora(res.model, tmp_path / "x.safetensors", dialect="kohya")
+    back = load_lora(out)
+    for name, d in deltas.items():
+        lay = back.layers[name]
+        assert torch.allclose(lay.up.float() @ lay.down.float() * lay.scale, d, atol=1e-5)

@@ -444,8 +444,11 @@ def _open_single(path: Path) -> Checkpoint:
     unet_keys = [k[len(UNET_LDM_PREFIX):] for k in keys if k.startswith(UNET_LDM_PREFIX)]
     # layers per block: the first downsampler sits at input_blocks.(L+1)
     downs = sorted(int(m[1]) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k)))
+    ups = sorted(int(m[1]) for k in unet_keys if (m := re.match(r"output_blocks\.(\d+)\.[12]\.conv\.", k)))
     if downs:
         L = downs[0] - 1
+    elif ups:
+        L = ups[0]  # first upsampler: output_blocks.(0·(L+1) + L)
     else:
         idx = [int(m[1]) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.", k))]
         L = max(idx) if idx else 1
