@@ -103,7 +103,7 @@ def tag_frequency_triggers(raw: str | None, limit: int = MAX_TAG_TRIGGERS) -> li
 
 
 BASE_HINTS = (
-    (re.compile(r"sdxl|pony|illustrious|noobai|xl", re.I), "sdxl"),
+    (re.compile(r"sdxl|pony|illustrious|noobai|\bxl\b", re.I), "sdxl"),
     (re.compile(r"sd[ _-]?2|sd_v2|v2[-.]", re.I), "sd2"),
     (re.compile(r"sd[ _-]?1|sd_v1|v1[-.]", re.I), "sd1"),
 )
