@@ -233,3 +233,15 @@ def test_lowrank_gram_routines():
     assert lowrank.subspace_overlap(q, q[:, :2]) == pytest.approx(1.0)
     e = torch.eye(20, dtype=torch.float64)
     assert lowrank.subspace_overlap(e[:, :3], e[:, 3:6]) == 0.0
+
+
+def test_embeddings_reported_with_vector_norms():
+    g = torch.Generator().manual_seed(5)
+    e1, e2 = torch.randn(3, 32, generator=g), torch.randn(3, 64, generator=g)
+    m = LoraModel(embeddings={"<tok>": {"clip_l": e1, "clip_g": e2}}, base="sdxl")
+    rep = ins.inspect_model(m)
+    assert rep["kind"] == "textual-inversion" and rep["layers"] == 0 and rep["per_layer"] == []
+    assert rep["parameters"] == e1.numel() + e2.numel()
+    got = rep["embeddings"]["<tok>"]
+    assert got["clip_l"]["shape"] == [3, 32]
+    assert got["clip_g"]["norms"] == pytest.approx(e2.double().norm(dim=1).tolist(), rel=1e-9)

@@ -154,7 +154,10 @@ def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
         ("‖ΔW‖_F total", _f(r["totals"]["fro"])), ("max ‖ΔW‖₂", _f(r["totals"]["spectral_max"])),
     ]
     if r["embeddings"]:
-        rows.append(("embeddings", ", ".join(f"{tok} {shape}" for tok, shape in r["embeddings"].items())))
+        rows.append(("embeddings", "; ".join(
+            f"{tok} " + ", ".join(f"{enc} {'×'.join(map(str, e['shape']))} (‖v‖ " + ", ".join(_f(n, 3) for n in e["norms"][:8])
+                                  + (" …" if len(e["norms"]) > 8 else "") + ")" for enc, e in encs.items())
+            for tok, encs in r["embeddings"].items())))
     if r["materialised_layers"]:
         rows.append(("note", f"{r['materialised_layers']} LyCORIS/full layer(s) materialised to compute their spectra"))
     if r.get("base_model"):

@@ -583,7 +583,10 @@ def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | N
     ranks = [layer.rank for layer in model.layers.values()]
     alphas = [layer.alpha if layer.alpha is not None else float(layer.rank) for layer in model.layers.values()]
     scales = [layer.scale for layer in model.layers.values()]
-    emb = {tok: {enc: list(t.shape) for enc, t in encs.items()} for tok, encs in model.embeddings.items()}
+    emb = {tok: {enc: {"shape": list(t.shape),
+                       "norms": [float(x) for x in torch.linalg.vector_norm(
+                           t.to(torch.float64).reshape(-1, t.shape[-1]), dim=-1)] if t.dim() else []}
+                 for enc, t in encs.items()} for tok, encs in model.embeddings.items()}
     params = sum(layer.parameter_count() for layer in model.layers.values()) + sum(
         t.numel() for encs in model.embeddings.values() for t in encs.values())
     ok = [s for s in stats if s.fro is not None]
