@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.formats.io import load_lora, save_lora
 from lorahub.ops.bake import bake
 from lorahub.ops.merge import MergeInput, exact_delta, merge
 
@@ -23,7 +23,7 @@ UNET_LAYERS = {
 }
 
 
-def make_lora(seed: int, rank: int, keys, scale: float = 0.05) -> LoraModel:
+def make_lora(seed: int, rank: int, keys, scale: float = 0.05, alpha: float | None = None) -> LoraModel:
     gen = torch.Generator().manual_seed(seed)
     m = LoraModel(base="sd1")
     for key in keys:
@@ -34,18 +34,19 @@ def make_lora(seed: int, rank: int, keys, scale: float = 0.05) -> LoraModel:
         else:
             w = {"down": torch.randn(rank, shape[1], generator=gen) * scale,
                  "up": torch.randn(shape[0], rank, generator=gen) * scale}
-        m.layers[key] = LoraLayer(kind="lora", weights=w, alpha=None)  # alpha = rank: scale 1
+        m.layers[key] = LoraLayer(kind="lora", weights=w, alpha=alpha)
     return m
 
 
-def write_diffusers_lora(model: LoraModel, path) -> None:
-    """Write a LoRA in diffusers/PEFT keys (lora_A = down, lora_B = up; alpha = rank)."""
-    sd = {}
-    for key, layer in model.layers.items():
-        assert layer.scale == 1.0
-        sd[f"{key}.lora_A.weight"] = layer.down.float().contiguous()
-        sd[f"{key}.lora_B.weight"] = layer.up.float().contiguous()
-    save_file(sd, str(path))
+# kohya files are not used as diffusers inputs here: diffusers 0.42 drops the kohya alphas of SD1
+# attention layers (alpha_pattern keys "...processor.to_q_lora..." match no module), a loader quirk.
+DIALECT = {"a": "diffusers", "b": "diffusers", "c": "diffusers"}
+
+
+def write_lora(model: LoraModel, path, dialect: str = "diffusers"):
+    """Write with lorahub's own writer and read back (the path the CLI takes)."""
+    save_lora(model, path, dialect=dialect, dtype=torch.float32)
+    return load_lora(path, arch="tiny-sd1")
 
 
 def unet_out(pipe) -> torch.Tensor:
@@ -59,8 +60,8 @@ def unet_out(pipe) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def loras():
     keys = list(UNET_LAYERS)
-    a = make_lora(1, 4, keys)
-    b = make_lora(2, 2, keys[:3] + keys[5:7])  # different rank, subset of the layers
+    a = make_lora(1, 4, keys, alpha=2.0)
+    b = make_lora(2, 2, keys[:3] + keys[5:7], alpha=4.0)  # different rank, subset of the layers
     c = make_lora(3, 3, keys[2:])
     return a, b, c
 
@@ -73,12 +74,12 @@ def _pipe(tiny_sd1):
 
 def test_merged_lora_matches_set_adapters(tiny_sd1, tmp_path, loras):
     weights = [0.8, -0.6, 1.1]
-    paths = []
+    paths, loaded = [], []
     for name, m in zip("abc", loras):
         p = tmp_path / f"{name}.safetensors"
-        write_diffusers_lora(m, p)
+        loaded.append(write_lora(m, p, DIALECT[name]))
         paths.append(p)
-    inputs = [MergeInput(m, w) for m, w in zip(loras, weights)]
+    inputs = [MergeInput(m, w) for m, w in zip(loaded, weights)]
 
     pipe = _pipe(tiny_sd1)
     base_out = unet_out(pipe)
@@ -88,10 +89,10 @@ def test_merged_lora_matches_set_adapters(tiny_sd1, tmp_path, loras):
     ref = unet_out(pipe)
     assert (ref - base_out).abs().max() > 1e-3  # the LoRAs do change the output
 
-    for method, rank in (("concat", None), ("svd", 9)):  # 9 = 4 + 2 + 3: svd at full rank is exact
+    for method, rank, dialect in (("concat", None, "kohya"), ("svd", 9, "diffusers")):  # 9 = 4 + 2 + 3
         res = merge(inputs, method=method, rank=rank)
         out = tmp_path / f"merged-{method}.safetensors"
-        write_diffusers_lora(res.model, out)
+        write_lora(res.model, out, dialect)
         pipe.unload_lora_weights()
         pipe.load_lora_weights(str(out), adapter_name="merged")
         got = unet_out(pipe)
@@ -100,7 +101,7 @@ def test_merged_lora_matches_set_adapters(tiny_sd1, tmp_path, loras):
     res = merge(inputs, method="svd", rank=2)
     assert res.retained < 0.999
     pipe.unload_lora_weights()
-    write_diffusers_lora(res.model, tmp_path / "low.safetensors")
+    write_lora(res.model, tmp_path / "low.safetensors")
     pipe.load_lora_weights(str(tmp_path / "low.safetensors"), adapter_name="low")
     low = unet_out(pipe)
     assert (low - ref).abs().max() > 1e-6
@@ -118,7 +119,7 @@ def test_bake_matches_diffusers_fuse(tiny_sd1, tmp_path, loras):
     pipe = _pipe(tiny_sd1)
     for name, m in zip("abc", loras):
         p = tmp_path / f"{name}.safetensors"
-        write_diffusers_lora(m, p)
+        write_lora(m, p, DIALECT[name])
         pipe.load_lora_weights(str(p), adapter_name=name)
     pipe.set_adapters(["a", "b", "c"], adapter_weights=weights)
     pipe.fuse_lora(adapter_names=["a", "b", "c"])

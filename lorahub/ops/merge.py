@@ -43,16 +43,45 @@ class MergeInput:
     label: str = ""
 
 
-@dataclass
 class Term:
-    """Flattened factors of one input layer: contribution = coef · up @ down."""
+    """One input layer of a merge: contribution = coef · up @ down (flattened factors).
 
-    up: torch.Tensor  # (out, r)
-    down: torch.Tensor  # (r, in·kh·kw)
-    coef: float
-    shape: tuple[int, ...]
-    source: int  # index of the input
-    materialised: bool = False
+    Factors are converted to the compute dtype lazily, when the layer is merged, so the float64 copies
+    of one layer at a time are in memory, never those of whole models.
+    """
+
+    def __init__(self, layer: LoraLayer, weight: float, shape: tuple[int, ...], source: int, dtype):
+        self.layer, self.weight, self.shape, self.source, self.dtype = layer, weight, shape, source, dtype
+        self._f = None
+
+    def _factors(self):
+        if self._f is None:
+            up, down, scale, mat = layer_factors(self.layer, self.dtype)
+            self._f = (up, down, self.weight * scale, mat)
+        return self._f
+
+    @property
+    def up(self) -> torch.Tensor:  # (out, r)
+        return self._factors()[0]
+
+    @property
+    def down(self) -> torch.Tensor:  # (r, in·kh·kw)
+        return self._factors()[1]
+
+    @property
+    def coef(self) -> float:
+        return self._factors()[2]
+
+    @property
+    def materialised(self) -> bool:
+        return self.layer.kind != "lora"
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1]) if self.materialised else int(self.layer.rank)
+
+    def release(self) -> None:
+        self._f = None
 
 
 @dataclass
@@ -176,12 +205,11 @@ def collect_terms(inputs: list[MergeInput], dtype=torch.float64) -> dict[str, li
         for key, layer in inp.model.layers.items():
             if not layer_selected(key, inp.parts):
                 continue
-            try:
-                up, down, scale, mat = layer_factors(layer, dtype)
-            except LorahubError as exc:
-                raise LorahubError(f"{inp.label or f'input {idx + 1}'}: {key}: {exc}") from None
+            if layer.dora_scale is not None:
+                raise LorahubError(f"{inp.label or f'input {idx + 1}'}: {key}: DoRA layers cannot be merged "
+                                   "without the base weights (dora_scale)")
             shape = tuple(int(s) for s in layer.shape)
-            terms.setdefault(key, []).append(Term(up, down, w * scale, shape, idx, mat))
+            terms.setdefault(key, []).append(Term(layer, w, shape, idx, dtype))
     for key, ts in terms.items():
         flats = {_flat_shape(t.shape) for t in ts}
         if len(flats) > 1:
@@ -195,15 +223,24 @@ def _out_shape(ts: list[Term]) -> tuple[int, ...]:
     return max((t.shape for t in ts), key=len)
 
 
-def _as_layer(up2: torch.Tensor, down2: torch.Tensor, shape: tuple[int, ...], out_dtype) -> LoraLayer:
+def _as_layer(up2: torch.Tensor, down2: torch.Tensor, shape: tuple[int, ...], out_dtype,
+              alpha: float | None = None) -> LoraLayer:
+    """A plain LoRA layer with ΔW = up2 @ down2. With ``alpha`` given, the factors are rescaled by
+    √(k/alpha) so that alpha/k · up · down is still ΔW: every layer of a merge then carries the same
+    alpha, which loaders that drop per-layer alphas (or take the most common one) still apply right."""
     k = int(up2.shape[1])
+    if alpha is None:
+        alpha = float(k)
+    elif k != alpha:
+        c = math.sqrt(k / alpha)
+        up2, down2 = up2 * c, down2 * c
     if len(shape) == 4:
         up = up2.reshape(shape[0], k, 1, 1)
         down = down2.reshape(k, *shape[1:])
     else:
         up, down = up2, down2
     return LoraLayer(kind="lora", weights={"down": down.to(out_dtype).contiguous(),
-                                           "up": up.to(out_dtype).contiguous()}, alpha=float(k))
+                                           "up": up.to(out_dtype).contiguous()}, alpha=float(alpha))
 
 
 def _exact_norm(ts: list[Term]) -> float:
@@ -241,7 +278,8 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
           base: str | None = None, on_layer=None) -> MergeResult:
     """Merge ``inputs`` into one LoRA. ``rank`` is required for ``svd``; ignored by concat/sum.
 
-    Output layers are plain LoRA layers with alpha = rank (scale 1): the weights are in the factors.
+    Output layers are plain LoRA layers sharing one alpha (the svd rank, else the largest layer rank),
+    with the factors rescaled so that alpha/rank · up · down is the merged ΔW.
     ``on_layer(key)`` is called after each layer (progress).
     """
     if method not in METHODS:
@@ -260,19 +298,26 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
     if method == "sum":
         _check_sum(inputs, terms)
 
+    # one alpha for every output layer (see _as_layer)
+    if method == "svd":
+        alpha = float(rank)
+    elif method == "concat":
+        alpha = float(max(sum(t.rank for t in ts) for ts in terms.values()))
+    else:
+        alpha = float(max(ts[0].rank for ts in terms.values()))
     out = LoraModel(base=family, source_format="lorahub-merge")
     result = MergeResult(model=out, method=method)
     for key in sorted(terms):
         ts = terms[key]
         shape = _out_shape(ts)
-        rank_in = sum(int(t.up.shape[1]) for t in ts)
+        rank_in = sum(t.rank for t in ts)
         mat = any(t.materialised for t in ts)
         if all(t.coef == 0.0 for t in ts):
             if on_layer:
                 on_layer(key)
             continue
-        norm = _exact_norm(ts)
         if method == "concat":
+            norm = _exact_norm(ts)
             up2, down2 = lowrank.stack([(t.up, t.down, t.coef) for t in ts])
             rep = LayerReport(key, len(ts), rank_in, int(up2.shape[1]), norm, 1.0, 0.0, mat)
         elif method == "svd":
@@ -281,9 +326,11 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
             k = max(1, min(int(rank), int(sp.S.numel())))
             up2, down2 = lowrank.split(sp, k)
             kept = lowrank.retained(sp.S, k)
+            norm = float(torch.linalg.vector_norm(sp.S))
             rep = LayerReport(key, len(ts), rank_in, k, norm, kept,
                               math.sqrt(max(0.0, 1.0 - kept * kept)), mat)
         else:  # sum
+            norm = _exact_norm(ts)
             ups, downs = [], []
             for t in ts:
                 s = math.sqrt(abs(t.coef))
@@ -294,8 +341,10 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
             rel = err / norm if norm > 0 else 0.0
             rep = LayerReport(key, len(ts), rank_in, int(up2.shape[1]), norm,
                               math.sqrt(max(0.0, 1.0 - min(1.0, rel * rel))), rel, mat)
-        out.layers[key] = _as_layer(up2, down2, shape, out_dtype)
+        out.layers[key] = _as_layer(up2, down2, shape, out_dtype, alpha)
         result.layers.append(rep)
+        for t in ts:
+            t.release()  # free this layer's compute-dtype copies
         if on_layer:
             on_layer(key)
     return result
@@ -309,8 +358,11 @@ def _check_sum(inputs: list[MergeInput], terms: dict[str, list[Term]]) -> None:
                              {inputs[t.source].label or str(t.source + 1) for t in ts})
             raise LorahubError(f"method 'sum' needs every layer in every input; {key} is missing from "
                                f"{', '.join(missing)} (use --method concat or svd)")
-        ranks = {int(t.up.shape[1]) for t in ts}
-        if len(ranks) > 1 or any(t.materialised for t in ts):
+        if any(t.materialised for t in ts):
+            raise LorahubError(f"method 'sum' needs plain LoRA layers; {key} is LyCORIS "
+                               "(use --method concat or svd)")
+        ranks = {t.rank for t in ts}
+        if len(ranks) > 1:
             raise LorahubError(f"method 'sum' needs the same rank in every input; {key} has ranks "
                                f"{sorted(ranks)} (use --method concat or svd)")
 
