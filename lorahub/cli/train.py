@@ -97,9 +97,11 @@ def train(
 
     err = console(stderr=True)
     with progress(transient=False) as bar:
-        task = bar.add_task("loading", total=cfg.total_steps)
+        task = bar.add_task("loading", total=cfg.total_steps, start=False)
 
         def report(r: dict) -> None:
+            if not bar.tasks[0].started:
+                bar.start_task(task)
             bar.update(task, completed=r["step"],
                        description=f"{r['phase']} loss {r['loss']:.4f} {r['it_s']:.2f} it/s")
 

@@ -170,8 +170,11 @@ class Trainer:
         from lorahub.train.captions import lint
 
         cfg = self.cfg
+        words = cfg.trigger_words()
+        if cfg.uses_tokens and cfg.trigger:
+            words += [t.strip() for t in cfg.trigger.split("|") if t.strip() and t.strip() not in words]
         rep = lint(cfg.data_dir, type=cfg.type,
-                   trigger="|".join(cfg.trigger_words()) if cfg.type == "character" else None,
+                   trigger="|".join(words) if cfg.type == "character" else None,
                    min_size=cfg.min_image_size or cfg.resolution)
         self.result.lint = rep.to_dict()
         for f in rep.findings:
@@ -541,8 +544,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for te in self.tes:
-                if hasattr(te, "gradient_checkpointing_enable"):
-                    te.gradient_checkpointing_enable()
+                enable = getattr(te, "activation_checkpointing_enable", None) or \
+                    getattr(te, "gradient_checkpointing_enable", None)
+                if enable is not None:
+                    enable()
         if self.device.type == "cuda":
             self.unet.to(memory_format=torch.channels_last)
 
