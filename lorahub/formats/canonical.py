@@ -68,6 +68,8 @@ class LoraLayer:
         if self.kind == "loha":
             return int(w["w1b"].shape[0])
         if self.kind == "lokr":
+            if "t2" in w:  # Tucker: lokr_w2_a is stored rank-first (r, out)
+                return int(w["t2"].shape[0])
             if "w2a" in w:
                 return int(w["w2a"].shape[1])
             if "w1a" in w:

@@ -207,6 +207,8 @@ def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
             return int(f[k].shape[0])
     if "hada_w1_b" in f:
         return int(f["hada_w1_b"].shape[0])
+    if "lokr_t2" in f:
+        return int(f["lokr_t2"].shape[0])
     for k in ("lokr_w2_a", "lokr_w1_a"):
         if k in f and len(f[k].shape) >= 2:
             return int(f[k].shape[1])
@@ -223,7 +225,7 @@ def _layer_kind(f: dict[str, TensorInfo]) -> str:
     if "on_input" in f or ("weight" in f and "lora_down" not in f):
         return "ia3"
     d = f.get("lora_down") or f.get("down")
-    if d is not None and len(d.shape) == 4 and d.shape[2] * d.shape[3] > 1:
+    if "lora_mid" in f or (d is not None and len(d.shape) == 4 and d.shape[2] * d.shape[3] > 1):
         return "locon"
     return "lora"
 

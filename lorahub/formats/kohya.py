@@ -48,16 +48,22 @@ def _adapted_shape(kind: str, f: dict[str, torch.Tensor]) -> tuple[int, ...] | N
         return (int(up.shape[0]), int(down.shape[1]))
     if kind == "full":
         return tuple(int(s) for s in f["diff"].shape)
-    if kind == "loha" and "t1" not in f:
-        out, inn = int(f["w1a"].shape[0]), int(f["w1b"].shape[1])
-        return (out, inn)
+    if kind == "loha":
+        if "t1" in f:  # Tucker: w1a (r, out), w1b (r, in), t1 (r, r, kh, kw)
+            return (int(f["w1a"].shape[1]), int(f["w1b"].shape[1]), *[int(x) for x in f["t1"].shape[2:]])
+        return (int(f["w1a"].shape[0]), int(f["w1b"].shape[1]))  # conv: (out, in*kh*kw)
     if kind == "lokr":
         try:
-            w1 = f["w1"].shape if "w1" in f else (f["w1a"].shape[0], f["w1b"].shape[1])
-            w2 = f["w2"].shape if "w2" in f else (f["w2a"].shape[0], f["w2b"].shape[1])
-            return (int(w1[0] * w2[0]), int(w1[1] * w2[1]))
+            a, b = f["w1"].shape if "w1" in f else (f["w1a"].shape[0], f["w1b"].shape[1])
+            if "t2" in f:
+                w2 = (f["w2a"].shape[1], f["w2b"].shape[1], *f["t2"].shape[2:])
+            elif "w2" in f:
+                w2 = tuple(f["w2"].shape)
+            else:
+                w2 = (f["w2a"].shape[0], f["w2b"].shape[1])
         except KeyError:
             return None
+        return (int(a * w2[0]), int(b * w2[1]), *[int(x) for x in w2[2:]])
     return None
 
 
@@ -159,7 +165,9 @@ def _check_factors(mod: str, kind: str, w: dict[str, torch.Tensor], name: str) -
         for k in ("w1a", "w1b", "w2a", "w2b"):
             if k not in w:
                 raise FormatError(f"{name}: LoHa layer {mod} lacks hada_{k[:2]}_{k[2]}")
-        if w["w1a"].shape[1] != w["w1b"].shape[0] or w["w2a"].shape[1] != w["w2b"].shape[0]:
+        tucker = "t1" in w or "t2" in w  # Tucker: w?a is (r, out), w?b is (r, in)
+        ra = (lambda t: t.shape[0]) if tucker else (lambda t: t.shape[1])
+        if ra(w["w1a"]) != w["w1b"].shape[0] or ra(w["w2a"]) != w["w2b"].shape[0]:
             raise FormatError(f"{name}: LoHa layer {mod} has mismatched factor shapes")
         if w["w1b"].shape[0] == 0:
             raise FormatError(f"{name}: layer {mod} has rank 0")

@@ -29,8 +29,9 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, s
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    # LyCORIS Tucker rebuild: W[p, r, h, w] = Σ_ij t[i, j, h, w] · wa[i, p] · wb[j, r]
-    # with wa stored as (r, out) after transposition (w?a is (out, r) on disk -> use its transpose).
+    # LyCORIS Tucker rebuild: W[p, r, h, w] = Σ_ij t[i, j, h, w] · wa[i, p] · wb[j, r].
+    # In Tucker mode LyCORIS stores both 2-D factors rank-first: hada_w?_a / lokr_w2_a as (r, out)
+    # ("1-mode") and hada_w?_b / lokr_w2_b as (r, in) ("2-mode"), so they are used as stored.
     return torch.einsum("ijhw,jr,ip->prhw", t, wb, wa)
 
 
@@ -44,8 +45,8 @@ def delta(layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return w["diff"].reshape(shape)
     if layer.kind == "loha":
         if "t1" in w:
-            m1 = _tucker(w["t1"], w["w1a"].T, w["w1b"])
-            m2 = _tucker(w["t2"], w["w2a"].T, w["w2b"])
+            m1 = _tucker(w["t1"], w["w1a"], w["w1b"])
+            m2 = _tucker(w["t2"], w["w2a"], w["w2b"])
         else:
             m1 = w["w1a"] @ w["w1b"]
             m2 = w["w2a"] @ w["w2b"]
@@ -55,12 +56,13 @@ def delta(layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if "w2" in w:
             w2 = w["w2"]
         elif "t2" in w:
-            w2 = _tucker(w["t2"], w["w2a"].T, w["w2b"])
+            w2 = _tucker(w["t2"], w["w2a"], w["w2b"])
         else:
             w2 = w["w2a"] @ w["w2b"]
         if len(shape) == 4 and w2.dim() == 2:
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.shape[1] != shape[1] // w1.shape[1] else w2
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2) * s).reshape(shape)
+        # torch.kron views its inputs: the einsum result of the Tucker rebuild must be made contiguous
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * s).reshape(shape)
     raise ValueError(f"unknown layer kind {layer.kind!r}")
