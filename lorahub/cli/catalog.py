@@ -574,13 +574,20 @@ def verify(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
 
 # --------------------------------------------------------------------------- demo
 @app.command()
-def demo(home: HomeOpt = None) -> None:
-    """Build the tiny fixtures, add them to a registry (default: a fresh temp home), search and show one."""
+def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
+    """Build the tiny fixtures, add them to a registry (default: a fresh temp home, even when
+    LORAHUB_HOME is set; give --home to use another), search and show one."""
     import tempfile
     import time
 
     from lorahub.errors import LorahubError
 
+    try:
+        source = ctx.get_parameter_source("home")
+    except Exception:  # pragma: no cover - older click
+        source = None
+    if getattr(source, "name", "") == "ENVIRONMENT":
+        home = None  # never fill a real registry with demo entries by accident
     t0 = time.perf_counter()
     con = console()
     home = Path(home) if home else Path(tempfile.mkdtemp(prefix="lorahub-demo-"))
