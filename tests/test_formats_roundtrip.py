@@ -215,3 +215,27 @@ def test_nan_is_reported(files):
     model.layers[name].weights["up"] = model.layers[name].up.clone()
     model.layers[name].weights["up"][0, 0] = float("nan")
     assert check_finite(model) == [name]
+
+
+def test_older_diffusers_forms_read_like_the_new_one(files, tmp_path):
+    new = load_lora(files["sd1-diffusers"])
+    raw = load_file(str(files["sd1-diffusers"]))
+    old, proc = {}, {}
+    for k, v in raw.items():
+        mod, ab = k.rsplit(".lora_", 1)
+        ud = "down" if ab.startswith("A") else "up"
+        old[f"{mod}.lora.{ud}.weight"] = v
+        head, _, proj = mod.rpartition(".")
+        if mod.endswith(("attn1.to_q", "attn2.to_k")):
+            proc[f"{head}.processor.{proj}_lora.{ud}.weight"] = v
+        elif mod.endswith("to_out.0"):
+            proc[f"{mod[:-len('.to_out.0')]}.processor.to_out_lora.{ud}.weight"] = v
+    for i, sd in enumerate((old, proc)):
+        p = tmp_path / f"old{i}.safetensors"
+        save_file(sd, str(p))
+        m = load_lora(p)
+        assert m.arch == "tiny-sd1" and m.layers
+        for n, layer in m.layers.items():
+            assert torch.equal(layer.up, new.layers[n].up) and torch.equal(layer.down, new.layers[n].down)
+        if i == 0:
+            assert set(m.layers) == set(new.layers)
