@@ -82,8 +82,11 @@ def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkey
     assert res["added"] == [] and res["already"] == 5 and len(calls) == 1
     assert len(jrun(run, "list")) == 5
     make_kohya(root / "sub1" / "deep" / "new.safetensors", seed=77)
-    res = jrun(run, "scan", root)
+    res = jrun(run, "scan", root, "--link")
     assert [e["name"] for e in res["added"]] == ["new"]
+    new = root / "sub1" / "deep" / "new.safetensors"
+    blob = home / "objects" / res["added"][0]["sha256"][:2] / res["added"][0]["sha256"]
+    assert blob.read_bytes() == new.read_bytes() and blob.stat().st_ino == new.stat().st_ino
 
 
 def test_list_search_show_tag_edit(run, home, tmp_path):

@@ -130,6 +130,8 @@ def scan(
     folder: Annotated[Path, typer.Argument(help="Folder to scan recursively.")],
     ext: Annotated[Optional[List[str]], typer.Option("--ext", help="File extensions to take (default .safetensors, .pt).")] = None,
     tag: TagOpt = None,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link files into the store instead of copying "
+                                       "(same file system only; editing the originals then corrupts the store).")] = False,
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
@@ -173,7 +175,7 @@ def scan(
                 known.append(None)
             prog.advance(task)
 
-        reg.add_many(todo, tags=tag or None, callback=done)
+        reg.add_many(todo, tags=tag or None, copy=not link, callback=done)
     if seen:
         reg.conn.execute("BEGIN IMMEDIATE")
         for path, st, sha in seen:

@@ -417,7 +417,7 @@ class Registry:
 
     def add_many(self, paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
                  batch_files: int = 64, batch_bytes: int = 256 * 1024 * 1024, workers: int = 2,
-                 callback=None) -> dict:
+                 copy: bool = True, callback=None) -> dict:
         """Add many files (``scan``): one transaction per file, with the fsyncs of a batch issued
         together (parallel fsyncs share the file system's journal commits). Blobs stay temp files until
         their data is synced; each entry is then committed (and its blob renamed into place) in its own
@@ -433,7 +433,7 @@ class Registry:
 
         def prep_one(p):
             try:
-                return p, self._prepare(p, tags=tags, durable=False, check_existing=False), None
+                return p, self._prepare(p, tags=tags, copy=copy, durable=False, check_existing=False), None
             except _LE as exc:
                 return p, None, exc
             except OSError as exc:
