@@ -629,7 +629,8 @@ class Trainer:
                 if state is not None and ckpt_phase == phase and step > phase_start:
                     self.opt.load_state_dict(state["optimizer"])
                 unet, tes = self._wrap(phase)
-                self.opt = self.acc.prepare_optimizer(self.opt) if self.acc.num_processes > 1 else self.opt
+                # accelerate's optimizer wrapper unscales fp16 gradients (GradScaler) before stepping
+                self.opt = self.acc.prepare_optimizer(self.opt)
                 self.unet.train(phase == "lora")
                 for te in self.tes:
                     te.train(phase == "ti" or "text_encoder" in self.lora)
