@@ -1,7 +1,7 @@
 """Classify a LoRA / LyCORIS / embedding / checkpoint file from its header alone.
 
 ``detect(path) -> Detection`` reads the safetensors header (key names, dtypes, shapes, metadata) and at
-most the few bytes of the scalar ``alpha`` tensors. It never imports torch (numpy at most) and never
+most the few bytes of the scalar ``alpha`` tensors. It imports neither torch nor numpy and never
 unpickles: pickled ``.pt``/``.ckpt``/``.bin`` files are read through a restricted unpickler that only
 accepts plain tensor dictionaries (see :mod:`lorahub.formats.pickle_safe`).
 
@@ -180,25 +180,29 @@ def _clone_layers(tensors: dict[str, TensorInfo]) -> dict[str, _Layer]:
     return layers
 
 
-def _scalar(path: Path | None, header: Header | None, info: TensorInfo) -> float | None:
-    """Read one scalar tensor's bytes (alpha) with numpy."""
-    if path is None or header is None or info.nbytes > 8 or info.nbytes == 0:
-        return None
-    import numpy as np
+_STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
 
+
+def _scalars(path: Path | None, header: Header | None, infos: list[TensorInfo]) -> list[float]:
+    """Values of scalar tensors (alphas), read with ``struct`` through one open file (no numpy, no torch)."""
+    if path is None or header is None or not infos:
+        return []
+    import struct
+
+    out: list[float] = []
     with open(path, "rb") as f:
-        f.seek(header.data_start + info.start)
-        raw = f.read(info.nbytes)
-    if len(raw) != info.nbytes:
-        return None
-    if info.dtype == "BF16":
-        v = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return float(v.view(np.float32)[0])
-    np_dt = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-             "I8": "i1", "U8": "u1"}.get(info.dtype)
-    if np_dt is None:
-        return None
-    return float(np.frombuffer(raw, dtype=np_dt)[0])
+        for info in sorted(infos, key=lambda i: i.start):
+            if info.nbytes == 0 or info.nbytes > 8:
+                continue
+            f.seek(header.data_start + info.start)
+            raw = f.read(info.nbytes)
+            if len(raw) != info.nbytes:
+                continue
+            if info.dtype == "BF16":
+                out.append(struct.unpack("<f", b"\x00\x00" + raw[:2])[0])
+            elif info.dtype in _STRUCT and struct.calcsize(_STRUCT[info.dtype]) == info.nbytes:
+                out.append(float(struct.unpack(_STRUCT[info.dtype], raw)[0]))
+    return out
 
 
 def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
@@ -439,13 +443,8 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
         notes.append("a layer has rank 0")
 
     # alpha
-    alphas: list[float] = []
-    for layer in layers.values():
-        a = layer.factors.get("alpha")
-        if a is not None:
-            v = _scalar(path, header, a)
-            if v is not None:
-                alphas.append(v)
+    alphas = _scalars(path, header, [layer.factors["alpha"] for layer in layers.values()
+                                     if "alpha" in layer.factors])
     alpha = None
     if alphas:
         c = Counter(alphas)
