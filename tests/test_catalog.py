@@ -240,3 +240,21 @@ def test_demo_runs(cli, tmp_path):
     kinds = {e["kind"] for e in reg.entries()}
     assert "lora" in kinds
     assert reg.verify() == []
+
+
+def test_two_processes_scanning_one_home_at_once(home, tmp_path):
+    root = tmp_path / "shared"
+    for i in range(12):
+        make_kohya(root / f"p{i}.safetensors", seed=300 + i)
+    env = dict(os.environ, LORAHUB_HOME=str(home))
+    procs = [subprocess.Popen([sys.executable, "-m", "lorahub", "scan", str(root), "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert all(r["skipped"] == [] for r in results)
+    assert sum(len(r["added"]) for r in results) == 12  # each file added exactly once
+    from lorahub.registry import Registry
+
+    reg = Registry.open(home)
+    assert reg.count() == 12 and reg.verify() == [] and len(store_files(home)) == 12
