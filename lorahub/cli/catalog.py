@@ -181,7 +181,6 @@ def scan(
         for path, st, sha in seen:
             reg.scan_cache_put(path, st, sha)
         reg.conn.execute("COMMIT")
-    known = [e for e in known if e is not None] + [None] * sum(1 for e in known if e is None)
     if json_out:
         print_json({"added": [_short(e) for e in added], "already": len(known), "skipped": bad})
         return
