@@ -96,3 +96,23 @@ def test_locon_tucker_mid(tmp_path):
     torch.testing.assert_close(layer.delta(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="Tucker"):
         save_lora(load_lora(p), tmp_path / "d.safetensors", "diffusers")
+
+
+def test_dora_weight_per_input_and_per_output():
+    from lorahub.formats.canonical import LoraLayer
+    from lorahub.formats.lycoris_math import dora_weight
+
+    r = _g(5)
+    w0, down, up = r(6, 5), r(2, 5), r(6, 2)
+    for scale_shape in ((1, 5), (6, 1)):
+        m = r(*scale_shape).abs() + 0.5
+        layer = LoraLayer("lora", {"down": down, "up": up}, alpha=1.0, dora_scale=m)
+        w = w0 + 0.7 * (up @ down) * 0.5
+        want = torch.empty_like(w)
+        for o in range(6):
+            for i in range(5):
+                if scale_shape == (1, 5):
+                    want[o, i] = m[0, i] * w[o, i] / w[:, i].norm()
+                else:
+                    want[o, i] = m[o, 0] * w[o, i] / w[o, :].norm()
+        torch.testing.assert_close(dora_weight(layer, w0, multiplier=0.7), want)

@@ -66,3 +66,21 @@ def delta(layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # torch.kron views its inputs: the einsum result of the Tucker rebuild must be made contiguous
         return (torch.kron(w1.contiguous(), w2.contiguous()) * s).reshape(shape)
     raise ValueError(f"unknown layer kind {layer.kind!r}")
+
+
+def dora_weight(layer, w0: torch.Tensor, multiplier: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The adapted weight of a DoRA layer: ``dora_scale · (W0 + m·ΔW) / ‖W0 + m·ΔW‖``.
+
+    LyCORIS / kohya store the magnitude ``dora_scale`` either per input column, shape (1, in[, 1, 1])
+    (the norm is then taken over every axis but the input one), or per output row, shape (out, 1[, 1, 1])
+    ("wd_on_out": norm over every axis but the output one). ``multiplier`` scales ΔW (the LoRA strength);
+    the result replaces W0 (it is not an additive ΔW)."""
+    if layer.dora_scale is None:
+        raise ValueError("layer has no dora_scale")
+    w = w0.to(dtype) + multiplier * delta(layer, dtype).reshape(w0.shape)
+    m = layer.dora_scale.to(dtype)
+    if m.shape[0] == w.shape[0] and (m.dim() < 2 or m.shape[1] == 1) and w.shape[0] != 1:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, -1, *([1] * (w.dim() - 2)))
+    return w * (m.reshape(norm.shape) / norm)
