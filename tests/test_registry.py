@@ -361,6 +361,8 @@ def test_metadata_and_sidecars_imported(reg, tmp_path):
     assert e["extra"]["negative_text"] == "blurry"
     pv = {p["kind"]: Path(p["path"]).read_bytes() for p in reg.previews(e["id"])}
     assert pv == {"sidecar": sidecar_png, "cover": cover}
+    assert "stored as previews" in e["metadata"]["ssmd_cover_images"]  # not duplicated in the database
+    assert e["metadata"]["ssmd_author"] == "someone"
 
 
 def test_trigger_sources_header_only(reg, tmp_path):

@@ -620,7 +620,7 @@ class Registry:
                     "source": prep["source"] or imported.source or str(p.resolve()),
                     "created_at": imported.created_at or _mtime_iso(p),
                     "added_at": now_iso(),
-                    "metadata": json.dumps(prep["meta"], ensure_ascii=False),
+                    "metadata": json.dumps(_slim_meta(prep["meta"]), ensure_ascii=False),
                     "extra": json.dumps(ex, ensure_ascii=False, default=str),
                     "blob_mode": "link" if prep["linked"] else "copy",
                 }
@@ -889,6 +889,15 @@ class Registry:
             "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
             "sha256 = excluded.sha256, seen_at = excluded.seen_at",
             (str(path), st.st_size, st.st_mtime_ns, sha256, now_iso()))
+
+
+def _slim_meta(meta: dict) -> dict:
+    """Header metadata as stored in the catalogue: base64 cover images (kept as previews) are elided."""
+    v = meta.get("ssmd_cover_images")
+    if isinstance(v, str) and len(v) > 256:
+        meta = dict(meta)
+        meta["ssmd_cover_images"] = f"<{len(v)} characters of base64 images, stored as previews>"
+    return meta
 
 
 def _mtime_iso(p: Path) -> str:
