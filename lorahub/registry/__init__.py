@@ -894,7 +894,7 @@ class Registry:
 def _slim_meta(meta: dict) -> dict:
     """Header metadata as stored in the catalogue: base64 cover images (kept as previews) are elided."""
     v = meta.get("ssmd_cover_images")
-    if isinstance(v, str) and len(v) > 256:
+    if isinstance(v, str) and len(v) > 2:
         meta = dict(meta)
         meta["ssmd_cover_images"] = f"<{len(v)} characters of base64 images, stored as previews>"
     return meta
