@@ -7,7 +7,6 @@ fast. The registry module itself is stdlib-only; detection and hashing are impor
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
