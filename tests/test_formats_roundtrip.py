@@ -239,3 +239,25 @@ def test_older_diffusers_forms_read_like_the_new_one(files, tmp_path):
             assert torch.equal(layer.up, new.layers[n].up) and torch.equal(layer.down, new.layers[n].down)
         if i == 0:
             assert set(m.layers) == set(new.layers)
+
+
+def test_sdxl_kohya_in_diffusers_layout_keeps_its_layout(files, tmp_path):
+    """Some tools name SDXL kohya modules by diffusers paths: read them, and write them back that way."""
+    from lorahub.formats import names
+
+    a = names.get_arch("tiny-sdxl")
+    raw = load_file(str(files["sdxl-kohya"]))
+    sgm_to_diff = {names.to_kohya(c, a): names.to_kohya(c, a, sgm=False) for c in a.modules}
+    renamed = {}
+    for k, v in raw.items():
+        mod, suffix = k.split(".", 1)
+        renamed[f"{sgm_to_diff.get(mod, mod)}.{suffix}"] = v
+    assert renamed.keys() != raw.keys()
+    p = tmp_path / "difflayout.safetensors"
+    save_file(renamed, str(p))
+    model = load_lora(p)
+    assert model.arch == "tiny-sdxl"
+    assert set(model.layers) == set(load_lora(files["sdxl-kohya"]).layers)
+    mid = save_lora(model, tmp_path / "mid.safetensors", "diffusers")
+    back = save_lora(load_lora(mid), tmp_path / "back.safetensors", "kohya")
+    _assert_same_tensors(renamed, load_file(str(back)))

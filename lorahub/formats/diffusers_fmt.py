@@ -165,6 +165,8 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
     model = LoraModel(metadata=meta, source_format=fmt,
                       base=arch_obj.family if arch_obj else (base_hint or "unknown"),
                       arch=arch_obj.name if arch_obj else "unknown")
+    if info.get("kohya_unet_layout"):
+        model.extra["kohya_unet_layout"] = info["kohya_unet_layout"]
     for mod, f in groups.items():
         cname = cmap[mod]
         part, path = names.split(cname)
@@ -267,6 +269,8 @@ def _bookkeeping_meta(model: LoraModel, added: list[str], has_config: bool) -> s
             le[n] = e
     if le:
         info["layer_extra"] = le
+    if model.extra.get("kohya_unet_layout"):
+        info["kohya_unet_layout"] = model.extra["kohya_unet_layout"]
     return json.dumps(info, sort_keys=True, separators=(",", ":"))
 
 

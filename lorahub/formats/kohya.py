@@ -121,6 +121,8 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
                       base=a.family if a else (base_hint or "unknown"), arch=a.name if a else "unknown")
     for mod, (kind, weights, special) in built.items():
         cname = names.from_kohya(mod, a)
+        if a.family == "sdxl" and mod.startswith("lora_unet_") and mod not in a.kohya_to_canonical():
+            model.extra["kohya_unet_layout"] = "diffusers"  # written back the same way
         layer = LoraLayer(kind=kind, weights=weights)
         if "alpha" in special:
             at = special["alpha"]
@@ -183,7 +185,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
     for cname, layer in model.layers.items():
         if cname not in arch.modules:
             raise FormatError(f"layer {cname} is not a module of {arch.name}")
-        k = names.to_kohya(cname, arch)
+        k = names.to_kohya(cname, arch, sgm=model.extra.get("kohya_unet_layout") != "diffusers")
         for fac, t in layer.weights.items():
             suffix = SUFFIX_OF.get((layer.kind, fac))
             if suffix is None:

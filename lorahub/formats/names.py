@@ -194,11 +194,13 @@ def unet_to_sgm(path: str, ucfg: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # kohya names
 
-def to_kohya(name: str, arch: Arch) -> str:
-    """kohya module name (without the ``.lora_down.weight`` suffix) of canonical ``name``."""
+def to_kohya(name: str, arch: Arch, *, sgm: bool = True) -> str:
+    """kohya module name (without the ``.lora_down.weight`` suffix) of canonical ``name``.
+
+    SDXL UNet names use the SGM layout unless ``sgm=False`` (some tools write diffusers paths)."""
     part, rest = split(name)
     if part == "unet":
-        if arch.family == "sdxl":
+        if arch.family == "sdxl" and sgm:
             rest = unet_to_sgm(rest, arch.unet_config)
         return "lora_unet_" + rest.replace(".", "_")
     if part == "text_encoder":
