@@ -525,3 +525,46 @@ def test_textual_inversion_two_placeholders_two_files(tmp_path, tiny_sd1):
 
     r = subprocess.run([sys.executable, "-m", "lorahub.train", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--placeholder-tokens" in r.stdout and "--prior-preservation" in r.stdout
+
+
+DDP_SCRIPT = """
+import hashlib, json, sys
+import torch
+torch.set_num_threads(1)
+from lorahub.train.config import build_config
+from lorahub.train.trainer import Trainer
+cfg = build_config(None, data_dir=sys.argv[1], base="tiny-sd1", method="pivotal", ti_steps=2, lora_steps=2,
+                   resolution=32, rank=2, output_dir=sys.argv[2], register=False, placeholder_tokens=["<s1>"])
+t = Trainer(cfg)
+r = t.run()
+st = t._trainable_state()
+h = hashlib.sha256(b"".join(st[k].numpy().tobytes() for k in sorted(st))).hexdigest()
+print("RESULT " + json.dumps({"rank": t.acc.process_index, "world": t.acc.num_processes, "state": h,
+                               "losses": r.losses, "lora": str(r.lora_path) if r.lora_path else None}), flush=True)
+"""
+
+
+def test_two_processes_through_accelerate_stay_in_sync(tmp_path, tiny_sd1):
+    """torchrun with 2 CPU processes (gloo): accelerate wraps the trainable models in DDP; each process
+    trains on its own batches, gradients are averaged, so both end with identical weights; only the
+    main process writes the output."""
+    import os
+    import subprocess
+    import sys
+
+    data = make_dataset(tmp_path / "data", n=4)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", str(script), str(data), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = sorted((json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")),
+                  key=lambda d: d["rank"])
+    assert [d["rank"] for d in rows] == [0, 1] and all(d["world"] == 2 for d in rows)
+    assert rows[0]["state"] == rows[1]["state"]
+    assert rows[0]["losses"] != rows[1]["losses"]        # different shards of the data
+    assert rows[0]["lora"] and rows[1]["lora"] is None
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
+        "data-pivotal.emb.safetensors", "data-pivotal.safetensors"]

@@ -109,6 +109,8 @@ def train(
             bar.console.print(msg, markup=False, highlight=False)
 
         res = run_training(cfg, home=home, report=report, log=log)
+    if not res.is_main:  # accelerate launch: the main process reports
+        return
     if json_out:
         print_json(res.to_dict())
         return

@@ -55,6 +55,7 @@ class TrainResult:
     seconds: float = 0.0
     lint: dict | None = None
     metadata: dict = field(default_factory=dict)
+    is_main: bool = True          # False in the non-main processes of a multi-process run
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir),
@@ -596,7 +597,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._datasets()
         self._setup_models()
-        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        # per-process noise stream (each process also draws its own share of the batches)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed + 7919 * self.acc.process_index)
         self._lat_cache = {}
         phases = [(p, n) for p, n in (("ti", cfg.ti_phase_steps), ("lora", cfg.lora_phase_steps)) if n > 0]
         total = cfg.total_steps
@@ -704,6 +706,7 @@ class Trainer:
             raise TrainingInterrupted(f"interrupted at step {step}; checkpoint kept at {where} "
                                       f"(continue with --resume {where})") from None
         self.result.steps = step
+        self.result.is_main = self.acc.is_main_process
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self._finish()
