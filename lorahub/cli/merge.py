@@ -211,6 +211,11 @@ def _run(recipe, text, resolved, out, reg, register, json_out, per_layer) -> dic
                                 "entry": r.entry["id"] if r.entry else None, "parts": r.spec.parts}
                                for r in resolved]}
     n_keys = len({k for m in models for k in m.layers})
+    # every refusal before any progress bar, so that it stays one line
+    if recipe.output == "checkpoint":
+        mg.validate(inputs, method="concat", base=recipe.family)
+    else:
+        mg.validate(inputs, method=recipe.method, rank=recipe.rank, base=recipe.family)
 
     if recipe.output == "checkpoint":
         from lorahub.ops import bake as bk
@@ -222,6 +227,7 @@ def _run(recipe, text, resolved, out, reg, register, json_out, per_layer) -> dic
             fam = ck.family
         mg.check_families(inputs, fam if fam != "unknown" else recipe.family)
         res = mg.merge(inputs, method="concat", base=fam if fam != "unknown" else recipe.family)
+        bk.check(base_path, res.model, out)
         with progress() as bar:
             task = bar.add_task("baking", total=len(res.model.layers))
             rep = bk.bake(base_path, res.model, out, recipe_text=text,

@@ -76,13 +76,16 @@ def _plan(ck, merged: LoraModel) -> dict[str, object]:
     return plan
 
 
-def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "",
-         on_tensor: Callable[[str], None] | None = None) -> BakeReport:
-    """Write ``out`` = ``base`` with ``merged``'s ΔW added (folder -> folder, single file -> single file)."""
-    from lorahub import fsutil
+def check(base: Path, merged: LoraModel, out: Path) -> None:
+    """Every refusal :func:`bake` can make, without writing anything (headers only)."""
     from lorahub.ops import checkpoints
 
-    base, out = Path(base), Path(out)
+    _check_paths(Path(base), Path(out))
+    with checkpoints.open_checkpoint(base) as ck:
+        _plan(ck, merged)
+
+
+def _check_paths(base: Path, out: Path) -> None:
     if out.exists():
         raise LorahubError(f"{out}: already exists; choose a new output path")
     if base.is_dir() and out.suffix.lower() == ".safetensors":
@@ -90,6 +93,16 @@ def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "",
                            "give --out a folder name (without .safetensors)")
     if base.is_file() and out.suffix.lower() != ".safetensors":
         raise LorahubError(f"{out}: the base is a single-file checkpoint; give --out a .safetensors file")
+
+
+def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "",
+         on_tensor: Callable[[str], None] | None = None) -> BakeReport:
+    """Write ``out`` = ``base`` with ``merged``'s ΔW added (folder -> folder, single file -> single file)."""
+    from lorahub import fsutil
+    from lorahub.ops import checkpoints
+
+    base, out = Path(base), Path(out)
+    _check_paths(base, out)
     with checkpoints.open_checkpoint(base) as ck:
         plan = _plan(ck, merged)
         report = BakeReport(out=out, family=ck.family, layout=ck.layout)

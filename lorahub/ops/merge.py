@@ -273,15 +273,11 @@ def check_families(inputs: list[MergeInput], base: str | None = None) -> str:
     return next(iter(fams), "unknown")
 
 
-def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = None,
-          out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
-          base: str | None = None, on_layer=None) -> MergeResult:
-    """Merge ``inputs`` into one LoRA. ``rank`` is required for ``svd``; ignored by concat/sum.
-
-    Output layers are plain LoRA layers sharing one alpha (the svd rank, else the largest layer rank),
-    with the factors rescaled so that alpha/rank · up · down is the merged ΔW.
-    ``on_layer(key)`` is called after each layer (progress).
-    """
+def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = None,
+             base: str | None = None, compute_dtype: torch.dtype = torch.float64
+             ) -> tuple[str, dict[str, list[Term]]]:
+    """Every check :func:`merge` makes before computing (cheap: factors are not converted yet).
+    Returns (base family, terms per layer key)."""
     if method not in METHODS:
         raise LorahubError(f"unknown merge method {method!r} (choose {', '.join(METHODS)})")
     if not inputs:
@@ -297,6 +293,19 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
         raise LorahubError("the inputs have no LoRA layers to merge (check the parts filters)")
     if method == "sum":
         _check_sum(inputs, terms)
+    return family, terms
+
+
+def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = None,
+          out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
+          base: str | None = None, on_layer=None) -> MergeResult:
+    """Merge ``inputs`` into one LoRA. ``rank`` is required for ``svd``; ignored by concat/sum.
+
+    Output layers are plain LoRA layers sharing one alpha (the svd rank, else the largest layer rank),
+    with the factors rescaled so that alpha/rank · up · down is the merged ΔW.
+    ``on_layer(key)`` is called after each layer (progress).
+    """
+    family, terms = validate(inputs, method=method, rank=rank, base=base, compute_dtype=compute_dtype)
 
     # one alpha for every output layer (see _as_layer)
     if method == "svd":

@@ -261,7 +261,7 @@ def resolve_lora(spec: RecipeLora, *, registry=None, folder: Path | None = None,
                     entry = registry.find_sha256(sha)
                 except Exception:  # noqa: BLE001 - an older registry without find_sha256
                     entry = None
-            return ResolvedLora(spec, c, sha, entry, label=ref)
+            return ResolvedLora(spec, c, sha, entry, label=(entry or {}).get("name") or c.name)
         if c.exists():
             raise LorahubError(f"{where}ref {ref!r} is not a file")
     if registry is None:
