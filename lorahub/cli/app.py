@@ -37,6 +37,23 @@ COMMAND_MODULES = (
 )
 
 
+# Which module registers each top-level command. `main` imports only the module that the command
+# needs, so `lorahub search` does not build the other ~25 commands. tests/test_cli_app.py checks
+# that this index matches what the modules really register.
+COMMAND_INDEX = {
+    **dict.fromkeys(("add", "scan", "list", "search", "show", "tag", "edit", "rm", "gc", "export",
+                     "dupes", "verify", "demo"), "catalog"),
+    "convert": "formats",
+    "inspect": "inspect", "diff": "inspect",
+    "extract": "extract", "resize": "extract",
+    "merge": "merge",
+    "sweep": "sweep", "render": "sweep", "previews": "sweep",
+    "train": "train", "captions": "train",
+    "push": "hub", "pull": "hub",
+    "backup": "admin", "restore": "admin",
+}
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lorahub {__version__}")
@@ -49,8 +66,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """lorahub: a local registry of LoRA files and real ML operations on them."""
 
 
-def _load_commands() -> None:
-    for name in COMMAND_MODULES:
+def _load_commands(only: str | None = None) -> None:
+    for name in (only,) if only else COMMAND_MODULES:
         modname = f"lorahub.cli.{name}"
         try:
             importlib.import_module(modname)
@@ -62,9 +79,10 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     from lorahub.errors import LorahubError
 
-    _load_commands()
+    args = sys.argv[1:] if argv is None else list(argv)
+    _load_commands(COMMAND_INDEX.get(args[0]) if args else None)
     try:
-        app(args=argv, prog_name="lorahub")
+        app(args=args, prog_name="lorahub")
     except LorahubError as exc:
         msg = str(exc).replace("\n", " ")
         sys.stderr.write(f"error: {msg}\n")

@@ -355,21 +355,14 @@ def tag(
     """Add and remove tags: `lorahub tag ID +style +anime -wip`."""
     from lorahub.errors import LorahubError
 
-    reg = open_registry(home)
-    e = reg.resolve(ref)
-    tags = list(e["tags"])
+    add, remove = [], []
     for ch in changes:
-        if ch.startswith("-"):
-            t = ch[1:].strip()
-            if not t:
-                raise LorahubError(f"empty tag in {ch!r}")
-            tags = [x for x in tags if x.casefold() != t.casefold()]
-        else:
-            t = ch[1:].strip() if ch.startswith("+") else ch.strip()
-            if not t:
-                raise LorahubError(f"empty tag in {ch!r}")
-            tags.append(t)
-    e = reg.update(e["id"], tags=tags)
+        t = ch[1:].strip() if ch[:1] in "+-" else ch.strip()
+        if not t:
+            raise LorahubError(f"empty tag in {ch!r}")
+        (remove if ch.startswith("-") else add).append(t)
+    reg = open_registry(home)
+    e = reg.change_tags(reg.resolve(ref)["id"], add=add, remove=remove)
     if json_out:
         print_json({"id": e["id"], "tags": e["tags"]})
     else:

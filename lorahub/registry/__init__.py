@@ -799,6 +799,29 @@ class Registry:
             raise
         return self.get(entry_id)
 
+    def change_tags(self, entry_id: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> dict:
+        """Add and remove tags in one write transaction (read-modify-write under the write lock, so
+        concurrent taggers never lose each other's changes). Matching is case-insensitive."""
+        from lorahub.metadata import dedupe
+
+        entry_id = self._id_of(entry_id)
+        drop = {t.casefold() for t in remove}
+        self._begin()
+        try:
+            row = self.conn.execute("SELECT tags FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no entry {entry_id!r}")
+            tags = [t for t in json.loads(row["tags"]) if t.casefold() not in drop]
+            tags = dedupe(tags + [t for t in add if t.casefold() not in drop])
+            self.conn.execute("UPDATE entries SET tags = ? WHERE id = ?",
+                              (json.dumps(tags, ensure_ascii=False), entry_id))
+            self._fts_sync(entry_id)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return self.get(entry_id)
+
     def remove(self, entry_id: str) -> dict:
         """Delete an entry (its blob stays in the store until :meth:`gc`)."""
         entry = self.get(self._id_of(entry_id))
