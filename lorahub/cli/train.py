@@ -80,7 +80,7 @@ def train(
     from lorahub.train.config import build_config, split_list
 
     cfg = build_config(
-        config, data_dir=str(data_dir) if data_dir else None, base=base, method=method, type=type_,
+        config, check_data=True, data_dir=str(data_dir) if data_dir else None, base=base, method=method, type=type_,
         trigger=trigger, instance_prompt=instance_prompt, class_prompt=class_prompt,
         prior_preservation=prior_preservation, class_dir=str(class_dir) if class_dir else None,
         num_class_images=num_class_images, prior_loss_weight=prior_loss_weight, rank=rank, alpha=alpha,

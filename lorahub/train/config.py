@@ -196,7 +196,7 @@ def load_toml(path) -> dict[str, Any]:
     return out
 
 
-def build_config(toml_path=None, **cli) -> TrainConfig:
+def build_config(toml_path=None, *, check_data: bool = False, **cli) -> TrainConfig:
     """Defaults < TOML file < command-line options that were given (not None)."""
     values: dict[str, Any] = {}
     if toml_path:
@@ -221,5 +221,7 @@ def build_config(toml_path=None, **cli) -> TrainConfig:
     cfg = TrainConfig(**values)
     if not cfg.data_dir:
         raise LorahubError("no DATA_DIR given (argument or data_dir in the config)")
+    if check_data and not Path(cfg.data_dir).expanduser().is_dir():
+        raise LorahubError(f"{cfg.data_dir}: not a folder")
     cfg.validate()
     return cfg

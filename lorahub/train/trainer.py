@@ -21,7 +21,6 @@ checkpointed, so ``--resume`` continues exactly where a run stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
