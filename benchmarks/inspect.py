@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -118,23 +119,28 @@ def main() -> None:
         assert res["layers"] == 264, res["layers"]
 
         # factors (the code `inspect` runs), best of --repeat
-        times = []
+        times, cpus = [], []
         for _ in range(args.repeat):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             report = inspect_model(model, path=path)
             times.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
         res["factors_s"] = min(times)
+        res["factors_cpu_s"] = min(cpus)
 
         # materialised baseline (same process, same threads)
         base_model = model
         if args.stride > 1:
             keys = list(model.layers)[::args.stride]
             base_model = LoraModel(layers={k: model.layers[k] for k in keys})
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ref = materialised_stats(base_model)
         mat_s = time.perf_counter() - t
+        mat_cpu = time.process_time() - c
         frac = len(base_model.layers) / len(model.layers)
         res["materialised_s"] = mat_s / frac
+        res["materialised_cpu_s"] = mat_cpu / frac
+        res["speedup_cpu"] = res["materialised_cpu_s"] / res["factors_cpu_s"]
         res["materialised_layers_timed"] = len(base_model.layers)
         res["speedup"] = res["materialised_s"] / res["factors_s"]
 
@@ -151,28 +157,34 @@ def main() -> None:
         # the whole command in a child process
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                    LORAHUB_HOME=str(Path(tmp) / "home"))
-        cli = []
+        cli, cli_cpu = [], []
         for _ in range(max(1, args.repeat - 2)):
             t = time.perf_counter()
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             p = subprocess.run([sys.executable, "-m", "lorahub", "inspect", str(path), "--json"],
                                capture_output=True, text=True, env=env)
             cli.append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cli_cpu.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
             if p.returncode != 0:
                 raise SystemExit(f"inspect failed: {p.stderr}")
         json.loads(p.stdout)
         res["cli_inspect_s"] = statistics.median(cli)
+        res["cli_inspect_cpu_s"] = statistics.median(cli_cpu)
         # where the command's time goes: the same steps, timed inside one fresh process
         probe = (
             "import json, sys, time\n"
-            "t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+            "T = lambda: (time.perf_counter(), time.process_time())\n"
+            "t0 = T(); import torch; t1 = T()\n"
             f"torch.set_num_threads({args.threads})\n"
             "from lorahub.formats.io import load_lora\n"
-            "m = load_lora(sys.argv[1]); t2 = time.perf_counter()\n"
+            "m = load_lora(sys.argv[1]); t2 = T()\n"
             "from lorahub.ops.inspect import inspect_model\n"
-            "r = inspect_model(m, path=sys.argv[1]); t3 = time.perf_counter()\n"
-            "json.dumps(r); t4 = time.perf_counter()\n"
-            "print(json.dumps({'import_torch_s': t1 - t0, 'load_lora_cold_s': t2 - t1, 'inspect_s': t3 - t2,"
-            " 'json_s': t4 - t3, 'diffusers_imported': 'diffusers' in sys.modules}))\n")
+            "r = inspect_model(m, path=sys.argv[1]); t3 = T()\n"
+            "json.dumps(r); t4 = T()\n"
+            "d = lambda a, b: [round(b[0] - a[0], 3), round(b[1] - a[1], 3)]\n"
+            "print(json.dumps({'import_torch_s': d(t0, t1), 'load_lora_cold_s': d(t1, t2), 'inspect_s': d(t2, t3),"
+            " 'json_s': d(t3, t4), 'diffusers_imported': 'diffusers' in sys.modules}))\n")
         p = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, env=env)
         if p.returncode != 0:
             raise SystemExit(f"probe failed: {p.stderr}")
@@ -183,17 +195,17 @@ def main() -> None:
 
     print(f"SD1.5-shaped rank-{args.rank} kohya LoRA, fp16: {res['layers']} layers, {res['file_mb']} MiB")
     print(f"  load_lora                         {res['load_s']:.3f} s")
-    print(f"  per-layer stats from factors      {res['factors_s']:.3f} s")
-    print(f"  per-layer stats materialised      {res['materialised_s']:.3f} s"
+    print(f"  per-layer stats from factors      {res['factors_s']:.3f} s wall, {res['factors_cpu_s']:.3f} s CPU")
+    print(f"  per-layer stats materialised      {res['materialised_s']:.3f} s wall, {res['materialised_cpu_s']:.3f} s CPU"
           + (f"  (extrapolated from {res['materialised_layers_timed']} layers)" if args.stride > 1 else ""))
-    print(f"  speed-up                          {res['speedup']:.1f}x   (target >= 20x)")
+    print(f"  speed-up                          {res['speedup']:.1f}x wall, {res['speedup_cpu']:.1f}x CPU   (target >= 20x)")
     print(f"  agreement: max rel err ‖ΔW‖_F {rel_fro:.1e}, ‖ΔW‖₂ {rel_spec:.1e}, eff-rank diff {eff_diff}")
-    print(f"  `lorahub inspect FILE --json`     {res['cli_inspect_s']:.3f} s   (target < 2 s; "
+    print(f"  `lorahub inspect FILE --json`     {res['cli_inspect_s']:.3f} s wall, {res['cli_inspect_cpu_s']:.3f} s CPU   (target < 2 s; "
           f"python + import torch alone {res['python_torch_import_s']:.3f} s)")
     b = res["cli_breakdown"]
-    print(f"    of which, in a fresh process: import torch {b['import_torch_s']:.2f} s, load_lora (cold) "
-          f"{b['load_lora_cold_s']:.2f} s (diffusers imported: {b['diffusers_imported']}), "
-          f"per-layer stats {b['inspect_s']:.2f} s, JSON {b['json_s']:.2f} s")
+    w = lambda k: f"{b[k][0]:.2f} s ({b[k][1]:.2f} s CPU)"  # noqa: E731
+    print(f"    steps in a fresh process: import torch {w('import_torch_s')}, load_lora cold {w('load_lora_cold_s')} "
+          f"(diffusers imported: {b['diffusers_imported']}), per-layer stats {w('inspect_s')}, JSON {w('json_s')}")
     print(f"  {res['machine']}; {res['date']}")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
