@@ -112,10 +112,28 @@ CASES = [
 ]
 
 
+CASES += [("sd1", "sd1-kohya+mixed", "diffusers"), ("sdxl", "sdxl-kohya+mixed", "diffusers"),
+          ("sd1", "sd1-kohya+ranks", "kohya")]
+
+
+def _mixed(model, alphas=True):
+    """Vary rank (and alpha) per layer (rank_pattern / alpha_pattern in diffusers' metadata)."""
+    for i, (name, layer) in enumerate(sorted(model.layers.items())):
+        if i % 3 == 0:
+            layer.weights["down"] = layer.down[:2].clone()
+            layer.weights["up"] = layer.up[:, :2].clone()
+        if alphas and i % 2 == 0:
+            layer.alpha = 0.5 + i % 5
+    return model
+
+
 @pytest.mark.parametrize("kind,src,dialect", CASES, ids=[f"{s}->{d}" for _, s, d in CASES])
 def test_diffusers_loads_what_we_write(kind, src, dialect, tiny_files, tmp_path, request):
     folder = request.getfixturevalue(f"tiny_{kind}")
-    model = load_lora(tiny_files[src])
+    model = load_lora(tiny_files[src.split("+")[0]])
+    if "+" in src:
+        model = _mixed(model, alphas=src.endswith("+mixed"))
+        assert len(set(model.ranks())) == 2
     assert model.arch == f"tiny-{kind}"
     model.embeddings = {}  # bundled tokens are not LoRA weights (checked elsewhere)
     out = save_lora(model, tmp_path / f"out-{dialect}.safetensors", dialect=dialect)
@@ -146,3 +164,13 @@ def test_unprefixed_file_is_a_silent_noop_in_diffusers(tiny_files, tiny_sd1):
     pipe = _pipe(tiny_sd1)
     log = _load_capturing(pipe, tiny_files["sd1-peft"])
     assert _complaints(log) and "no lora keys" in log.lower()
+
+
+def test_diffusers_ignores_per_layer_alphas_of_kohya_files(tiny_files, tiny_sd1, tmp_path):
+    """diffusers 0.42 builds broken alpha_pattern keys from a kohya file whose alphas vary by layer and
+    ignores them (a warning, wrong scales) — the same LoRA written --to diffusers loads correctly
+    (test_diffusers_loads_what_we_write[sd1-kohya+mixed->diffusers])."""
+    model = _mixed(load_lora(tiny_files["sd1-kohya"]))
+    out = save_lora(model, tmp_path / "k.safetensors", dialect="kohya")
+    log = _load_capturing(_pipe(tiny_sd1), out)
+    assert "alpha_pattern keys did not match" in log
