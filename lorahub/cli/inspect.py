@@ -114,11 +114,15 @@ def inspect_cmd(
             registry = open_registry(home)
         base_w = ins.open_base(base, registry)
     n = len(ins.match_layers(model.layers, layers))
-    with progress() as bar:
-        task = bar.add_task("inspecting", total=n)
-        report = ins.inspect_model(model, path=path, layers=layers, base=base_w, base_ref=base,
-                                   on_layer=lambda _k: bar.advance(task),
-                                   fmt=model.source_format if model.source_format != "unknown" else _detect_format(path))
+    try:
+        with progress() as bar:
+            task = bar.add_task("inspecting", total=n)
+            report = ins.inspect_model(model, path=path, layers=layers, base=base_w, base_ref=base,
+                                       on_layer=lambda _k: bar.advance(task),
+                                       fmt=model.source_format if model.source_format != "unknown" else _detect_format(path))
+    finally:
+        if base_w is not None and hasattr(base_w, "close"):
+            base_w.close()
     if entry is not None:
         report["entry"] = {"id": entry.get("id"), "name": entry.get("name")}
     if plot is not None:
@@ -240,6 +244,8 @@ def diff_cmd(
     res["a"], res["b"] = str(pa), str(pb)
     s = res["summary"]
     warn = []
+    if "unknown" not in (ma.base, mb.base) and ma.base != mb.base:
+        warn.append(f"A is a {ma.base} LoRA and B a {mb.base} LoRA: layers with the same name differ in meaning")
     if s["shape_mismatch"]:
         warn.append(f"{s['shape_mismatch']} shared layer(s) have different shapes (different base models?)")
     if s["nonfinite"]:

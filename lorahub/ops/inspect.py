@@ -334,6 +334,9 @@ class _CheckpointWeights:
             return self.ck.get(name)
         return None
 
+    def close(self) -> None:
+        self.ck.close()
+
 
 def open_base(ref: str, registry=None):
     """Weights of MODEL by canonical LoRA key: ``.get(key) -> tensor | None``."""
