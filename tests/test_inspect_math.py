@@ -188,6 +188,11 @@ def test_bad_layers_are_clear_errors():
     zero = LoraLayer(kind="lora", weights={"up": torch.randn(8, 0), "down": torch.randn(0, 8)})
     with pytest.raises(LorahubError, match="rank 0"):
         ins.inspect_model(LoraModel(layers={KEYS["q"]: zero}))
+    # a LoKr whose Kronecker product does not have the adapted weight's shape
+    lokr = LoraLayer(kind="lokr", weights={"w1": torch.randn(4, 4), "w2a": torch.randn(8, 2), "w2b": torch.randn(2, 10)},
+                     extra={"shape": (33, 40)})
+    with pytest.raises(LorahubError, match="inconsistent factors"):
+        ins.inspect_model(LoraModel(layers={KEYS["lokr"]: lokr}))
     # the error is raised even when --layers would not show the bad layer
     with pytest.raises(LorahubError, match="do not chain"):
         ins.inspect_model(LoraModel(layers={KEYS["q"]: ok, KEYS["te"]: bad}), layers="unet.")

@@ -182,7 +182,10 @@ def layer_singular_values(layer: LoraLayer) -> tuple[torch.Tensor, bool]:
             return torch.full((min(gu.shape[0], 1),), float("nan"), dtype=torch.float64), False
         return lowrank.singular_values_from_grams(gu, gd, scale), False
     # LoHa / LoKr / full: no cheap factored form — materialise ΔW (layer-sized, float32).
-    d = layer.delta(torch.float32)
+    try:
+        d = layer.delta(torch.float32)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise LorahubError(f"{layer.kind} layer with inconsistent factors: {exc}") from None
     d = d.reshape(d.shape[0], -1)
     return torch.linalg.svdvals(d).to(torch.float64), True
 
@@ -237,7 +240,10 @@ def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = N
                     materialised=layer.kind != "lora", dora=layer.dora_scale is not None)
     if not finite:
         return st
-    S, mat = layer_singular_values(layer)
+    try:
+        S, mat = layer_singular_values(layer)
+    except LorahubError as exc:
+        raise LorahubError(f"layer {key}: {exc}") from None
     st.materialised = mat
     if not bool(torch.isfinite(S).all()):
         st.finite = False
