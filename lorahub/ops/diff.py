@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.linalg import lowrank
 from lorahub.ops.inspect import (ENERGIES, _flat2, _is_finite, as_factors, block_of, check_layer,
@@ -113,7 +114,10 @@ def diff_layer(key: str, la: LoraLayer, lb: LoraLayer) -> LayerDiff:
     if fa is not None and fb is not None:
         r = _factored_pair(fa, fb)
     else:
-        r = _dense_pair(la, lb)
+        try:
+            r = _dense_pair(la, lb)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LorahubError(f"layer {key}: inconsistent factors: {exc}") from None
         d.materialised = True
     d.norm_a, d.norm_b = r["norm_a"], r["norm_b"]
     if d.norm_a == 0.0 or d.norm_b == 0.0:
