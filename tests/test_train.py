@@ -568,3 +568,39 @@ def test_two_processes_through_accelerate_stay_in_sync(tmp_path, tiny_sd1):
     assert rows[0]["lora"] and rows[1]["lora"] is None
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
         "data-pivotal.emb.safetensors", "data-pivotal.safetensors"]
+
+
+def test_real_sigint_stops_cleanly_with_checkpoint(tmp_path, tiny_sd1):
+    """`lorahub train` in a child process, SIGINT after its first checkpoint: exit 130, one error line,
+    a checkpoint of the last finished step kept, no temporary folders left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    env = {**os.environ, "LORAHUB_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "lorahub", "train", str(data), "--base", "tiny-sd1",
+                          "--steps", "100000", "--resolution", "32", "--rank", "2", "-o", str(out),
+                          "--save-every", "2", "--no-register"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((out / "checkpoints").glob("step-*")):
+            assert p.poll() is None, p.communicate()[1][-2000:]
+            time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "Traceback" not in err
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    kept = sorted(d.name for d in (out / "checkpoints").iterdir())
+    assert f"step-{step:06d}" in kept and all(d.startswith("step-") for d in kept)
+    state = json.loads((out / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+    assert state["step"] == step and len(state["losses"]) == step
