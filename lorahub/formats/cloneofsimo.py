@@ -92,7 +92,7 @@ def _is_rank_key(k: str) -> bool:
 def _match(a: names.Arch, per_model, targets) -> dict[tuple[str, int], str] | None:
     mapping: dict[tuple[str, int], str] = {}
     for model_name, idx in per_model.items():
-        if model_name not in a.models:
+        if model_name not in a.parts:
             return None
         found = None
         for legacy in (False, True):

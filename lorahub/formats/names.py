@@ -55,18 +55,19 @@ def _load_config(arch: str, part: str) -> dict:
 
 @dataclass
 class Arch:
-    """One architecture: canonical module names with weight shapes, its UNet config, meta models."""
+    """One architecture: canonical module names with weight shapes, its UNet config, module trees."""
 
     name: str
     family: str
     modules: dict[str, tuple[int, ...]]
     unet_config: dict
-    models: dict = field(default_factory=dict, repr=False)  # part -> meta nn.Module
+    # part -> every module of the model in ``named_modules()`` order: (path, class name, is nn.Linear)
+    trees: dict[str, list[tuple[str, str, bool]]] = field(default_factory=dict, repr=False)
     _kohya: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return tuple(p for p in PARTS if p in self.models)
+        return tuple(p for p in PARTS if p in self.trees)
 
     def kohya_to_canonical(self) -> dict[str, str]:
         if self._kohya is None:
@@ -74,11 +75,32 @@ class Arch:
         return self._kohya
 
 
-@functools.lru_cache(maxsize=None)
-def get_arch(name: str) -> Arch:
-    """Build (once per process) the module list of ``name`` on the meta device."""
-    if name not in ARCHS:
-        raise FormatError(f"unknown architecture {name!r} (one of {', '.join(ARCHS)})")
+def _arch_fingerprint(name: str) -> str:
+    import hashlib
+    from importlib.metadata import version
+
+    h = hashlib.sha256(f"arch-cache-1/{name}".encode())
+    for part in PARTS:
+        try:
+            h.update(json.dumps(_load_config(name, part), sort_keys=True).encode())
+        except KeyError:
+            pass
+    for pkg in ("torch", "diffusers", "transformers"):
+        h.update(f"{pkg}={version(pkg)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(name: str):
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("LORAHUB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lorahub")
+    return Path(root) / "arch" / f"{name}-{_arch_fingerprint(name)}.json"
+
+
+def _build_arch_data(name: str) -> dict:
+    """Build the models on the meta device and list their modules (imports diffusers/transformers)."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -91,12 +113,44 @@ def get_arch(name: str) -> Arch:
         if FAMILY[name] == "sdxl":
             models["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig(**_load_config(name, "text_encoder_2")))
-    modules: dict[str, tuple[int, ...]] = {}
+    modules: dict[str, list[int]] = {}
+    trees: dict[str, list] = {}
     for part, model in models.items():
+        tree = []
         for path, mod in model.named_modules():
+            tree.append([path, type(mod).__name__, isinstance(mod, torch.nn.Linear)])
             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-                modules[canonical(part, path)] = tuple(int(s) for s in mod.weight.shape)
-    return Arch(name=name, family=FAMILY[name], modules=modules, unet_config=ucfg, models=models)
+                modules[canonical(part, path)] = [int(s) for s in mod.weight.shape]
+        trees[part] = tree
+    return {"modules": modules, "unet_config": ucfg, "trees": trees}
+
+
+@functools.lru_cache(maxsize=None)
+def get_arch(name: str) -> Arch:
+    """The module list of ``name``: built once on the meta device, then cached as JSON on disk
+    (keyed by the configs and the torch/diffusers/transformers versions), so later processes need
+    not import diffusers to map names."""
+    if name not in ARCHS:
+        raise FormatError(f"unknown architecture {name!r} (one of {', '.join(ARCHS)})")
+    data = None
+    try:
+        cache = _cache_file(name)
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cache = locals().get("cache")
+    if not isinstance(data, dict) or set(data) != {"modules", "unet_config", "trees"}:
+        data = _build_arch_data(name)
+        if cache is not None:
+            try:
+                from lorahub.fsutil import atomic_write_text
+
+                atomic_write_text(cache, json.dumps(data))
+            except Exception:  # a read-only cache only costs speed
+                pass
+    return Arch(name=name, family=FAMILY[name],
+                modules={k: tuple(v) for k, v in data["modules"].items()},
+                unet_config=data["unet_config"],
+                trees={p: [(a, b, bool(c)) for a, b, c in t] for p, t in data["trees"].items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,24 +354,23 @@ def cloneofsimo_order(arch: Arch, part: str, targets: list[str] | None = None,
     ``legacy_block_order`` each transformer block is walked as diffusers <= 0.11 registered it
     (attn1, ff, attn2) instead of today's (attn1, attn2, ff).
     """
-    import torch
-
-    model = arch.models.get(part)
-    if model is None:
+    tree = arch.trees.get(part)
+    if tree is None:
         raise FormatError(f"{arch.name} has no {part}")
     wanted = {_CLASS_ALIASES.get(t, t) for t in (targets or CLONE_DEFAULT_TARGETS.get(part, []))}
-    named = dict(model.named_modules())
-    ancestors = [n for n, m in model.named_modules() if type(m).__name__ in wanted]
+    ancestors = [path for path, cls, _ in tree if cls in wanted]
     if legacy_block_order:
         ancestors = _legacy_reorder(ancestors)
+    index = {path: i for i, (path, _, _) in enumerate(tree)}
     out: list[str] = []
-    seen: set[str] = set()
     for a in ancestors:
-        for sub, m in named[a].named_modules():
-            if isinstance(m, torch.nn.Linear):
-                full = f"{a}.{sub}" if sub else a
-                out.append(canonical(part, full))
-                seen.add(full)
+        # named_modules() is a pre-order walk: a module's descendants follow it contiguously
+        prefix = a + "." if a else ""
+        for path, _, is_linear in tree[index[a]:]:
+            if path != a and not path.startswith(prefix):
+                break
+            if is_linear:
+                out.append(canonical(part, path))
     return out
 
 
