@@ -23,6 +23,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def _stored_recipe(reg, ref: str):
     """(recipe, resolved inputs) of the merged entry ``ref`` from its lineage rows."""
     from lorahub.errors import LorahubError
+    from lorahub.ops import recipe as rc
     from lorahub.ops.recipe import ResolvedLora, parse_recipe, resolve_lora
 
     entry = reg.resolve(ref)
@@ -54,8 +55,15 @@ def _stored_recipe(reg, ref: str):
             resolved.append(ResolvedLora(lo, reg.blob_path(parent), parent["sha256"], parent,
                                          label=parent.get("name") or lo.ref))
         else:
-            r = resolve_lora(lo, registry=reg, where=f"{recipe.source}: lora #{i + 1}: ")
-            want = (row or {}).get("parent_sha256") or ((row or {}).get("detail") or {}).get("sha256")
+            detail = (row or {}).get("detail") or {}
+            where = f"{recipe.source}: lora #{i + 1}: "
+            if detail.get("path") and Path(detail["path"]).is_file():
+                r = resolve_lora(rc.RecipeLora(ref=detail["path"], weight=lo.weight, parts=lo.parts),
+                                 registry=reg, where=where)
+                r.spec = lo  # keep the recipe's own ref (it is part of the merged file's metadata)
+            else:
+                r = resolve_lora(lo, registry=reg, where=where)
+            want = (row or {}).get("parent_sha256") or detail.get("sha256")
             if want and r.sha256 != want:
                 raise LorahubError(f"{recipe.source}: lora #{i + 1} ({lo.ref}) now resolves to a different file "
                                    f"(sha256 {r.sha256[:12]}, the merge used {want[:12]})")
@@ -83,9 +91,15 @@ def _storage_dtype(models) -> str:
 def _lineage(resolved, weights_text: str) -> list[dict]:
     items = []
     for i, r in enumerate(resolved):
-        items.append({"relation": "merged-from", "parent": r.parent,
-                      "detail": {"weight": r.spec.weight, "recipe": weights_text, "index": i, "ref": r.spec.ref,
-                                 "sha256": r.sha256, "parts": r.spec.parts}})
+        detail = {"weight": r.spec.weight, "ref": r.spec.ref}
+        if r.spec.parts:
+            detail["parts"] = r.spec.parts
+        # short facts first (`lorahub show` prints the first few), the recipe text last
+        detail.update({"index": i, "sha256": r.sha256})
+        if r.entry is None:
+            detail["path"] = str(Path(r.path).resolve())  # for --from when the ref was relative
+        detail["recipe"] = weights_text
+        items.append({"relation": "merged-from", "parent": r.parent, "detail": detail})
     return items
 
 
