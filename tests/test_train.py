@@ -604,3 +604,23 @@ def test_real_sigint_stops_cleanly_with_checkpoint(tmp_path, tiny_sd1):
     assert f"step-{step:06d}" in kept and all(d.startswith("step-") for d in kept)
     state = json.loads((out / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
     assert state["step"] == step and len(state["losses"]) == step
+
+
+def test_saved_file_reads_back_with_the_trained_deltas(db):
+    """formats.load_lora on the kohya output: every layer's ΔW equals the trained peft module's B·A·α/r."""
+    from lorahub.formats.io import load_lora
+
+    trainer = db["trainer"]
+    model = load_lora(db["res"].lora_path)
+    mods = {"unet": trainer.unet, "text_encoder": trainer.tes[0]}
+    n_te = 0
+    assert len(model.layers) == sum(1 for m in mods.values() for n, _ in m.named_modules() if n.endswith(".lora_A"))
+    for key, layer in model.layers.items():
+        part, path = key.split(".", 1)
+        if part == "text_encoder":
+            n_te += 1
+            path = path.removeprefix("text_model.")
+        m = mods[part].get_submodule(path)
+        ref = (m.lora_B["default"].weight @ m.lora_A["default"].weight) * m.scaling["default"]
+        torch.testing.assert_close(layer.delta().reshape(ref.shape), ref.detach(), rtol=1e-5, atol=1e-7)
+    assert n_te == 2 * 4  # 2 CLIP layers x q/k/v/out

@@ -82,6 +82,8 @@ class ImageSet:
             try:
                 with Image.open(p) as im:
                     size = im.size
+                    if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated by 90°
+                        size = (size[1], size[0])
             except Exception as exc:  # unreadable images are reported by the lint
                 raise LorahubError(f"{p.name}: cannot read image ({exc})") from None
             cap = read_caption(p)
