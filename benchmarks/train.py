@@ -174,12 +174,12 @@ def main() -> None:
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("no CUDA device: the SD1.5-shaped benchmark needs a GPU (use --tiny for the CPU smoke run)")
     if args.tiny:
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+        torch.set_num_threads(1)  # tiny models; avoids OpenMP spinning on a shared machine
     res = args.resolution or (32 if args.tiny else 512)
     if args.tiny and args.batch == 4:
         args.batch = 2
-    steps = args.steps or (3 if args.tiny else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    steps = args.steps or 20
+    warmup = args.warmup if args.warmup is not None else 3
     dtype = args.dtype or ("fp32" if args.tiny else "bf16")
     rows = []
     for v in args.variants.split(","):
