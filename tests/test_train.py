@@ -324,7 +324,7 @@ def test_pivotal_phases_and_outputs(tmp_path, tiny_sd1):
     data = make_dataset(tmp_path / "data", trigger="<s1>")
     cfg = config(data, tmp_path / "out", method="pivotal", trigger=None, ti_steps=4, lora_steps=6,
                  placeholder_tokens=["<s1>"], init_tokens=["toy"], vectors_per_token=2, type="character",
-                 register=True, name="piv")
+                 register=True, name="piv", bundle=True)
     seen = {}
     from lorahub.train.trainer import Trainer
 
@@ -349,6 +349,12 @@ def test_pivotal_phases_and_outputs(tmp_path, tiny_sd1):
     pipe.load_lora_weights(str(res.lora_path))
     after = denoise_loss(pipe, lat, prompt)
     assert after < before * 0.95, (before, after)
+    # --bundle: the webui single file holds the same LoRA and the embedding (bundle_emb)
+    from lorahub.formats.io import load_lora
+
+    bundled, lora = load_lora(res.bundle_path), load_lora(res.lora_path)
+    assert set(bundled.layers) == set(lora.layers) and list(bundled.embeddings) == ["<s1>"]
+    torch.testing.assert_close(bundled.embeddings["<s1>"]["clip_l"].reshape(2, -1), seen["emb"])
     kinds = sorted(e["kind"] for e in res.entries)
     assert kinds == ["lora", "textual-inversion"]
     assert all(e["type"] == "character" and e["triggers"] == ["<s1>"] for e in res.entries)

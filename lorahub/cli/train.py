@@ -70,6 +70,9 @@ def train(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Output folder (default ./NAME).")] = None,
     dialect: Annotated[Optional[str], typer.Option("--dialect", help="LoRA file key style: kohya | diffusers.")] = None,
     save_precision: Annotated[Optional[str], typer.Option("--save-precision", help="fp16 | bf16 | fp32.")] = None,
+    bundle: Annotated[Optional[bool], typer.Option("--bundle/--no-bundle", help="pivotal: also write "
+                                                   "NAME.bundle.safetensors (kohya LoRA + embeddings in one "
+                                                   "file, for the webui; diffusers cannot load it).")] = None,
     register: Annotated[Optional[bool], typer.Option("--register/--no-register", help="Add the result to the registry.")] = None,
     ignore_lint: Annotated[Optional[bool], typer.Option("--ignore-lint", help="Train despite caption-lint errors.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="train.toml with any of these settings.")] = None,
@@ -92,6 +95,7 @@ def train(
         cache_latents=cache_latents, seed=seed, save_every=save_every, resume=resume,
         validation_prompt=validation_prompt, validation_steps=validation_steps, name=name,
         output_dir=str(output_dir) if output_dir else None, dialect=dialect, save_precision=save_precision,
+        bundle=bundle,
         register=register, ignore_lint=ignore_lint)
     from lorahub.train.trainer import train as run_training
 

@@ -26,6 +26,7 @@ class TrainConfig:
     output_dir: str | None = None          # default ./<name>
     dialect: str = "kohya"                 # kohya | diffusers (the LoRA file's key spelling)
     save_precision: str = "fp16"
+    bundle: bool = False                   # pivotal: also NAME.bundle.safetensors (kohya LoRA + bundle_emb, webui)
     # prompts
     trigger: str | None = None             # dreambooth: rare word (default "sks"); TI/pivotal: the placeholders
     instance_prompt: str | None = None     # default "<trigger> <class prompt>"

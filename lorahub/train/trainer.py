@@ -44,6 +44,7 @@ class TrainingInterrupted(LorahubError):
 class TrainResult:
     output_dir: Path
     lora_path: Path | None = None
+    bundle_path: Path | None = None
     embedding_paths: list[Path] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
@@ -60,6 +61,7 @@ class TrainResult:
         return {"output_dir": str(self.output_dir),
                 "lora": str(self.lora_path) if self.lora_path else None,
                 "embeddings": [str(p) for p in self.embedding_paths],
+                "bundle": str(self.bundle_path) if self.bundle_path else None,
                 "validation_images": [str(p) for p in self.validation_images],
                 "checkpoints": [str(p) for p in self.checkpoints],
                 "entries": [{"id": e.get("id"), "name": e.get("name"), "type": e.get("type"),
@@ -841,6 +843,18 @@ class Trainer:
             self.result.lora_path = dest
         if cfg.uses_tokens:
             self.result.embedding_paths = self._embedding_files(md)
+        if cfg.bundle and self.has_lora and cfg.uses_tokens:
+            # webui-style single file: kohya LoRA keys + bundle_emb.<token>.* (diffusers cannot load it)
+            n = cfg.vectors_per_token
+            rows = self.learned_embeddings()
+            for k, p in enumerate(cfg.placeholders()):
+                slots = {"clip_l": rows[0][k * n:(k + 1) * n]}
+                if self.family == "sdxl":
+                    slots["clip_g"] = rows[1][k * n:(k + 1) * n]
+                model.embeddings[p] = slots
+            dest = self.out_dir / f"{self.name}.bundle.safetensors"
+            save_lora(model, dest, dialect="kohya", dtype=self._save_dtype())
+            self.result.bundle_path = dest
         self.result.validation_images = self._validation()
         if cfg.register:
             self._register()
