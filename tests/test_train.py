@@ -419,6 +419,10 @@ def test_toml_config_and_overrides(tmp_path):
     assert cfg.rank == 4 and cfg.method == "pivotal" and cfg.steps == 40 and cfg.lr == 0.001
     assert cfg.placeholders() == ["<a>", "<b>"] and cfg.init_tokens == ["girl", "hair"]
     assert cfg.ti_phase_steps == 20 and cfg.lora_phase_steps == 20 and cfg.total_steps == 40
+    toml.write_text('data_dir = "imgs"\noutput_dir = "/abs/out"\n')
+    cfg = build_config(toml)
+    assert cfg.data_dir == str(tmp_path / "imgs") and cfg.output_dir == "/abs/out"
+    assert build_config(toml, data_dir="cli-dir").data_dir == "cli-dir"
     toml.write_text("rnak = 3\n")
     with pytest.raises(LorahubError, match="rnak"):
         build_config(toml, data_dir="d")

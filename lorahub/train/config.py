@@ -193,6 +193,9 @@ def load_toml(path) -> dict[str, Any]:
             raise LorahubError(f"{p}: unknown setting {key!r}")
         if k in ("placeholder_tokens", "init_tokens", "unet_targets", "text_targets"):
             value = split_list(value)
+        if k in ("data_dir", "class_dir", "output_dir", "resume") and isinstance(value, str) \
+                and value not in ("latest", "auto") and not Path(value).expanduser().is_absolute():
+            value = str(p.parent / value)  # relative paths in a config file: relative to the file
         out[k] = value
     return out
 
