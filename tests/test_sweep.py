@@ -232,3 +232,23 @@ def test_unknown_scheduler_is_a_clear_error(tiny_sd1):
     pipe = _load(tiny_sd1)
     with pytest.raises(LorahubError, match="unknown scheduler"):
         set_scheduler(pipe, "nope")
+
+
+def test_single_file_checkpoint_with_local_config(tiny_sd1, tmp_path):
+    """A single-file (LDM layout) checkpoint loads offline with --config; same images as the folder."""
+    from lorahub.errors import LorahubError
+    from lorahub.ops.checkpoints import open_checkpoint, save_single_file
+    from lorahub.ops.models import load_pipeline
+
+    ckpt = save_single_file(open_checkpoint(tiny_sd1), tmp_path / "tiny.safetensors")  # UNet + CLIP, no VAE
+    with pytest.raises(LorahubError, match="--config"):
+        load_pipeline(str(ckpt))
+    single = load_pipeline(str(ckpt), config=tiny_sd1)
+    folder = _load(tiny_sd1)
+    assert type(single).__name__ == "StableDiffusionPipeline"
+    for (n, a), (_, b) in zip(sorted(single.unet.state_dict().items()), sorted(folder.unet.state_dict().items())):
+        assert torch.equal(a, b), n
+    single.set_progress_bar_config(disable=True)
+    imgs = [p("a cat", generator=torch.Generator("cpu").manual_seed(1), output_type="np", **KW).images[0]
+            for p in (single, folder)]
+    assert np.abs(imgs[0] - imgs[1]).max() < 1e-5

@@ -94,6 +94,7 @@ def _single_file_pipeline(path: Path, *, config: Path | None, dtype, inpaint: bo
     kwargs = {"config": str(config), "local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    kwargs.update(_components_missing_from(path, config, family, dtype))
     src = path
     with tempfile.TemporaryDirectory(prefix="lorahub-ckpt-") as tmp:
         if path.suffix.lower() != ".safetensors":  # registry blobs have no suffix; diffusers goes by it
@@ -106,6 +107,41 @@ def _single_file_pipeline(path: Path, *, config: Path | None, dtype, inpaint: bo
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; report one line
             raise LorahubError(f"{path}: cannot load this checkpoint with config {config}: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _components_missing_from(path: Path, config: Path, family: str, dtype) -> dict:
+    """Components whose weights the single file lacks (e.g. no VAE), loaded from the config folder."""
+    from lorahub.formats.header import read_header
+
+    keys = list(read_header(path).tensors)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    wanted = {"vae": has("first_stage_model.")}
+    if family == "sdxl":
+        wanted["text_encoder"] = has("conditioner.embedders.0.")
+        wanted["text_encoder_2"] = has("conditioner.embedders.1.")
+    else:
+        wanted["text_encoder"] = has("cond_stage_model.")
+    out = {}
+    for name, present in wanted.items():
+        if present or not (config / name).is_dir():
+            continue
+        kw = {"local_files_only": True}
+        if dtype is not None:
+            kw["dtype"] = dtype
+        if name == "vae":
+            from diffusers import AutoencoderKL
+
+            out[name] = AutoencoderKL.from_pretrained(str(config / name), **kw)
+        else:
+            import transformers
+
+            cfg = __import__("json").loads((config / name / "config.json").read_text())
+            cls = getattr(transformers, (cfg.get("architectures") or ["CLIPTextModel"])[0])
+            out[name] = cls.from_pretrained(str(config / name), **kw)
+    return out
 
 
 def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, config=None,
