@@ -96,3 +96,28 @@ def test_bake_refuses_wrong_base(tiny_sdxl, tiny_sd1, tmp_path, inputs):
     with pytest.raises(LorahubError, match="folder"):
         bake(tiny_sd1, merged, tmp_path / "x.safetensors")
     assert not (tmp_path / "x").exists()
+
+
+def test_bake_sdxl_folder_with_second_text_encoder(tiny_sdxl, tmp_path):
+    from lorahub.formats.names import get_arch
+
+    mods = get_arch("tiny-sdxl").modules
+    keys = [next(k for k in mods if k.startswith("unet.") and k.endswith("attn2.to_k")),
+            next(k for k in mods if k.startswith("text_encoder_2.") and k.endswith("mlp.fc2")),
+            next(k for k in mods if k.startswith("text_encoder.") and k.endswith("self_attn.v_proj"))]
+    gen = torch.Generator().manual_seed(9)
+    m = LoraModel(base="sdxl")
+    for k in keys:
+        out, inn = mods[k][:2]
+        m.layers[k] = LoraLayer("lora", {"down": torch.randn(3, inn, generator=gen),
+                                         "up": torch.randn(out, 3, generator=gen)}, alpha=1.5)
+    inputs = [MergeInput(m, 0.3)]
+    merged = merge(inputs, method="concat").model
+    out = tmp_path / "sdxl-baked"
+    rep = bake(tiny_sdxl, merged, out)
+    assert rep.layers == 3 and rep.family == "sdxl"
+    with open_checkpoint(tiny_sdxl) as b, open_checkpoint(out) as o:
+        for k in keys:
+            name = weight_name(k)
+            ref = b.get(name) + exact_delta(inputs, k, dtype=torch.float32)
+            torch.testing.assert_close(o.get(name), ref, rtol=1e-5, atol=1e-5)
