@@ -198,3 +198,20 @@ def test_textual_inversion_tokens_load_and_unload(tiny_sd1):
     assert len(pipe.tokenizer) == n_vocab
     assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == n_vocab
     assert ids("<tok>").shape[1] > 3  # spelled out again, character by character
+
+
+def test_sdxl_embedding_loads_into_both_text_encoders(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl), local_files_only=True)
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    e_l, e_g = torch.randn(1, 32, generator=_g(6)), torch.randn(1, 32, generator=_g(7))
+    with apply_loras(pipe, [LoraModel(embeddings={"<xl>": {"clip_l": e_l, "clip_g": e_g}})]) as h:
+        assert h.tokens == [["<xl>"]]
+        for tok, te, e in ((pipe.tokenizer, pipe.text_encoder, e_l), (pipe.tokenizer_2, pipe.text_encoder_2, e_g)):
+            i = tok.convert_tokens_to_ids("<xl>")
+            assert torch.allclose(te.get_input_embeddings().weight[i], e[0])
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
+    with pytest.raises(LorahubError, match="width"):
+        apply_loras(pipe, [LoraModel(embeddings={"<bad>": {"clip_l": torch.randn(1, 7)}})])
+    assert len(pipe.tokenizer) == sizes[0]

@@ -119,16 +119,24 @@ def render_batch(pipe, handle, samples: list[Sample], *, steps: int, height: int
         return []
     device = pipe._execution_device
     dtype = pipe.unet.dtype
-    n = len(samples)
     n_slots = len(handle.names) if handle is not None else 0
-    if handle is not None:
-        for slot in range(n_slots):
-            handle.set_scale(slot, [s.alphas[slot] if slot < len(s.alphas) else 1.0 for s in samples])
+
+    def set_scales(rows):
+        if handle is not None:
+            for slot in range(n_slots):
+                handle.set_scale(slot, [a[slot] if slot < len(a) else 1.0 for a in rows])
+
     do_cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-    prompts = [s.prompt for s in samples]
-    negatives = [negative] * n if negative is not None else None
+    # the text encoder sees each distinct (prompt, α…) once (seeds repeat them), at its per-sample α
+    keys = [(s.prompt, tuple(s.alphas)) for s in samples]
+    uniq = list(dict.fromkeys(keys))
+    where = torch.tensor([uniq.index(k) for k in keys])
+    set_scales([a for _, a in uniq])
+    negatives = [negative] * len(uniq) if negative is not None else None
     with torch.no_grad():
-        kwargs = _embed(pipe, prompts, negatives, do_cfg, device)
+        kwargs = _embed(pipe, [p for p, _ in uniq], negatives, do_cfg, device)
+    kwargs = {k: v.index_select(0, where.to(v.device)) for k, v in kwargs.items()}
+    set_scales([s.alphas for s in samples])  # the UNet sees every sample (and the CFG halves)
     gens, lats = [], []
     for s in samples:
         g, lat = _initial(pipe, s.seed, height, width, kwargs["prompt_embeds"].dtype, device, generator_device)
