@@ -237,6 +237,9 @@ def _run(recipe, text, resolved, out, reg, register, json_out, per_layer) -> dic
         from lorahub.ops.models import resolve_model_ref
 
         base_path = resolve_model_ref(recipe.base, reg)
+        if register and base_path.is_dir():
+            raise LorahubError("--register needs a single-file checkpoint; the base is a diffusers folder, "
+                               "so the baked model would be a folder")
         with checkpoints.open_checkpoint(base_path) as ck:
             fam = ck.family
         mg.check_families(inputs, fam if fam != "unknown" else recipe.family)
