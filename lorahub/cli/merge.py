@@ -225,6 +225,13 @@ def _run(recipe, text, resolved, out, reg, register, json_out, per_layer) -> dic
                                 "entry": r.entry["id"] if r.entry else None, "parts": r.spec.parts}
                                for r in resolved]}
     n_keys = len({k for m in models for k in m.layers})
+    notes = [f"{r.label}: its bundled embedding(s) {', '.join(sorted(m.embeddings))} are not carried into the "
+             "merge (load them separately)" for r, m in zip(resolved, models) if m.embeddings]
+    if notes:
+        report["notes"] = notes
+        if not json_out:
+            for n in notes:
+                console(stderr=True).print(f"note: {n}")
     # every refusal before any progress bar, so that it stays one line
     if recipe.output == "checkpoint":
         mg.validate(inputs, method="concat", base=recipe.family)
