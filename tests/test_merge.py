@@ -152,6 +152,8 @@ def test_parts_filter_and_family_check():
     assert res.model.layers[q].rank == 8
     with pytest.raises(LorahubError, match="different base families"):
         merge([MergeInput(a, 1, label="a"), MergeInput(rand_model(3, 4, base="sdxl"), 1, label="x")], method="concat")
+    with pytest.raises(LorahubError, match="recipe's base"):
+        merge([MergeInput(a, 1)], method="concat", base="sdxl")
     with pytest.raises(LorahubError, match="needs a rank"):
         merge([MergeInput(a, 1)], method="svd")
 
