@@ -194,3 +194,32 @@ def test_cli_two_lora_grid_and_errors(run, cli, home, tmp_path, lora_files, tiny
     r = cli("sweep", lora_files["sdxl-kohya"], "--base", "tiny-sd1", "--prompt", "x", *FAST, home=home)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "another base model" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cli_sdxl_inpaint_and_embedding(run, tmp_path, lora_files, tiny_sd1, tiny_sdxl):
+    # SDXL sweep with a kohya (SGM-named) LoRA on the tiny SDXL pipeline
+    code, out, err = run("sweep", lora_files["sdxl-kohya"], "--base", "tiny-sdxl", "--prompt", "x", "--alphas", "0,1",
+                         "--seeds", "1", *FAST, "--out", tmp_path / "xl.png", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["images"] == 2 and rep["layers_applied"] == [112] and rep["layers_skipped"] == [0]
+    # inpainting: --image and --mask switch to the inpainting pipeline
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(tmp_path / "init.png")
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(tmp_path / "mask.png")
+    code, out, err = run("sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--alphas", "0,1",
+                         "--seeds", "1", *FAST, "--image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
+                         "--out", tmp_path / "inp.png", "--json")
+    assert code == 0, err
+    assert json.loads(out)["params"]["inpaint"] is True
+    # a textual-inversion file: render puts its token in the prompt; --no-trigger leaves the prompt plain
+    outs = {}
+    for flag in ([], ["--no-trigger"]):
+        dest = tmp_path / f"ti{len(flag)}.png"
+        code, out, err = run("render", lora_files["sd1-ti-diffusers"], "--base", "tiny-sd1", "--prompt", "a cat",
+                             *FAST, "--out", dest, "--json", *flag)
+        assert code == 0, err
+        outs[len(flag)] = (json.loads(out)["files"][0]["prompt"], np.asarray(Image.open(dest), dtype=int))
+    assert outs[0][0] == "<tinytok>, a cat" and outs[1][0] == "a cat"
+    assert np.abs(outs[0][1] - outs[1][1]).max() > 5
