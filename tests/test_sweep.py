@@ -252,3 +252,26 @@ def test_single_file_checkpoint_with_local_config(tiny_sd1, tmp_path):
     imgs = [p("a cat", generator=torch.Generator("cpu").manual_seed(1), output_type="np", **KW).images[0]
             for p in (single, folder)]
     assert np.abs(imgs[0] - imgs[1]).max() < 1e-5
+
+
+def test_sdxl_single_file_weights_come_from_the_file(tiny_sdxl, tmp_path):
+    """SDXL single file with UNet + CLIP-L (no OpenCLIP, no VAE): those two from the file, the rest from --config."""
+    from lorahub.ops.checkpoints import open_checkpoint, save_single_file
+    from lorahub.ops.models import checkpoint_family, load_pipeline
+
+    def bump(name, x):  # make the file's weights differ from the config folder's
+        return x * 1.5 if name.startswith(("text_encoder.", "unet.conv_in")) and x.is_floating_point() else x
+
+    ckpt = save_single_file(open_checkpoint(tiny_sdxl), tmp_path / "xl.safetensors", transform=bump)
+    assert checkpoint_family(ckpt) == ("sdxl", False)
+    single = load_pipeline(str(ckpt), config=tiny_sdxl)
+    folder = _load(tiny_sdxl)
+    assert type(single).__name__ == "StableDiffusionXLPipeline"
+    te_s, te_f = single.text_encoder.state_dict(), folder.text_encoder.state_dict()
+    w = "encoder.layers.0.self_attn.q_proj.weight"
+    w = w if w in te_f else "text_model." + w
+    assert torch.allclose(te_s[w], te_f[w] * 1.5)
+    assert torch.allclose(single.unet.conv_in.weight, folder.unet.conv_in.weight * 1.5)
+    assert torch.equal(single.unet.conv_out.weight, folder.unet.conv_out.weight)
+    for k, v in folder.text_encoder_2.state_dict().items():  # not in the file: from --config
+        assert torch.equal(single.text_encoder_2.state_dict()[k], v)

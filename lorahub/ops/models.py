@@ -60,7 +60,7 @@ def checkpoint_family(path: Path) -> tuple[str, bool]:
         raise LorahubError(f"{path}: only .safetensors single-file checkpoints are loaded (never pickles)")
     hdr = read_header(path)
     keys = hdr.tensors
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
         family = "sdxl"
     elif any(k.startswith("cond_stage_model.model.") for k in keys):
         family = "sd2"
@@ -124,6 +124,10 @@ def _components_missing_from(path: Path, config: Path, family: str, dtype) -> di
         wanted["text_encoder_2"] = has("conditioner.embedders.1.")
     else:
         wanted["text_encoder"] = has("cond_stage_model.")
+    # diffusers recognises SDXL's CLIP-L only next to the OpenCLIP tower: without it, read CLIP-L ourselves
+    own_clip_l = family == "sdxl" and wanted["text_encoder"] and not wanted["text_encoder_2"]
+    if own_clip_l:
+        wanted["text_encoder"] = False
     out = {}
     for name, present in wanted.items():
         if present or not (config / name).is_dir():
@@ -141,7 +145,30 @@ def _components_missing_from(path: Path, config: Path, family: str, dtype) -> di
             cfg = __import__("json").loads((config / name / "config.json").read_text())
             cls = getattr(transformers, (cfg.get("architectures") or ["CLIPTextModel"])[0])
             out[name] = cls.from_pretrained(str(config / name), **kw)
+    if own_clip_l and "text_encoder" in out:
+        _load_hf_clip(out["text_encoder"], path, "conditioner.embedders.0.transformer.")
     return out
+
+
+def _load_hf_clip(model, path: Path, prefix: str) -> None:
+    """Overwrite a transformers CLIP text model's weights with the file's HF-layout tensors under prefix."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix):]
+            if name not in own and name.startswith("text_model."):
+                name = name[len("text_model."):]
+            if name not in own:
+                continue  # e.g. position_ids buffers
+            t = f.get_tensor(key)
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise LorahubError(f"{path}: {key} has shape {tuple(t.shape)}, the config expects "
+                                   f"{tuple(own[name].shape)}")
+            own[name].copy_(t.to(own[name].dtype))
 
 
 def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, config=None,
