@@ -194,7 +194,7 @@ def test_randomized_matches_eckart_young_optimum():
     exact = torch.linalg.svdvals(A.double())
     assert torch.allclose(ap.S_all[:24], exact[:24], rtol=1e-4)
     opt = lowrank.retained(exact, 24)
-    assert ap.optimum == pytest.approx(opt, rel=1e-6)
+    assert ap.optimum == pytest.approx(opt, rel=1e-5)
     assert opt - ap.retained <= 1e-3 * opt
     # the factors really retain that much
     sp = ap.spectrum

@@ -203,12 +203,12 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     up = up.to(save_dtype).cpu()
     down = down.to(save_dtype).cpu()
     # retained measured on what is saved
-    total = float(torch.linalg.vector_norm(A, dtype=torch.float64))
+    total = float(torch.linalg.vector_norm(A))
     if total == 0:
         ret = 1.0
     else:
         res = A - up.to(A.device, torch.float32) @ down.to(A.device, torch.float32)
-        err = float(torch.linalg.vector_norm(res, dtype=torch.float64))
+        err = float(torch.linalg.vector_norm(res))
         ret = math.sqrt(max(0.0, 1.0 - (err / total) ** 2))
         del res
     if len(shape) == 4:
@@ -315,8 +315,6 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
                 on_layer(i, len(todo), name)
             diff = tuned.get(name, torch.float32).to(opts.device)
             diff -= base.get(name, torch.float32).to(opts.device)
-            if not torch.isfinite(diff).all():
-                raise LorahubError(f"{name}: the weight difference has NaN or infinite entries")
             if not bool(diff.any()):
                 unchanged += 1
                 continue
