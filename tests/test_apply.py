@@ -93,8 +93,15 @@ def test_plain_lora_linear_and_conv_per_sample():
         handle.set_scale(0, 0.5)
         want = _reference(originals["lin"], layers["unet.lin"].delta(), x_lin[:3], [0.5] * 3)
         assert torch.allclose(net["lin"](x_lin[:3]), want, atol=1e-5)
+        # the branch tensors follow the module when it moves or changes dtype after installation
+        net.to(torch.float64)
+        handle.set_scale(0, alphas)
+        want = _reference(originals["lin"], layers["unet.lin"].delta(torch.float64), x_lin.double(), alphas)
+        assert net["lin"](x_lin.double()).dtype == torch.float64
+        assert torch.allclose(net["lin"](x_lin.double()), want, atol=1e-10)
     handle.remove()
     assert all(net[k] is originals[k] for k in originals) and type(net["seq"][0]) is nn.Linear
+    assert not any("lora" in k for k in net.state_dict())
 
 
 def test_lycoris_kinds_use_materialised_delta():

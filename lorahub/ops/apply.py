@@ -110,19 +110,33 @@ class LoraBranch(nn.Module):
             return getattr(base, name)
 
     def add(self, adapter: _Adapter) -> None:
+        """Keep the adapter's tensors as (non-persistent) buffers: they follow ``.to(device/dtype)``."""
+        i = len(self._adapters)
+        for f in ("down", "up", "delta", "delta_b"):
+            t = getattr(adapter, f)
+            if t is not None:
+                self.register_buffer(f"lora{i}_{f}", t, persistent=False)
+                setattr(adapter, f, None)
+        adapter.extra["index"] = i
         self._adapters.append(adapter)
 
     def _branch(self, ad: _Adapter, x: torch.Tensor) -> torch.Tensor:
         base = self.base
+        buf = self._buffers
+        i = ad.extra["index"]
+        if ad.mode == "factors":
+            down, up = buf[f"lora{i}_down"], buf[f"lora{i}_up"]
+        else:
+            delta, delta_b = buf[f"lora{i}_delta"], buf.get(f"lora{i}_delta_b")
         if isinstance(base, nn.Linear):
             if ad.mode == "factors":
-                return F.linear(F.linear(x, ad.down), ad.up) * ad.scale
-            return F.linear(x, ad.delta, ad.delta_b)
+                return F.linear(F.linear(x, down), up) * ad.scale
+            return F.linear(x, delta, delta_b)
         # Conv2d
         if ad.mode == "factors":
-            h = F.conv2d(x, ad.down, None, base.stride, base.padding, base.dilation, base.groups)
-            return F.conv2d(h, ad.up) * ad.scale
-        return F.conv2d(x, ad.delta, ad.delta_b, base.stride, base.padding, base.dilation, base.groups)
+            h = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
+            return F.conv2d(h, up) * ad.scale
+        return F.conv2d(x, delta, delta_b, base.stride, base.padding, base.dilation, base.groups)
 
     def forward(self, x, *args, **kwargs):
         y = self.base(x, *args, **kwargs)
