@@ -7,7 +7,6 @@ Module level imports only typer/stdlib; torch and the merge code are imported in
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, List, Optional
