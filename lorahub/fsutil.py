@@ -61,8 +61,11 @@ def atomic_path(dest: os.PathLike | str, *, mode: int | None = None) -> Iterator
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp_path, mode)
+        if mode is None:  # mkstemp makes 0600 files; give outputs the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, dest)
         _fsync_dir(folder)
     except OSError as exc:

@@ -318,18 +318,32 @@ def show(
     if lineage or children:
         tree = Tree(f"[bold]lineage[/bold] {e['name']} ({e['id']})")
 
+        from rich.markup import escape
+
+        recipes: list[str] = []
+
+        def short(v) -> str:
+            text = " ".join(str(v).split())
+            return text if len(text) <= 60 else text[:59] + "…"
+
         def grow(node, items):
             for it in items:
                 label = it["parent_name"] + f" ({it['parent_id']})" if it.get("parent_name") else it["parent"]
-                detail = it.get("detail") or {}
-                dtxt = (" " + ", ".join(f"{k}={v}" for k, v in list(detail.items())[:4])) if detail else ""
-                sub = node.add(f"{it['relation']} {label}{dtxt}")
+                detail = dict(it.get("detail") or {})
+                recipe = detail.pop("recipe", None)
+                if isinstance(recipe, str) and recipe not in recipes:
+                    recipes.append(recipe)
+                dtxt = (" " + ", ".join(f"{k}={short(v)}" for k, v in list(detail.items())[:4])) if detail else ""
+                sub = node.add(escape(f"{it['relation']} {label}{dtxt}"))
                 grow(sub, it.get("parents") or [])
 
         grow(tree, lineage)
         for c in children:
-            tree.add(f"used by {c['name']} ({c['entry_id']}) as {c['relation'].replace('-from', '')} source")
+            tree.add(escape(f"used by {c['name']} ({c['entry_id']}) as {c['relation'].replace('-from', '')} source"))
         con.print(tree)
+        for recipe in recipes:
+            con.print("[bold]recipe[/bold]")
+            con.print(escape(recipe.rstrip()), highlight=False)
     if previews:
         con.print("[bold]previews[/bold]")
         for p in previews:

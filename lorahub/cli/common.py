@@ -32,9 +32,10 @@ def progress(transient: bool = True):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    con = console(stderr=True)
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console(stderr=True), transient=transient)
+                    console=con, transient=transient, disable=not con.is_terminal)
 
 
 def open_registry(home: Optional[Path]):
