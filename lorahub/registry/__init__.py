@@ -614,7 +614,10 @@ class Registry:
                     "parts": json.dumps(list(getattr(det, "parts", None) or [])),
                     "tokens": json.dumps(list(getattr(det, "tokens", None) or [])),
                     "type": prep["type"],
-                    "triggers": json.dumps(md.dedupe(triggers) if triggers else imported.triggers, ensure_ascii=False),
+                    # explicit triggers, else those from metadata/sidecars, else the file's embedding tokens
+                    "triggers": json.dumps(md.dedupe(triggers) if triggers else
+                                           (imported.triggers or list(getattr(det, "tokens", None) or [])),
+                                           ensure_ascii=False),
                     "tags": json.dumps(md.dedupe(list(imported.tags) + list(prep["tags"] or [])), ensure_ascii=False),
                     "description": prep["description"] or imported.description,
                     "source": prep["source"] or imported.source or str(p.resolve()),
