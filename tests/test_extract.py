@@ -326,3 +326,35 @@ def test_sdxl_unet_and_second_text_encoder(tiny_sdxl, tmp_path):
     for name, d in deltas.items():
         lay = back.layers[name]
         assert torch.allclose(lay.up.float() @ lay.down.float() * lay.scale, d, atol=1e-5)
+
+
+def test_nan_difference_is_an_error_naming_the_layer():
+    from lorahub.ops.extract import extract_layer
+
+    d = torch.zeros(8, 6)
+    d[2, 3] = float("nan")
+    with pytest.raises(LorahubError, match="unet.x.to_q.*NaN"):
+        extract_layer(d, "linear", ExtractOptions(rank=2), "unet.x.to_q")
+
+
+def test_registry_checkpoints_as_base_and_tuned(planted, home, capsys):
+    """BASE/TUNED given as registry references of single-file checkpoints; lineage names the entries."""
+    from lorahub.cli.app import main
+    from lorahub.registry import Registry
+
+    _, _, tuned_file, base_file, deltas = planted
+    reg = Registry.open(home)
+    b, _ = reg.add_file(base_file, name="tiny-base-ckpt")
+    t, _ = reg.add_file(tuned_file, name="tiny-tuned-ckpt")
+    assert b["kind"] == t["kind"] == "checkpoint"
+    out = home.parent / "reg-ex.safetensors"
+    with pytest.raises(SystemExit) as ex:
+        main(["extract", "tiny-base-ckpt", t["id"][:8], "--rank", str(PLANT_RANK), "--out", str(out),
+              "--register", "--json", "--home", str(home)])
+    assert ex.value.code in (0, None)
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["layers"] == sum(1 for n, d in deltas.items() if layer_kind(n, tuple(d.shape), conv=False))
+    reg = Registry.open(home)
+    lin = reg.lineage(rep["registered"]["id"])
+    assert {x["parent_id"] for x in lin} == {b["id"], t["id"]}
+    assert {x["relation"] for x in lin} == {"extracted-from"}
