@@ -92,7 +92,12 @@ def test_extract_recovers_planted_delta_folder_and_single_file(planted):
     assert any("text_encoder: skipped" in n for n in r1.notes)
     meta = json.loads(r1.model.metadata["lorahub_extract"])
     assert meta["frobenius_retained"] == pytest.approx(r1.retained, abs=1e-6)
-    assert len(meta["base"]["sha256"]) == 64 and meta["base"]["sha256"] != meta["tuned"]["sha256"]
+    import blake3
+
+    assert len(meta["base"]["blake3"]) == 64 and meta["base"]["blake3"] != meta["tuned"]["blake3"]
+    meta2 = json.loads(r2.model.metadata["lorahub_extract"])   # single files: the files' own BLAKE3
+    assert meta2["tuned"]["blake3"] == blake3.blake3(tuned_file.read_bytes()).hexdigest()
+    assert meta2["base"]["blake3"] == blake3.blake3(base_file.read_bytes()).hexdigest()
     per_layer = json.loads(r1.model.metadata["lorahub_extract_layers"])
     assert set(per_layer) == set(r1.model.layers)
 
@@ -282,7 +287,7 @@ def test_cli_extract_register_and_report(planted, tmp_path, home, cli):
     lin = reg.lineage(entry["id"])
     assert sorted(x["relation"] for x in lin) == ["extracted-from", "extracted-from"]
     meta = json.loads(model.metadata["lorahub_extract"])
-    assert {x["parent"] for x in lin} == {meta["base"]["sha256"], meta["tuned"]["sha256"]}
+    assert {x["parent"] for x in lin} == {meta["base"]["blake3"], meta["tuned"]["blake3"]}
     assert {x["detail"]["role"] for x in lin} == {"base", "tuned"}
     # the human report: a table of blocks and the total
     r = cli("extract", "tiny-sd1", str(tuned_file), "--rank", "2", "--out", str(tmp_path / "h.safetensors"),

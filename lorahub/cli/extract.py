@@ -136,9 +136,9 @@ def extract(
         meta = _json.loads(res.model.metadata["lorahub_extract"])
         lineage = []
         for role, entry, ref in (("base", base_entry, base), ("tuned", tuned_entry, tuned)):
-            parent = entry["id"] if entry else (meta[role]["sha256"] or ref)
+            parent = entry["id"] if entry else (meta[role]["blake3"] or ref)
             lineage.append({"relation": "extracted-from", "parent": parent,
-                            "detail": {"role": role, "name": meta[role]["name"], "sha256": meta[role]["sha256"],
+                            "detail": {"role": role, "name": meta[role]["name"], "blake3": meta[role]["blake3"],
                                        "criterion": opts.describe(),
                                        "frobenius_retained": round(res.retained, 6)}})
         entry, created = _register(home, out, name=name, type_=type_, triggers=trigger,

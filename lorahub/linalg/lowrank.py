@@ -233,18 +233,56 @@ def _with_f64_retry(fn, A: torch.Tensor, what: str = "SVD"):
         return fn(A.to(torch.float64)), True
 
 
+def _gram_spectrum(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(G = X·Xᵀ, all singular values of X descending in float64, retried_f64) for a wide X."""
+
+    def go(Y):
+        G = Y @ Y.T
+        return G, torch.linalg.eigvalsh(G)
+
+    try:
+        G, ev = go(X)
+        if not torch.isfinite(ev).all():
+            raise torch.linalg.LinAlgError("eigvalsh produced non-finite values")
+        retried = False
+    except _linalg_errors():
+        if X.dtype == torch.float64:
+            raise
+        G, ev = go(X.to(torch.float64))
+        retried = True
+    ev = torch.clamp(ev.to(torch.float64), min=0.0).flip(0)
+    return G, torch.sqrt(ev), retried
+
+
 def exact_singular_values(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """All singular values of A (descending, float64) from the eigenvalues of the smaller Gram
     matrix (A·Aᵀ or Aᵀ·A): O(m·n·min(m,n)) without any singular vectors. Returns (S, retried_f64)."""
-    m, n = A.shape
+    X = A if A.shape[0] <= A.shape[1] else A.T
+    _, S, retried = _gram_spectrum(X)
+    return S, retried
 
-    def go(X):
-        G = X @ X.T if m <= n else X.T @ X
-        return torch.linalg.eigvalsh(G)
 
-    ev, retried = _with_f64_retry(go, A, "eigvalsh")
-    ev = torch.clamp(ev.to(torch.float64), min=0.0).flip(0)
-    return torch.sqrt(ev), retried
+def randomized_svd_gram(X: torch.Tensor, G: torch.Tensor, k: int, *, oversample: int | None = None,
+                        power_iters: int = 2, seed: int = 0) -> tuple[Spectrum, bool]:
+    """Top-k SVD of a wide X (m ≤ n) given its Gram G = X·Xᵀ: the range finder and the power
+    iterations run on G (m×m, cost O(m²·l) each), then one pass B = Qᵀ·X (O(m·n·l)) and an SVD of
+    the small l×n matrix. Range of G^(q+1)·Ω = range of (X·Xᵀ)^q·X·(Xᵀ·Ω): q+1 power iterations."""
+    m, n = X.shape
+    p = oversample if oversample is not None else max(8, k // 2)
+    l = min(k + p, m)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega_cpu = torch.randn(m, l, generator=gen, dtype=torch.float32)
+
+    def go(Y):
+        Gd = G if G.dtype == Y.dtype else Y @ Y.T
+        Q, _ = torch.linalg.qr(Gd @ omega_cpu.to(device=Y.device, dtype=Y.dtype))
+        for _ in range(power_iters):
+            Q, _ = torch.linalg.qr(Gd @ Q)
+        Ub, S, Vh = torch.linalg.svd(Q.T @ Y, full_matrices=False)
+        return Q @ Ub, S, Vh
+
+    (U, S, Vh), retried = _with_f64_retry(go, X, "randomized SVD")
+    return Spectrum(U=U[:, :k], S=S[:k], Vh=Vh[:k]), retried
 
 
 def exact_svd(A: torch.Tensor, k: int | None = None) -> tuple[Spectrum, bool]:
@@ -318,8 +356,10 @@ def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float |
     crit = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
     total = float(torch.linalg.vector_norm(A)) ** 2  # float32 reduction: ample for a 1e-3 check
     go_exact = method == "exact" or (method == "auto" and min(m, n) <= small)
+    transpose = m > n
+    X = A.T if transpose else A
     if not go_exact:
-        S_all, r64 = exact_singular_values(A)
+        G, S_all, r64 = _gram_spectrum(X)
         k = choose_rank(S_all, **crit)
         if method == "auto" and 3 * k > min(m, n):
             go_exact = True
@@ -331,7 +371,10 @@ def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float |
         top = Spectrum(U=sp.U[:, :k], S=sp.S[:k], Vh=sp.Vh[:k])
         return Approximation(top, k, S_all, opt, opt, "exact", r64)
     opt = _retained_of(S_all, k, total)
-    sp, r2 = randomized_svd(A, k, seed=seed, power_iters=power_iters)
+    sp, r2 = randomized_svd_gram(X, G, k, seed=seed, power_iters=power_iters)
+    del G
+    if transpose:
+        sp = Spectrum(U=sp.Vh.T, S=sp.S, Vh=sp.U.T)
     got = math.sqrt(min(1.0, float((sp.S.to(torch.float64) ** 2).sum()) / total)) if total > 0 else 1.0
     if opt - got > tol * opt:
         ex, r3 = exact_svd(A, k)

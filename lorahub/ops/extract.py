@@ -13,7 +13,6 @@ clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -153,18 +152,19 @@ def select_layers(base, tuned, opts: ExtractOptions) -> list[tuple[str, str]]:
     return out
 
 
-def file_sha256(paths: list[Path]) -> str:
-    """sha256 of one file; for several (a diffusers folder) sha256 over their sha256s in order."""
+def file_blake3(paths: list[Path]) -> str:
+    """BLAKE3 (multi-threaded; the registry records it too and resolves it) of one file; for several
+    (a diffusers folder) BLAKE3 over their hex digests in order."""
+    import blake3
+
     digests = []
     for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h.update_mmap(str(p))
         digests.append(h.hexdigest())
     if len(digests) == 1:
         return digests[0]
-    return hashlib.sha256("".join(digests).encode()).hexdigest()
+    return blake3.blake3("".join(digests).encode()).hexdigest()
 
 
 def _clamp(up, down, q: float):
@@ -333,9 +333,9 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             raise LorahubError("nothing to extract: the models are identical in every adaptable layer")
         info = {
             "base": {"name": base_name or str(base_path),
-                     "sha256": file_sha256(base.files()) if hashes else None},
+                     "blake3": file_blake3(base.files()) if hashes else None},
             "tuned": {"name": tuned_name or str(tuned_path),
-                      "sha256": file_sha256(tuned.files()) if hashes else None},
+                      "blake3": file_blake3(tuned.files()) if hashes else None},
         }
     res = ExtractResult(model=model, layers=reports, notes=notes, family=family,
                         seconds=time.perf_counter() - t0)
