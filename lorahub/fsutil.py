@@ -18,17 +18,23 @@ from lorahub.errors import LorahubError
 TMP_PREFIX = ".lorahub-tmp-"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(path: os.PathLike | str, *, strict: bool = False) -> None:
+    """fsync a file or folder by path. Folders (and, unless ``strict``, files) ignore fsync errors."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fsync_path(folder)
 
 
 def os_error_message(exc: OSError, path: os.PathLike | str) -> str:

@@ -978,14 +978,9 @@ def _windows(items, n: int, max_bytes: int):
 
 
 def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from lorahub.fsutil import fsync_path
+
+    fsync_path(path, strict=True)
 
 
 def _fsync_many(paths, fn) -> None:
@@ -1001,13 +996,6 @@ def _fsync_many(paths, fn) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from lorahub.fsutil import fsync_path
+
+    fsync_path(folder)
