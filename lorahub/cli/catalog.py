@@ -644,4 +644,29 @@ def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
         first = (with_triggers or entries)[0]
         con.print(f"$ lorahub show {first['autov2']}")
         show(first["autov2"], json_out=False, home=home)
+    by_name = {e["name"]: e for e in entries}
+    if "sd1-kohya" in by_name and "sd1-diffusers" in by_name:
+        _demo_ml(con, home, by_name["sd1-kohya"], by_name["sd1-diffusers"])
     con.print(f"done in {time.perf_counter() - t0:.1f} s; try: lorahub list --home {home}")
+
+
+def _demo_ml(con, home: Path, kohya: dict, diffusers: dict) -> None:
+    """The ML half of the demo: run real commands on the tiny fixtures, as a user would type them."""
+    from lorahub.cli.app import _load_commands, app
+
+    _load_commands()
+    out = home / "demo-outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    k, d = kohya["id"], diffusers["id"]
+    steps = [
+        ["convert", k, "--to", "diffusers", "--out", str(out / "sd1-kohya.diffusers.safetensors"), "--register"],
+        ["inspect", k, "--top", "5", "--plot", str(out / "sd1-kohya.heatmap.png")],
+        ["diff", k, d, "--top", "5"],
+        ["merge", f"{k}:0.8", f"{d}:-0.5", "--rank", "4", "--out", str(out / "merged.safetensors"), "--register"],
+        ["sweep", k, "--base", "tiny-sd1", "--prompt", "a portrait", "--alphas", "0,0.5,1", "--seeds", "1,2",
+         "--steps", "2", "--size", "64", "--out", str(out / "sweep.png"), "--gif", str(out / "sweep.gif")],
+    ]
+    con.print("\n[bold]ML operations on the tiny fixtures[/bold] (outputs in " + str(out) + ")")
+    for args in steps:
+        con.print("[bold]$ lorahub " + " ".join(args) + "[/bold]", highlight=False)
+        app(args=args + ["--home", str(home)], prog_name="lorahub", standalone_mode=False)

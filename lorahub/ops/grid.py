@@ -25,10 +25,16 @@ MIN_CELL = 160
 
 
 def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+    from lorahub.ops.fonts import load_font
+
+    return load_font(size)[0]
+
+
+def _label(text: str) -> str:
+    """Text as the loaded font can draw it (α and friends in ASCII when the font lacks them)."""
+    from lorahub.ops.fonts import ascii_fallback, load_font
+
+    return text if load_font(14)[1] else ascii_fallback(text)
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
@@ -39,13 +45,14 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
 def _fit(draw, text: str, font, max_w: int) -> str:
     """Shorten each line of ``text`` with an ellipsis to at most ``max_w`` pixels."""
     out = []
-    for line in text.split("\n"):
+    ell = _label("…")
+    for line in _label(text).split("\n"):
         if _text_size(draw, line, font)[0] <= max_w:
             out.append(line)
             continue
-        while line and _text_size(draw, line + "…", font)[0] > max_w:
+        while line and _text_size(draw, line + ell, font)[0] > max_w:
             line = line[:-1]
-        out.append(line + "…")
+        out.append(line + ell)
     return "\n".join(out)
 
 

@@ -35,26 +35,15 @@ def _text_colour(c: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _font(size: int):
-    """(font, unicode_ok): DejaVu Sans when installed (has ‖ Δ –), else Pillow's default font."""
-    from PIL import ImageFont
+    from lorahub.ops.fonts import load_font
 
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size), True
-    except OSError:
-        pass
-    try:
-        return ImageFont.load_default(size=size), False
-    except (TypeError, OSError, ValueError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default(), False
-
-
-_ASCII = {"‖": "|", "Δ": "d", "–": "-", "√": "sqrt", "Σ": "sum", "·": "-", "₂": "2", "…": "..."}
+    return load_font(size)
 
 
 def _plain(text: str) -> str:
-    for a, b in _ASCII.items():
-        text = text.replace(a, b)
-    return text.encode("ascii", "replace").decode("ascii")
+    from lorahub.ops.fonts import ascii_fallback
+
+    return ascii_fallback(text)
 
 
 def fmt(v: float) -> str:
