@@ -37,7 +37,7 @@ def _available(cmd: str) -> bool:
     return cmd in typer.main.get_command(app).commands  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("op", ["convert", "merge"])
+@pytest.mark.parametrize("op", ["convert", "merge", "extract"])
 def test_sigkill_during_register_ops(tmp_path, op):
     if not _available(op):
         pytest.skip(f"`lorahub {op}` not available")

@@ -61,6 +61,27 @@ def _complete_safetensors(path: Path) -> bool:
     return max((t.end for t in h.tensors.values()), default=0) == h.file_size - h.data_start
 
 
+def _tuned_tiny(dest: Path) -> Path:
+    """A copy of the tiny SD1 pipeline whose UNet attention weights differ by a rank-2 update."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lorahub import tiny
+
+    if not (dest / "model_index.json").exists():
+        shutil.copytree(tiny.ensure("sd1"), dest)
+        f = dest / "unet" / "diffusion_pytorch_model.safetensors"
+        sd = load_file(str(f))
+        g = torch.Generator().manual_seed(0)
+        for k, v in sd.items():
+            if k.endswith(("to_q.weight", "to_v.weight")):
+                sd[k] = v + 0.05 * torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+        save_file(sd, str(f))
+    return dest
+
+
 def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: float = 2.5) -> dict:
     rng = random.Random(seed)
     home = workdir / "home"
@@ -71,6 +92,7 @@ def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: fl
     problems, kills, outputs = [], 0, 0
     # one registered entry so convert/merge have something to work on
     subprocess.run([sys.executable, "-m", "lorahub", "add", str(files[0])], env=env, capture_output=True)
+    tuned = _tuned_tiny(workdir / "tuned-sd1") if "extract" in ops else None
     durations: dict[str, float] = {}
     for t in range(trials):
         op = ops[t % len(ops)]
@@ -81,12 +103,14 @@ def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: fl
             "scan": ["scan", str(src)],
             "convert": ["convert", str(files[0]), "--to", "diffusers", "--out", str(out), "--register"],
             "merge": ["merge", f"{files[1]}:0.5", f"{files[2]}:0.7", "--rank", "4", "--out", str(out), "--register"],
-            "extract": ["extract", "tiny-sd1", "tiny-sd1", "--rank", "2", "--out", str(out), "--register"],
+            "extract": ["extract", "tiny-sd1", str(tuned), "--rank", "2", "--out", str(out), "--register"],
         }[op]
         if op not in durations:  # calibrate: one uninterrupted run tells how long the command takes
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "lorahub", *cmd], env=env, capture_output=True)
+            cal = subprocess.run([sys.executable, "-m", "lorahub", *cmd], env=env, capture_output=True, text=True)
             durations[op] = time.perf_counter() - t0
+            if cal.returncode != 0:
+                problems.append(f"calibration ({op}) failed: exit {cal.returncode}: {cal.stderr.strip()[-300:]}")
             for p in _check_store(home):
                 problems.append(f"calibration ({op}): {p}")
             if op == "add":  # start the trials from files that are not registered yet
