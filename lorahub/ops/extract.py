@@ -234,21 +234,11 @@ def _crit(opts: ExtractOptions, cap: int | None) -> dict:
 
 
 def validate(opts: ExtractOptions) -> None:
-    dyn = [k for k in ("energy", "sv_ratio", "sv_fro") if getattr(opts, k) is not None]
-    if len(dyn) > 1:
-        raise LorahubError("give at most one of --energy, --sv-ratio, --sv-fro")
-    if opts.rank is not None and opts.rank < 1:
-        raise LorahubError("--rank must be at least 1")
-    if not dyn and opts.rank is None:
-        raise LorahubError("give --rank, or a dynamic criterion (--energy, --sv-ratio, --sv-fro)")
+    from lorahub.ops.resize import validate_rank_criteria
+
+    validate_rank_criteria(opts)
     if opts.conv_rank is not None and opts.conv_rank < 0:
         raise LorahubError("--conv-rank must be 0 (off) or more")
-    if opts.energy is not None and not 0 < opts.energy <= 1:
-        raise LorahubError("--energy must be in (0, 1]")
-    if opts.sv_fro is not None and not 0 < opts.sv_fro <= 1:
-        raise LorahubError("--sv-fro must be in (0, 1]")
-    if opts.sv_ratio is not None and opts.sv_ratio < 1:
-        raise LorahubError("--sv-ratio must be at least 1")
     if opts.clamp_quantile is not None and not 0 < opts.clamp_quantile <= 1:
         raise LorahubError("--clamp-quantile must be in (0, 1]")
     if opts.dtype not in DTYPES:

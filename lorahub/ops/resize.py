@@ -20,6 +20,23 @@ from dataclasses import dataclass, field
 from lorahub.errors import LorahubError
 
 
+def validate_rank_criteria(opts) -> None:
+    """Check the rank options shared by resize and extract (``rank``, ``energy``, ``sv_ratio``, ``sv_fro``)."""
+    dyn = [k for k in ("energy", "sv_ratio", "sv_fro") if getattr(opts, k) is not None]
+    if len(dyn) > 1:
+        raise LorahubError("give at most one of --energy, --sv-ratio, --sv-fro")
+    if not dyn and opts.rank is None:
+        raise LorahubError("give --rank, or a dynamic criterion (--energy, --sv-ratio, --sv-fro)")
+    if opts.rank is not None and opts.rank < 1:
+        raise LorahubError("--rank must be at least 1")
+    if opts.energy is not None and not 0 < opts.energy <= 1:
+        raise LorahubError("--energy must be in (0, 1]")
+    if opts.sv_fro is not None and not 0 < opts.sv_fro <= 1:
+        raise LorahubError("--sv-fro must be in (0, 1]")
+    if opts.sv_ratio is not None and opts.sv_ratio < 1:
+        raise LorahubError("--sv-ratio must be at least 1")
+
+
 @dataclass
 class ResizeOptions:
     rank: int | None = None        # fixed rank, or the cap with a dynamic criterion
@@ -46,19 +63,7 @@ class ResizeOptions:
             else f"rank={self.rank}"
 
     def validate(self) -> None:
-        dyn = [k for k in ("energy", "sv_ratio", "sv_fro") if getattr(self, k) is not None]
-        if len(dyn) > 1:
-            raise LorahubError("give at most one of --energy, --sv-ratio, --sv-fro")
-        if not dyn and self.rank is None:
-            raise LorahubError("give --rank, or a dynamic criterion (--energy, --sv-ratio, --sv-fro)")
-        if self.rank is not None and self.rank < 1:
-            raise LorahubError("--rank must be at least 1")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise LorahubError("--energy must be in (0, 1]")
-        if self.sv_fro is not None and not 0 < self.sv_fro <= 1:
-            raise LorahubError("--sv-fro must be in (0, 1]")
-        if self.sv_ratio is not None and self.sv_ratio < 1:
-            raise LorahubError("--sv-ratio must be at least 1")
+        validate_rank_criteria(self)
 
 
 @dataclass
