@@ -9,13 +9,11 @@ W0 in fp32 and cast back to the base tensor's own dtype; every other tensor is c
 * base = a single-file LDM/SGM ``.safetensors`` -> a single ``.safetensors`` in the same layout.
 
 The recipe is recorded in ``lorahub_recipe.toml`` inside a baked folder, and in the header metadata
-(``lorahub.recipe``) of a baked single file (or a ``<out>.recipe.toml`` sidecar when the checkpoint
-writer cannot take metadata).
+(``lorahub.recipe``) of a baked single file.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,17 +119,13 @@ def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "",
 
         kwargs = {}
         single = ck.layout != "diffusers"
-        meta_ok = "metadata" in inspect.signature(checkpoints.write_like).parameters
-        if single and recipe_text and meta_ok:
+        if single and recipe_text:
             meta = dict(ck.metadata())
             meta["lorahub.recipe"] = recipe_text
             kwargs["metadata"] = meta
         checkpoints.write_like(ck, out, transform=transform, **kwargs)
     if report.layers != len(plan):
         raise LorahubError(f"internal: baked {report.layers} of {len(plan)} weights")
-    if recipe_text:
-        if not single:
-            fsutil.atomic_write_text(out / RECIPE_FILE, recipe_text)
-        elif not meta_ok:
-            fsutil.atomic_write_text(out.with_name(out.name + ".recipe.toml"), recipe_text)
+    if recipe_text and not single:
+        fsutil.atomic_write_text(out / RECIPE_FILE, recipe_text)
     return report

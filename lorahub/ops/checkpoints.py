@@ -585,13 +585,15 @@ def _write_file(ck: Checkpoint, fi: int, dest: Path, transform, dtype, metadata=
         w.close()
 
 
-def write_like(ck: Checkpoint, dest: os.PathLike | str, *, transform=None, dtype=None) -> Path:
+def write_like(ck: Checkpoint, dest: os.PathLike | str, *, transform=None, dtype=None,
+               metadata: dict[str, str] | None = None) -> Path:
     """Write ``ck`` again in its own layout (single file or diffusers folder), streaming, with every
     canonical tensor passed through ``transform(name, tensor)``; other tensors copied unchanged.
-    ``dtype`` (torch dtype) casts floating-point tensors."""
+    ``dtype`` (torch dtype) casts floating-point tensors. ``metadata`` replaces the header metadata
+    of a single-file checkpoint (folders keep each weight file's own)."""
     dest = Path(dest)
     if ck.layout != "diffusers":
-        _write_file(ck, 0, dest, transform, dtype)
+        _write_file(ck, 0, dest, transform, dtype, metadata)
         return dest
     tmp = dest.with_name(dest.name + f".lorahub-tmp-{os.getpid()}")
     if tmp.exists():
