@@ -9,7 +9,6 @@ atomically, so an interrupted restore leaves no registry that points at missing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,11 +25,9 @@ FORMAT = "lorahub-backup/1"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from lorahub.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def _home_files(home: Path):

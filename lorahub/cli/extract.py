@@ -275,10 +275,6 @@ def resize(
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from lorahub.hashing import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path, chunk=1 << 22)

@@ -101,13 +101,9 @@ def convert(
         if entry is not None:
             parent = entry["id"]
         else:
-            import hashlib
+            from lorahub.hashing import sha256_file
 
-            h = hashlib.sha256()
-            with open(src, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            parent = h.hexdigest()
+            parent = sha256_file(src)
         lineage = [{"relation": "converted-from", "parent": parent,
                     "detail": {"from": det.format, "to": to, "dtype": dtype or "unchanged",
                                "dropped_embeddings": dropped}}]

@@ -9,7 +9,6 @@ registry copies the files into its store. A second pull of the same commit regis
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path, PurePosixPath
 
@@ -67,11 +66,9 @@ def _is_candidate(path: str) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for buf in iter(lambda: f.read(1 << 20), b""):
-            h.update(buf)
-    return h.hexdigest()
+    from lorahub.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, tags: list[str] | None = None,

@@ -22,7 +22,6 @@ imports only the standard library (plus the registry lazily).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tomllib
@@ -237,11 +236,9 @@ class ResolvedLora:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from lorahub.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def resolve_lora(spec: RecipeLora, *, registry=None, folder: Path | None = None, where: str = "") -> ResolvedLora:
