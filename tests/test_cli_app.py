@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 from lorahub.cli import app as app_mod
 

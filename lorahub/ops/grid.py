@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from lorahub.errors import LorahubError
 from lorahub.fsutil import atomic_path

@@ -118,7 +118,6 @@ def render_batch(pipe, handle, samples: list[Sample], *, steps: int, height: int
     if not samples:
         return []
     device = pipe._execution_device
-    dtype = pipe.unet.dtype
     n_slots = len(handle.names) if handle is not None else 0
 
     def set_scales(rows):
