@@ -561,21 +561,32 @@ def dupes(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
 
 
 @app.command()
-def verify(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
-    """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any)."""
+def verify(json_out: JsonOpt = False, home: HomeOpt = None,
+           repair: Annotated[bool, typer.Option("--repair", help="Re-fetch missing or corrupt blobs from the "
+                                                "entry's recorded source file or Hub remote when possible.")] = False,
+           ) -> None:
+    """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any remain)."""
     reg = open_registry(home)
     n = reg.conn.execute("SELECT (SELECT count(*) FROM entries) + (SELECT count(*) FROM previews)").fetchone()[0]
     with progress() as prog:
         task = prog.add_task("verifying", total=n)
         problems = reg.verify(progress=lambda _r: prog.advance(task))
+    if repair and problems:
+        from lorahub.repair import repair as do_repair
+
+        problems = do_repair(reg, problems)
+    remaining = [p for p in problems if not p.get("repaired")]
     if json_out:
-        print_json({"checked": n, "problems": problems})
+        print_json({"checked": n, "problems": problems, "remaining": len(remaining)})
     else:
         con = console()
         for p in problems:
-            con.print(f"{p['problem']}: {p['what']} {p['name']} ({p['id']}) sha256 {p['sha256']}")
-        con.print(f"checked {n} blob(s): {len(problems)} problem(s)")
-    if problems:
+            fixed = f" -> repaired from {p['from']}" if p.get("repaired") else (
+                " -> no source could restore it" if repair else "")
+            con.print(f"{p['problem']}: {p['what']} {p['name']} ({p['id']}) sha256 {p['sha256']}{fixed}")
+        con.print(f"checked {n} blob(s): {len(problems)} problem(s)"
+                  + (f", {len(problems) - len(remaining)} repaired" if repair else ""))
+    if remaining:
         raise typer.Exit(1)
 
 

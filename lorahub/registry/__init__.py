@@ -902,6 +902,35 @@ class Registry:
                 progress(r)
         return problems
 
+    def restore_blob(self, sha256: str, src: str | os.PathLike) -> bool:
+        """Put the bytes of ``src`` back into the store as blob ``sha256`` if they hash to it.
+
+        Used by ``verify --repair``: the copy is hashed while it is written, fsynced and renamed over
+        the missing or corrupt blob under the write lock. Returns False (nothing changed) on a mismatch.
+        """
+        from lorahub.hashing import sha256_file
+
+        tmp = self._store_tmp()
+        try:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+            _fsync_file(tmp)
+            if sha256_file(tmp) != sha256:
+                tmp.unlink()
+                return False
+            self._begin()
+            try:
+                self._place_blob(tmp, sha256)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            return True
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
     # ------------------------------------------------------------------ scan cache
     def scan_cache_get(self, path: Path, st: os.stat_result) -> str | None:
         r = self.conn.execute("SELECT sha256, size, mtime_ns FROM scan_cache WHERE path = ?", (str(path),)).fetchone()
