@@ -158,7 +158,7 @@ def test_rm_gc_verify(run, home, tmp_path):
     fa = make_kohya(tmp_path / "a.safetensors", seed=1)
     fb = make_kohya(tmp_path / "b.safetensors", seed=2)
     run("add", fa, fb)
-    assert jrun(run, "verify") == {"checked": 2, "problems": []}
+    assert jrun(run, "verify") == {"checked": 2, "problems": [], "remaining": 0}
     sha_a = hashlib.sha256(fa.read_bytes()).hexdigest()
     blob_a = home / "objects" / sha_a[:2] / sha_a
     assert run("rm", "a")[0] == 0
