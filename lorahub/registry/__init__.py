@@ -813,7 +813,7 @@ class Registry:
         try:
             row = self.conn.execute("SELECT tags FROM entries WHERE id = ?", (entry_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no entry {entry_id!r}")
+                raise NotFound(f"no registry entry matches {entry_id!r} (it was just removed)")
             tags = [t for t in json.loads(row["tags"]) if t.casefold() not in drop]
             tags = dedupe(tags + [t for t in add if t.casefold() not in drop])
             self.conn.execute("UPDATE entries SET tags = ? WHERE id = ?",
