@@ -115,17 +115,26 @@ def make_pipeline(kind: str = "sd1"):
     raise ValueError(f"unknown tiny pipeline kind {kind!r} (sd1 or sdxl)")
 
 
-def build(kind: str, dest: os.PathLike | str) -> Path:
-    """Write the tiny pipeline as a diffusers folder at ``dest`` (atomically: temp folder + rename)."""
+def build(kind: str, dest: os.PathLike | str, *, replace: bool = True) -> Path:
+    """Write the tiny pipeline as a diffusers folder at ``dest`` (atomically: temp folder + rename).
+
+    With ``replace=False`` a complete folder another process put at ``dest`` meanwhile is kept and
+    used (parallel test workers build the cache at the same moment; none may delete what another
+    is reading)."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe = make_pipeline(kind)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if dest.exists():
+    if replace and dest.exists():
         shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    try:
+        os.rename(tmp, dest)  # fails if another process already put a (non-empty) folder there
+    except OSError:
+        if replace or not (dest / "model_index.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -152,5 +161,5 @@ def ensure(kind: str = "sd1") -> Path:
     """Path of the cached tiny pipeline folder, built on first use."""
     folder = cache_root() / f"{kind}-{_fingerprint()}"
     if not (folder / "model_index.json").exists():
-        build(kind, folder)
+        build(kind, folder, replace=False)
     return folder
