@@ -22,17 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 from lorahub.errors import LorahubError
+from lorahub.ops.resize import RankCriteria
 
 TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))\.weight$")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 @dataclass
-class ExtractOptions:
+class ExtractOptions(RankCriteria):
     rank: int | None = 64            # fixed rank, or the cap in a dynamic mode
-    energy: float | None = None
-    sv_ratio: float | None = None
-    sv_fro: float | None = None
     conv_rank: int | None = None     # None: no 3×3 conv layers (LoCon off)
     text_encoder: bool = True
     clamp_quantile: float | None = None
@@ -41,13 +39,6 @@ class ExtractOptions:
     dtype: str = "fp16"              # saved dtype: fp16 | bf16 | fp32
     method: str = "auto"             # auto | randomized | exact
     tol: float = 1e-3                # allowed relative shortfall of the randomized factors
-
-    @property
-    def dynamic(self) -> str | None:
-        for k in ("energy", "sv_ratio", "sv_fro"):
-            if getattr(self, k) is not None:
-                return k
-        return None
 
     def criterion(self, cap: int | None) -> dict:
         dyn = self.dynamic

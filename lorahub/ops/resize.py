@@ -38,7 +38,9 @@ def validate_rank_criteria(opts) -> None:
 
 
 @dataclass
-class ResizeOptions:
+class RankCriteria:
+    """A fixed rank, or one dynamic criterion capped by ``rank`` (shared by resize and extract)."""
+
     rank: int | None = None        # fixed rank, or the cap with a dynamic criterion
     energy: float | None = None
     sv_ratio: float | None = None
@@ -51,6 +53,12 @@ class ResizeOptions:
                 return k
         return None
 
+    def validate(self) -> None:
+        validate_rank_criteria(self)
+
+
+@dataclass
+class ResizeOptions(RankCriteria):
     def criterion(self) -> dict:
         dyn = self.dynamic
         if dyn is None:
@@ -61,9 +69,6 @@ class ResizeOptions:
         dyn = self.dynamic
         return f"{dyn}={getattr(self, dyn)}" + (f" (cap {self.rank})" if self.rank else "") if dyn \
             else f"rank={self.rank}"
-
-    def validate(self) -> None:
-        validate_rank_criteria(self)
 
 
 @dataclass
