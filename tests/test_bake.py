@@ -7,6 +7,7 @@ import torch
 
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lora_factory import random_lora
 from lorahub.ops.bake import bake, weight_name
 from lorahub.ops.checkpoints import open_checkpoint, save_single_file
 from lorahub.ops.merge import MergeInput, exact_delta, merge
@@ -21,17 +22,7 @@ LAYERS = {
 
 
 def make(seed, rank, alpha):
-    gen = torch.Generator().manual_seed(seed)
-    m = LoraModel(base="sd1")
-    for key, shape in LAYERS.items():
-        if len(shape) == 4:
-            w = {"down": torch.randn(rank, *shape[1:], generator=gen) * 0.1,
-                 "up": torch.randn(shape[0], rank, 1, 1, generator=gen) * 0.1}
-        else:
-            w = {"down": torch.randn(rank, shape[1], generator=gen) * 0.1,
-                 "up": torch.randn(shape[0], rank, generator=gen) * 0.1}
-        m.layers[key] = LoraLayer("lora", w, alpha=alpha)
-    return m
+    return random_lora(LAYERS, seed, rank, alpha)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lorahub.formats.canonical import LoraLayer, LoraModel
+from lora_factory import random_lora
 from lorahub.formats.io import load_lora, save_lora
 
 SD1_LAYERS = {
@@ -20,17 +20,7 @@ SD1_LAYERS = {
 
 
 def lora_file(path, seed, rank, alpha, layers=SD1_LAYERS, dialect="kohya", base="sd1"):
-    gen = torch.Generator().manual_seed(seed)
-    m = LoraModel(base=base)
-    for key, shape in layers.items():
-        if len(shape) == 4:
-            w = {"down": torch.randn(rank, *shape[1:], generator=gen) * 0.1,
-                 "up": torch.randn(shape[0], rank, 1, 1, generator=gen) * 0.1}
-        else:
-            w = {"down": torch.randn(rank, shape[1], generator=gen) * 0.1,
-                 "up": torch.randn(shape[0], rank, generator=gen) * 0.1}
-        m.layers[key] = LoraLayer("lora", w, alpha=alpha)
-    save_lora(m, path, dialect=dialect)
+    save_lora(random_lora(layers, seed, rank, alpha, base=base), path, dialect=dialect)
     return path
 
 

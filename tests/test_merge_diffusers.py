@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.formats.canonical import LoraModel
+from lora_factory import random_lora
 from lorahub.formats.io import load_lora, save_lora
 from lorahub.ops.bake import bake
 from lorahub.ops.merge import MergeInput, exact_delta, merge
@@ -24,18 +25,7 @@ UNET_LAYERS = {
 
 
 def make_lora(seed: int, rank: int, keys, scale: float = 0.05, alpha: float | None = None) -> LoraModel:
-    gen = torch.Generator().manual_seed(seed)
-    m = LoraModel(base="sd1")
-    for key in keys:
-        shape = UNET_LAYERS[key]
-        if len(shape) == 4:
-            w = {"down": torch.randn(rank, *shape[1:], generator=gen) * scale,
-                 "up": torch.randn(shape[0], rank, 1, 1, generator=gen) * scale}
-        else:
-            w = {"down": torch.randn(rank, shape[1], generator=gen) * scale,
-                 "up": torch.randn(shape[0], rank, generator=gen) * scale}
-        m.layers[key] = LoraLayer(kind="lora", weights=w, alpha=alpha)
-    return m
+    return random_lora({k: UNET_LAYERS[k] for k in keys}, seed, rank, alpha, scale=scale)
 
 
 # kohya files are not used as diffusers inputs here: diffusers 0.42 drops the kohya alphas of SD1
