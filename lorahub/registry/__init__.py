@@ -15,6 +15,7 @@ This module imports only the standard library: the catalogue's read paths (``lis
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -339,6 +340,17 @@ class Registry:
         return out
 
     # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _write(self):
+        """One short write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on any error."""
+        self._begin()
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
     def _begin(self) -> None:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -674,14 +686,9 @@ class Registry:
 
     def add_lineage(self, entry_id: str, items: list[dict]) -> None:
         entry_id = self._id_of(entry_id)
-        self._begin()
-        try:
+        with self._write():
             for item in items:
                 self._insert_lineage(entry_id, item)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     def _image_blob(self, data_or_path: bytes | Path, *, durable: bool = True) -> tuple[Path, str, str, int, int]:
         """Check an image with PIL and write it as a temp blob: (tmp, sha256, ext, width, height)."""
@@ -731,18 +738,13 @@ class Registry:
         except LorahubError:
             raise LorahubError(f"{image_path}: not a readable image") from None
         try:
-            self._begin()
-            try:
+            with self._write():
                 self._place_blob(tmp, sha)
                 self.conn.execute(
                     "INSERT INTO previews(entry_id, sha256, kind, ext, width, height, params, added_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entry_id, sha256, kind) DO UPDATE SET "
                     "params = excluded.params", (entry_id, sha, kind, ext, w, h,
                                                  json.dumps(params or {}, default=str), now_iso()))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
         finally:
             tmp.unlink(missing_ok=True)
         return next(d for d in self.previews(entry_id) if d["sha256"] == sha and d["kind"] == kind)
@@ -751,17 +753,12 @@ class Registry:
                    endpoint: str | None = None) -> dict:
         """Record that an entry lives at ``repo@revision`` (commit) on a hub ``endpoint``."""
         entry_id = self._id_of(entry_id)
-        self._begin()
-        try:
+        with self._write():
             self.conn.execute("DELETE FROM remotes WHERE entry_id = ? AND repo = ? AND endpoint IS ?",
                               (entry_id, repo, endpoint))
             self.conn.execute(
                 'INSERT INTO remotes(entry_id, repo, revision, "commit", endpoint, updated_at) VALUES (?, ?, ?, ?, ?, ?)',
                 (entry_id, repo, revision, commit, endpoint, now_iso()))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return next(r for r in self.remotes(entry_id) if r["repo"] == repo and r["endpoint"] == endpoint)
 
     def update(self, entry_id: str, **fields: Any) -> dict:
@@ -777,8 +774,7 @@ class Registry:
                 fields["base"] = "unknown"
             _check_choice("base", fields["base"], BASES)
         sets, args = [], []
-        self._begin()
-        try:
+        with self._write():
             for k, v in fields.items():
                 if k == "name":
                     v = _clean_name(v)
@@ -796,10 +792,6 @@ class Registry:
             if sets:
                 self.conn.execute(f"UPDATE entries SET {', '.join(sets)} WHERE id = ?", args + [entry_id])
                 self._fts_sync(entry_id)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return self.get(entry_id)
 
     def change_tags(self, entry_id: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> dict:
@@ -809,8 +801,7 @@ class Registry:
 
         entry_id = self._id_of(entry_id)
         drop = {t.casefold() for t in remove}
-        self._begin()
-        try:
+        with self._write():
             row = self.conn.execute("SELECT tags FROM entries WHERE id = ?", (entry_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no registry entry matches {entry_id!r} (it was just removed)")
@@ -819,24 +810,15 @@ class Registry:
             self.conn.execute("UPDATE entries SET tags = ? WHERE id = ?",
                               (json.dumps(tags, ensure_ascii=False), entry_id))
             self._fts_sync(entry_id)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return self.get(entry_id)
 
     def remove(self, entry_id: str) -> dict:
         """Delete an entry (its blob stays in the store until :meth:`gc`)."""
         entry = self.get(self._id_of(entry_id))
-        self._begin()
-        try:
+        with self._write():
             self.conn.execute("UPDATE lineage SET parent_id = NULL WHERE parent_id = ?", (entry["id"],))
             self.conn.execute("DELETE FROM entries WHERE id = ?", (entry["id"],))
             self.conn.execute("DELETE FROM entries_fts WHERE entry_id = ?", (entry["id"],))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return entry
 
     def gc(self, *, dry_run: bool = False, tmp_age_s: float = 300.0) -> dict:
@@ -844,8 +826,7 @@ class Registry:
         import time
 
         removed, freed, tmps = [], 0, []
-        self._begin()
-        try:
+        with self._write():
             refs = {r[0] for r in self.conn.execute("SELECT sha256 FROM entries UNION SELECT sha256 FROM previews")}
             limit = time.time() - tmp_age_s
             for sub in sorted(self.objects.iterdir()) if self.objects.is_dir() else []:
@@ -878,10 +859,6 @@ class Registry:
                         f.unlink(missing_ok=True)
             if not dry_run:
                 self.conn.execute("DELETE FROM scan_cache WHERE sha256 NOT IN (SELECT sha256 FROM entries)")
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return {"blobs": removed, "temp_files": tmps, "bytes": freed, "dry_run": dry_run}
 
     def verify(self, *, progress=None) -> list[dict]:
@@ -919,13 +896,8 @@ class Registry:
             if sha256_file(tmp) != sha256:
                 tmp.unlink()
                 return False
-            self._begin()
-            try:
+            with self._write():
                 self._place_blob(tmp, sha256)
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
             return True
         finally:
             if tmp.exists():
