@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite runs as `pytest -n 2` on 2 cores: one math thread per worker (and per child process)
-# avoids oversubscription, which made torch tests up to 10x slower.
+# avoids oversubscription, which made torch tests up to 10x slower. Set before any test imports
+# torch, so every test module and child process runs single-threaded.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 

@@ -12,17 +12,6 @@ from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.ops.apply import LoraBranch, apply_loras
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and the machine's cores are shared."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Holder:
     """A stand-in pipeline: any object with a ``unet`` (and text encoder) attribute."""
 

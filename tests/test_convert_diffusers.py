@@ -22,8 +22,6 @@ import torch
 from lorahub.formats import names
 from lorahub.formats.io import load_lora, save_lora
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tiny_files():

@@ -9,8 +9,6 @@ from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.ops.diff import diff_models
 
-torch.set_num_threads(1)
-
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 V = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"

@@ -13,8 +13,6 @@ from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.ops import heatmap
 from lorahub.ops import inspect as ins
 
-torch.set_num_threads(1)
-
 
 def _tiny_weights(folder):
     out = {}

@@ -10,8 +10,6 @@ import sys
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 KEYS = [
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",

@@ -12,8 +12,6 @@ from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.linalg import lowrank
 from lorahub.ops import inspect as ins
 
-torch.set_num_threads(1)
-
 KEYS = {
     "q": "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
     "k2": "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",

@@ -10,17 +10,6 @@ from PIL import Image
 
 from lorahub.ops.grid import MIN_CELL, format_alpha, make_animation, make_grid, save_animation, save_image
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and the machine's cores are shared."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 200, 40), (40, 200, 220), (200, 40, 200)]
 
 

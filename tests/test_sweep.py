@@ -16,17 +16,6 @@ from lorahub.formats.names import canonical
 from lorahub.ops.apply import apply_loras
 from lorahub.ops.sweep import Sample, plan_sweep, run_samples, set_scheduler
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and the machine's cores are shared."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOL = 2e-4  # images in [0, 1]; float32 batched vs unbatched matmuls differ by ~1e-6
 
 
