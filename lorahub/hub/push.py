@@ -109,6 +109,19 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
     plan: dict = {"repo": repo, "files": files, "notes": notes, "diffusers_file": None, "webui_file": None,
                   "diffusers_converted": False, "embeddings": []}
 
+    def add_webui_copy(e: dict, name: str) -> None:
+        """A kohya copy of ``e`` for webui users; a conversion we cannot do is reported, not fatal."""
+        try:
+            conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"no webui (kohya) copy: {exc}")
+            return
+        wpath = _unique(safe_file_name(name), used)
+        files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
+                      "from_sha256": e["sha256"], "dialect": "kohya",
+                      "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
+        plan["webui_file"] = wpath
+
     for e in loras:
         blob = reg.blob_path(e)
         is_main = e is main
@@ -118,15 +131,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
             files.append({"path": path, "src": blob, "role": "original", "entry": e,
                           "form": f"{fmt} (original)", "for": "diffusers `load_lora_weights`"})
             plan["diffusers_file"] = path
-            try:
-                conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
-                wpath = _unique(safe_file_name(f"{e['name']}.safetensors"), used)
-                files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
-                              "from_sha256": e["sha256"], "dialect": "kohya",
-                              "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
-                plan["webui_file"] = wpath
-            except Exception as exc:  # noqa: BLE001 - a conversion we cannot do is reported, not fatal
-                notes.append(f"no webui (kohya) copy: {exc}")
+            add_webui_copy(e, f"{e['name']}.safetensors")
             continue
         own = e.get("file_name") or f"{e['name']}.safetensors"
         if own == "pytorch_lora_weights.safetensors":
@@ -139,15 +144,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
         if is_main and webui_ok:
             plan["webui_file"] = path
         if is_main and not webui_ok:
-            try:
-                conv = _convert(reg, e, "kohya", workdir / "webui.safetensors")
-                wpath = _unique(safe_file_name(f"{e['name']}-kohya.safetensors"), used)
-                files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
-                              "from_sha256": e["sha256"], "dialect": "kohya",
-                              "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
-                plan["webui_file"] = wpath
-            except Exception as exc:  # noqa: BLE001
-                notes.append(f"no webui (kohya) copy: {exc}")
+            add_webui_copy(e, f"{e['name']}-kohya.safetensors")
         if is_main and e.get("kind") in DIFFUSERS_KINDS:
             try:
                 conv = _convert(reg, e, "diffusers", workdir / "pytorch_lora_weights.safetensors")
