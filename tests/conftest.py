@@ -60,6 +60,25 @@ def run_cli(*args: str, home: Path | None = None, input: str | None = None, env:
 
 
 @pytest.fixture
+def run(home, capsys):
+    """`run(*args)` runs `lorahub ARGS` in this process (fast: imports and caches are shared) against
+    the test's `home`; returns (exit code, stdout, stderr)."""
+    from lorahub.cli.app import main
+
+    def _run(*args):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _run
+
+
+@pytest.fixture
 def cli():
     """`cli(*args, home=...)` runs the lorahub command in a child process."""
     return run_cli

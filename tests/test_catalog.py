@@ -15,24 +15,6 @@ import pytest
 from test_registry import _bad_files, make_kohya, png_bytes, store_files
 
 
-@pytest.fixture
-def run(home, capsys):
-    """In-process `lorahub ARGS` -> (exit code, stdout, stderr)."""
-    from lorahub.cli.app import main
-
-    def _run(*args):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return _run
-
-
 def jrun(run, *args):
     code, out, err = run(*args, "--json")
     assert code == 0, err

@@ -41,20 +41,6 @@ def write_lora(path, seed=0, rank=4, keys=KEYS, meta=META):
     return path
 
 
-def run(capsys, *args):
-    """The CLI in this process (fast: imports and the arch tables are shared); returns (rc, out, err)."""
-    from lorahub.cli.app import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        rc = 0
-    except SystemExit as e:
-        rc = e.code or 0
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def materialised(path):
     from lorahub.formats.io import load_lora
 
@@ -67,12 +53,12 @@ def materialised(path):
     return out
 
 
-def test_inspect_json_plot_and_registry(tmp_path, home, capsys):
+def test_inspect_json_plot_and_registry(tmp_path, home, run):
     from PIL import Image
 
     f = write_lora(tmp_path / "a.safetensors")
     png = tmp_path / "plots" / "a.png"
-    rc, out, err = run(capsys, "inspect", f, "--json", "--plot", png)
+    rc, out, err = run("inspect", f, "--json", "--plot", png)
     assert rc == 0, err
     rep = json.loads(out)
     ref = materialised(f)
@@ -95,30 +81,30 @@ def test_inspect_json_plot_and_registry(tmp_path, home, capsys):
     from lorahub.registry import Registry
 
     entry, _ = Registry.open(home).add_file(f)
-    rc, out, err = run(capsys, "inspect", entry["id"], "--json", "--home", home)
+    rc, out, err = run("inspect", entry["id"], "--json", "--home", home)
     assert rc == 0, err
     rep2 = json.loads(out)
     assert rep2["entry"]["id"] == entry["id"]
     assert [p["fro"] for p in rep2["per_layer"]] == [p["fro"] for p in rep["per_layer"]]
 
     # human output: summary, tags, per-block table, filtered layers
-    rc, out, err = run(capsys, "inspect", f, "--layers", "*attn2*")
+    rc, out, err = run("inspect", f, "--layers", "*attn2*")
     assert rc == 0, err
     assert "kohya" in out and "cat (12)" in out and "per block" in out and "attn2.to_k" in out
     assert "attn1.to_q" not in out
 
 
-def test_inspect_with_base_and_diff(tmp_path, capsys):
+def test_inspect_with_base_and_diff(tmp_path, run):
     a = write_lora(tmp_path / "a.safetensors", seed=0)
     b = write_lora(tmp_path / "b.safetensors", seed=1, keys=KEYS[:4] + [
         "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v"])
-    rc, out, err = run(capsys, "inspect", a, "--base", "tiny-sd1", "--json")
+    rc, out, err = run("inspect", a, "--base", "tiny-sd1", "--json")
     assert rc == 0, err
     rep = json.loads(out)
     assert all(p["rel_strength"] is not None and p["rel_strength"] > 0 for p in rep["per_layer"])
     assert rep["base_model"] == "tiny-sd1"
 
-    rc, out, err = run(capsys, "diff", a, b, "--json")
+    rc, out, err = run("diff", a, b, "--json")
     assert rc == 0, err
     res = json.loads(out)
     from lorahub.formats.io import load_lora
@@ -131,7 +117,7 @@ def test_inspect_with_base_and_diff(tmp_path, capsys):
         assert p["norm_ratio"] == pytest.approx(float(B.norm() / A.norm()), rel=1e-4)
     assert set(res["only_a"]) == set(KEYS[4:])
     assert res["only_b"] == ["unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_v"]
-    rc, out, err = run(capsys, "diff", a, a)
+    rc, out, err = run("diff", a, a)
     assert rc == 0 and "strongly aligned" in out
 
 
@@ -160,7 +146,7 @@ def cli(*args, home=None):
                           env=env, timeout=300)
 
 
-def test_bad_input(tmp_path, home, capsys):
+def test_bad_input(tmp_path, home, run):
     good = write_lora(tmp_path / "good.safetensors")
 
     def with_nan(t):
@@ -169,7 +155,7 @@ def test_bad_input(tmp_path, home, capsys):
         return t
 
     nan = _poke(good, tmp_path / "nan.safetensors", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up", with_nan)
-    rc, out, err = run(capsys, "inspect", nan, "--json")
+    rc, out, err = run("inspect", nan, "--json")
     assert rc == 0, err
     assert "WARNING" in err and "NaN/Inf" in err
     rep = json.loads(out)
@@ -185,15 +171,15 @@ def test_bad_input(tmp_path, home, capsys):
     assert len(p.stderr.strip().splitlines()) == 1
 
     # a registry reference that does not exist
-    rc, out, err = run(capsys, "diff", good, "deadbeefcafe", "--home", home)
+    rc, out, err = run("diff", good, "deadbeefcafe", "--home", home)
     assert rc == 2 and err.startswith("error:") and "deadbeefcafe" in err
 
 
-def test_rank_zero_layer_is_an_error(tmp_path, capsys):
+def test_rank_zero_layer_is_an_error(tmp_path, run):
     good = write_lora(tmp_path / "good.safetensors")
     zero = _poke(good, tmp_path / "zero.safetensors", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_",
                  lambda t: t[:, :0] if t.shape[1] == 4 else t[:0])
-    rc, out, err = run(capsys, "inspect", zero)
+    rc, out, err = run("inspect", zero)
     assert rc == 2 and "rank 0" in err, err
 
 
@@ -217,7 +203,7 @@ print("ok")
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
 
 
-def test_real_published_file(capsys):
+def test_real_published_file(run):
     """A cloneofsimo LoRA from the wild (rank 4, fp16, SD1.5 shapes): numbers match the materialised ΔW."""
     from pathlib import Path
 
@@ -226,7 +212,7 @@ def test_real_published_file(capsys):
     f = Path(__file__).resolve().parent.parent.parent / "shared" / "real-loras" / "analog_svd_rank4.safetensors"
     if not f.exists():
         pytest.skip("shared real-loras folder not present")
-    rc, out, err = run(capsys, "inspect", f, "--json")
+    rc, out, err = run("inspect", f, "--json")
     assert rc == 0, err
     rep = json.loads(out)
     model = load_lora(f)

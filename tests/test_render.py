@@ -71,22 +71,6 @@ def test_format_alpha():
 FAST = ["--size", "64", "--steps", "2"]
 
 
-@pytest.fixture
-def run(capsys, home):
-    """Run the lorahub CLI in this process (torch/diffusers already imported: fast); (code, out, err)."""
-    from lorahub.cli.app import main
-
-    def _run(*args):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-    return _run
-
 
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory):
