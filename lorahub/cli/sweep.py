@@ -124,6 +124,21 @@ def _check_size(size: int) -> None:
         raise LorahubError(f"--size {size}: must be a multiple of 8")
 
 
+def _apply(models, names, triggers, base, home, *, device, dtype, config, inpaint, scheduler, no_trigger):
+    """Load the pipeline, install the LoRAs as per-sample side branches; returns (pipe, handle,
+    words to prepend to prompts: the entries' triggers and the embeddings' tokens)."""
+    from lorahub.ops.apply import apply_loras
+    from lorahub.ops.sweep import set_scheduler
+
+    pipe = _pipeline(base, home, device=device, dtype=dtype, config=config, inpaint=inpaint)
+    set_scheduler(pipe, scheduler)
+    handle = apply_loras(pipe, models, names)
+    _warn_unmatched(handle, names)
+    if no_trigger:
+        return pipe, handle, []
+    return pipe, handle, [t for ts in triggers for t in ts] + [t for ts in handle.tokens for t in ts]
+
+
 def _warn_unmatched(handle, names) -> None:
     for slot, missing in enumerate(handle.unmatched):
         if missing:
@@ -185,7 +200,7 @@ def sweep(
     if len(refs) > 2:
         raise LorahubError("sweep takes one LoRA (1-D strip) or two (2-D grid α₁ × α₂)")
     _check_size(size)
-    from lorahub.ops.sweep import parse_alphas, parse_seeds, plan_sweep, set_scheduler, with_trigger
+    from lorahub.ops.sweep import parse_alphas, parse_seeds, plan_sweep, with_trigger
 
     a1 = parse_alphas(alphas)
     a2 = parse_alphas(alphas2) if alphas2 is not None else (a1 if len(refs) == 2 else None)
@@ -205,17 +220,13 @@ def sweep(
     for m, n in zip(models, names):
         if not m.layers:
             raise LorahubError(f"{n}: a textual-inversion embedding has no strength to sweep; use `lorahub render`")
-    pipe = _pipeline(base, home, device=device, dtype=dtype, config=config, inpaint=img is not None)
-    set_scheduler(pipe, scheduler)
+    pipe, handle, words = _apply(models, names, triggers, base, home, device=device, dtype=dtype,
+                                 config=config, inpaint=img is not None, scheduler=scheduler,
+                                 no_trigger=no_trigger)
 
-    from lorahub.ops.apply import apply_loras
     from lorahub.ops.grid import format_alpha, make_animation, make_grid, save_animation, save_image
 
-    handle = apply_loras(pipe, models, names)
-    _warn_unmatched(handle, names)
-    trig = [] if no_trigger else [t for ts in triggers for t in ts]
-    tokens = [] if no_trigger else [t for ts in handle.tokens for t in ts]
-    prompts = [with_trigger(p, trig + tokens) for p in prompt]
+    prompts = [with_trigger(p, words) for p in prompt]
     samples = plan_sweep(prompts, seed_list, a1, a2)
     render = _make_renderer(pipe, handle, steps=steps, size=size, guidance=guidance, negative=negative,
                             batch=batch, image=img, mask=msk, device=device)
@@ -237,7 +248,7 @@ def sweep(
               "base": base, "prompts": prompts, "alphas": a1, "alphas2": a2, "seeds": seed_list, "steps": steps,
               "size": size, "guidance": guidance, "negative": negative,
               "scheduler": type(pipe.scheduler).__name__, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-              "device": device, "inpaint": img is not None, "triggers": [] if no_trigger else trig}
+              "device": device, "inpaint": img is not None, "triggers": [] if no_trigger else [t for ts in triggers for t in ts]}
     grid = make_grid(cells, col_labels, row_labels, title=title, col_axis=f"{names[0]}  α",
                      row_axis="prompt · seed" + (f" · {names[1]} α" if len(refs) == 2 else ""))
     save_image(grid, out, params)
@@ -315,7 +326,7 @@ def render(
     from lorahub.errors import LorahubError
 
     _check_size(size)
-    from lorahub.ops.sweep import Sample, parse_seeds, set_scheduler, with_trigger
+    from lorahub.ops.sweep import Sample, parse_seeds, with_trigger
     from lorahub.ops.grid import save_image
 
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -325,16 +336,11 @@ def render(
     img, msk = _inpaint_inputs(image, mask, size)
     _quiet()
     models, entries, names, triggers = _loras([p[0] for p in pairs], home)
-    pipe = _pipeline(base, home, device=device, dtype=dtype, config=config, inpaint=img is not None)
-    set_scheduler(pipe, scheduler)
-    from lorahub.ops.apply import apply_loras
-
-    handle = apply_loras(pipe, models, names)
-    _warn_unmatched(handle, names)
-    trig = [] if no_trigger else [t for ts in triggers for t in ts]
-    tokens = [] if no_trigger else [t for ts in handle.tokens for t in ts]
+    pipe, handle, words = _apply(models, names, triggers, base, home, device=device, dtype=dtype,
+                                 config=config, inpaint=img is not None, scheduler=scheduler,
+                                 no_trigger=no_trigger)
     strengths = tuple(a for _, a in pairs)
-    samples = [Sample(with_trigger(p, trig + tokens), s, strengths) for p in prompt for s in seed_list]
+    samples = [Sample(with_trigger(p, words), s, strengths) for p in prompt for s in seed_list]
     run = _make_renderer(pipe, handle, steps=steps, size=size, guidance=guidance, negative=negative,
                          batch=batch, image=img, mask=msk, device=device)
     images = run(samples, "render")
