@@ -1,0 +1,52 @@
+"""lorahub's vocabulary: the one home of every word the catalogue, the formats and the CLI share.
+
+Standard library only (the catalogue commands import it and must start fast). Anything that names a
+part, a LoRA type, a base family, a network kind, a file dialect, a lineage relation or a LoRA file
+suffix takes it from here; anything that turns free text into a file name uses :func:`safe_filename`.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Parts of a pipeline a LoRA can adapt, in canonical-key prefix form (``unet.…``, ``text_encoder.…``).
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+# What an entry depicts (the registry's ``type`` column; the six categories LoRA sites use).
+LORA_TYPES = ("character", "style", "pose", "clothing", "object", "concept")
+
+# Base-model families a LoRA or checkpoint belongs to. ``unknown`` only when nothing says otherwise.
+BASES = ("sd1", "sd2", "sdxl", "unknown")
+
+# Network kinds, as the registry stores them.
+KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
+
+# File dialects lorahub reads (``FORMATS``) and writes (``DIALECTS``).
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
+DIALECTS = ("kohya", "diffusers", "peft")
+
+# How an entry came from another (the ``lineage.relation`` column).
+RELATIONS = ("converted-from", "extracted-from", "merged-from", "trained-from", "resized-from", "pulled-from")
+
+# Floating-point storage types a user can ask for, and their torch names.
+DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp32": "float32", "float32": "float32", "float": "float32"}
+
+# File suffixes: what may hold a LoRA / embedding, and which of them are pickles (never unpickled).
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+
+def looks_like_path(ref: str) -> bool:
+    """True when a reference is meant as a file path (a separator, or a LoRA file suffix), so a
+    missing file is reported as such rather than as an unknown registry entry."""
+    return any(c in ref for c in "/\\") or ref.lower().endswith(LORA_SUFFIXES)
+
+
+def safe_filename(name: str, default: str = "lora", *, max_len: int = 150) -> str:
+    """A file-name stem made from untrusted text (an entry name, a token): no path separators, no
+    control characters, no leading dots, no ``..``; never empty."""
+    s = re.sub(r"[^\w.\-()+\[\] ]", "_", str(name), flags=re.UNICODE)
+    s = re.sub(r"\.{2,}", ".", s).strip(" ._")
+    return s[:max_len] or default
