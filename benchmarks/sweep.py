@@ -46,16 +46,16 @@ PROMPT = "a watercolor painting of a lighthouse"
 # ----------------------------------------------------------------------------------------- child
 
 def _sd15_pipeline(dtype):
-    """SD1.5-shaped pipeline with random weights (configs from fixtures/configs/real)."""
+    """SD1.5-shaped pipeline with random weights (configs from lorahub/data/configs/real)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lorahub import tiny
-    from lorahub.resources import fixtures_dir
+    from lorahub.resources import model_config
 
     def cfg(name):
-        c = json.loads((fixtures_dir() / "configs" / "real" / f"{name}.json").read_text())
+        c = model_config("real", name)
         return {k: v for k, v in c.items() if not k.startswith("_")}
 
     torch.manual_seed(0)

@@ -15,19 +15,15 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import Callable
 
 from lorahub.errors import LorahubError
-from lorahub.fsutil import TMP_PREFIX, atomic_path, atomic_write_text, os_error_message
+from lorahub.fsutil import TMP_PREFIX, WouldOverwrite, atomic_path, atomic_write_text, os_error_message
+from lorahub.hashing import sha256_file
+from lorahub.registry.schema import DB_NAME
 
-DB_NAME = "lorahub.db"
 MANIFEST = "manifest.json"
 FORMAT = "lorahub-backup/1"
-
-
-def _sha256(path: Path) -> str:
-    from lorahub.hashing import sha256_file
-
-    return sha256_file(path)
 
 
 def _home_files(home: Path):
@@ -41,8 +37,9 @@ def _home_files(home: Path):
         yield p, rel
 
 
-def backup(home: Path, dest: Path, progress=None) -> dict:
-    """Write a backup of ``home`` into the new folder ``dest``; return the manifest."""
+def backup(home: Path, dest: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write a backup of ``home`` into the new folder ``dest``; return the manifest.
+    ``progress(done, total)`` is called after each file."""
     home = Path(home)
     dest = Path(dest)
     db = home / DB_NAME
@@ -54,15 +51,15 @@ def backup(home: Path, dest: Path, progress=None) -> dict:
         dest.mkdir(parents=True, exist_ok=True)
         files = []
         todo = list(_home_files(home))
-        task = progress.add_task("backup", total=len(todo) + 1) if progress else None
+        total = len(todo) + 1
         for src, rel in todo:
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(out) as tmp:
                 shutil.copyfile(src, tmp)
-            files.append({"path": rel.as_posix(), "size": out.stat().st_size, "sha256": _sha256(out)})
+            files.append({"path": rel.as_posix(), "size": out.stat().st_size, "sha256": sha256_file(out)})
             if progress:
-                progress.advance(task)
+                progress(len(files), total)
         with atomic_path(dest / DB_NAME) as tmp:
             src_conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
             dst_conn = sqlite3.connect(tmp)
@@ -79,13 +76,13 @@ def backup(home: Path, dest: Path, progress=None) -> dict:
         if ok != "ok":
             raise LorahubError(f"{home}: database failed its integrity check during backup: {ok}")
         if progress:
-            progress.advance(task)
+            progress(total, total)
         manifest = {
             "format": FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": str(home.resolve()),
             "database": {"path": DB_NAME, "size": (dest / DB_NAME).stat().st_size,
-                         "sha256": _sha256(dest / DB_NAME)},
+                         "sha256": sha256_file(dest / DB_NAME)},
             "files": files,
         }
         atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2))
@@ -125,26 +122,28 @@ def verify_backup(src: Path) -> dict:
         f = src / rel
         if not f.is_file():
             raise LorahubError(f"{src}: backup is missing {rel}")
-        if f.stat().st_size != item.get("size") or _sha256(f) != item.get("sha256"):
+        if f.stat().st_size != item.get("size") or sha256_file(f) != item.get("sha256"):
             raise LorahubError(f"{src}: {rel} does not match the manifest (corrupt backup)")
     return manifest
 
 
-def restore(src: Path, home: Path, *, force: bool = False, progress=None) -> dict:
-    """Restore the backup ``src`` into ``home`` (empty, or replaced with ``force``)."""
+def restore(src: Path, home: Path, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Restore the backup ``src`` into ``home`` (empty, or replaced with ``force``); return its manifest.
+    Every file is checked against the manifest first; the database is put in place last, atomically.
+    ``progress(done, total)`` is called after each file."""
     src, home = Path(src), Path(home)
     manifest = verify_backup(src)
     if (home / DB_NAME).exists() and not force:
-        raise LorahubError(f"{home}: a registry already exists here (use --force to replace it)")
+        raise WouldOverwrite(f"{home}: a registry already exists here (restore with force=True to replace it)", home)
     try:
         home.mkdir(parents=True, exist_ok=True)
         files = manifest["files"]
-        task = progress.add_task("restore", total=len(files) + 1) if progress else None
-        for item in files:
+        total = len(files) + 1
+        for done, item in enumerate(files, 1):
             rel = _safe_rel(item["path"], src)
             out = home / rel
             read_only = rel.parts[0] == "objects"
-            if out.exists() and out.is_file() and out.stat().st_size == item["size"] and _sha256(out) == item["sha256"]:
+            if out.exists() and out.is_file() and out.stat().st_size == item["size"] and sha256_file(out) == item["sha256"]:
                 pass
             else:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +152,7 @@ def restore(src: Path, home: Path, *, force: bool = False, progress=None) -> dic
                 with atomic_path(out, mode=0o444 if read_only else None) as tmp:
                     shutil.copyfile(src / rel, tmp)
             if progress:
-                progress.advance(task)
+                progress(done, total)
         for suffix in ("-wal", "-shm"):
             stale = home / (DB_NAME + suffix)
             if stale.exists():
@@ -161,7 +160,7 @@ def restore(src: Path, home: Path, *, force: bool = False, progress=None) -> dic
         with atomic_path(home / DB_NAME) as tmp:
             shutil.copyfile(src / DB_NAME, tmp)
         if progress:
-            progress.advance(task)
+            progress(total, total)
     except OSError as exc:
         raise LorahubError(os_error_message(exc, home)) from None
     return manifest

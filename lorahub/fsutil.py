@@ -18,6 +18,14 @@ from lorahub.errors import LorahubError
 TMP_PREFIX = ".lorahub-tmp-"
 
 
+class WouldOverwrite(LorahubError):
+    """Writing ``path`` would replace different data; the caller may retry with ``force=True``."""
+
+    def __init__(self, message: str, path: os.PathLike | str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
 def fsync_path(path: os.PathLike | str, *, strict: bool = False) -> None:
     """fsync a file or folder by path. Folders (and, unless ``strict``, files) ignore fsync errors."""
     try:

@@ -1,7 +1,7 @@
 """Tiny, deterministic Stable Diffusion-style pipelines built on CPU in seconds, for tests and the demo.
 
 ``build_sd1(dest)`` and ``build_sdxl(dest)`` write diffusers folders (model_index.json, unet, vae,
-text_encoder(s), tokenizer(s), scheduler) made from the configs in ``fixtures/configs`` with fixed
+text_encoder(s), tokenizer(s), scheduler) made from the configs in ``lorahub/data/configs/tiny`` with fixed
 seeds: the same bytes on every run. ``ensure(kind)`` builds into a cache folder once and reuses it.
 
 The tokenizer vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two special
@@ -16,13 +16,13 @@ import os
 import shutil
 from pathlib import Path
 
-from lorahub.resources import fixtures_dir
+from lorahub.resources import model_config, model_config_files
 
 FIXTURE_VERSION = "1"
 
 
 def _config(name: str) -> dict:
-    cfg = json.loads((fixtures_dir() / "configs" / f"{name}.json").read_text())
+    cfg = model_config("tiny", name)
     cfg.pop("_class_name", None)
     return cfg
 
@@ -151,8 +151,8 @@ def _fingerprint() -> str:
     import transformers
 
     h = hashlib.sha256(FIXTURE_VERSION.encode())
-    for p in sorted((fixtures_dir() / "configs").glob("*.json")):
-        h.update(p.name.encode() + p.read_bytes())
+    for name, data in model_config_files("tiny").items():
+        h.update(name.encode() + data)
     h.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return h.hexdigest()[:12]
 

@@ -107,9 +107,9 @@ def test_duplicate_add_changes_nothing(reg, tmp_path):
 
 def test_wal_mode_and_schema_version(reg):
     assert reg.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    from lorahub.registry import _migrations
+    from lorahub.registry.schema import migrations
 
-    assert reg.conn.execute("PRAGMA user_version").fetchone()[0] == _migrations()[-1][0] >= 2
+    assert reg.conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0] >= 2
 
 
 def test_resolve_by_every_handle(reg, tmp_path):
@@ -268,10 +268,10 @@ def test_bad_input_writes_nothing(reg, tmp_path):
 def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch):
     f = make_kohya(tmp_path / "a.safetensors")
 
-    def boom(self, entry_id):
+    def boom(conn, entry_id):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(Registry, "_fts_sync", boom)
+    monkeypatch.setattr("lorahub.registry.edits.fts_sync", boom)
     with pytest.raises(RuntimeError):
         reg.add_file(f, lineage=[{"relation": "converted-from", "parent": "x"}])
     assert reg.count() == 0
@@ -450,11 +450,12 @@ def test_process_killed_after_blob_rename_before_commit(home, tmp_path):
     code = f"""
 import os
 from lorahub.registry import Registry
-orig = Registry._place_blob
+from lorahub.registry.store import Store
+orig = Store.place
 def place_then_die(self, tmp, sha, **kw):
     orig(self, tmp, sha, **kw)
     os._exit(9)
-Registry._place_blob = place_then_die
+Store.place = place_then_die
 Registry.open({str(home)!r}).add_file({str(f)!r})
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -25,7 +25,8 @@ app = typer.Typer(
 
 # Command modules, in the order their commands appear in --help. Each registers on `app`.
 COMMAND_MODULES = (
-    "catalog",   # add scan list search show tag edit rm gc export dupes verify demo
+    "catalog",   # add scan list search show tag edit rm gc export dupes verify sql
+    "demo",      # demo
     "formats",   # convert
     "inspect",   # inspect diff
     "extract",   # extract resize
@@ -42,7 +43,8 @@ COMMAND_MODULES = (
 # that this index matches what the modules really register.
 COMMAND_INDEX = {
     **dict.fromkeys(("add", "scan", "list", "search", "show", "tag", "edit", "rm", "gc", "export",
-                     "dupes", "verify", "demo"), "catalog"),
+                     "dupes", "verify", "sql"), "catalog"),
+    "demo": "demo",
     "convert": "formats",
     "inspect": "inspect", "diff": "inspect",
     "extract": "extract", "resize": "extract",

@@ -1,61 +1,48 @@
-"""Catalogue commands: add scan list search show tag edit rm gc export dupes verify demo.
+"""Catalogue commands: add scan list search show tag edit rm gc export dupes verify sql.
 
-Module level imports only typer/stdlib (plus the light lorahub.cli.common): `lorahub search` must start
-fast. The registry module itself is stdlib-only; detection and hashing are imported when adding.
+Argument parsing and printing only: the work is done by :class:`lorahub.registry.Registry` and
+:mod:`lorahub.registry.workflows`. Module level imports only typer/stdlib (plus the light
+lorahub.cli.common and lorahub.vocab): `lorahub search` must start fast.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress
+from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress, progress_callback
+from lorahub.registry.queries import rank_text, short
+from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
-TypeOpt = Annotated[Optional[str], typer.Option("--type", help="LoRA type: character|style|pose|clothing|object|concept.")]
-BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model family: sd1|sd2|sdxl|unknown.")]
+TypeOpt = Annotated[Optional[str], typer.Option("--type", help=f"LoRA type: {'|'.join(LORA_TYPES)}.")]
+BaseOpt = Annotated[Optional[str], typer.Option("--base", help=f"Base model family: {'|'.join(BASES)}.")]
 TagOpt = Annotated[Optional[List[str]], typer.Option("--tag", help="A tag (repeat for several).")]
 TriggerOpt = Annotated[Optional[List[str]], typer.Option("--trigger", help="A trigger token (repeat for several).")]
-KindOpt = Annotated[Optional[str], typer.Option("--kind", help="lora|locon|loha|lokr|dora|textual-inversion|checkpoint.")]
-
-SCAN_EXTS = (".safetensors", ".pt")
-LIST_HASH = "autov2"
+KindOpt = Annotated[Optional[str], typer.Option("--kind", help=f"{'|'.join(KINDS)}.")]
 
 
-def _short(entry: dict) -> dict:
-    keys = ("id", "name", "kind", "format", "base", "rank", "rank_min", "rank_max", "alpha", "type", "triggers",
-            "tags", "size", "sha256", "autov2", "autov3", "file_name")
-    return {k: entry.get(k) for k in keys}
-
-
-def _rank_text(e: dict) -> str:
-    if e.get("rank_min") is not None and e.get("rank_max") is not None and e["rank_min"] != e["rank_max"]:
-        return f"{e['rank_min']}-{e['rank_max']}"
-    return "" if e.get("rank") is None else str(e["rank"])
-
-
-def _print_table(con, table) -> None:
+def print_table(con, table) -> None:
     if not con.is_terminal:
         con.width = max(con.width, 140)
     con.print(table)
 
 
-def _entries_table(entries: list[dict], title: str | None = None):
+def entries_table(entries: list[dict], title: str | None = None):
     from rich.table import Table
 
     t = Table(title=title, show_lines=False, header_style="bold")
     for col in ("id", "name", "kind", "base", "rank", "type", "triggers", "tags"):
         t.add_column(col, overflow="fold")
     for e in entries:
-        t.add_row(e["id"], e["name"], e["kind"], e["base"], _rank_text(e), e.get("type") or "",
+        t.add_row(e["id"], e["name"], e["kind"], e["base"], rank_text(e), e.get("type") or "",
                   ", ".join(e.get("triggers") or [])[:60], ", ".join(e.get("tags") or [])[:60])
     return t
 
 
-def _human(n: int | float) -> str:
+def human(n: int | float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -80,48 +67,27 @@ def add(
 ) -> None:
     """Add files to the registry: hashes, detected format/base/rank, metadata and sidecars, stored blob."""
     from lorahub.errors import LorahubError
-    from lorahub.formats.detect import detect
+    from lorahub.registry.workflows import check_files
 
     if name and len(files) > 1:
         raise LorahubError("--name needs exactly one file")
-    for f in files:  # check every file before writing anything
-        if not f.exists():
-            raise LorahubError(f"{f}: no such file")
-        if not f.is_file():
-            raise LorahubError(f"{f}: not a regular file")
-        detect(f)
+    check_files(files)  # every file before writing anything
     reg = open_registry(home)
     results = []
     con = console()
     for f in files:
         entry, created = reg.add_file(f, name=name, type=type, triggers=trigger or None, tags=tag or None,
                                       base=base, description=description, source=source, sidecars=not no_sidecars)
-        results.append({"created": created, **_short(entry)})
+        results.append({"created": created, **short(entry)})
         if not json_out:
             if created:
                 con.print(f"added {entry['name']} ({entry['id']}): {entry['format']} {entry['kind']} "
-                          f"{entry['base']} rank {_rank_text(entry) or '-'}, {_human(entry['size'])}"
+                          f"{entry['base']} rank {rank_text(entry) or '-'}, {human(entry['size'])}"
                           + (f", triggers: {', '.join(entry['triggers'])}" if entry["triggers"] else ""))
             else:
                 con.print(f"{f.name} is already in the registry as {entry['name']} ({entry['id']})")
     if json_out:
         print_json(results)
-
-
-def _iter_files(root: Path, exts: tuple[str, ...], skip: Path):
-    skip_r = skip.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dp = Path(dirpath)
-        try:
-            if dp.resolve() == skip_r or skip_r in dp.resolve().parents:
-                dirnames[:] = []
-                continue
-        except OSError:
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn.lower().endswith(exts) and not fn.startswith("."):
-                yield dp / fn
 
 
 @app.command()
@@ -135,60 +101,19 @@ def scan(
     home: HomeOpt = None,
 ) -> None:
     """Add every LoRA file under FOLDER (recursive, idempotent: files seen before are not re-hashed)."""
-    from lorahub.errors import LorahubError
-
-    if not folder.is_dir():
-        raise LorahubError(f"{folder}: not a folder")
-    exts = tuple(("." + e.lstrip(".")).lower() for e in ext) if ext else SCAN_EXTS
     reg = open_registry(home)
-    files = list(_iter_files(folder, exts, reg.home))
-    added, known, bad = [], [], []
-    seen: list[tuple[Path, os.stat_result, str]] = []
     with progress() as prog:
-        task = prog.add_task("scanning", total=len(files))
-        todo = []
-        stats = {}
-        for f in files:
-            try:
-                st = f.stat()
-            except OSError as exc:
-                bad.append({"path": str(f), "error": exc.strerror or str(exc)})
-                prog.advance(task)
-                continue
-            sha = reg.scan_cache_get(f.resolve(), st)
-            entry = reg.find_sha256(sha) if sha else None
-            if entry is not None:
-                known.append(entry)
-                prog.advance(task)
-            else:
-                todo.append(f)
-                stats[f] = st
-
-        def done(path, entry, created, err):
-            if err is not None:
-                bad.append({"path": str(path), "error": str(err)})
-            elif entry is not None:
-                (added if created else known).append(entry)
-                seen.append((Path(path).resolve(), stats[path], entry["sha256"]))
-            else:  # same content as another file of this scan
-                known.append(None)
-            prog.advance(task)
-
-        reg.add_many(todo, tags=tag or None, copy=not link, callback=done)
-    if seen:
-        reg.conn.execute("BEGIN IMMEDIATE")
-        for path, st, sha in seen:
-            reg.scan_cache_put(path, st, sha)
-        reg.conn.execute("COMMIT")
+        res = reg.scan(folder, exts=ext or None, tags=tag or None, link=link, progress=progress_callback(prog, "scanning"))
     if json_out:
-        print_json({"added": [_short(e) for e in added], "already": len(known), "skipped": bad})
+        print_json({"added": [short(e) for e in res.added], "already": res.already, "skipped": res.skipped})
         return
     con = console()
-    for e in added:
+    for e in res.added:
         con.print(f"added {e['name']} ({e['id']}) {e['format']} {e['kind']} {e['base']}")
-    for b in bad:
+    for b in res.skipped:
         con.print(f"skipped {b['path']}: {b['error']}")
-    con.print(f"{len(files)} file(s): {len(added)} added, {len(known)} already registered, {len(bad)} skipped")
+    con.print(f"{res.files} file(s): {len(res.added)} added, {res.already} already registered, "
+              f"{len(res.skipped)} skipped")
 
 
 # --------------------------------------------------------------------------- list / search / show
@@ -210,13 +135,13 @@ def list_(
     """List the registry's entries (optionally filtered)."""
     entries = _search(home, None, type, base, tag, kind, None, None)
     if json_out:
-        print_json([_short(e) for e in entries])
+        print_json([short(e) for e in entries])
         return
     con = console()
     if not entries:
         con.print("the registry is empty" if not (type or base or tag or kind) else "no entries match")
         return
-    _print_table(con, _entries_table(entries))
+    print_table(con, entries_table(entries))
 
 
 @app.command()
@@ -234,27 +159,13 @@ def search(
     """Full-text search (every word, as a prefix) with filters."""
     entries = _search(home, query, type, base, tag, kind, rank_min, rank_max)
     if json_out:
-        print_json([_short(e) for e in entries])
+        print_json([short(e) for e in entries])
         return
     con = console()
     if not entries:
         con.print("no entries match")
         return
-    _print_table(con, _entries_table(entries))
-
-
-def _ancestry(reg, entry_id: str, depth: int = 0, seen: set | None = None) -> list[dict]:
-    seen = seen if seen is not None else {entry_id}
-    out = []
-    for item in reg.lineage(entry_id):
-        node = dict(item)
-        node["parents"] = []
-        pid = item.get("parent_id")
-        if pid and pid not in seen and depth < 8:
-            seen.add(pid)
-            node["parents"] = _ancestry(reg, pid, depth + 1, seen)
-        out.append(node)
-    return out
+    print_table(con, entries_table(entries))
 
 
 @app.command()
@@ -265,20 +176,17 @@ def show(
 ) -> None:
     """Show one entry: hashes, detection, metadata summary, lineage tree, previews, remotes."""
     from lorahub.hashing import display
+    from lorahub.registry.workflows import record
 
-    reg = open_registry(home)
-    e = reg.resolve(ref)
-    lineage = _ancestry(reg, e["id"])
-    children = reg.children(e["id"])
-    previews = reg.previews(e["id"])
-    remotes = reg.remotes(e["id"])
+    rec = record(open_registry(home), ref)
     if json_out:
-        print_json({**e, "blob": str(reg.object_path(e["sha256"])), "lineage": lineage, "children": children,
-                    "previews": previews, "remotes": remotes})
+        print_json(rec)
         return
     from rich.table import Table
     from rich.tree import Tree
 
+    e = rec
+    lineage, children, previews, remotes = rec["lineage"], rec["children"], rec["previews"], rec["remotes"]
     con = console()
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
@@ -286,7 +194,7 @@ def show(
     rows = [
         ("id", e["id"]), ("name", e["name"]), ("file", e["file_name"]),
         ("format", f"{e['format']} ({e['kind']})"), ("base", e["base"]),
-        ("rank", _rank_text(e) or "-"), ("alpha", "-" if e["alpha"] is None else f"{e['alpha']:g}"),
+        ("rank", rank_text(e) or "-"), ("alpha", "-" if e["alpha"] is None else f"{e['alpha']:g}"),
         ("parts", ", ".join(e["parts"]) or "-"), ("layers", "-" if e.get("n_layers") is None else str(e["n_layers"])),
     ]
     if e.get("tokens"):
@@ -294,11 +202,11 @@ def show(
     rows += [
         ("type", e["type"] or "-"), ("triggers", ", ".join(e["triggers"]) or "-"), ("tags", ", ".join(e["tags"]) or "-"),
         ("description", (e["description"] or "-")[:500]), ("source", e["source"] or "-"),
-        ("size", f"{_human(e['size'])} ({e['size']} bytes)"), ("created", e["created_at"] or "-"), ("added", e["added_at"]),
+        ("size", f"{human(e['size'])} ({e['size']} bytes)"), ("created", e["created_at"] or "-"), ("added", e["added_at"]),
         ("SHA256", display("sha256", e["sha256"])), ("AutoV1", display("autov1", e["autov1"])),
         ("AutoV2", display("autov2", e["autov2"])), ("AutoV3", display("autov3", e["autov3"])),
         ("CRC32", display("crc32", e["crc32"])), ("BLAKE3", display("blake3", e["blake3"])),
-        ("blob", str(reg.object_path(e["sha256"]))),
+        ("blob", rec["blob"]),
     ]
     extra = e.get("extra") or {}
     for k in ("author", "preferred_weight", "negative_text", "civitai_base_model", "base_conflict"):
@@ -314,7 +222,7 @@ def show(
                                                            if interesting else "")))
     for k, v in rows:
         t.add_row(k, v)
-    _print_table(con, t)
+    print_table(con, t)
     if lineage or children:
         tree = Tree(f"[bold]lineage[/bold] {e['name']} ({e['id']})")
 
@@ -356,6 +264,8 @@ def show(
         for r in remotes:
             con.print(f"  {r['repo']}@{r['revision'] or '-'} commit {r['commit'] or '-'}"
                       + (f" on {r['endpoint']}" if r.get("endpoint") else ""))
+
+
 
 
 # --------------------------------------------------------------------------- edit
@@ -422,7 +332,7 @@ def edit(
     reg = open_registry(home)
     e = reg.update(reg.resolve(ref)["id"], **fields)
     if json_out:
-        print_json(_short(e))
+        print_json(short(e))
     else:
         console().print(f"updated {e['name']} ({e['id']}): " + ", ".join(sorted(fields)))
 
@@ -437,7 +347,7 @@ def rm(
     reg = open_registry(home)
     e = reg.remove(reg.resolve(ref)["id"])
     if json_out:
-        print_json({"removed": _short(e)})
+        print_json({"removed": short(e)})
     else:
         console().print(f"removed {e['name']} ({e['id']}); its blob stays until `lorahub gc`")
 
@@ -456,18 +366,10 @@ def gc(
         return
     verb = "would remove" if dry_run else "removed"
     console().print(f"{verb} {len(res['blobs'])} unreferenced blob(s) and {len(res['temp_files'])} temp file(s), "
-                    f"{_human(res['bytes'])}")
+                    f"{human(res['bytes'])}")
 
 
-# --------------------------------------------------------------------------- export / dupes / verify
-def _safe_filename(name: str) -> str:
-    import re
-
-    s = re.sub(r"[^\w.\-()+\[\] ]", "_", name).strip(" .")
-    s = re.sub(r"\.{2,}", ".", s)
-    return s[:150] or "lora"
-
-
+# --------------------------------------------------------------------------- export / dupes / verify / sql
 @app.command()
 def export(
     ref: Annotated[str, typer.Argument(help="Entry id, name or hash prefix.")],
@@ -477,79 +379,29 @@ def export(
     home: HomeOpt = None,
 ) -> None:
     """Copy an entry out under a readable name, with a webui .json sidecar and its preview."""
-    import json
-    import shutil
-
     from lorahub.errors import LorahubError
-    from lorahub.fsutil import atomic_path, atomic_write_text, is_within
-    from lorahub.hashing import sha256_file
-    from lorahub.metadata import webui_sidecar
+    from lorahub.fsutil import WouldOverwrite
 
     reg = open_registry(home)
-    e = reg.resolve(ref)
-    blob = reg.blob_path(e)
-    if dest.exists() and not dest.is_dir():
-        raise LorahubError(f"{dest}: exists and is not a folder")
-    dest.mkdir(parents=True, exist_ok=True)
-    stem = _safe_filename(e["name"])
-    suffix = Path(e["file_name"]).suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".ckpt", ".bin"):
-        suffix = ".safetensors"
-    if stem.lower().endswith(suffix):
-        stem = stem[: -len(suffix)] or "lora"
-    targets = {"file": dest / f"{stem}{suffix}", "json": dest / f"{stem}.json"}
-    previews = reg.previews(e["id"])
-    if previews:
-        order = {"sidecar": 0, "cover": 1}
-        p = sorted(previews, key=lambda x: (order.get(x["kind"], 2), x["id"]))[0]
-        targets["preview"] = dest / f"{stem}.preview.{p['ext']}"
-        preview_src = Path(p["path"])
-    for t in targets.values():
-        if not is_within(t, dest) or t.is_symlink():
-            raise LorahubError(f"{t}: refusing to write outside {dest}")
-    if targets["file"].exists() and not force and sha256_file(targets["file"]) != e["sha256"]:
-        raise LorahubError(f"{targets['file']} exists with other content; use --force to overwrite")
-    written = []
-
-    def copy(src: Path, dst: Path) -> None:
-        with atomic_path(dst, mode=0o644) as tmp:
-            shutil.copyfile(src, tmp)
-        written.append(str(dst))
-
-    if not (targets["file"].exists() and sha256_file(targets["file"]) == e["sha256"]):
-        copy(blob, targets["file"])
-    else:
-        written.append(str(targets["file"]))
-    sidecar = webui_sidecar(e)
-    if targets["json"].exists() and not force:
-        try:
-            same = json.loads(targets["json"].read_text(encoding="utf-8")) == sidecar
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            raise LorahubError(f"{targets['json']} exists with other content; use --force to overwrite")
-    atomic_write_text(targets["json"], json.dumps(sidecar, indent=4, ensure_ascii=False) + "\n", mode=0o644)
-    written.append(str(targets["json"]))
-    if "preview" in targets:
-        if not preview_src.is_file():
-            raise LorahubError(f"the preview blob {preview_src} is missing; run `lorahub verify`")
-        copy(preview_src, targets["preview"])
+    try:
+        res = reg.export(ref, dest, force=force)
+    except WouldOverwrite as exc:
+        raise LorahubError(f"{exc.path} exists with other content; use --force to overwrite") from None
     if json_out:
-        print_json({"id": e["id"], "written": written})
+        print_json({"id": res.id, "written": [str(w) for w in res.written]})
     else:
         con = console()
-        con.print(f"exported {e['name']} ({e['id']}) to {dest}:")
-        for w in written:
+        con.print(f"exported {res.name} ({res.id}) to {dest}:")
+        for w in res.written:
             con.print(f"  {w}")
 
 
 @app.command()
 def dupes(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
     """Entries with the same tensors (same AutoV3) under other names or metadata."""
-    reg = open_registry(home)
-    groups = reg.dupes()
+    groups = open_registry(home).dupes()
     if json_out:
-        print_json([{"autov3": g[0]["autov3"], "entries": [_short(e) for e in g]} for g in groups])
+        print_json([{"autov3": g[0]["autov3"], "entries": [short(e) for e in g]} for g in groups])
         return
     con = console()
     if not groups:
@@ -567,117 +419,61 @@ def verify(json_out: JsonOpt = False, home: HomeOpt = None,
            ) -> None:
     """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any remain)."""
     reg = open_registry(home)
-    n = reg.conn.execute("SELECT (SELECT count(*) FROM entries) + (SELECT count(*) FROM previews)").fetchone()[0]
     with progress() as prog:
-        task = prog.add_task("verifying", total=n)
-        problems = reg.verify(progress=lambda _r: prog.advance(task))
-    if repair and problems:
-        from lorahub.repair import repair as do_repair
-
-        problems = do_repair(reg, problems)
-    remaining = [p for p in problems if not p.get("repaired")]
+        res = reg.check(repair=repair, progress=progress_callback(prog, "verifying"))
+    remaining = res.remaining
     if json_out:
-        print_json({"checked": n, "problems": problems, "remaining": len(remaining)})
+        print_json({"checked": res.checked, "problems": res.problems, "remaining": len(remaining)})
     else:
         con = console()
-        for p in problems:
+        for p in res.problems:
             fixed = f" -> repaired from {p['from']}" if p.get("repaired") else (
                 " -> no source could restore it" if repair else "")
             con.print(f"{p['problem']}: {p['what']} {p['name']} ({p['id']}) sha256 {p['sha256']}{fixed}")
-        con.print(f"checked {n} blob(s): {len(problems)} problem(s)"
-                  + (f", {len(problems) - len(remaining)} repaired" if repair else ""))
+        con.print(f"checked {res.checked} blob(s): {len(res.problems)} problem(s)"
+                  + (f", {len(res.problems) - len(remaining)} repaired" if repair else ""))
     if remaining:
         raise typer.Exit(1)
 
 
-# --------------------------------------------------------------------------- demo
 @app.command()
-def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
-    """Build the tiny fixtures, add them to a registry (default: a fresh temp home, even when
-    LORAHUB_HOME is set; give --home to use another), search and show one."""
-    import tempfile
-    import time
-
+def sql(
+    query: Annotated[str, typer.Argument(help="One SQL statement that returns rows, e.g. "
+                                         "\"SELECT name, base, rank FROM entries ORDER BY rank DESC\".")],
+    json_out: JsonOpt = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (a header row, then the rows).")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Run a read-only SQL query on the catalogue (lorahub.db is a plain SQLite file that sqlite-utils
+    and Datasette open too): tables entries, lineage, previews, remotes, scan_cache, entries_fts."""
     from lorahub.errors import LorahubError
+    from lorahub.registry.sql import query as run_query
 
-    try:
-        source = ctx.get_parameter_source("home")
-    except Exception:  # pragma: no cover - older click
-        source = None
-    if getattr(source, "name", "") == "ENVIRONMENT":
-        home = None  # never fill a real registry with demo entries by accident
-    t0 = time.perf_counter()
+    if json_out and csv_out:
+        raise LorahubError("give --json or --csv, not both")
+    res = run_query(query, home=home)
+    if json_out:
+        print_json(res.rows)
+        return
+    if csv_out:
+        import csv
+        import sys
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        if res.columns:
+            w.writerow(res.columns)
+        w.writerows([row[c] for c in res.columns] for row in res.rows)
+        return
     con = console()
-    home = Path(home) if home else Path(tempfile.mkdtemp(prefix="lorahub-demo-"))
-    con.print(f"[bold]lorahub demo[/bold] — registry home: {home}")
-    from lorahub import tiny
+    if not res.rows:
+        con.print("no rows")
+        return
+    from rich.table import Table
 
-    for kind in ("sd1", "sdxl"):
-        path = tiny.ensure(kind)
-        con.print(f"tiny {kind} pipeline: {path}")
-    try:
-        from lorahub.tiny_loras import write_all
-    except ImportError:
-        raise LorahubError("lorahub.tiny_loras is not available in this installation") from None
-    import shutil
-
-    work = Path(tempfile.mkdtemp(prefix="lorahub-demo-files-"))
-    reg = open_registry(home)
-    entries = []
-    tags_for = {"sd1": "demo-sd1", "sdxl": "demo-sdxl"}
-    try:
-        files = write_all(work)
-        con.print(f"wrote {len(files)} small LoRA files of every dialect to {work}")
-        for label, path in sorted(files.items()):
-            try:
-                entry, created = reg.add_file(path, name=label, tags=["demo"], source="lorahub demo (tiny fixtures)")
-            except LorahubError as exc:
-                con.print(f"  could not add {label}: {exc}")
-                continue
-            if entry["base"] in tags_for and tags_for[entry["base"]] not in entry["tags"]:
-                entry = reg.update(entry["id"], tags=entry["tags"] + [tags_for[entry["base"]]])
-            entries.append(entry)
-            con.print(f"  $ lorahub add {Path(path).name}  -> {entry['id']} {entry['format']} {entry['kind']} "
-                      f"{entry['base']} rank {_rank_text(entry) or '-'}" + ("" if created else " (already there)"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _print_table(con, _entries_table(entries, title=f"lorahub list ({len(entries)} entries)"))
-    with_triggers = [e for e in entries if e["triggers"]]
-    searches = [("", {"base": "sdxl"}), ("", {"kind": "loha"})]
-    if with_triggers:
-        searches.insert(0, (with_triggers[0]["triggers"][0], {}))
-    for q, kw in searches:
-        hits = reg.search(q or None, **kw)
-        opts = " ".join(f"--{k} {v}" for k, v in kw.items())
-        con.print(f"$ lorahub search {q} {opts}".replace("  ", " ").rstrip()
-                  + f"  -> {len(hits)} hit(s): " + ", ".join(h["name"] for h in hits))
-    if entries:
-        first = (with_triggers or entries)[0]
-        con.print(f"$ lorahub show {first['autov2']}")
-        show(first["autov2"], json_out=False, home=home)
-    by_name = {e["name"]: e for e in entries}
-    if "sd1-kohya" in by_name and "sd1-diffusers" in by_name:
-        _demo_ml(con, home, by_name["sd1-kohya"], by_name["sd1-diffusers"])
-    con.print(f"done in {time.perf_counter() - t0:.1f} s; try: lorahub list --home {home}")
-
-
-def _demo_ml(con, home: Path, kohya: dict, diffusers: dict) -> None:
-    """The ML half of the demo: run real commands on the tiny fixtures, as a user would type them."""
-    from lorahub.cli.app import _load_commands, app
-
-    _load_commands()
-    out = home / "demo-outputs"
-    out.mkdir(parents=True, exist_ok=True)
-    k, d = kohya["id"], diffusers["id"]
-    steps = [
-        ["convert", k, "--to", "diffusers", "--out", str(out / "sd1-kohya.diffusers.safetensors"), "--register"],
-        ["inspect", k, "--top", "5", "--plot", str(out / "sd1-kohya.heatmap.png")],
-        ["diff", k, d, "--top", "5"],
-        ["merge", f"{k}:0.8", f"{d}:-0.5", "--rank", "4", "--out", str(out / "merged.safetensors"), "--register"],
-        ["sweep", k, "--base", "tiny-sd1", "--prompt", "a portrait", "--alphas", "0,0.5,1", "--seeds", "1,2",
-         "--steps", "2", "--size", "64", "--out", str(out / "sweep.png"), "--gif", str(out / "sweep.gif")],
-    ]
-    con.print("\n[bold]ML operations on the tiny fixtures[/bold] (outputs in " + str(out) + ")")
-    for args in steps:
-        con.print("[bold]$ lorahub " + " ".join(args) + "[/bold]", highlight=False)
-        app(args=args + ["--home", str(home)], prog_name="lorahub", standalone_mode=False)
+    t = Table(header_style="bold")
+    for c in res.columns:
+        t.add_column(c, overflow="fold")
+    for row in res.rows:
+        t.add_row(*("" if row[c] is None else str(row[c]) for c in res.columns))
+    print_table(con, t)
+    con.print(f"{len(res.rows)} row(s)")

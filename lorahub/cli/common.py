@@ -38,6 +38,12 @@ def progress(transient: bool = True):
                     console=con, transient=transient, disable=not con.is_terminal)
 
 
+def progress_callback(prog, description: str):
+    """A ``progress(done, total)`` callback (the library's convention) that drives a task of ``prog``."""
+    task = prog.add_task(description, total=None)
+    return lambda done, total: prog.update(task, completed=done, total=total)
+
+
 def open_registry(home: Optional[Path]):
     from lorahub.registry import Registry
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from lorahub.errors import FormatError
-from lorahub.resources import fixtures_dir
+from lorahub.resources import model_config
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 ARCHS = ("sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sdxl")
@@ -46,10 +46,9 @@ _TINY = {
 
 def _load_config(arch: str, part: str) -> dict:
     if arch in _REAL:
-        path = fixtures_dir() / "configs" / "real" / f"{_REAL[arch][part]}.json"
+        cfg = model_config("real", _REAL[arch][part])
     else:
-        path = fixtures_dir() / "configs" / f"{_TINY[arch][part]}.json"
-    cfg = json.loads(path.read_text())
+        cfg = model_config("tiny", _TINY[arch][part])
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 

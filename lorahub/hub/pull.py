@@ -77,10 +77,10 @@ def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, ta
     """Download the LoRA/embedding files of ``spec`` and register them. Returns a report."""
     from lorahub.fsutil import is_within
 
-    from lorahub.registry import TYPES
+    from lorahub.vocab import LORA_TYPES
 
-    if type is not None and type not in TYPES:
-        raise LorahubError(f"--type {type!r}: expected one of {', '.join(TYPES)}")
+    if type is not None and type not in LORA_TYPES:
+        raise LorahubError(f"--type {type!r}: expected one of {', '.join(LORA_TYPES)}")
     repo, rev = parse_spec(spec)
     ep = resolve_endpoint(endpoint)
     token = resolve_token(token_env)

@@ -252,12 +252,7 @@ def resolve_lora(spec: RecipeLora, *, registry=None, folder: Path | None = None,
     for c in candidates:
         if c.is_file():
             sha = file_sha256(c)
-            entry = None
-            if registry is not None:
-                try:
-                    entry = registry.find_sha256(sha)
-                except Exception:  # noqa: BLE001 - an older registry without find_sha256
-                    entry = None
+            entry = registry.find_sha256(sha) if registry is not None else None
             return ResolvedLora(spec, c, sha, entry, label=(entry or {}).get("name") or c.name)
         if c.exists():
             raise LorahubError(f"{where}ref {ref!r} is not a file")

@@ -1,0 +1,144 @@
+"""The content-addressed store: ``objects/<sha[:2]>/<sha256>``, read-only blobs, deduplicated.
+
+A blob is written as a ``.lorahub-tmp-*`` file in ``objects/``, fsynced, and renamed to its final
+name while the catalogue's write lock is held (the caller's transaction), so a crash leaves at most
+an unreferenced blob or a temp file; :meth:`Store.sweep` (``gc``) removes both. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lorahub.fsutil import TMP_PREFIX, fsync_path
+
+OBJECTS = "objects"
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file's data (errors raise: a blob that may not be on disk must not be committed)."""
+    fsync_path(path, strict=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    fsync_path(folder)
+
+
+def fsync_many(paths, fn=fsync_file) -> None:
+    """Apply ``fn`` (an fsync) to every path, in parallel: parallel fsyncs share the file system's
+    journal commits, so a batch costs about as much as one."""
+    paths = list(paths)
+    if not paths:
+        return
+    if len(paths) == 1:
+        fn(paths[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(32, len(paths))) as ex:
+        list(ex.map(fn, paths))
+
+
+class Store:
+    """The blobs of one registry home (``<home>/objects``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        """Where blob ``sha256`` lives (whether or not it is there)."""
+        return self.root / sha256[:2] / sha256
+
+    def temp(self) -> Path:
+        """A new empty temp file inside the store (same file system as the blobs, so renames are atomic)."""
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
+        os.close(fd)
+        return Path(tmp)
+
+    def write_temp(self, data: bytes, *, durable: bool = True) -> Path:
+        """``data`` in a new temp file of the store (fsynced when ``durable``)."""
+        tmp = self.temp()
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        return tmp
+
+    def copy_temp(self, src: str | os.PathLike) -> Path:
+        """A durable copy of ``src`` as a temp file of the store."""
+        tmp = self.temp()
+        try:
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def place(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
+        """Rename a finished temp file to blob ``sha256`` (call while holding the write lock).
+
+        An existing file of that name is replaced, not trusted: after a crash it may be an
+        unreferenced blob whose data never reached the disk.
+        """
+        dest = self.path(sha256)
+        if not dest.parent.is_dir():
+            dest.parent.mkdir(exist_ok=True)
+        if chmod:
+            os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+        if durable:
+            fsync_dir(dest.parent)
+        return dest
+
+    def check(self, sha256: str, size: int | None = None) -> str | None:
+        """``"missing"``, ``"corrupt"`` (wrong size or SHA-256) or None when blob ``sha256`` is intact."""
+        from lorahub.hashing import sha256_file
+
+        p = self.path(sha256)
+        if not p.is_file():
+            return "missing"
+        if (size is not None and p.stat().st_size != size) or sha256_file(p) != sha256:
+            return "corrupt"
+        return None
+
+    def sweep(self, refs: set[str], home: Path, *, dry_run: bool = False, tmp_age_s: float = 300.0) -> dict:
+        """Remove blobs not in ``refs`` and temp files older than ``tmp_age_s`` (in the store and
+        beside the database in ``home``). Call while holding the write lock, so no blob being added
+        is taken for garbage. Returns ``{"blobs": [sha...], "temp_files": [path...], "bytes": n}``."""
+        removed, tmps, freed = [], [], 0
+        limit = time.time() - tmp_age_s
+
+        def drop(f: Path, size: int) -> None:
+            nonlocal freed
+            freed += size
+            if not dry_run:
+                f.unlink(missing_ok=True)
+
+        for sub in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            files = [sub] if sub.is_file() else sorted(sub.iterdir()) if sub.is_dir() else []
+            for f in files:
+                try:
+                    st = f.lstat()
+                except OSError:
+                    continue
+                if f.name.startswith(TMP_PREFIX):
+                    if st.st_mtime <= limit:
+                        tmps.append(str(f))
+                        drop(f, st.st_size)
+                elif f.name not in refs and sub != f and f.parent.parent == self.root:
+                    removed.append(f.name)
+                    drop(f, st.st_size)
+        for f in sorted(Path(home).glob(TMP_PREFIX + "*")):  # interrupted writes beside the database
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if f.is_file() and st.st_mtime <= limit:
+                tmps.append(str(f))
+                drop(f, st.st_size)
+        return {"blobs": removed, "temp_files": tmps, "bytes": freed}
