@@ -240,3 +240,27 @@ def test_two_processes_scanning_one_home_at_once(home, tmp_path):
 
     reg = Registry.open(home)
     assert reg.count() == 12 and reg.verify() == [] and len(store_files(home)) == 12
+
+
+def test_sql_command_prints_json_csv_table_and_refuses_writes(run, home, tmp_path):
+    import csv
+    import io
+
+    pa = make_kohya(tmp_path / "one.safetensors", seed=1, rank=8)
+    pb = make_kohya(tmp_path / "two.safetensors", seed=2, width=1024)
+    assert run("add", pa, pb, "--tag", "t")[0] == 0
+    q = "SELECT name, base, rank FROM entries ORDER BY name"
+    rows = jrun(run, "sql", q)
+    assert rows == [{"name": "one", "base": "sd1", "rank": 8}, {"name": "two", "base": "sd2", "rank": 4}]
+    code, out, err = run("sql", q, "--csv")
+    assert code == 0, err
+    assert list(csv.reader(io.StringIO(out))) == [["name", "base", "rank"], ["one", "sd1", "8"], ["two", "sd2", "4"]]
+    code, out, _ = run("sql", q)
+    assert code == 0 and "one" in out and "sd2" in out and "2 row(s)" in out
+    for bad in ("DELETE FROM entries", "DROP TABLE lineage", "UPDATE entries SET name = 'x'", "VACUUM"):
+        code, out, err = run("sql", bad)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "read-only" in err, (bad, err)
+    assert [e["name"] for e in jrun(run, "list")] == ["one", "two"]
+    code, _, err = run("sql", "SELECT * FROM nope")
+    assert code == 2 and "no such table" in err

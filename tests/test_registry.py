@@ -489,3 +489,167 @@ def test_base_hints(text, base):
     from lorahub.metadata import base_hint
 
     assert base_hint(text) == base
+
+
+# --------------------------------------------------------------------------- the library workflows
+def test_prepare_returns_a_typed_record_and_writes_nothing(reg, tmp_path):
+    from lorahub.registry.ingest import Prepared, prepare
+
+    f = make_kohya(tmp_path / "p.safetensors", meta={"ss_tag_frequency": json.dumps({"1_x": {"zkz": 3}})})
+    (tmp_path / "p.preview.png").write_bytes(png_bytes())
+    prep = prepare(reg.store, f, tags=["t"])
+    assert isinstance(prep, Prepared)
+    assert prep.sha256 == hashlib.sha256(f.read_bytes()).hexdigest() and prep.hashes.size == f.stat().st_size
+    assert (prep.detection.format, prep.detection.kind, prep.detection.rank) == ("kohya", "lora", 4)
+    assert prep.imported.triggers == ["zkz"] and [p.kind for p in prep.previews] == ["sidecar"]
+    assert prep.blob.read_bytes() == f.read_bytes() and prep.blob.parent == reg.objects
+    assert reg.count() == 0  # no database write before commit
+    row = prep.entry_row("abc", "p")
+    assert json.loads(row["tags"]) == ["t"] and json.loads(row["triggers"]) == ["zkz"] and row["base"] == "sd1"
+    temps = prep.temp_files()
+    prep.discard()
+    assert not any(t.exists() for t in temps) and store_files(reg.home) == []
+
+
+def test_scan_reports_added_already_skipped_and_caches_hashes(reg, tmp_path, monkeypatch):
+    root = tmp_path / "loras"
+    for i in range(3):
+        make_kohya(root / f"d{i % 2}" / f"s{i}.safetensors", seed=40 + i)
+    (root / "d0" / "twin.safetensors").write_bytes((root / "d0" / "s0.safetensors").read_bytes())
+    (root / "d1" / "broken.safetensors").write_bytes(b"\x05\0\0\0\0\0\0\0{bad}")
+    make_kohya(root / ".hidden" / "h.safetensors", seed=49)
+    (root / "notes.txt").write_text("not a LoRA")
+    calls = []
+    rep = reg.scan(root, tags=["scanned"], progress=lambda done, total: calls.append((done, total)))
+    assert rep.files == 5 and sorted(e["name"] for e in rep.added) == ["s0", "s1", "s2"]
+    assert rep.already == 1  # the twin: same bytes as s0
+    assert [Path(s["path"]).name for s in rep.skipped] == ["broken.safetensors"] and rep.skipped[0]["error"]
+    assert calls[-1] == (5, 5) and [d for d, _ in calls] == list(range(1, 6))
+    assert all("scanned" in e["tags"] for e in rep.added)
+    for e in rep.added:
+        assert reg.blob_path(e).read_bytes() == (root / f"d{int(e['name'][1]) % 2}" / f"{e['name']}.safetensors").read_bytes()
+    cached = {Path(r["path"]).name: r["sha256"] for r in reg.conn.execute("SELECT path, sha256 FROM scan_cache")}
+    assert cached == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in root.rglob("*.safetensors") if p.name not in ("broken.safetensors", "h.safetensors")}
+
+    import lorahub.hashing as hashing
+
+    hashed = []
+    real = hashing.hash_file
+    monkeypatch.setattr(hashing, "hash_file", lambda *a, **k: hashed.append(a) or real(*a, **k))
+    again = reg.scan(root)
+    assert (again.added, again.already, hashed) == ([], 4, [])  # nothing re-hashed
+    assert [Path(s["path"]).name for s in again.skipped] == ["broken.safetensors"]
+    only_pt = reg.scan(root, exts=["pt"])
+    assert (only_pt.files, only_pt.added, only_pt.skipped) == (0, [], [])
+    with pytest.raises(LorahubError, match="not a folder"):
+        reg.scan(root / "notes.txt")
+
+
+def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_path):
+    from lorahub.fsutil import WouldOverwrite
+    from lorahub.metadata import webui_sidecar
+
+    f = make_kohya(tmp_path / "e.safetensors")
+    (tmp_path / "e.preview.png").write_bytes(png_bytes((9, 9, 9)))
+    e, _ = reg.add_file(f, triggers=["zkz", "blue hair"], base="sd1", description="d")
+    e = reg.update(e["id"], name="../../up/Name: v1")
+    dest = tmp_path / "out"
+    res = reg.export(e["name"], dest)
+    assert res.id == e["id"] and [p.parent for p in res.written] == [dest] * 3
+    lora, side, preview = res.written
+    assert lora.name == "up_Name_ v1.safetensors" and lora.read_bytes() == f.read_bytes()
+    assert json.loads(side.read_text()) == webui_sidecar(e) and json.loads(side.read_text())["activation text"] == "zkz, blue hair"
+    assert preview.read_bytes() == (tmp_path / "e.preview.png").read_bytes()
+    assert not (tmp_path / "up").exists()
+    assert reg.export(e["id"], dest).written == res.written  # the same again is fine
+    side.write_text('{"edited": true}')
+    with pytest.raises(WouldOverwrite) as ei:
+        reg.export(e["id"], dest)
+    assert ei.value.path == side and "--" not in str(ei.value)  # API words, no CLI flag
+    assert json.loads(side.read_text()) == {"edited": True}  # refused before anything was written
+    reg.export(e["id"], dest, force=True)
+    assert json.loads(side.read_text()) == webui_sidecar(e)
+
+
+def test_check_verifies_and_repairs_from_the_source_file(reg, tmp_path):
+    a, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors", seed=61))
+    b, _ = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=62))
+    calls = []
+    ok = reg.check(progress=lambda done, total: calls.append((done, total)))
+    assert (ok.checked, ok.problems, ok.remaining, calls[-1]) == (2, [], [], (2, 2))
+    reg.object_path(a["sha256"]).unlink()
+    blob_b = reg.object_path(b["sha256"])
+    os.chmod(blob_b, 0o644)
+    blob_b.write_bytes(b"\0" * b["size"])
+    found = reg.check()
+    assert sorted((p["name"], p["problem"]) for p in found.problems) == [("a", "missing"), ("b", "corrupt")]
+    assert len(found.remaining) == 2
+    fixed = reg.check(repair=True)
+    assert {p["name"]: (p["repaired"], p["from"]) for p in fixed.problems} == {
+        "a": (True, str(tmp_path / "a.safetensors")), "b": (True, str(tmp_path / "b.safetensors"))}
+    assert fixed.remaining == [] and reg.check().problems == []
+    assert reg.blob_path(b).read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_record_has_the_ancestry_tree_and_survives_a_lineage_loop(reg, tmp_path):
+    from lorahub.registry.workflows import record
+
+    g, _ = reg.add_file(make_kohya(tmp_path / "g.safetensors", seed=71))
+    p, _ = reg.add_file(make_kohya(tmp_path / "p.safetensors", seed=72),
+                        lineage=[{"relation": "resized-from", "parent": g["id"], "detail": {"rank": 2}}])
+    c, _ = reg.add_file(make_kohya(tmp_path / "c.safetensors", seed=73),
+                        lineage=[{"relation": "converted-from", "parent": p["sha256"]}])
+    reg.add_lineage(g["id"], [{"relation": "merged-from", "parent": c["id"]}])  # a loop: g <- c <- p <- g
+    rec = record(reg, "c")
+    assert rec["id"] == c["id"] and rec["blob"] == str(reg.object_path(c["sha256"]))
+    top = rec["lineage"][0]
+    assert (top["relation"], top["parent_id"]) == ("converted-from", p["id"])
+    mid = top["parents"][0]
+    assert (mid["relation"], mid["parent_id"], mid["detail"]) == ("resized-from", g["id"], {"rank": 2})
+    loop = mid["parents"][0]
+    assert (loop["parent_id"], loop["parents"]) == (c["id"], [])  # c is not visited twice
+    assert record(reg, "g")["children"] == [{"relation": "resized-from", "entry_id": p["id"], "name": "p"}]
+
+
+def test_sql_queries_read_only(reg, tmp_path):
+    from lorahub.registry.sql import ReadOnly, database, query
+
+    a, _ = reg.add_file(make_kohya(tmp_path / "q1.safetensors", seed=81), tags=["x", "y"])
+    reg.add_file(make_kohya(tmp_path / "q2.safetensors", seed=82, width=1024))
+    res = query("SELECT name, base, rank FROM entries ORDER BY name", home=reg.home)
+    assert res.columns == ["name", "base", "rank"]
+    assert res.rows == [{"name": "q1", "base": "sd1", "rank": 4}, {"name": "q2", "base": "sd2", "rank": 4}]
+    tagged = query("SELECT e.name FROM entries e, json_each(e.tags) t WHERE t.value = :tag", {"tag": "y"},
+                   home=reg.home)
+    assert tagged.rows == [{"name": "q1"}]
+    before = reg.home.joinpath("lorahub.db").read_bytes()
+    for bad in ("DELETE FROM entries", "UPDATE entries SET name = 'z'", "DROP TABLE entries",
+                "INSERT INTO scan_cache VALUES ('p', 1, 1, 's', 't') RETURNING *", "PRAGMA user_version = 7",
+                f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS o", "CREATE TEMP TABLE t(a)", "BEGIN"):
+        with pytest.raises(ReadOnly, match="read-only"):
+            query(bad, home=reg.home)
+    with pytest.raises(LorahubError, match="no such table"):
+        query("SELECT * FROM nope", home=reg.home)
+    assert reg.home.joinpath("lorahub.db").read_bytes() == before and reg.count() == 2
+    assert not (tmp_path / "other.db").exists()
+    db = database(reg.home)
+    try:
+        assert [r["id"] for r in db["entries"].rows_where("base = ?", ["sd1"])] == [a["id"]]
+        assert {"entries", "lineage", "previews", "remotes", "scan_cache"} <= set(db.table_names())
+    finally:
+        db.close()
+    with pytest.raises(LorahubError, match="no lorahub registry"):
+        query("SELECT 1", home=tmp_path / "empty")
+
+
+def test_check_files_before_a_batch(tmp_path):
+    from lorahub.registry.workflows import check_files
+
+    good = make_kohya(tmp_path / "ok.safetensors")
+    assert check_files([good]) == [good]
+    for label, path in _bad_files(tmp_path).items():
+        with pytest.raises(LorahubError):
+            check_files([good, path])
+    with pytest.raises(LorahubError, match="not a regular file"):
+        check_files([tmp_path])

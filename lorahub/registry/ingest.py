@@ -309,14 +309,15 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
 
     Blobs stay temp files until their data is synced; each entry is then committed (and its blob
     renamed into place) in its own transaction; the store folders are synced at the end of the batch.
-    ``callback(path, entry | None, created, error | None)`` is called once per file: ``entry`` is
-    None with no error for a file whose content another file of this call already added.
+    ``callback(path, entry | None, created, error | None)`` is called once per file (a file with the
+    same content as another file of this call is reported, not created, once that one is committed).
     Returns ``{"added": n, "already": n, "failed": n}``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     counts = {"added": 0, "already": 0, "failed": 0}
     pending: list[Prepared] = []
+    twins: dict[str, list] = {}  # sha256 of a pending file -> other paths with the same bytes
     size = 0
 
     def prep_one(p):
@@ -343,12 +344,15 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 try:
                     entry, created = commit(reg, prep, durable=False)
                 except LorahubError as exc:
-                    report(prep.path, None, False, exc)
+                    for p in [prep.path] + twins.pop(prep.sha256, []):
+                        report(p, None, False, exc)
                     continue
                 if created:
                     dirs.add(reg.store.path(entry["sha256"]).parent)
                     dirs.update(reg.store.path(pv.sha256).parent for pv in prep.previews)
                 report(prep.path, entry, created, None)
+                for p in twins.pop(prep.sha256, []):
+                    report(p, entry, False, None)
         finally:
             for prep in pending:
                 prep.discard()
@@ -371,7 +375,10 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 existing = queries.find_sha256(reg.conn, prep.sha256)
                 if existing is not None or any(x.sha256 == prep.sha256 for x in pending):
                     prep.discard()
-                    report(p, existing, False, None)
+                    if existing is not None:
+                        report(p, existing, False, None)
+                    else:  # reported once the first file with these bytes is committed
+                        twins.setdefault(prep.sha256, []).append(p)
                     continue
                 pending.append(prep)
                 size += prep.hashes.size

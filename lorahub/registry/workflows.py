@@ -107,8 +107,7 @@ def scan(reg: "Registry", folder: str | os.PathLike, *, exts: Iterable[str] | No
                 report.added.append(entry)
             else:  # registered before, or the same content as another file of this scan
                 report.already += 1
-            if entry is not None:
-                seen.append((Path(path).resolve(), stats[path], entry["sha256"]))
+            seen.append((Path(path).resolve(), stats[path], entry["sha256"]))
         step()
 
     reg.add_many(todo, tags=tags, copy=not link, callback=added)
