@@ -117,10 +117,15 @@ def scan(
 
 
 # --------------------------------------------------------------------------- list / search / show
-def _search(home, query, type, base, tag, kind, rank_min, rank_max):
-    reg = open_registry(home)
-    return reg.search(query or None, type=type, base=base, tags=tag or (), kind=kind, rank_min=rank_min,
-                      rank_max=rank_max)
+def _print_entries(entries: list[dict], json_out: bool, empty: str) -> None:
+    if json_out:
+        print_json([short(e) for e in entries])
+        return
+    con = console()
+    if not entries:
+        con.print(empty)
+        return
+    print_table(con, entries_table(entries))
 
 
 @app.command("list")
@@ -133,15 +138,8 @@ def list_(
     home: HomeOpt = None,
 ) -> None:
     """List the registry's entries (optionally filtered)."""
-    entries = _search(home, None, type, base, tag, kind, None, None)
-    if json_out:
-        print_json([short(e) for e in entries])
-        return
-    con = console()
-    if not entries:
-        con.print("the registry is empty" if not (type or base or tag or kind) else "no entries match")
-        return
-    print_table(con, entries_table(entries))
+    entries = open_registry(home).search(None, type=type, base=base, tags=tag or (), kind=kind)
+    _print_entries(entries, json_out, "the registry is empty" if not (type or base or tag or kind) else "no entries match")
 
 
 @app.command()
@@ -157,15 +155,9 @@ def search(
     home: HomeOpt = None,
 ) -> None:
     """Full-text search (every word, as a prefix) with filters."""
-    entries = _search(home, query, type, base, tag, kind, rank_min, rank_max)
-    if json_out:
-        print_json([short(e) for e in entries])
-        return
-    con = console()
-    if not entries:
-        con.print("no entries match")
-        return
-    print_table(con, entries_table(entries))
+    entries = open_registry(home).search(query or None, type=type, base=base, tags=tag or (), kind=kind,
+                                         rank_min=rank_min, rank_max=rank_max)
+    _print_entries(entries, json_out, "no entries match")
 
 
 @app.command()
@@ -176,9 +168,8 @@ def show(
 ) -> None:
     """Show one entry: hashes, detection, metadata summary, lineage tree, previews, remotes."""
     from lorahub.hashing import display
-    from lorahub.registry.workflows import record
 
-    rec = record(open_registry(home), ref)
+    rec = open_registry(home).record(ref)
     if json_out:
         print_json(rec)
         return

@@ -151,6 +151,13 @@ class Registry:
         """The lineage tree: :meth:`lineage` items, each with ``parents`` (the parent's own ancestry)."""
         return queries.ancestry(self.conn, entry_id)
 
+    def record(self, ref: str | dict) -> dict:
+        """Everything known about one entry (what ``lorahub show --json`` prints): the entry, ``blob``,
+        ``lineage`` (the ancestry tree), ``children``, ``previews``, ``remotes``."""
+        from lorahub.registry import workflows
+
+        return workflows.record(self, ref)
+
     def children(self, entry_id: str) -> list[dict]:
         """Entries made from this one: relation, entry_id, name."""
         return queries.children(self.conn, entry_id)

@@ -112,33 +112,24 @@ class Store:
         is taken for garbage. Returns ``{"blobs": [sha...], "temp_files": [path...], "bytes": n}``."""
         removed, tmps, freed = [], [], 0
         limit = time.time() - tmp_age_s
-
-        def drop(f: Path, size: int) -> None:
-            nonlocal freed
-            freed += size
-            if not dry_run:
-                f.unlink(missing_ok=True)
-
+        files = []  # temp files and blobs of the store, then interrupted writes beside the database
         for sub in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            files = [sub] if sub.is_file() else sorted(sub.iterdir()) if sub.is_dir() else []
-            for f in files:
-                try:
-                    st = f.lstat()
-                except OSError:
-                    continue
-                if f.name.startswith(TMP_PREFIX):
-                    if st.st_mtime <= limit:
-                        tmps.append(str(f))
-                        drop(f, st.st_size)
-                elif f.name not in refs and sub != f and f.parent.parent == self.root:
-                    removed.append(f.name)
-                    drop(f, st.st_size)
-        for f in sorted(Path(home).glob(TMP_PREFIX + "*")):  # interrupted writes beside the database
+            files += [sub] if sub.is_file() else sorted(sub.iterdir()) if sub.is_dir() else []
+        files += [f for f in sorted(Path(home).glob(TMP_PREFIX + "*")) if f.is_file()]
+        for f in files:
             try:
                 st = f.lstat()
             except OSError:
                 continue
-            if f.is_file() and st.st_mtime <= limit:
+            if f.name.startswith(TMP_PREFIX):
+                if st.st_mtime > limit:
+                    continue
                 tmps.append(str(f))
-                drop(f, st.st_size)
+            elif f.name not in refs and f.parent.parent == self.root:
+                removed.append(f.name)
+            else:
+                continue
+            freed += st.st_size
+            if not dry_run:
+                f.unlink(missing_ok=True)
         return {"blobs": removed, "temp_files": tmps, "bytes": freed}
