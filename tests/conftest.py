@@ -126,6 +126,21 @@ def run(home, capsys):
 
 
 @pytest.fixture
+def stress(tmp_path):
+    """`stress(name, *args)` runs the stress script ``tests/stress/<name>.py ARGS`` in a child process, with
+    its files and registry home under ``tmp_path``, and returns its JSON report (``report["problems"]``)."""
+    import json
+
+    def _stress(name: str, *args, timeout: float = 900) -> dict:
+        script = REPO / "tests" / "stress" / f"{name}.py"
+        p = subprocess.run([sys.executable, str(script), *map(str, args), "--workdir", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=timeout)
+        assert p.returncode in (0, 1) and p.stdout.strip(), f"exit {p.returncode}\n{p.stderr[-3000:]}"
+        return json.loads(p.stdout)
+    return _stress
+
+
+@pytest.fixture
 def cli():
     """`cli(*args, home=...)` runs the lorahub command in a child process."""
     return run_cli
