@@ -38,10 +38,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# run as a script, benchmarks/ is sys.path[0]: its inspect.py would shadow the standard library's
-if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == HERE:
-    sys.path.pop(0)
-REPO = HERE.parent
 WORK = HERE / "_work"
 GEN_VERSION = "2"
 RANK = 64
@@ -172,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
 
     base, tuned = generate(args.quick, args.conv)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     wrap = WORK / "_wrap.py"
     wrap.write_text(WRAP)
     ref_script = WORK / "_reference.py"

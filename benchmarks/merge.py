@@ -21,20 +21,15 @@ aggregated over all layers. Both methods should reach the Eckart–Young optimum
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
 import sys
-from pathlib import Path
-
-# benchmarks/ holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
+import time
 
 RANK_IN, RANK_OUT, N_LORAS = 32, 64, 3
 WEIGHTS = (0.8, 0.6, -0.3)

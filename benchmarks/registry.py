@@ -15,13 +15,6 @@
 
 from __future__ import annotations
 
-import sys as _sys
-from os.path import abspath as _abspath, dirname as _dirname
-
-# benchmarks/ holds inspect.py, merge.py, ...: keep them from shadowing the standard library
-if _sys.path and _abspath(_sys.path[0] or ".") == _dirname(_abspath(__file__)):
-    _sys.path.pop(0)
-
 import argparse
 import datetime as dt
 import os
@@ -35,7 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+
+from lorahub.tiny_loras import kohya_tensors, save_tensors
 
 MODULES = [f"lora_unet_down_blocks_{b}_attentions_{a}_transformer_blocks_0_{m}"
            for b in range(3) for a in range(2) for m in ("attn1_to_q", "attn1_to_k", "attn2_to_k", "attn2_to_v")]
@@ -46,16 +40,11 @@ def make_files(folder: Path, n: int, seed: int = 0) -> int:
     total = 0
     for i in range(n):
         rank = int(rng.choice([2, 4, 8, 16]))
-        t = {}
-        for m in MODULES[: 4 + i % 20]:
-            width = 768 if "attn2" in m else 320
-            t[f"{m}.lora_down.weight"] = rng.standard_normal((rank, width)).astype(np.float16)
-            t[f"{m}.lora_up.weight"] = rng.standard_normal((320, rank)).astype(np.float16)
-            t[f"{m}.alpha"] = np.array(rank / 2, dtype=np.float16)
-        p = folder / f"d{i % 10}" / f"lora_{i:04d}.safetensors"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_file(t, str(p), metadata={"ss_network_dim": str(rank), "ss_output_name": f"lora_{i:04d}",
-                                       "ss_tag_frequency": '{"5_x": {"zkz%d": 5, "tag": 2}}' % i})
+        mods = {m: (320, 768 if "attn2" in m else 320) for m in MODULES[: 4 + i % 20]}
+        p = save_tensors(folder / f"d{i % 10}" / f"lora_{i:04d}.safetensors",
+                         kohya_tensors(mods, rank=rank, alpha=rank / 2, seed=rng),
+                         {"ss_network_dim": str(rank), "ss_output_name": f"lora_{i:04d}",
+                          "ss_tag_frequency": '{"5_x": {"zkz%d": 5, "tag": 2}}' % i})
         total += p.stat().st_size
     return total
 
@@ -71,14 +60,9 @@ def make_big_files(folder: Path, n: int, mb: int, seed: int = 1) -> int:
         t = {}
         k = 0
         while sum(v.nbytes for v in t.values()) < mb * 1e6:
-            m = f"{MODULES[k % len(MODULES)]}_{k}"
-            t[f"{m}.lora_down.weight"] = rng.standard_normal((64, 768)).astype(np.float16)
-            t[f"{m}.lora_up.weight"] = rng.standard_normal((1280, 64)).astype(np.float16)
-            t[f"{m}.alpha"] = np.array(32.0, dtype=np.float16)
+            t |= kohya_tensors({f"{MODULES[k % len(MODULES)]}_{k}": (1280, 768)}, rank=64, alpha=32.0, seed=rng)
             k += 1
-        p = folder / f"big_{i:03d}.safetensors"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_file(t, str(p), metadata={"ss_network_dim": "64"})
+        p = save_tensors(folder / f"big_{i:03d}.safetensors", t, {"ss_network_dim": "64"})
         total += p.stat().st_size
     return total
 

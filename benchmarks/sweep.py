@@ -24,16 +24,12 @@ encoder, SD VAE; default 512 px, 20 steps, fp16 on CUDA). Nothing is downloaded.
 
 from __future__ import annotations
 
-import sys
-
-# benchmarks/ holds inspect.py etc.: keep this script's folder off the import path (stdlib first)
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0]) and not p.endswith("/benchmarks")]
-
 import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,32 +71,12 @@ def _sd15_pipeline(dtype):
 
 
 def _random_lora(pipe, rank: int, std: float):
-    """Canonical model + the same LoRA as diffusers keys: UNet attention (+1×1 proj convs) and TE attention."""
-    import torch
-    from torch import nn
+    """Canonical model + the same LoRA as diffusers keys: UNet attention (+1×1 proj convs) and TE attention;
+    down factors N(0, 1/fan-in), up factors N(0, std²)."""
+    from lorahub.tiny_loras import pipeline_lora
 
-    from lorahub.formats.canonical import LoraLayer, LoraModel
-    from lorahub.formats.names import canonical
-
-    g = torch.Generator().manual_seed(1234)
-    model, sd = LoraModel(), {}
-    for part, root, keep in (("unet", pipe.unet, lambda n: "attentions" in n),
-                             ("text_encoder", pipe.text_encoder, lambda n: "self_attn" in n)):
-        for name, m in root.named_modules():
-            if not keep(name):
-                continue
-            if isinstance(m, nn.Linear):
-                down = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
-                up = torch.randn(m.out_features, rank, generator=g) * std
-            elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
-                down = torch.randn(rank, m.in_channels, 1, 1, generator=g) / m.in_channels ** 0.5
-                up = torch.randn(m.out_channels, rank, 1, 1, generator=g) * std
-            else:
-                continue
-            model.layers[canonical(part, name)] = LoraLayer("lora", {"down": down, "up": up})
-            sd[f"{part}.{name}.lora_A.weight"] = down
-            sd[f"{part}.{name}.lora_B.weight"] = up
-    return model, sd
+    return pipeline_lora(pipe, 1234, rank=rank, scale=std, fan_in=True,
+                         keep={"unet": lambda n: "attentions" in n, "text_encoder": lambda n: "self_attn" in n})
 
 
 def _peak(device: str) -> float:

@@ -30,12 +30,6 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
-
-# benchmarks/ holds scripts named like stdlib modules (inspect.py): keep it off the import path
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p not in ("", _HERE) and Path(p or ".").resolve() != Path(_HERE)]
-sys.path.insert(0, str(Path(_HERE).parent))
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=[320, 640, 1280, 1280],

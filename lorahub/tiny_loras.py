@@ -1,4 +1,15 @@
-"""Small deterministic LoRA files of every dialect for the tiny fixture models (tests and the demo).
+"""The one LoRA factory: small deterministic LoRA files and models for tests, benchmarks and ``lorahub demo``.
+
+Three kinds of things, all deterministic per seed:
+
+* **Canonical models** (torch): :func:`random_lora` — a plain LoRA with random factors on given
+  module shapes; :func:`lora_file` writes one through lorahub's own writer in any dialect;
+  :func:`pipeline_lora` — a random LoRA on a loaded diffusers pipeline's modules, plus the same LoRA as
+  raw diffusers keys built here (so a test of the reader does not go through lorahub's writer).
+* **Raw files** (numpy only, no torch import, key dicts built here rather than by lorahub's writers):
+  :func:`kohya_tensors`, :func:`embedding_tensors`, :func:`save_tensors`, and :func:`kohya_file`, a small
+  kohya LoRA with SD-shaped cross-attention factors (the registry's and the stress scripts' workhorse).
+* **Tiny fixture files of every dialect** for the tiny fixture models: :func:`write_all` / :func:`ensure`.
 
 ``write_all(dest_dir) -> {name: path}`` writes, for ``tiny-sd1`` and ``tiny-sdxl``, files whose keys are
 built here from raw key dicts (not through lorahub's writers, so they test the readers) using the tiny
@@ -30,12 +41,186 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 VERSION = "1"
 RANK = 4
 ALPHA = 2.0
 TRIGGERS = {"sd1": "tinychar", "sdxl": "tinystyle"}
 
+
+# ==================================================================================================
+# Canonical models (torch)
+# ==================================================================================================
+def random_lora(layers: Mapping[str, Sequence[int]], seed: int = 0, rank: int = 4, alpha: float | None = None, *,
+                scale: float = 0.1, fan_in: bool = False, base: str = "sd1", dtype=None,
+                metadata: dict[str, str] | None = None):
+    """A plain LoRA (canonical :class:`~lorahub.formats.canonical.LoraModel`) with a layer on every
+    ``canonical name: weight shape`` of ``layers`` — ``(out, in)`` or ``(out, in, kh, kw)`` (convs: ``down``
+    is ``(r, in, kh, kw)``, ``up`` ``(out, r, 1, 1)``). Factors are N(0, scale²), drawn layer by layer, ``down``
+    first; ``fan_in`` draws ``down`` as N(0, 1/fan-in) instead (SD-sized layers keep a sane ΔW).
+    ``dtype`` casts the factors (default float32)."""
+    import math
+
+    import torch
+
+    from lorahub.formats.canonical import LoraLayer, LoraModel
+
+    gen = torch.Generator().manual_seed(seed)
+    m = LoraModel(base=base, metadata=dict(metadata or {}))
+    for key, shape in layers.items():
+        out, *rest = shape
+        down = torch.randn(rank, *rest, generator=gen)
+        down = down / math.sqrt(math.prod(rest)) if fan_in else down * scale
+        up = torch.randn(out, rank, *([1, 1] if len(shape) == 4 else []), generator=gen) * scale
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        m.layers[key] = LoraLayer("lora", {"down": down, "up": up}, alpha=alpha)
+    return m
+
+
+def lora_file(path: str | os.PathLike, layers: Mapping[str, Sequence[int]], seed: int = 0, rank: int = 4,
+              alpha: float | None = None, *, dialect: str = "kohya", **kwargs) -> Path:
+    """:func:`random_lora` (``kwargs`` go to it) written to ``path`` as ``dialect`` by lorahub's own writer."""
+    from lorahub.formats.io import save_lora
+
+    return save_lora(random_lora(layers, seed, rank, alpha, **kwargs), path, dialect=dialect)
+
+
+def module_shapes(root, part: str, keep: Callable[[str], bool] = lambda path: True) -> dict[str, tuple]:
+    """``{canonical name: weight shape}`` of the Linear and 1×1-conv modules of ``root`` (the ``part`` of a
+    pipeline: ``unet``, ``text_encoder``, …) whose module path passes ``keep``."""
+    return {k: shape for k, (_, shape) in _module_targets(root, part, keep).items()}
+
+
+def _module_targets(root, part: str, keep: Callable[[str], bool]) -> dict[str, tuple[str, tuple]]:
+    """canonical name -> (module path, weight shape) of root's Linear / 1×1-conv modules passing keep."""
+    import torch
+
+    from lorahub.formats.names import canonical
+
+    out = {}
+    for path, m in root.named_modules():
+        if not keep(path):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            out[canonical(part, path)] = (path, (m.out_features, m.in_features))
+        elif isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+            out[canonical(part, path)] = (path, (m.out_channels, m.in_channels, 1, 1))
+    return out
+
+
+def _default_keep() -> dict[str, Callable[[str], bool]]:
+    return {"unet": lambda p: "attentions" in p,
+            "text_encoder": lambda p: "self_attn" in p or "mlp" in p,
+            "text_encoder_2": lambda p: "self_attn" in p}
+
+
+def pipeline_lora(pipe, seed: int = 0, *, rank: int = 4, scale: float = 0.3, fan_in: bool = False,
+                  keep: Mapping[str, Callable[[str], bool]] | None = None):
+    """A random plain LoRA on a loaded diffusers pipeline: ``(LoraModel, raw diffusers tensors)``.
+
+    Layers go on the Linear and 1×1-conv modules of every ``part: predicate(module path)`` of ``keep``
+    (default: the UNet's attention blocks, the first text encoder's ``self_attn``/``mlp`` and the second's
+    ``self_attn``; parts the pipeline lacks are skipped). The raw dict holds the same factors under
+    diffusers keys (``unet.<path>.lora_A.weight`` / ``lora_B``), built here and not by lorahub's writers.
+    Factors as in :func:`random_lora` (alpha = rank)."""
+    targets: dict[str, tuple[str, tuple]] = {}
+    for part, pred in (keep or _default_keep()).items():
+        root = getattr(pipe, part, None)  # a diffusers pipeline: SD1 has no text_encoder_2
+        if root is not None:
+            targets |= {k: (f"{part}.{path}", shape) for k, (path, shape) in _module_targets(root, part, pred).items()}
+    model = random_lora({k: shape for k, (_, shape) in targets.items()}, seed, rank, scale=scale, fan_in=fan_in,
+                        base="unknown")
+    raw = {}
+    for key, layer in model.layers.items():
+        raw[f"{targets[key][0]}.lora_A.weight"] = layer.down.clone()
+        raw[f"{targets[key][0]}.lora_B.weight"] = layer.up.clone()
+    return model, raw
+
+
+# ==================================================================================================
+# Raw files (numpy; no torch)
+# ==================================================================================================
+SD1_CROSS_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+SD1_SELF_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+# A few kohya module names of the tiny SD1 pipeline (32-wide attention and text encoder) and their shapes.
+TINY_SD1_KOHYA = {
+    SD1_SELF_Q: (32, 32),
+    SD1_CROSS_K: (32, 32),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (32, 32),
+}
+
+
+def kohya_tensors(modules: Mapping[str, Sequence[int]], *, rank: int = 4, alpha: float | None = None, seed=0,
+                  dtype: str = "float16", scale: float = 1.0, up_scale: float | None = None,
+                  algo: str = "lora") -> dict:
+    """Raw kohya tensors (numpy arrays) for ``{kohya module name: weight shape}``.
+
+    ``algo="lora"``: ``lora_down.weight`` (r, in[, kh, kw]) and ``lora_up.weight`` (out, r[, 1, 1]);
+    ``algo="loha"``: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in), ``hada_w2_a``, ``hada_w2_b`` (Linear shapes).
+    Every module gets an ``alpha`` scalar (default: the rank). Factors are N(0, scale²) (``up_scale`` for
+    ``lora_up`` when given), drawn module by module; ``seed`` may be a ``numpy.random.Generator`` to share
+    one stream across calls."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    t = {}
+    for name, shape in modules.items():
+        out, inn, *k = shape
+        if algo == "lora":
+            t[f"{name}.lora_down.weight"] = (rng.standard_normal((rank, inn, *k)) * scale).astype(dt)
+            up = rng.standard_normal((out, rank, *([1, 1] if k else [])))
+            t[f"{name}.lora_up.weight"] = (up * (scale if up_scale is None else up_scale)).astype(dt)
+        elif algo == "loha":
+            for key, shp in (("hada_w1_a", (out, rank)), ("hada_w1_b", (rank, inn)),
+                             ("hada_w2_a", (out, rank)), ("hada_w2_b", (rank, inn))):
+                t[f"{name}.{key}"] = (rng.standard_normal(shp) * scale).astype(dt)
+        else:
+            raise ValueError(f"unknown algo {algo!r}")
+        t[f"{name}.alpha"] = np.array(float(rank) if alpha is None else alpha, dtype=dt)
+    return t
+
+
+def embedding_tensors(keys: Sequence[str] = ("emb_params",), vectors: int = 2, width: int = 32, seed=0) -> dict:
+    """A raw textual-inversion file's tensors: ``(vectors, width)`` float32 rows under every key
+    (webui: ``emb_params``; SDXL: ``clip_l`` + ``clip_g``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((vectors, width)).astype(np.float32) for k in keys}
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write numpy ``tensors`` to ``path`` as safetensors (parent folders created); returns the path."""
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(p), metadata=metadata)
+    return p
+
+
+def kohya_file(path: str | os.PathLike, *, rank: int = 4, seed: int = 0, meta: dict[str, str] | None = None,
+               width: int = 768, extra_rank: int | None = None) -> Path:
+    """A small fp16 kohya LoRA with SD-shaped attention factors: cross-attention ``to_k`` (320, ``width``)
+    at ``rank`` and self-attention ``to_q`` (320, 320) at ``extra_rank`` (default ``rank``), alpha rank/2
+    each. ``width`` is the text-encoder width the shapes name: 768 → sd1, 1024 → sd2, anything else → no
+    base from the shapes. The same ``seed`` gives the same tensors (the metadata may differ)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    r2 = extra_rank or rank
+    t = kohya_tensors({SD1_CROSS_K: (320, width)}, rank=rank, alpha=rank / 2, seed=rng)
+    t |= kohya_tensors({SD1_SELF_Q: (320, 320)}, rank=r2, alpha=r2 / 2, seed=rng)
+    return save_tensors(path, t, meta)
+
+
+# ==================================================================================================
+# Tiny fixture files of every dialect (write_all / ensure)
+# ==================================================================================================
 # SGM (original) layout of the tiny SDXL UNet's attention blocks (layers_per_block = 1), written out by
 # hand here so the files test lorahub.formats.names' generated map rather than reuse it.
 _TINY_SDXL_SGM = {

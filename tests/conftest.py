@@ -32,6 +32,53 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
+# ---------------------------------------------------------------------------------------- files
+@pytest.fixture
+def store_files():
+    """`store_files(home)`: the files in a registry home's content-addressed store, sorted."""
+    def _store_files(home: Path) -> list[Path]:
+        return sorted(p for p in (home / "objects").rglob("*") if p.is_file())
+    return _store_files
+
+
+@pytest.fixture
+def png_bytes():
+    """`png_bytes(color=(255, 0, 0), size=(8, 6))`: the bytes of a one-colour PNG."""
+    def _png_bytes(color=(255, 0, 0), size=(8, 6)) -> bytes:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, format="PNG")
+        return buf.getvalue()
+    return _png_bytes
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> dict[str, Path]:
+    """Files `add` must refuse, by label: truncated, header length past the end, header not JSON,
+    tensors of no known format, and a path that does not exist."""
+    import struct
+
+    import numpy as np
+
+    from lorahub.tiny_loras import kohya_file, save_tensors
+
+    d = tmp_path / "bad"
+    good = kohya_file(d / "good.safetensors").read_bytes()
+    out = {"truncated": d / "truncated.safetensors", "header_too_long": d / "hdr.safetensors",
+           "not_json": d / "notjson.safetensors", "unknown_format": d / "unknown.safetensors",
+           "missing": d / "missing.safetensors"}
+    out["truncated"].write_bytes(good[: len(good) - 100])
+    out["header_too_long"].write_bytes(struct.pack("<Q", 10_000) + b'{"a":1}')
+    out["not_json"].write_bytes(struct.pack("<Q", 9) + b"{not json" + b"\0" * 16)
+    save_tensors(out["unknown_format"], {"some.random.weight": np.zeros((3, 3), np.float32),
+                                         "other.bias": np.zeros((5,), np.float32)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- models
 @pytest.fixture(scope="session")
 def tiny_sd1() -> Path:
     """Folder of the tiny SD1-style diffusers pipeline (built once, cached)."""
@@ -79,9 +126,49 @@ def run(home, capsys):
 
 
 @pytest.fixture
+def stress(tmp_path):
+    """`stress(name, *args)` runs the stress script ``tests/stress/<name>.py ARGS`` in a child process, with
+    its files and registry home under ``tmp_path``, and returns its JSON report (``report["problems"]``)."""
+    import json
+
+    def _stress(name: str, *args, timeout: float = 900) -> dict:
+        script = REPO / "tests" / "stress" / f"{name}.py"
+        p = subprocess.run([sys.executable, str(script), *map(str, args), "--workdir", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=timeout)
+        assert p.returncode in (0, 1) and p.stdout.strip(), f"exit {p.returncode}\n{p.stderr[-3000:]}"
+        return json.loads(p.stdout)
+    return _stress
+
+
+@pytest.fixture
 def cli():
     """`cli(*args, home=...)` runs the lorahub command in a child process."""
     return run_cli
+
+
+# ---------------------------------------------------------------------------------------- test Hub
+HUB_TOKEN = "hf_lorahubTestToken0123456789"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A Hugging Face Hub-compatible server on 127.0.0.1 (tests/hubserver.py), running for the test.
+    Writes and private repos need ``hub.token``; ``hub.seed``, ``hub.files``, ``hub.front_matter`` … inspect it."""
+    from hubserver import HubServer
+
+    with HubServer(tmp_path / "hubsrv", token=HUB_TOKEN) as h:
+        yield h
+
+
+@pytest.fixture
+def henv(hub, tmp_path):
+    """`henv(name="hf")`: the environment of a CLI child process that talks to the test hub with a fresh
+    HF cache (``tmp_path/name``); the hub's token is in LORAHUB_TEST_TOKEN, HF_TOKEN is empty."""
+    def make(name: str = "hf") -> dict:
+        return {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / name),
+                "HF_ENDPOINT": hub.url, "HF_TOKEN": "", "LORAHUB_TEST_TOKEN": hub.token,
+                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    return make
 
 
 def pytest_collection_modifyitems(config, items):

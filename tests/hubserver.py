@@ -595,6 +595,9 @@ class HubServer:
     def seed(self, repo_id: str, files: dict[str, bytes], **kw) -> str:
         return self.state.seed(repo_id, files, **kw)
 
+    # (yaml dict | None, error | None) of a README's front matter, parsed the way the server validates it
+    front_matter = staticmethod(front_matter)
+
     def file_bytes(self, repo_id: str, path: str, rev: str = "main") -> bytes:
         sha = self.state.resolve_rev(repo_id, rev)
         rec = self.state.repos[repo_id]["commits"][sha]["files"][path]

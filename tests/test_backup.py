@@ -10,18 +10,7 @@ import pytest
 
 from lorahub.backup import backup, restore, verify_backup
 from lorahub.errors import LorahubError
-
-
-def _kohya_file(path, seed: int):
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
-               f"{name}.lora_up.weight": torch.randn(32, 4, generator=g),
-               f"{name}.alpha": torch.tensor(4.0)}, str(path), metadata={"ss_network_dim": "4"})
-    return path
+from lorahub.tiny_loras import kohya_file
 
 
 @pytest.fixture
@@ -32,7 +21,7 @@ def populated(tmp_path):
     reg = Registry.open(home)
     ids = []
     for i in range(3):
-        entry, created = reg.add_file(_kohya_file(tmp_path / f"l{i}.safetensors", i), tags=[f"t{i}"])
+        entry, created = reg.add_file(kohya_file(tmp_path / f"l{i}.safetensors", seed=i), tags=[f"t{i}"])
         assert created
         ids.append(entry["id"])
     return home, ids

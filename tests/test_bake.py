@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from lorahub.errors import LorahubError
-from lorahub.formats.canonical import LoraLayer, LoraModel
-from lora_factory import random_lora
 from lorahub.ops.bake import bake, weight_name
 from lorahub.ops.checkpoints import open_checkpoint, save_single_file
 from lorahub.ops.merge import MergeInput, exact_delta, merge
+from lorahub.tiny_loras import random_lora
 
 LAYERS = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": (32, 32),
@@ -96,12 +95,7 @@ def test_bake_sdxl_folder_with_second_text_encoder(tiny_sdxl, tmp_path):
     keys = [next(k for k in mods if k.startswith("unet.") and k.endswith("attn2.to_k")),
             next(k for k in mods if k.startswith("text_encoder_2.") and k.endswith("mlp.fc2")),
             next(k for k in mods if k.startswith("text_encoder.") and k.endswith("self_attn.v_proj"))]
-    gen = torch.Generator().manual_seed(9)
-    m = LoraModel(base="sdxl")
-    for k in keys:
-        out, inn = mods[k][:2]
-        m.layers[k] = LoraLayer("lora", {"down": torch.randn(3, inn, generator=gen),
-                                         "up": torch.randn(out, 3, generator=gen)}, alpha=1.5)
+    m = random_lora({k: mods[k] for k in keys}, 9, 3, 1.5, scale=1.0, base="sdxl")
     inputs = [MergeInput(m, 0.3)]
     merged = merge(inputs, method="concat").model
     out = tmp_path / "sdxl-baked"

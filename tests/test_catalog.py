@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from test_registry import _bad_files, make_kohya, png_bytes, store_files
+from lorahub.tiny_loras import kohya_file
 
 
 def jrun(run, *args):
@@ -21,20 +20,20 @@ def jrun(run, *args):
     return json.loads(out)
 
 
-def test_add_duplicate_and_bad_input_exit_codes(cli, home, tmp_path):
-    f = make_kohya(tmp_path / "a.safetensors")
+def test_add_duplicate_and_bad_input_exit_codes(cli, home, tmp_path, bad_files, store_files):
+    f = kohya_file(tmp_path / "a.safetensors")
     r = cli("add", f, "--type", "style", "--trigger", "zkz", "--tag", "t1", home=home)
     assert r.returncode == 0, r.stderr
     assert "added a (" in r.stdout
     r = cli("add", f, home=home)
     assert r.returncode == 0 and "already in the registry" in r.stdout
-    for label, path in _bad_files(tmp_path).items():
+    for label, path in bad_files.items():
         r = cli("add", path, home=home)
         assert r.returncode == 2, (label, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (label, r.stderr)
         assert "Traceback" not in r.stderr
-    r = cli("add", f, _bad_files(tmp_path)["not_json"], home=home)  # one bad file: nothing from the batch
+    r = cli("add", f, bad_files["not_json"], home=home)  # one bad file: nothing from the batch
     assert r.returncode == 2
     r = cli("list", "--json", home=home)
     assert [e["name"] for e in json.loads(r.stdout)] == ["a"]
@@ -46,7 +45,7 @@ def test_add_duplicate_and_bad_input_exit_codes(cli, home, tmp_path):
 def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkeypatch):
     root = tmp_path / "loras"
     for i in range(5):
-        make_kohya(root / f"sub{i % 2}" / f"l{i}.safetensors", seed=i)
+        kohya_file(root / f"sub{i % 2}" / f"l{i}.safetensors", seed=i)
     (root / "notes.txt").write_text("ignore me")
     (root / "sub0" / "broken.safetensors").write_bytes(b"\x05\0\0\0\0\0\0\0{bad}")
     res = jrun(run, "scan", root)
@@ -63,7 +62,7 @@ def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkey
     res = jrun(run, "scan", root)
     assert res["added"] == [] and res["already"] == 5 and len(calls) == 1
     assert len(jrun(run, "list")) == 5
-    make_kohya(root / "sub1" / "deep" / "new.safetensors", seed=77)
+    kohya_file(root / "sub1" / "deep" / "new.safetensors", seed=77)
     res = jrun(run, "scan", root, "--link")
     assert [e["name"] for e in res["added"]] == ["new"]
     new = root / "sub1" / "deep" / "new.safetensors"
@@ -72,8 +71,8 @@ def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkey
 
 
 def test_list_search_show_tag_edit(run, home, tmp_path):
-    pa = make_kohya(tmp_path / "anime_girl.safetensors", seed=1, rank=8)
-    pb = make_kohya(tmp_path / "watercolor.safetensors", seed=2, rank=4, width=1024)
+    pa = kohya_file(tmp_path / "anime_girl.safetensors", seed=1, rank=8)
+    pb = kohya_file(tmp_path / "watercolor.safetensors", seed=2, rank=4, width=1024)
     assert run("add", pa, "--type", "character", "--trigger", "sks girl", "--tag", "anime")[0] == 0
     assert run("add", pb, "--type", "style", "--tag", "paint", "--description", "soft washes")[0] == 0
     names = lambda rows: [r["name"] for r in rows]  # noqa: E731
@@ -111,14 +110,14 @@ def test_list_search_show_tag_edit(run, home, tmp_path):
     assert code == 2
 
 
-def test_show_lineage_previews_remotes(run, home, tmp_path):
+def test_show_lineage_previews_remotes(run, home, tmp_path, png_bytes):
     from lorahub.registry import Registry
 
     reg = Registry.open(home)
-    p, _ = reg.add_file(make_kohya(tmp_path / "base_lora.safetensors", seed=1))
-    c, _ = reg.add_file(make_kohya(tmp_path / "conv.safetensors", seed=2),
+    p, _ = reg.add_file(kohya_file(tmp_path / "base_lora.safetensors", seed=1))
+    c, _ = reg.add_file(kohya_file(tmp_path / "conv.safetensors", seed=2),
                         lineage=[{"relation": "converted-from", "parent": p["id"], "detail": {"dialect": "peft"}}])
-    g, _ = reg.add_file(make_kohya(tmp_path / "grand.safetensors", seed=3),
+    g, _ = reg.add_file(kohya_file(tmp_path / "grand.safetensors", seed=3),
                         lineage=[{"relation": "resized-from", "parent": c["sha256"], "detail": {"rank": 2}}])
     img = tmp_path / "g.png"
     img.write_bytes(png_bytes())
@@ -137,8 +136,8 @@ def test_show_lineage_previews_remotes(run, home, tmp_path):
 
 
 def test_rm_gc_verify(run, home, tmp_path):
-    fa = make_kohya(tmp_path / "a.safetensors", seed=1)
-    fb = make_kohya(tmp_path / "b.safetensors", seed=2)
+    fa = kohya_file(tmp_path / "a.safetensors", seed=1)
+    fb = kohya_file(tmp_path / "b.safetensors", seed=2)
     run("add", fa, fb)
     assert jrun(run, "verify") == {"checked": 2, "problems": [], "remaining": 0}
     sha_a = hashlib.sha256(fa.read_bytes()).hexdigest()
@@ -161,8 +160,8 @@ def test_rm_gc_verify(run, home, tmp_path):
     assert code == 1 and "missing" in out
 
 
-def test_export_readable_name_sidecar_preview_inside_dest(run, home, tmp_path):
-    f = make_kohya(tmp_path / "x.safetensors")
+def test_export_readable_name_sidecar_preview_inside_dest(run, home, tmp_path, png_bytes):
+    f = kohya_file(tmp_path / "x.safetensors")
     (tmp_path / "x.preview.png").write_bytes(png_bytes((1, 2, 3)))
     assert run("add", f, "--trigger", "zkz", "--trigger", "blue hair", "--base", "sd1")[0] == 0
     assert run("edit", "x", "--name", "../../evil/My LoRA: v2", "--description", "desc")[0] == 0
@@ -188,9 +187,9 @@ def test_export_readable_name_sidecar_preview_inside_dest(run, home, tmp_path):
 
 
 def test_dupes(run, home, tmp_path):
-    make_kohya(tmp_path / "a.safetensors", seed=3, meta={"ss_output_name": "a"})
-    make_kohya(tmp_path / "b.safetensors", seed=3, meta={"ss_output_name": "b, renamed"})
-    make_kohya(tmp_path / "c.safetensors", seed=4)
+    kohya_file(tmp_path / "a.safetensors", seed=3, meta={"ss_output_name": "a"})
+    kohya_file(tmp_path / "b.safetensors", seed=3, meta={"ss_output_name": "b, renamed"})
+    kohya_file(tmp_path / "c.safetensors", seed=4)
     run("scan", tmp_path)
     groups = jrun(run, "dupes")
     assert len(groups) == 1 and sorted(e["name"] for e in groups[0]["entries"]) == ["a", "b"]
@@ -210,7 +209,6 @@ def test_catalog_read_path_imports_nothing_heavy(home, tmp_path):
 
 
 def test_demo_runs(cli, tmp_path):
-    pytest.importorskip("lorahub.tiny_loras")
     h = tmp_path / "demo-home"
     r = cli("demo", "--home", h, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -224,10 +222,10 @@ def test_demo_runs(cli, tmp_path):
     assert reg.verify() == []
 
 
-def test_two_processes_scanning_one_home_at_once(home, tmp_path):
+def test_two_processes_scanning_one_home_at_once(home, tmp_path, store_files):
     root = tmp_path / "shared"
     for i in range(12):
-        make_kohya(root / f"p{i}.safetensors", seed=300 + i)
+        kohya_file(root / f"p{i}.safetensors", seed=300 + i)
     env = dict(os.environ, LORAHUB_HOME=str(home))
     procs = [subprocess.Popen([sys.executable, "-m", "lorahub", "scan", str(root), "--json"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lorahub.errors import FormatError, LorahubError
 from lorahub.ops import checkpoints as C
+from lorahub.tiny_loras import kohya_file
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
@@ -151,8 +152,7 @@ def test_refuses_what_it_cannot_read(tmp_path, tiny_sd1):
     ckpt.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(FormatError, match="pickle"):
         C.open_checkpoint(ckpt)
-    lora = tmp_path / "lora.safetensors"
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(lora))
+    lora = kohya_file(tmp_path / "lora.safetensors")
     with pytest.raises(FormatError, match="not a Stable Diffusion checkpoint"):
         C.open_checkpoint(lora)
     with pytest.raises(LorahubError, match="no such"):

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from lorahub.errors import FormatError, UnsafeFile
 from lorahub.formats.detect import detect
+from lorahub.tiny_loras import kohya_tensors
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real-loras"
 rng = np.random.default_rng(0)
@@ -29,15 +30,7 @@ def _write(tmp_path, name, tensors, meta=None):
 
 
 def _kohya_pair(prefix, out_f, in_f, r, alpha=None, conv=None):
-    d = {}
-    if conv:
-        d[f"{prefix}.lora_down.weight"] = _t(r, in_f, *conv)
-        d[f"{prefix}.lora_up.weight"] = _t(out_f, r, 1, 1)
-    else:
-        d[f"{prefix}.lora_down.weight"] = _t(r, in_f)
-        d[f"{prefix}.lora_up.weight"] = _t(out_f, r)
-    d[f"{prefix}.alpha"] = np.array(alpha if alpha is not None else r, dtype=np.float16)
-    return d
+    return kohya_tensors({prefix: (out_f, in_f, *(conv or ()))}, rank=r, alpha=alpha, seed=rng)
 
 
 def test_kohya_sd1_base_rank_alpha(tmp_path):

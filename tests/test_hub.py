@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hubserver import HubServer, front_matter  # noqa: E402
-
-TOKEN = "hf_lorahubTestToken0123456789"
+from lorahub import tiny_loras
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -32,43 +28,21 @@ UNET_MODULES = {  # kohya name -> path in the tiny SD1 UNet (32-wide attention)
 
 
 def kohya_lora(path: Path, seed: int = 0, rank: int = 4, te: bool = True) -> Path:
-    """A kohya LoRA whose modules exist in the tiny SD1 pipeline (32-wide)."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    mods = list(UNET_MODULES) + (["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] if te else [])
-    for mod, din, dout in [(m, 32, 32) for m in mods]:
-        t[f"{mod}.lora_down.weight"] = torch.randn(rank, din, generator=g)
-        t[f"{mod}.lora_up.weight"] = torch.randn(dout, rank, generator=g) * 0.01
-        t[f"{mod}.alpha"] = torch.tensor(float(rank) / 2)
-    save_file(t, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
-    return path
+    """A float32 kohya LoRA whose modules exist in the tiny SD1 pipeline (32-wide), small ΔW."""
+    mods = {k: s for k, s in tiny_loras.TINY_SD1_KOHYA.items() if te or k in UNET_MODULES}
+    t = tiny_loras.kohya_tensors(mods, rank=rank, alpha=rank / 2, seed=seed, dtype="float32", up_scale=0.01)
+    return tiny_loras.save_tensors(path, t, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
 
 
 def loha(path: Path, seed: int = 2, rank: int = 4) -> Path:
     """A LyCORIS LoHa (kohya-style keys): diffusers cannot load it, so push converts nothing."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for mod in UNET_MODULES:
-        for a, shape in (("hada_w1_a", (32, rank)), ("hada_w1_b", (rank, 32)), ("hada_w2_a", (32, rank)),
-                         ("hada_w2_b", (rank, 32))):
-            t[f"{mod}.{a}"] = torch.randn(*shape, generator=g) * 0.1
-        t[f"{mod}.alpha"] = torch.tensor(float(rank))
-    save_file(t, str(path))
-    return path
+    mods = {k: tiny_loras.TINY_SD1_KOHYA[k] for k in UNET_MODULES}
+    return tiny_loras.save_tensors(path, tiny_loras.kohya_tensors(mods, rank=rank, seed=seed, dtype="float32",
+                                                                  scale=0.1, algo="loha"))
 
 
 def embedding(path: Path, seed: int = 1) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))}, str(path))
-    return path
+    return tiny_loras.save_tensors(path, tiny_loras.embedding_tensors(seed=seed))
 
 
 def png(path: Path, color=(200, 30, 30)) -> Path:
@@ -86,22 +60,6 @@ def open_reg(home: Path):
 
 def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
-
-
-@pytest.fixture
-def hub(tmp_path):
-    with HubServer(tmp_path / "hubsrv", token=TOKEN) as h:
-        yield h
-
-
-@pytest.fixture
-def henv(hub, tmp_path):
-    """Environment of a CLI child process that talks to the test hub with a fresh HF cache."""
-    def make(name: str = "hf") -> dict:
-        return {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / name),
-                "HF_ENDPOINT": hub.url, "HF_TOKEN": "", "LORAHUB_TEST_TOKEN": TOKEN,
-                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "200"}
-    return make
 
 
 def ok(res):
@@ -154,7 +112,7 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
 
     # the card: YAML front matter as diffusers' scripts write it + a body with usage and hashes
     text = hub.file_bytes("tester/arcane", "README.md").decode()
-    fm, err = front_matter(text)
+    fm, err = hub.front_matter(text)
     assert err is None
     assert fm["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     for t in ("lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora", "style", "anime"):
@@ -186,9 +144,9 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     reg.close()
 
     # the token went to the server and nowhere else
-    assert hub.auth_headers and all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
-    assert TOKEN not in res.stdout + res.stderr
-    assert all(TOKEN.encode() not in p.read_bytes() for p in files_under(home) if p.is_file())
+    assert hub.auth_headers and all(h == f"Bearer {hub.token}" for h in hub.auth_headers)
+    assert hub.token not in res.stdout + res.stderr
+    assert all(hub.token.encode() not in p.read_bytes() for p in files_under(home) if p.is_file())
 
     # pull into a fresh registry through a fresh HF cache
     home2, env2 = tmp_path / "home2", henv("hf-pull")
@@ -233,7 +191,7 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     after = hub.files("tester/arcane")
     assert set(after) == set(before)
     assert [p for p in after if after[p] != before[p]] == ["README.md"]
-    fm, _ = front_matter(hub.file_bytes("tester/arcane", "README.md").decode())
+    fm, _ = hub.front_matter(hub.file_bytes("tester/arcane", "README.md").decode())
     assert fm["instance_prompt"] == "arcane style"
     assert open_reg(home).remotes(style_entry["id"])[0]["commit"] == third["commit"]
 
@@ -248,8 +206,8 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
     # no --token-env: huggingface_hub's own lookup (HF_TOKEN) provides the token
     rep = json.loads(ok(cli("push", lh["id"], emb["id"], "--repo", "tester/priv", "--private",
                             "--revision", "dev", "-m", "first drop", "--json",
-                            home=home, env=env | {"HF_TOKEN": TOKEN})).stdout)
-    assert hub.auth_headers and all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
+                            home=home, env=env | {"HF_TOKEN": hub.token})).stdout)
+    assert hub.auth_headers and all(h == f"Bearer {hub.token}" for h in hub.auth_headers)
     assert rep["revision"] == "dev" and rep["commit"] == hub.head("tester/priv", "dev")
     assert hub.head("tester/priv", "main") != rep["commit"]  # main untouched
     assert hub.state.repos["tester/priv"]["private"] is True
@@ -260,7 +218,7 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
     text = hub.file_bytes("tester/priv", "README.md", "dev").decode()
     assert "load_textual_inversion" in text and "embeddings/" in text
     assert "diffusers cannot load this loha adapter" in text and "<lora:arcane_style:1>" in text
-    fm, _ = front_matter(text)
+    fm, _ = hub.front_matter(text)
     assert "loha" in fm["tags"] and fm["instance_prompt"] == "arcane, arcane_emb"
     reg = open_reg(home)
     for eid in (lh["id"], emb["id"]):
@@ -319,7 +277,7 @@ def test_pull_hostile_repo(cli, hub, henv, tmp_path, case):
     home = tmp_path / "home"
     before = files_under(tmp_path)
     err = fail(cli("pull", "evil/repo", home=home, env=henv()), needle)
-    assert TOKEN not in err
+    assert hub.token not in err
     # nothing registered
     if home.exists():
         assert open_reg(home).count() == 0

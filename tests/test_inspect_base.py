@@ -12,6 +12,7 @@ from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.ops import heatmap
 from lorahub.ops import inspect as ins
+from lorahub.tiny_loras import random_lora
 
 
 def _tiny_weights(folder):
@@ -27,16 +28,7 @@ def _tiny_weights(folder):
 
 
 def _lora_for(weights: dict, keys: list[str], rank: int = 2) -> LoraModel:
-    layers = {}
-    for i, key in enumerate(keys):
-        w = weights[key + ".weight"]
-        g = torch.Generator().manual_seed(i)
-        out, inp = w.shape[0], int(w[0].numel())
-        up, down = torch.randn(out, rank, generator=g) * 0.1, torch.randn(rank, inp, generator=g) * 0.1
-        if w.dim() == 4:
-            up, down = up.reshape(out, rank, 1, 1), down.reshape(rank, *w.shape[1:])
-        layers[key] = LoraLayer(kind="lora", weights={"up": up, "down": down}, alpha=1.0)
-    return LoraModel(layers=layers, base="sd1")
+    return random_lora({k: tuple(weights[k + ".weight"].shape) for k in keys}, 0, rank, 1.0, scale=0.1)
 
 
 KEYS = [

@@ -24,21 +24,13 @@ META = {"ss_tag_frequency": json.dumps({"10_cat": {"cat": 10, "tabby": 3}, "2_do
 
 
 def write_lora(path, seed=0, rank=4, keys=KEYS, meta=META):
-    from lorahub.formats.canonical import LoraLayer, LoraModel
-    from lorahub.formats.io import save_lora
+    """An fp16 kohya LoRA on tiny-sd1 modules, N(0, 1) factors, alpha rank/2, written by save_lora."""
     from lorahub.formats.names import get_arch
+    from lorahub.tiny_loras import lora_file
 
     shapes = get_arch("tiny-sd1").modules
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for k in keys:
-        s = shapes[k]
-        up, down = torch.randn(s[0], rank, generator=g), torch.randn(rank, s[1], generator=g)
-        if len(s) == 4:
-            up, down = up.reshape(s[0], rank, 1, 1), down.reshape(rank, s[1], 1, 1)
-        layers[k] = LoraLayer(kind="lora", weights={"up": up.half(), "down": down.half()}, alpha=rank / 2)
-    save_lora(LoraModel(layers=layers, base="sd1", metadata=dict(meta)), path, dialect="kohya")
-    return path
+    return lora_file(path, {k: shapes[k] for k in keys}, seed, rank, rank / 2, scale=1.0, dtype=torch.float16,
+                     metadata=meta)
 
 
 def materialised(path):

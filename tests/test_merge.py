@@ -9,6 +9,7 @@ import torch
 
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.tiny_loras import random_lora
 from lorahub.ops.merge import MergeInput, exact_delta, merge
 
 # Real module names and shapes of the tiny SD1 UNet / text encoder (see lorahub/tiny.py configs).
@@ -41,13 +42,8 @@ def rand_layer(shape, r, alpha, gen, tucker=False):
 
 
 def rand_model(seed, rank, keys=None, alpha=None, base="sd1"):
-    gen = torch.Generator().manual_seed(seed)
-    m = LoraModel(base=base)
-    for key, shape in {**LINEAR, **CONV}.items():
-        if keys is not None and key not in keys:
-            continue
-        m.layers[key] = rand_layer(shape, rank, alpha, gen)
-    return m
+    layers = {k: s for k, s in {**LINEAR, **CONV}.items() if keys is None or k in keys}
+    return random_lora(layers, seed, rank, alpha, scale=1.0, base=base)
 
 
 def inputs_mixed():

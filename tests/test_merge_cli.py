@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lora_factory import random_lora
-from lorahub.formats.io import load_lora, save_lora
+from lorahub.formats.io import load_lora
+from lorahub.tiny_loras import lora_file as _lora_file
 
 SD1_LAYERS = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
@@ -20,8 +20,7 @@ SD1_LAYERS = {
 
 
 def lora_file(path, seed, rank, alpha, layers=SD1_LAYERS, dialect="kohya", base="sd1"):
-    save_lora(random_lora(layers, seed, rank, alpha, base=base), path, dialect=dialect)
-    return path
+    return _lora_file(path, layers, seed, rank, alpha, dialect=dialect, base=base)
 
 
 def weighted_sum(paths_weights, key):

@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 
 from lorahub.formats.canonical import LoraModel
-from lora_factory import random_lora
 from lorahub.formats.io import load_lora, save_lora
 from lorahub.ops.bake import bake
 from lorahub.ops.merge import MergeInput, exact_delta, merge
+from lorahub.tiny_loras import random_lora
 
 UNET_LAYERS = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),

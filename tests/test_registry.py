@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import struct
@@ -20,40 +19,7 @@ from safetensors.numpy import save_file
 
 from lorahub.errors import Ambiguous, LorahubError, NotFound
 from lorahub.registry import Registry
-
-SD1_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-SD1_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def make_kohya(path: Path, *, rank: int = 4, seed: int = 0, meta: dict | None = None, width: int = 768,
-               extra_rank: int | None = None) -> Path:
-    """A small kohya LoRA with SD-shaped cross-attention factors (width 768 -> sd1, 1024 -> sd2)."""
-    rng = np.random.default_rng(seed)
-    t = {
-        f"{SD1_K}.lora_down.weight": rng.standard_normal((rank, width)).astype(np.float16),
-        f"{SD1_K}.lora_up.weight": rng.standard_normal((320, rank)).astype(np.float16),
-        f"{SD1_K}.alpha": np.array(rank / 2, dtype=np.float16),
-    }
-    r2 = extra_rank or rank
-    t[f"{SD1_Q}.lora_down.weight"] = rng.standard_normal((r2, 320)).astype(np.float16)
-    t[f"{SD1_Q}.lora_up.weight"] = rng.standard_normal((320, r2)).astype(np.float16)
-    t[f"{SD1_Q}.alpha"] = np.array(r2 / 2, dtype=np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(path), metadata=meta)
-    return path
-
-
-def png_bytes(color=(255, 0, 0), size=(8, 6)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def store_files(home: Path) -> list[Path]:
-    return sorted(p for p in (home / "objects").rglob("*") if p.is_file())
-
+from lorahub.tiny_loras import kohya_file
 
 @pytest.fixture
 def reg(home):
@@ -68,7 +34,7 @@ CONTRACT_KEYS = {"id", "name", "file_name", "sha256", "autov1", "autov2", "autov
 
 
 def test_add_file_entry_hashes_and_blob(reg, tmp_path):
-    f = make_kohya(tmp_path / "my_lora.safetensors", meta={"ss_network_dim": "4"})
+    f = kohya_file(tmp_path / "my_lora.safetensors", meta={"ss_network_dim": "4"})
     data = f.read_bytes()
     entry, created = reg.add_file(f, type="style", tags=["a", "b"])
     assert created
@@ -94,8 +60,8 @@ def test_add_file_entry_hashes_and_blob(reg, tmp_path):
     assert reg.get(entry["id"]) == entry
 
 
-def test_duplicate_add_changes_nothing(reg, tmp_path):
-    f = make_kohya(tmp_path / "a.safetensors")
+def test_duplicate_add_changes_nothing(reg, tmp_path, store_files):
+    f = kohya_file(tmp_path / "a.safetensors")
     e1, c1 = reg.add_file(f)
     copy = tmp_path / "other_name.safetensors"
     copy.write_bytes(f.read_bytes())
@@ -113,8 +79,8 @@ def test_wal_mode_and_schema_version(reg):
 
 
 def test_resolve_by_every_handle(reg, tmp_path):
-    e, _ = reg.add_file(make_kohya(tmp_path / "one.safetensors", seed=1))
-    reg.add_file(make_kohya(tmp_path / "two.safetensors", seed=2))
+    e, _ = reg.add_file(kohya_file(tmp_path / "one.safetensors", seed=1))
+    reg.add_file(kohya_file(tmp_path / "two.safetensors", seed=2))
     for ref in (e["id"], "one", e["sha256"], e["sha256"][:8].upper(), e["autov2"].upper(), e["autov3"][:12],
                 e["blake3"][:10], e["crc32"].upper(), e["id"][:6]):
         assert reg.resolve(ref)["id"] == e["id"], ref
@@ -125,8 +91,8 @@ def test_resolve_by_every_handle(reg, tmp_path):
 
 
 def test_same_tensors_other_metadata_share_autov3_and_are_ambiguous(reg, tmp_path):
-    a, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors", seed=5, meta={"v": "1"}))
-    b, created = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=5, meta={"v": "2", "w": "x"}))
+    a, _ = reg.add_file(kohya_file(tmp_path / "a.safetensors", seed=5, meta={"v": "1"}))
+    b, created = reg.add_file(kohya_file(tmp_path / "b.safetensors", seed=5, meta={"v": "2", "w": "x"}))
     assert created and a["sha256"] != b["sha256"] and a["autov3"] == b["autov3"]
     groups = reg.dupes()
     assert [sorted(x["id"] for x in g) for g in groups] == [sorted([a["id"], b["id"]])]
@@ -135,17 +101,17 @@ def test_same_tensors_other_metadata_share_autov3_and_are_ambiguous(reg, tmp_pat
 
 
 def test_names_stay_unique(reg, tmp_path):
-    e1, _ = reg.add_file(make_kohya(tmp_path / "x" / "style.safetensors", seed=1))
-    e2, _ = reg.add_file(make_kohya(tmp_path / "y" / "style.safetensors", seed=2))
+    e1, _ = reg.add_file(kohya_file(tmp_path / "x" / "style.safetensors", seed=1))
+    e2, _ = reg.add_file(kohya_file(tmp_path / "y" / "style.safetensors", seed=2))
     assert (e1["name"], e2["name"]) == ("style", "style-2")
     with pytest.raises(LorahubError, match="taken"):
         reg.update(e2["id"], name="style")
     assert reg.resolve("style-2")["id"] == e2["id"]
 
 
-def test_lineage_previews_remotes(reg, tmp_path):
-    parent, _ = reg.add_file(make_kohya(tmp_path / "parent.safetensors", seed=1))
-    child, _ = reg.add_file(make_kohya(tmp_path / "child.safetensors", seed=2), lineage=[
+def test_lineage_previews_remotes(reg, tmp_path, png_bytes):
+    parent, _ = reg.add_file(kohya_file(tmp_path / "parent.safetensors", seed=1))
+    child, _ = reg.add_file(kohya_file(tmp_path / "child.safetensors", seed=2), lineage=[
         {"relation": "converted-from", "parent": parent["id"], "detail": {"to": "diffusers"}},
         {"relation": "trained-from", "parent": "tiny-sd1"},
     ])
@@ -182,11 +148,11 @@ def test_lineage_previews_remotes(reg, tmp_path):
 
 
 def test_update_and_search_filters(reg, tmp_path):
-    a, _ = reg.add_file(make_kohya(tmp_path / "anime_girl.safetensors", seed=1, rank=8), type="character",
+    a, _ = reg.add_file(kohya_file(tmp_path / "anime_girl.safetensors", seed=1, rank=8), type="character",
                         triggers=["sks girl"], tags=["anime"], description="A cheerful character")
-    b, _ = reg.add_file(make_kohya(tmp_path / "watercolor.safetensors", seed=2, rank=4, width=1024),
+    b, _ = reg.add_file(kohya_file(tmp_path / "watercolor.safetensors", seed=2, rank=4, width=1024),
                         type="style", tags=["paint"])
-    c, _ = reg.add_file(make_kohya(tmp_path / "mixed.safetensors", seed=3, rank=2, extra_rank=16))
+    c, _ = reg.add_file(kohya_file(tmp_path / "mixed.safetensors", seed=3, rank=2, extra_rank=16))
     assert b["base"] == "sd2" and (c["rank_min"], c["rank_max"]) == (2, 16)
     ids = lambda rows: sorted(r["id"] for r in rows)  # noqa: E731
     assert ids(reg.search("sks")) == [a["id"]]
@@ -215,8 +181,8 @@ def test_update_and_search_filters(reg, tmp_path):
 
 
 def test_remove_keeps_blob_until_gc(reg, tmp_path):
-    e, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors"))
-    keep, _ = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=9))
+    e, _ = reg.add_file(kohya_file(tmp_path / "a.safetensors"))
+    keep, _ = reg.add_file(kohya_file(tmp_path / "b.safetensors", seed=9))
     blob = reg.object_path(e["sha256"])
     reg.remove(e["id"])
     assert blob.is_file() and reg.count() == 1
@@ -240,24 +206,8 @@ def test_remove_keeps_blob_until_gc(reg, tmp_path):
     assert created and reg.blob_path(e2).read_bytes() == (tmp_path / "a.safetensors").read_bytes()
 
 
-def _bad_files(tmp_path: Path) -> dict[str, Path]:
-    good = make_kohya(tmp_path / "good.safetensors").read_bytes()
-    out = {}
-    out["truncated"] = tmp_path / "truncated.safetensors"
-    out["truncated"].write_bytes(good[: len(good) - 100])
-    out["header_too_long"] = tmp_path / "hdr.safetensors"
-    out["header_too_long"].write_bytes(struct.pack("<Q", 10_000) + b'{"a":1}')
-    out["not_json"] = tmp_path / "notjson.safetensors"
-    out["not_json"].write_bytes(struct.pack("<Q", 9) + b"{not json" + b"\0" * 16)
-    unknown = {"some.random.weight": np.zeros((3, 3), np.float32), "other.bias": np.zeros((5,), np.float32)}
-    out["unknown_format"] = tmp_path / "unknown.safetensors"
-    save_file(unknown, str(out["unknown_format"]))
-    out["missing"] = tmp_path / "missing.safetensors"
-    return out
-
-
-def test_bad_input_writes_nothing(reg, tmp_path):
-    for label, path in _bad_files(tmp_path).items():
+def test_bad_input_writes_nothing(reg, bad_files, store_files):
+    for label, path in bad_files.items():
         with pytest.raises(LorahubError) as ei:
             reg.add_file(path)
         assert "\n" not in str(ei.value), label
@@ -265,8 +215,8 @@ def test_bad_input_writes_nothing(reg, tmp_path):
     assert store_files(reg.home) == []
 
 
-def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch):
-    f = make_kohya(tmp_path / "a.safetensors")
+def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch, store_files):
+    f = kohya_file(tmp_path / "a.safetensors")
 
     def boom(conn, entry_id):
         raise RuntimeError("power cut")
@@ -284,7 +234,7 @@ def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch):
 
 def test_migrations_upgrade_older_and_refuse_newer(home, tmp_path):
     r = Registry.open(home, migrate_to=1)
-    e, _ = r.add_file(make_kohya(tmp_path / "old.safetensors"))
+    e, _ = r.add_file(kohya_file(tmp_path / "old.safetensors"))
     tables = {x[0] for x in r.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "scan_cache" not in tables and r.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     r.close()
@@ -305,8 +255,8 @@ def test_not_a_database(home):
         Registry.open(home)
 
 
-def test_concurrent_writers(home, tmp_path):
-    files = [make_kohya(tmp_path / f"c{i}.safetensors", seed=100 + i) for i in range(8)]
+def test_concurrent_writers(home, tmp_path, store_files):
+    files = [kohya_file(tmp_path / f"c{i}.safetensors", seed=100 + i) for i in range(8)]
     Registry.open(home).close()
     errors = []
 
@@ -329,7 +279,7 @@ def test_concurrent_writers(home, tmp_path):
     assert r.count() == 8 and len(store_files(home)) == 8
 
 
-def test_metadata_and_sidecars_imported(reg, tmp_path):
+def test_metadata_and_sidecars_imported(reg, tmp_path, png_bytes):
     cover = png_bytes((0, 255, 0), (10, 10))
     meta = {
         "ssmd_display_name": "Nice Display Name",
@@ -340,7 +290,7 @@ def test_metadata_and_sidecars_imported(reg, tmp_path):
         "ssmd_cover_images": json.dumps([base64.b64encode(cover).decode()]),
         "ss_tag_frequency": json.dumps({"10_x": {"shouldnotwin": 10}}),
     }
-    f = make_kohya(tmp_path / "side.safetensors", meta=meta)
+    f = kohya_file(tmp_path / "side.safetensors", meta=meta)
     (tmp_path / "side.json").write_text(json.dumps({
         "description": "from the webui sidecar", "sd version": "SD1", "activation text": "act1, act2",
         "preferred weight": 0.7, "negative text": "blurry", "notes": ""}))
@@ -365,27 +315,27 @@ def test_metadata_and_sidecars_imported(reg, tmp_path):
 
 
 def test_trigger_sources_header_only(reg, tmp_path):
-    f1 = make_kohya(tmp_path / "a.safetensors", seed=1, meta={"ss_tag_frequency": json.dumps(
+    f1 = kohya_file(tmp_path / "a.safetensors", seed=1, meta={"ss_tag_frequency": json.dumps(
         {"10_sks dog": {"sks dog": 20, "dog": 21, "grass": 3}, "5_reg": {"sks dog": 5, "sky": 1}})})
-    f2 = make_kohya(tmp_path / "b.safetensors", seed=2, meta={"modelspec.trigger_phrase": "zkz style",
+    f2 = kohya_file(tmp_path / "b.safetensors", seed=2, meta={"modelspec.trigger_phrase": "zkz style",
                                                                 "modelspec.title": "Title Name",
                                                                 "ss_tag_frequency": json.dumps({"d": {"x": 3}})})
     e1, _ = reg.add_file(f1)
     e2, _ = reg.add_file(f2)
     assert e1["triggers"] == ["sks dog", "dog"]
     assert e2["triggers"] == ["zkz style"] and e2["name"] == "Title Name"
-    e3, _ = reg.add_file(make_kohya(tmp_path / "c.safetensors", seed=3), triggers=["mine"])
+    e3, _ = reg.add_file(kohya_file(tmp_path / "c.safetensors", seed=3), triggers=["mine"])
     assert e3["triggers"] == ["mine"]
 
 
 def test_base_from_metadata_when_shapes_are_not_full_size(reg, tmp_path):
-    f = make_kohya(tmp_path / "tiny.safetensors", width=32, meta={"ss_base_model_version": "sdxl_base_v1-0"})
+    f = kohya_file(tmp_path / "tiny.safetensors", width=32, meta={"ss_base_model_version": "sdxl_base_v1-0"})
     e, _ = reg.add_file(f)
     assert e["base"] == "sdxl"
-    g = make_kohya(tmp_path / "tiny2.safetensors", width=32, seed=4)
+    g = kohya_file(tmp_path / "tiny2.safetensors", width=32, seed=4)
     (tmp_path / "tiny2.civitai.info").write_text(json.dumps({"baseModel": "SD 2.1"}))
     assert reg.add_file(g)[0]["base"] == "sd2"
-    h = make_kohya(tmp_path / "tiny3.safetensors", width=32, seed=5)
+    h = kohya_file(tmp_path / "tiny3.safetensors", width=32, seed=5)
     assert reg.add_file(h, base="sd1")[0]["base"] == "sd1"
 
 
@@ -401,7 +351,7 @@ def test_checkpoint_can_be_registered(reg, tmp_path):
 
 
 def test_copy_false_links_without_touching_the_source_mode(reg, tmp_path):
-    f = make_kohya(tmp_path / "linked.safetensors")
+    f = kohya_file(tmp_path / "linked.safetensors")
     mode = f.stat().st_mode
     e, _ = reg.add_file(f, copy=False)
     assert reg.blob_path(e).read_bytes() == f.read_bytes()
@@ -419,8 +369,8 @@ def test_registry_module_is_light():
     assert out == ""
 
 
-def test_add_many_batches_dedupes_and_reports(reg, tmp_path):
-    files = [make_kohya(tmp_path / f"m{i}.safetensors", seed=200 + i) for i in range(5)]
+def test_add_many_batches_dedupes_and_reports(reg, tmp_path, store_files):
+    files = [kohya_file(tmp_path / f"m{i}.safetensors", seed=200 + i) for i in range(5)]
     twin = tmp_path / "twin.safetensors"
     twin.write_bytes(files[0].read_bytes())
     bad = tmp_path / "bad.safetensors"
@@ -442,11 +392,11 @@ def test_add_many_batches_dedupes_and_reports(reg, tmp_path):
     assert reg.add_many(files) == {"added": 0, "already": 5, "failed": 0}
 
 
-def test_process_killed_after_blob_rename_before_commit(home, tmp_path):
+def test_process_killed_after_blob_rename_before_commit(home, tmp_path, store_files):
     import subprocess
     import sys
 
-    f = make_kohya(tmp_path / "k.safetensors")
+    f = kohya_file(tmp_path / "k.safetensors")
     code = f"""
 import os
 from lorahub.registry import Registry
@@ -470,7 +420,7 @@ Registry.open({str(home)!r}).add_file({str(f)!r})
 
 
 def test_stale_blob_under_the_final_name_is_replaced(reg, tmp_path):
-    f = make_kohya(tmp_path / "s.safetensors")
+    f = kohya_file(tmp_path / "s.safetensors")
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     stale = reg.object_path(sha)
     stale.parent.mkdir(parents=True, exist_ok=True)

@@ -12,17 +12,16 @@ import sys
 
 import pytest
 
-from tests.stress import concurrency, crash
-from tests.stress.common import write_lora
+from lorahub.tiny_loras import kohya_file
 
 
-def test_concurrent_add_tag_rm(tmp_path):
-    report = concurrency.run(procs=4, nfiles=24, workdir=tmp_path)
-    assert report["problems"] == []
+def test_concurrent_add_tag_rm(stress):
+    report = stress("concurrency", "--procs", 4, "--files", 24)
+    assert report["files"] == 24 and report["problems"] == []
 
 
-def test_sigkill_during_add_and_scan_loses_nothing(tmp_path):
-    report = crash.run(trials=10, ops=["add", "scan"], workdir=tmp_path, seed=1)
+def test_sigkill_during_add_and_scan_loses_nothing(stress):
+    report = stress("crash", "--trials", 10, "--ops", "add,scan", "--seed", 1)
     assert report["killed"] >= 3, report  # the trials really interrupted something
     assert report["problems"] == []
 
@@ -37,11 +36,11 @@ def _available(cmd: str) -> bool:
 
 
 @pytest.mark.parametrize("op", ["convert", "merge", "extract"])
-def test_sigkill_during_register_ops(tmp_path, op):
+def test_sigkill_during_register_ops(stress, op):
     if not _available(op):
         pytest.skip(f"`lorahub {op}` not available")
-    report = crash.run(trials=6, ops=[op], workdir=tmp_path, seed=2)
-    assert report["problems"] == []
+    report = stress("crash", "--trials", 6, "--ops", op, "--seed", 2)
+    assert report["trials"] == 6 and report["problems"] == []
 
 
 def _limited(limit: int):
@@ -53,10 +52,10 @@ def _limited(limit: int):
 
 def test_write_failure_is_one_line_and_leaves_registry_unchanged(tmp_path, cli):
     home = tmp_path / "home"
-    small = write_lora(tmp_path / "small.safetensors", seed=1)
+    small = kohya_file(tmp_path / "small.safetensors", seed=1)
     assert cli("add", small, home=home).returncode == 0
     before = sorted(p.name for p in (home / "objects").rglob("*") if p.is_file())
-    big = write_lora(tmp_path / "big.safetensors", seed=2, rank=64, width=1280)  # ~650 KB
+    big = kohya_file(tmp_path / "big.safetensors", seed=2, rank=128, width=1280)  # ~570 KB
     env = dict(os.environ, LORAHUB_HOME=str(home))
     r = subprocess.run([sys.executable, "-m", "lorahub", "add", str(big)], env=env, capture_output=True,
                        text=True, preexec_fn=_limited(400_000))
@@ -72,18 +71,18 @@ def test_write_failure_is_one_line_and_leaves_registry_unchanged(tmp_path, cli):
 def test_home_that_is_a_file(tmp_path, cli):
     f = tmp_path / "not-a-dir"
     f.write_text("x")
-    r = cli("add", write_lora(tmp_path / "a.safetensors", seed=1), home=f)
+    r = cli("add", kohya_file(tmp_path / "a.safetensors", seed=1), home=f)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
 def test_read_only_home(tmp_path, cli):
     home = tmp_path / "home"
-    assert cli("add", write_lora(tmp_path / "a.safetensors", seed=1), home=home).returncode == 0
+    assert cli("add", kohya_file(tmp_path / "a.safetensors", seed=1), home=home).returncode == 0
     for p in [home, *home.rglob("*")]:
         os.chmod(p, 0o555 if p.is_dir() else 0o444)
     try:
-        r = cli("add", write_lora(tmp_path / "b.safetensors", seed=2), home=home)
+        r = cli("add", kohya_file(tmp_path / "b.safetensors", seed=2), home=home)
         assert r.returncode == 2 and "Traceback" not in r.stderr
     finally:
         for p in [home, *home.rglob("*")]:
@@ -119,7 +118,7 @@ def test_malicious_pickle_is_never_executed(tmp_path, cli, suffix):
 
 def test_store_blobs_are_read_only_and_export_stays_inside(tmp_path, cli):
     home = tmp_path / "home"
-    r = cli("add", write_lora(tmp_path / "a.safetensors", seed=3), "--name", "../../escape", home=home)
+    r = cli("add", kohya_file(tmp_path / "a.safetensors", seed=3), "--name", "../../escape", home=home)
     assert r.returncode == 0, r.stderr
     blobs = [p for p in (home / "objects").rglob("*") if p.is_file()]
     assert blobs and all((p.stat().st_mode & 0o222) == 0 for p in blobs)

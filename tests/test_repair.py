@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hubserver import HubServer  # noqa: E402
-from stress.common import write_lora  # noqa: E402
+from lorahub.tiny_loras import kohya_file
 
 
 def _blob(home: Path, sha: str) -> Path:
@@ -25,9 +22,9 @@ def _corrupt(p: Path) -> None:
 
 def test_repair_from_local_source(tmp_path, cli):
     home = tmp_path / "home"
-    a = write_lora(tmp_path / "a.safetensors", seed=1)
-    b = write_lora(tmp_path / "b.safetensors", seed=2)
-    c = write_lora(tmp_path / "c.safetensors", seed=3)
+    a = kohya_file(tmp_path / "a.safetensors", seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", seed=2)
+    c = kohya_file(tmp_path / "c.safetensors", seed=3)
     assert cli("add", a, b, c, home=home).returncode == 0
     entries = {e["file_name"]: e for e in json.loads(cli("list", "--json", home=home).stdout)}
     _blob(home, entries["a.safetensors"]["sha256"]).unlink()
@@ -55,23 +52,21 @@ def test_repair_from_local_source(tmp_path, cli):
     assert cli("verify", home=home).returncode == 0
 
 
-def test_repair_from_hub_remote(tmp_path, cli):
+def test_repair_from_hub_remote(tmp_path, cli, hub, henv):
     home = tmp_path / "home"
-    data = write_lora(tmp_path / "hub.safetensors", seed=7).read_bytes()
-    with HubServer(tmp_path / "srv") as hub:
-        hub.seed("someone/style-lora", {"style.safetensors": data,
-                                        "README.md": b"---\nbase_model: runwayml/stable-diffusion-v1-5\n---\n"})
-        env = {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"),
-               "HF_ENDPOINT": hub.url, "HF_TOKEN": ""}
-        r = cli("pull", "someone/style-lora", home=home, env=env)
-        assert r.returncode == 0, r.stderr
-        entry = json.loads(cli("list", "--json", home=home).stdout)[0]
-        _blob(home, entry["sha256"]).unlink()
-        # offline: the Hub source is skipped, the blob stays missing
-        r = cli("verify", "--repair", home=home, env=env | {"HF_HUB_OFFLINE": "1"})
-        assert r.returncode == 1 and "no source could restore it" in r.stdout
-        # online, with a fresh cache so the bytes really come over HTTP again
-        r = cli("verify", "--repair", home=home, env=env | {"HF_HOME": str(tmp_path / "hf2")})
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "repaired from someone/style-lora@" in r.stdout
+    data = kohya_file(tmp_path / "hub.safetensors", seed=7).read_bytes()
+    hub.seed("someone/style-lora", {"style.safetensors": data,
+                                    "README.md": b"---\nbase_model: runwayml/stable-diffusion-v1-5\n---\n"})
+    env = henv()
+    r = cli("pull", "someone/style-lora", home=home, env=env)
+    assert r.returncode == 0, r.stderr
+    entry = json.loads(cli("list", "--json", home=home).stdout)[0]
+    _blob(home, entry["sha256"]).unlink()
+    # offline: the Hub source is skipped, the blob stays missing
+    r = cli("verify", "--repair", home=home, env=env | {"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and "no source could restore it" in r.stdout
+    # online, with a fresh cache so the bytes really come over HTTP again
+    r = cli("verify", "--repair", home=home, env=henv("hf2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "repaired from someone/style-lora@" in r.stdout
     assert _blob(home, entry["sha256"]).read_bytes() == data

@@ -134,13 +134,11 @@ def test_cli_resize_file_and_registry(tmp_path, home, cli):
     # a real tiny-sd1 LoRA: attention layers at rank 6 with alpha 3
     from lorahub.formats.names import get_arch
 
+    from lorahub.tiny_loras import random_lora
+
     arch = get_arch("tiny-sd1")
-    g = torch.Generator().manual_seed(0)
-    m = LoraModel(base="sd1")
-    for name, shape in arch.modules.items():
-        if name.startswith("unet.") and ".attn" in name and len(shape) == 2:
-            m.layers[name] = LoraLayer("lora", {"down": torch.randn(6, shape[1], generator=g) * 0.1,
-                                                "up": torch.randn(shape[0], 6, generator=g) * 0.1}, alpha=3.0)
+    m = random_lora({name: shape for name, shape in arch.modules.items()
+                     if name.startswith("unet.") and ".attn" in name and len(shape) == 2}, 0, 6, 3.0)
     src = save_lora(m, tmp_path / "src.safetensors", dialect="kohya")
     reg = Registry.open(home)
     entry, _ = reg.add_file(src, name="srclora", type="style")

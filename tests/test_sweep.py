@@ -9,12 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from lorahub.formats.canonical import LoraLayer, LoraModel
-from lorahub.formats.names import canonical
 from lorahub.ops.apply import apply_loras
 from lorahub.ops.sweep import Sample, plan_sweep, run_samples, set_scheduler
+from lorahub.tiny_loras import pipeline_lora
 
 TOL = 2e-4  # images in [0, 1]; float32 batched vs unbatched matmuls differ by ~1e-6
 
@@ -29,31 +27,14 @@ def _load(folder):
 
 def _random_lora(pipe, seed, *, unet=True, te=True, rank=4, std=0.3, select=None):
     """A canonical LoraModel and the same LoRA as diffusers-format keys (lora_A / lora_B)."""
-    g = torch.Generator().manual_seed(seed)
-    model, sd = LoraModel(), {}
-    parts = []
+    sel = select or (lambda n: True)
+    keep = {}
     if unet:
-        parts.append(("unet", pipe.unet, lambda n: ("attentions" in n)))
+        keep["unet"] = lambda n: "attentions" in n and sel(n)
     if te:
-        parts.append(("text_encoder", pipe.text_encoder, lambda n: "self_attn" in n or "mlp" in n))
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            parts.append(("text_encoder_2", pipe.text_encoder_2, lambda n: "self_attn" in n))
-    for part, root, keep in parts:
-        for name, m in root.named_modules():
-            if not keep(name) or (select is not None and not select(name)):
-                continue
-            if isinstance(m, nn.Linear):
-                down = torch.randn(rank, m.in_features, generator=g) * std
-                up = torch.randn(m.out_features, rank, generator=g) * std
-            elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
-                down = torch.randn(rank, m.in_channels, 1, 1, generator=g) * std
-                up = torch.randn(m.out_channels, rank, 1, 1, generator=g) * std
-            else:
-                continue
-            model.layers[canonical(part, name)] = LoraLayer("lora", {"down": down, "up": up})
-            sd[f"{part}.{name}.lora_A.weight"] = down.clone()
-            sd[f"{part}.{name}.lora_B.weight"] = up.clone()
-    return model, sd
+        keep["text_encoder"] = lambda n: ("self_attn" in n or "mlp" in n) and sel(n)
+        keep["text_encoder_2"] = lambda n: "self_attn" in n and sel(n)
+    return pipeline_lora(pipe, seed, rank=rank, scale=std, keep=keep)
 
 
 def _save(sd, path):

@@ -30,6 +30,7 @@ from typing import Callable
 
 from lorahub.errors import LorahubError
 from lorahub.train.config import TrainConfig
+from lorahub.vocab import safe_filename
 
 CKPT_DIRNAME = "checkpoints"
 
@@ -589,10 +590,29 @@ class Trainer:
 
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Prepare, train every phase in turn (resuming when asked), then write the outputs."""
+        t_start = time.perf_counter()
+        self._prepare()
+        ckpt_phase, state = self._resume()
+        self.result.start_step = self.step
+        try:
+            self._train_phases(ckpt_phase, state)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        self.result.steps = self.step
+        self.result.is_main = self.acc.is_main_process
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self._finish()
+        self.result.seconds = time.perf_counter() - t_start
+        return self.result
+
+    def _prepare(self):
+        """Lint the captions, load the base, build the datasets (and class images), add the LoRA adapters
+        and tokens, and seed this process's noise stream."""
         import torch
 
         cfg = self.cfg
-        t_start = time.perf_counter()
         self._lint()
         self._load()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -601,118 +621,153 @@ class Trainer:
         # per-process noise stream (each process also draws its own share of the batches)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed + 7919 * self.acc.process_index)
         self._lat_cache = {}
-        phases = [(p, n) for p, n in (("ti", cfg.ti_phase_steps), ("lora", cfg.lora_phase_steps)) if n > 0]
-        total = cfg.total_steps
-        step, ckpt_phase, state = 0, None, None
-        if cfg.resume:
-            ckpt = self.find_resume(cfg.resume)
-            step, ckpt_phase, state = self._load_checkpoint(ckpt)
-            if step > total:
-                raise LorahubError(f"{ckpt}: checkpoint is at step {step}, past the {total} steps asked for")
-            self.gen.set_state(state["rng"]["gen"])
-            torch.set_rng_state(state["rng"]["cpu"])
-            if "cuda" in state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
-            self.log(f"resuming from {ckpt} at step {step}")
-        self.result.start_step = step
         # text embeddings are constant when nothing on the text side trains: cache them
-        text_frozen = not cfg.uses_tokens and not (self.has_lora and "text_encoder" in self.lora)
-        emb_cache: dict[str, tuple] = {}
+        self._text_frozen = not cfg.uses_tokens and not (self.has_lora and "text_encoder" in self.lora)
+        self._emb_cache: dict[str, tuple] = {}
+        self.step = self._last_ckpt_step = 0    # steps done; the step of the last checkpoint kept
+        self._phase = None                      # the phase running (for the checkpoint kept on Ctrl-C)
+
+    def _resume(self) -> tuple[str | None, dict | None]:
+        """With ``--resume``: load the checkpoint's weights, losses and random state and set ``self.step``;
+        returns (the checkpoint's phase, its optimizer/RNG state), or (None, None) for a fresh run."""
+        import torch
+
+        cfg = self.cfg
+        if not cfg.resume:
+            return None, None
+        ckpt = self.find_resume(cfg.resume)
+        step, ckpt_phase, state = self._load_checkpoint(ckpt)
+        if step > cfg.total_steps:
+            raise LorahubError(f"{ckpt}: checkpoint is at step {step}, past the {cfg.total_steps} steps asked for")
+        self.gen.set_state(state["rng"]["gen"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        self.log(f"resuming from {ckpt} at step {step}")
+        self.step = self._last_ckpt_step = step
+        return ckpt_phase, state
+
+    def _train_phases(self, ckpt_phase: str | None, state: dict | None):
+        """Run the phases (ti, then lora) from ``self.step``: a phase already done is skipped; the first
+        phase trained takes the checkpoint's optimizer state when the checkpoint stopped inside it."""
+        cfg = self.cfg
+        phases = [(p, n) for p, n in (("ti", cfg.ti_phase_steps), ("lora", cfg.lora_phase_steps)) if n > 0]
+        self._t_loop = time.perf_counter()
+        self._done_here = 0
         phase_start = 0
-        last_ckpt_step = step
-        t_loop = time.perf_counter()
-        done_here = 0
-        try:
-            for phase, n in phases:
-                phase_end = phase_start + n
-                if step >= phase_end:
-                    phase_start = phase_end
-                    continue
-                self.opt = self._phase_optimizer(phase)
-                if state is not None and ckpt_phase == phase and step > phase_start:
-                    self.opt.load_state_dict(state["optimizer"])
-                unet, tes = self._wrap(phase)
-                # accelerate's optimizer wrapper unscales fp16 gradients (GradScaler) before stepping
-                self.opt = self.acc.prepare_optimizer(self.opt)
-                self.unet.train(phase == "lora")
-                for te in self.tes:
-                    te.train(phase == "ti" or "text_encoder" in self.lora)
-                while step < phase_end:
-                    loss_val = 0.0
-                    for micro in range(cfg.grad_accum):
-                        idx = self.data.batch_for_step(cfg.seed, step, cfg.batch_size, micro, cfg.grad_accum,
-                                                       self.acc.process_index, self.acc.num_processes)
-                        lat, prompts, items = self._batch(self.data, idx, flip_seed=cfg.seed + step * 131 + micro)
-                        size = items[0].bucket[1], items[0].bucket[0]
-                        split = None
-                        if self.class_data is not None:
-                            cidx = self.class_data.batch_for_step(cfg.seed + 1, step, cfg.batch_size, micro,
-                                                                  cfg.grad_accum, self.acc.process_index,
-                                                                  self.acc.num_processes)
-                            clat, cprompts, citems = self._batch(self.class_data, cidx, flip_seed=-step - 1)
-                            split = len(prompts)
-                            if clat.shape[1:] != lat.shape[1:]:
-                                raise LorahubError("prior preservation with --buckets needs square instance "
-                                                   "images (class images are square)")
-                            lat = torch.cat([lat, clat])
-                            prompts = prompts + cprompts
-                            items = items + citems
-                        with self.acc.autocast():
-                            if text_frozen:
-                                key = "\x00".join(prompts)
-                                if key not in emb_cache:
-                                    with torch.no_grad():
-                                        emb_cache[key] = self.encode(prompts, tes)
-                                enc, added = emb_cache[key]
-                            else:
-                                enc, added = self.encode(prompts, tes)
-                            if added is not None:
-                                added = {**added, "time_ids": self._time_ids(items, size)}
-                            loss, _, _ = diffusion_loss(unet, self.scheduler, lat, enc.to(self.weight_dtype),
-                                                        self.gen, added_cond=added, reduction_split=split,
-                                                        prior_loss_weight=cfg.prior_loss_weight)
-                        if not torch.isfinite(loss):
-                            raise LorahubError(f"loss is not finite at step {step + 1} ({loss.item()}); "
-                                               "lower the learning rate or use --mixed-precision bf16/no")
-                        self.acc.backward(loss / cfg.grad_accum)
-                        loss_val += loss.item() / cfg.grad_accum
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    if phase == "ti":
-                        self._restore_rows()
-                    step += 1
-                    done_here += 1
-                    self.result.losses.append(loss_val)
-                    if self.report is not None:
-                        el = time.perf_counter() - t_loop
-                        its = done_here / el if el > 0 else 0.0
-                        self.report({"step": step, "total": total, "loss": loss_val, "phase": phase,
-                                     "it_s": its, "eta_s": (total - step) / its if its else None})
-                    if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                        self.save_checkpoint(step, phase)
-                        last_ckpt_step = step
-                    if self.on_step is not None:
-                        self.on_step(step)
-                phase_start = phase_end
+        for phase, n in phases:
+            self._phase = phase
+            phase_end = phase_start + n
+            if self.step < phase_end:
+                resumed = state is not None and ckpt_phase == phase and self.step > phase_start
+                self._train_phase(phase, phase_end, state["optimizer"] if resumed else None)
                 state = None
-        except KeyboardInterrupt:
-            if step > last_ckpt_step and step > 0:
-                where = self.save_checkpoint(step, phase)
-            else:
-                where = self.result.checkpoints[-1] if self.result.checkpoints else (
-                    self.find_resume(cfg.resume) if cfg.resume else None)
-            self.result.steps = step
-            if where is None:
-                raise TrainingInterrupted(f"interrupted at step {step}; no checkpoint to keep") from None
-            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint kept at {where} "
-                                      f"(continue with --resume {where})") from None
+            phase_start = phase_end
+
+    def _train_phase(self, phase: str, phase_end: int, opt_state: dict | None):
+        """One phase: its optimizer (restored from ``opt_state`` when resuming), then steps up to
+        ``phase_end`` with progress reports and periodic checkpoints."""
+        cfg = self.cfg
+        self.opt = self._phase_optimizer(phase)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        unet, tes = self._wrap(phase)
+        # accelerate's optimizer wrapper unscales fp16 gradients (GradScaler) before stepping
+        self.opt = self.acc.prepare_optimizer(self.opt)
+        self.unet.train(phase == "lora")
+        for te in self.tes:
+            te.train(phase == "ti" or "text_encoder" in self.lora)
+        while self.step < phase_end:
+            loss_val = 0.0
+            for micro in range(cfg.grad_accum):
+                loss_val += self._micro_step(unet, tes, micro) / cfg.grad_accum
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if phase == "ti":
+                self._restore_rows()
+            self.step += 1
+            self._after_step(phase, loss_val)
+
+    def _micro_step(self, unet, tes, micro: int) -> float:
+        """Forward and backward pass of one micro-batch of the current step; returns its loss."""
+        import torch
+
+        cfg, step = self.cfg, self.step
+        lat, prompts, items, split = self._step_batch(micro)
+        size = items[0].bucket[1], items[0].bucket[0]
+        with self.acc.autocast():
+            enc, added = self._text_embeddings(prompts, tes)
+            if added is not None:
+                added = {**added, "time_ids": self._time_ids(items, size)}
+            loss, _, _ = diffusion_loss(unet, self.scheduler, lat, enc.to(self.weight_dtype),
+                                        self.gen, added_cond=added, reduction_split=split,
+                                        prior_loss_weight=cfg.prior_loss_weight)
+        if not torch.isfinite(loss):
+            raise LorahubError(f"loss is not finite at step {step + 1} ({loss.item()}); "
+                               "lower the learning rate or use --mixed-precision bf16/no")
+        self.acc.backward(loss / cfg.grad_accum)
+        return loss.item()
+
+    def _step_batch(self, micro: int):
+        """(latents, prompts, items, split) of a micro-batch: this process's instance images for the step,
+        followed by as many class images with prior preservation (``split``: where they start)."""
+        import torch
+
+        cfg, step, acc = self.cfg, self.step, self.acc
+        idx = self.data.batch_for_step(cfg.seed, step, cfg.batch_size, micro, cfg.grad_accum,
+                                       acc.process_index, acc.num_processes)
+        lat, prompts, items = self._batch(self.data, idx, flip_seed=cfg.seed + step * 131 + micro)
+        if self.class_data is None:
+            return lat, prompts, items, None
+        cidx = self.class_data.batch_for_step(cfg.seed + 1, step, cfg.batch_size, micro, cfg.grad_accum,
+                                              acc.process_index, acc.num_processes)
+        clat, cprompts, citems = self._batch(self.class_data, cidx, flip_seed=-step - 1)
+        if clat.shape[1:] != lat.shape[1:]:
+            raise LorahubError("prior preservation with --buckets needs square instance "
+                               "images (class images are square)")
+        return torch.cat([lat, clat]), prompts + cprompts, items + citems, len(prompts)
+
+    def _text_embeddings(self, prompts: list[str], tes):
+        """``encode(prompts)``, cached per prompt list when the text side does not train."""
+        import torch
+
+        if not self._text_frozen:
+            return self.encode(prompts, tes)
+        key = "\x00".join(prompts)
+        if key not in self._emb_cache:
+            with torch.no_grad():
+                self._emb_cache[key] = self.encode(prompts, tes)
+        return self._emb_cache[key]
+
+    def _after_step(self, phase: str, loss_val: float):
+        """Record the step's loss, report progress, save a checkpoint every ``save_every`` steps."""
+        cfg, step = self.cfg, self.step
+        self._done_here += 1
+        self.result.losses.append(loss_val)
+        if self.report is not None:
+            el = time.perf_counter() - self._t_loop
+            its = self._done_here / el if el > 0 else 0.0
+            self.report({"step": step, "total": cfg.total_steps, "loss": loss_val, "phase": phase,
+                         "it_s": its, "eta_s": (cfg.total_steps - step) / its if its else None})
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
+            self.save_checkpoint(step, phase)
+            self._last_ckpt_step = step
+        if self.on_step is not None:
+            self.on_step(step)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Ctrl-C: keep a checkpoint of the steps done since the last one; the error says where it is."""
+        step = self.step
+        if step > self._last_ckpt_step and step > 0:
+            where = self.save_checkpoint(step, self._phase)
+        else:
+            where = self.result.checkpoints[-1] if self.result.checkpoints else (
+                self.find_resume(self.cfg.resume) if self.cfg.resume else None)
         self.result.steps = step
-        self.result.is_main = self.acc.is_main_process
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self._finish()
-        self.result.seconds = time.perf_counter() - t_start
-        return self.result
+        if where is None:
+            return TrainingInterrupted(f"interrupted at step {step}; no checkpoint to keep")
+        return TrainingInterrupted(f"interrupted at step {step}; checkpoint kept at {where} "
+                                   f"(continue with --resume {where})")
 
     # ---- outputs --------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
@@ -794,7 +849,7 @@ class Trainer:
             meta = {**md, "ss_placeholder_token": p, "modelspec.trigger_phrase": p,
                     "lorahub_triggers": json.dumps([p])}
             model = LoraModel(embeddings={p: slots}, metadata=meta, base=self.family)
-            stem = self.name if len(ph) == 1 else f"{self.name}-{_safe(p)}"
+            stem = self.name if len(ph) == 1 else f"{self.name}-{safe_filename(p, 'token')}"
             dest = self.out_dir / f"{stem}{suffix}.safetensors"
             save_lora(model, dest, dialect="kohya", dtype=self._save_dtype())
             out.append(dest)
@@ -890,12 +945,6 @@ def _place(module, device, dtype) -> None:
     module.to(device)
     if module.dtype != dtype:
         module.to(dtype=dtype)
-
-
-def _safe(token: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "token"
 
 
 def train(cfg: TrainConfig, **kwargs) -> TrainResult:

@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """Concurrency stress: P processes add, tag and remove overlapping files in one registry home at once.
 
-    python tests/stress/concurrency.py --procs 4 --files 200
+    python tests/stress/concurrency.py --procs 4 --files 200 [--workdir DIR]
 
 Phase 1: every process adds every file (in its own shuffled order) through the CLI — maximal overlap.
 Phase 2 (after a barrier): every process tags every entry +p<i> and removes its own disjoint share.
 Checks: each surviving file registered exactly once, one blob per sha256, every entry carries all P
 tags (no lost update), removed entries are gone, no 'database is locked'/'busy' message or exit
 code other than 0 reached a user, `verify` is clean, PRAGMA integrity_check is ok.
+Prints a JSON report; exits 1 when it lists problems.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import random
@@ -22,8 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.stress.common import cli, write_lora  # noqa: E402
+from lorahub.tiny_loras import kohya_file
+
+
+def cli(args: list[str]) -> tuple[int, str, str]:
+    """Run the lorahub CLI in this process; return (exit code, stdout, stderr)."""
+    from lorahub.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(map(str, args)))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
 
 
 def _worker(i: int, procs: int, home: str, files: list[str], barrier, queue) -> None:
@@ -55,7 +71,7 @@ def run(procs: int, nfiles: int, workdir: Path) -> dict:
     src = workdir / "files"
     src.mkdir(parents=True, exist_ok=True)
     home = workdir / "home"
-    files = [str(write_lora(src / f"lora_{k:04d}.safetensors", seed=k)) for k in range(nfiles)]
+    files = [str(kohya_file(src / f"lora_{k:04d}.safetensors", seed=k, rank=2, width=32)) for k in range(nfiles)]
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
     t0 = time.perf_counter()
@@ -104,9 +120,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, help="where the files and the registry home go (default: a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        report = run(args.procs, args.files, Path(d))
+        report = run(args.procs, args.files, args.workdir or Path(d))
     print(json.dumps(report, indent=2))
     sys.exit(1 if report["problems"] else 0)
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Crash stress: kill `lorahub` with SIGKILL at random moments and check nothing is lost or half-written.
 
-    python tests/stress/crash.py --trials 50 [--ops add,scan,convert,merge,extract]
+    python tests/stress/crash.py --trials 50 [--ops add,scan,convert,merge,extract] [--seed N] [--workdir DIR]
 
 Each trial starts one command in a child process against a shared registry home and kills it after a
 random delay. After every kill: PRAGMA integrity_check is ok; every entry's blob exists and hashes to
 its sha256 (`verify`); no blob in the store has content that differs from its name (no partial file
 under a final name); the output file of convert/merge/extract, if present under its final name, is a
 complete safetensors file. At the end `gc` removes every leftover temp file and unreferenced blob.
+Prints a JSON report; exits 1 when it lists problems.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.stress.common import write_lora  # noqa: E402
+from lorahub.tiny_loras import kohya_file
 
 
 def _check_store(home: Path) -> list[str]:
@@ -87,7 +87,7 @@ def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: fl
     home = workdir / "home"
     src = workdir / "src"
     src.mkdir(parents=True, exist_ok=True)
-    files = [write_lora(src / f"f{k:03d}.safetensors", seed=1000 + k, rank=4, width=320) for k in range(60)]
+    files = [kohya_file(src / f"f{k:03d}.safetensors", seed=1000 + k) for k in range(60)]
     env = dict(os.environ, LORAHUB_HOME=str(home), HF_HUB_OFFLINE="1")
     problems, kills, outputs = [], 0, 0
     # one registered entry so convert/merge have something to work on
@@ -151,9 +151,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--ops", default="add,scan")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, help="where the files and the registry home go (default: a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        report = run(args.trials, args.ops.split(","), Path(d), seed=args.seed)
+        report = run(args.trials, args.ops.split(","), args.workdir or Path(d), seed=args.seed)
     print(json.dumps(report, indent=2))
     sys.exit(1 if report["problems"] else 0)
 

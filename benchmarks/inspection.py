@@ -12,30 +12,24 @@ Measured in one process:
 and the wall time of the whole command `python -m lorahub inspect FILE --json` (a child process:
 imports, file read, per-layer work, JSON) — median of max(1, --repeat - 2) runs, plus one fresh process timing each step.
 
-    python benchmarks/inspect.py [--rank 128] [--threads 1] [--repeat 3] [--stride 1] [--out FILE]
+    python benchmarks/inspection.py [--rank 128] [--threads 1] [--repeat 3] [--stride 1] [--out FILE]
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
-# This file is named like the stdlib module `inspect`: drop its folder from the import path first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def sd15_targets():
