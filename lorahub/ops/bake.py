@@ -23,10 +23,10 @@ import torch
 
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraModel
+from lorahub.formats.header import FLOAT_DTYPES
+from lorahub.vocab import PARTS
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
 RECIPE_FILE = "lorahub_recipe.toml"
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass

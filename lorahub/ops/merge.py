@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lorahub.errors import LorahubError
-from lorahub.formats.canonical import PARTS, LoraLayer, LoraModel
+from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.linalg import lowrank
+from lorahub.vocab import PARTS
 
 METHODS = ("svd", "concat", "sum")
 
