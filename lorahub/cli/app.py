@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -54,6 +55,10 @@ COMMAND_INDEX = {
 }
 
 
+# --force of every command that writes an output (the library's ``force``)
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lorahub {__version__}")
@@ -77,7 +82,7 @@ def _load_commands(only: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lorahub.errors import LorahubError
+    from lorahub.errors import LorahubError, OutputExists
 
     args = sys.argv[1:] if argv is None else list(argv)
     _load_commands(COMMAND_INDEX.get(args[0]) if args else None)
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="lorahub")
     except LorahubError as exc:
         msg = str(exc).replace("\n", " ")
+        if isinstance(exc, OutputExists):  # the library's `force` is the command's --force
+            msg = f"{exc.path}: already exists (choose another output, or use --force to overwrite)"
         sys.stderr.write(f"error: {msg}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
