@@ -381,7 +381,7 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
             else:
                 fmt = "peft"
                 notes.append("keys lack the unet./text_encoder. prefix: diffusers >= 0.33 loads this as a silent "
-                             "no-op; `lorahub convert --to diffusers` fixes it")
+                             "no-op; converting it to the diffusers dialect fixes it")
                 for layer in layers.values():
                     if not layer.part:
                         n = layer.name

@@ -210,7 +210,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
             out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
     meta = dict(model.metadata)
     # diffusers' LoraConfig JSON must not reach a kohya file (diffusers refuses "network_alphas and
-    # metadata" together): stash it in lorahub's own field so a later --to diffusers restores it.
+    # metadata" together): stash it in lorahub's own field so a later conversion to diffusers restores it.
     from lorahub.formats.diffusers_fmt import LOREHUB_KEY, META_KEY
 
     if META_KEY in meta:

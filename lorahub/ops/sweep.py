@@ -52,10 +52,6 @@ def set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
 @dataclass
 class Sample:
     """One image of a sweep: its prompt, seed, strengths (one per LoRA) and grid position."""
@@ -97,7 +93,9 @@ def _initial(pipe, seed: int, height: int, width: int, dtype, device, generator_
 
 
 def _embed(pipe, prompts: list[str], negatives: list[str] | None, do_cfg: bool, device) -> dict:
-    if is_sdxl(pipe):
+    from lorahub.ops.models import family_of_pipeline
+
+    if family_of_pipeline(pipe) == "sdxl":
         pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                 do_classifier_free_guidance=do_cfg, negative_prompt=negatives)
         out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
