@@ -180,7 +180,7 @@ def main() -> None:
     ref_script.write_text(REFERENCE)
     out = WORK / "extracted.safetensors"
     cmd = [sys.executable, str(wrap), "-m", "lorahub", "extract", str(base), str(tuned), "--rank", str(RANK),
-           "--dtype", "fp16", "--out", str(out), "--json"]
+           "--dtype", "fp16", "--out", str(out), "--force", "--json"]
     if args.conv:
         cmd += ["--conv-rank", str(RANK)]
     print("lorahub extract ...", file=sys.stderr)

@@ -73,12 +73,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _load_commands(only: str | None = None) -> None:
     for name in (only,) if only else COMMAND_MODULES:
-        modname = f"lorahub.cli.{name}"
-        try:
-            importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
+        importlib.import_module(f"lorahub.cli.{name}")
 
 
 def main(argv: list[str] | None = None) -> None:

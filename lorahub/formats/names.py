@@ -144,7 +144,7 @@ def get_arch(name: str) -> Arch:
                 from lorahub.fsutil import atomic_write_text
 
                 atomic_write_text(cache, json.dumps(data))
-            except Exception:  # a read-only cache only costs speed
+            except OSError:  # a read-only cache only costs speed
                 pass
     return Arch(name=name, family=FAMILY[name],
                 modules={k: tuple(v) for k, v in data["modules"].items()},

@@ -66,12 +66,9 @@ def check_online() -> None:
 
 def quiet_client() -> None:
     """No tqdm bars from huggingface_hub (lorahub shows its own progress)."""
-    try:
-        from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
-        disable_progress_bars()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
+    disable_progress_bars()
 
 
 def scrub(text: str, token: str | None) -> str:
