@@ -39,10 +39,6 @@ class LazyRegistry:
         self._owned = False
 
     @classmethod
-    def of(cls, source) -> "LazyRegistry":
-        return source if isinstance(source, LazyRegistry) else cls(source)
-
-    @classmethod
     @contextmanager
     def using(cls, source) -> Iterator["LazyRegistry"]:
         """``with LazyRegistry.using(registry) as regs:`` -- a registry opened here is closed on exit;
@@ -115,27 +111,25 @@ def resolve_lora(ref: str | os.PathLike, registry=None, *, folder: Path | None =
     ``match_registered``: when the registry is already open, a file that is registered gets its entry.
     """
     ref = str(ref)
-    regs = LazyRegistry.of(registry)
     p = Path(ref).expanduser()
     candidates = [folder / p] if folder is not None and not p.is_absolute() else []
-    for c in candidates + [p]:
-        if c.is_file():
-            entry = None
-            out = LoraRef(ref, c)
-            if match_registered and regs.is_open:
-                entry = regs.get().find_sha256(out.sha256)
-            if entry is not None:
-                out.entry, out.triggers = entry, list(entry.get("triggers") or [])
-            return out
-        if c.exists():
-            raise LorahubError(f"{ref}: is a folder, not a LoRA file")
-    if looks_like_path(ref):
-        raise NotFound(f"{ref}: no such file")
-    reg = regs.get()
-    entry = reg.resolve(ref)
-    if entry.get("kind") == "checkpoint":
-        raise LorahubError(f"{ref}: is a checkpoint, not a LoRA")
-    return LoraRef(ref, Path(reg.blob_path(entry)), entry, list(entry.get("triggers") or []))
+    with LazyRegistry.using(registry) as regs:
+        for c in candidates + [p]:
+            if c.is_file():
+                out = LoraRef(ref, c)
+                entry = regs.get().find_sha256(out.sha256) if match_registered and regs.is_open else None
+                if entry is not None:
+                    out.entry, out.triggers = entry, list(entry.get("triggers") or [])
+                return out
+            if c.exists():
+                raise LorahubError(f"{ref}: is a folder, not a LoRA file")
+        if looks_like_path(ref):
+            raise NotFound(f"{ref}: no such file")
+        reg = regs.get()
+        entry = reg.resolve(ref)
+        if entry.get("kind") == "checkpoint":
+            raise LorahubError(f"{ref}: is a checkpoint, not a LoRA")
+        return LoraRef(ref, Path(reg.blob_path(entry)), entry, list(entry.get("triggers") or []))
 
 
 @dataclass
@@ -166,11 +160,12 @@ def resolve_model(ref: str | os.PathLike, registry=None) -> ModelRef:
         return ModelRef(ref, p)
     if looks_like_path(ref):
         raise NotFound(f"{ref}: no such model file or folder (give {MODEL_HINT})")
-    reg = LazyRegistry.of(registry).get()
-    entry = reg.resolve(ref)
-    if entry.get("kind") not in (None, "checkpoint"):
-        raise LorahubError(f"{ref}: registry entry {entry['id']} is a {entry.get('kind')}, not a checkpoint")
-    return ModelRef(ref, Path(reg.blob_path(entry)), entry)
+    with LazyRegistry.using(registry) as regs:
+        reg = regs.get()
+        entry = reg.resolve(ref)
+        if entry.get("kind") not in (None, "checkpoint"):
+            raise LorahubError(f"{ref}: registry entry {entry['id']} is a {entry.get('kind')}, not a checkpoint")
+        return ModelRef(ref, Path(reg.blob_path(entry)), entry)
 
 
 def needs_registry(ref: str | os.PathLike, *, folder: Path | None = None, model: bool = False) -> bool:
