@@ -9,10 +9,28 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorahub.errors import LorahubError, OutputExists
 from lorahub.vocab import safe_filename
+
+
+@dataclass(kw_only=True)
+class Written:
+    """Where a workflow wrote its result (``out``, in ``dialect`` for a LoRA) and the registry entry it
+    made (``entry``; ``created`` False when the file was registered already). Base of the results."""
+
+    out: Path | None = None
+    dialect: str | None = None
+    entry: dict | None = None
+    created: bool = False
+
+    def registered(self) -> dict | None:
+        """``{"id", "name", "created"}`` of the registry entry, None when not registered."""
+        if self.entry is None:
+            return None
+        return {"id": self.entry["id"], "name": self.entry["name"], "created": self.created}
 
 
 def default_output(stem: str, suffix: str, folder: str | os.PathLike | None = None) -> Path:

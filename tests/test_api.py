@@ -102,19 +102,19 @@ def test_outputs_are_not_overwritten_without_force(tmp_path, home, run, monkeypa
     monkeypatch.chdir(tmp_path)
     src = lorahub.save_lora(_lora(), tmp_path / "in put.safetensors")
     res = lorahub.convert(src, "diffusers")
-    assert res.output == tmp_path / "in put.diffusers.safetensors" and res.dialect == "diffusers"
-    first = res.output.read_bytes()
+    assert res.out == tmp_path / "in put.diffusers.safetensors" and res.dialect == "diffusers"
+    first = res.out.read_bytes()
     with pytest.raises(OutputExists, match="already exists"):
         lorahub.convert(src, "diffusers")
-    again = lorahub.convert(src, "peft", out=res.output, force=True)
-    assert again.output.read_bytes() != first
+    again = lorahub.convert(src, "peft", out=res.out, force=True)
+    assert again.out.read_bytes() != first
     with pytest.raises(LorahubError, match="is an input"):
         lorahub.convert(src, "kohya", out=src, force=True)
     # the command names its flag
     code, _, err = run("convert", str(src), "--to", "diffusers")
     assert code == 2 and "--force" in err and err.count("\n") == 1
     code, out, _ = run("convert", str(src), "--to", "diffusers", "--force", "--json")
-    assert code == 0 and json.loads(out)["output"] == str(res.output)
+    assert code == 0 and json.loads(out)["output"] == str(res.out)
     # default names from entry names are made safe: never a raw name in a path
     with lorahub.open_registry(home) as reg:
         evil, _ = reg.add_file(src, name="../../evil name")

@@ -44,7 +44,7 @@ def convert(
         return
     con = console()
     con.print(f"converted {res.input.name} ({res.source_format}, {res.kind}, {res.base}, {res.layers} layers) "
-              f"-> {res.output} ({res.dialect}{', ' + dtype if dtype else ''})")
+              f"-> {res.out} ({res.dialect}{', ' + dtype if dtype else ''})")
     if res.dropped_embeddings:
         con.print(f"dropped {len(res.dropped_embeddings)} bundled embedding(s): {', '.join(res.dropped_embeddings)}")
     if res.entry:

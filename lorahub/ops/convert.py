@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import LorahubError
+from lorahub.outputs import Written
 from lorahub.vocab import ARCHS
 
 
 @dataclass
-class ConvertResult:
-    """What :func:`convert` wrote, and the registry entry it made (``entry``, ``created``)."""
+class ConvertResult(Written):
+    """What :func:`convert` wrote (``out``, in ``dialect``), and the registry entry it made (``entry``,
+    ``created``)."""
 
     input: Path
-    output: Path
     source_format: str            # the input's dialect (detected)
-    dialect: str                  # the output's
     kind: str
     base: str
     arch: str
@@ -30,11 +30,9 @@ class ConvertResult:
     embeddings: list[str] = field(default_factory=list)
     dropped_embeddings: list[str] = field(default_factory=list)
     dtype: str | None = None      # None: the input's own
-    entry: dict | None = None
-    created: bool = False
 
     def to_dict(self) -> dict:
-        return {"input": str(self.input), "output": str(self.output), "from": self.source_format,
+        return {"input": str(self.input), "output": str(self.out), "from": self.source_format,
                 "to": self.dialect, "kind": self.kind, "base": self.base, "arch": self.arch, "layers": self.layers,
                 "embeddings": self.embeddings, "dropped_embeddings": self.dropped_embeddings,
                 "dtype": self.dtype or "unchanged",
@@ -81,7 +79,7 @@ def convert(lora: str | os.PathLike, dialect: str, *, out: str | os.PathLike | N
             out = default_output(src.name, f".{dialect}.safetensors", Path.cwd() if src.entry else src.path.parent)
         out = check_output(out, force=force, inputs=[src.path])
         path = save_lora(model, out, dialect=dialect, dtype=dt)
-        res = ConvertResult(input=src.path, output=Path(path), source_format=det.format, dialect=dialect,
+        res = ConvertResult(input=src.path, out=Path(path), source_format=det.format, dialect=dialect,
                             kind=model.kind, base=model.base, arch=model.arch, layers=len(model.layers),
                             embeddings=list(model.embeddings), dropped_embeddings=dropped, dtype=dtype)
         if register:

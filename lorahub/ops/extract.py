@@ -24,6 +24,7 @@ from typing import Callable
 
 from lorahub.errors import LorahubError
 from lorahub.linalg.rank import RankCriteria
+from lorahub.outputs import Written
 from lorahub.vocab import DTYPE_NAMES, DTYPES
 
 TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))\.weight$")
@@ -72,7 +73,7 @@ class LayerReport:
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(Written):
     """What :func:`extract` (and :func:`extract_lora`) made: the LoRA, a report per layer, and where
     :func:`extract_lora` wrote (``out``, ``dialect``) and registered it (``entry``, ``created``)."""
 
@@ -81,10 +82,6 @@ class ExtractResult:
     notes: list[str] = field(default_factory=list)
     family: str = "unknown"
     seconds: float = 0.0
-    out: Path | None = None
-    dialect: str | None = None
-    entry: dict | None = None
-    created: bool = False
 
     @property
     def retained(self) -> float:
@@ -99,7 +96,7 @@ class ExtractResult:
              "per_layer": [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in self.layers],
              "out": str(self.out) if self.out else None, "format": self.dialect}
         if self.entry is not None:
-            d["registered"] = {"id": self.entry["id"], "name": self.entry["name"], "created": self.created}
+            d["registered"] = self.registered()
         return d
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import LorahubError
+from lorahub.outputs import Written
 from lorahub.refs import LoraRef
 from lorahub.vocab import DIALECTS, DTYPES, FAMILIES, TINY_MODELS
 
@@ -340,7 +341,7 @@ def stored_recipe(registry, ref: str) -> tuple[dict, Recipe, list[ResolvedLora]]
 
 
 @dataclass
-class RecipeResult:
+class RecipeResult(Written):
     """What :func:`merge_recipe` made.
 
     A LoRA (``recipe.output == "lora"``): ``merge`` (per-layer report, see
@@ -352,16 +353,12 @@ class RecipeResult:
 
     recipe: Recipe
     inputs: list[ResolvedLora]
-    out: Path | None = None
     sha256: str | None = None
     base: str = "unknown"              # family of a merged LoRA; the model path of a baked checkpoint
     merge: object | None = None        # MergeResult
     bake: object | None = None         # BakeReport
-    dialect: str | None = None
     dtype: str | None = None
     notes: list[str] = field(default_factory=list)
-    entry: dict | None = None
-    created: bool = False
     rerun_of: dict | None = None
 
     @property

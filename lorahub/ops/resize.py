@@ -17,10 +17,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorahub.errors import LorahubError
 from lorahub.linalg.rank import RankCriteria
+from lorahub.outputs import Written
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ResizeLayer:
 
 
 @dataclass
-class ResizeResult:
+class ResizeResult(Written):
     """What :func:`resize` (and :func:`resize_lora`) made: the model, a report per layer, and where
     :func:`resize_lora` wrote (``out``, ``dialect``) and registered it (``entry``, ``created``)."""
 
@@ -47,10 +47,6 @@ class ResizeResult:
     layers: list[ResizeLayer]
     notes: list[str] = field(default_factory=list)
     criterion: str = ""
-    out: Path | None = None
-    dialect: str | None = None
-    entry: dict | None = None
-    created: bool = False
 
     @property
     def retained(self) -> float:
@@ -65,7 +61,7 @@ class ResizeResult:
              "layers": [{"name": r.name, "old_rank": r.old_rank, "new_rank": r.new_rank, "retained": r.retained}
                         for r in self.layers]}
         if self.entry is not None:
-            d["registered"] = {"id": self.entry["id"], "name": self.entry["name"], "created": self.created}
+            d["registered"] = self.registered()
         return d
 
 
