@@ -62,7 +62,8 @@ def generate(quick: bool, conv: bool) -> tuple[Path, Path]:
     from diffusers import UNet2DConditionModel
 
     from lorahub import fsutil
-    from lorahub.ops.checkpoints import StreamWriter, unet_diffusers_to_ldm
+    from lorahub.formats.names import unet_to_ldm
+    from lorahub.ops.checkpoints import StreamWriter
 
     tag = f"sd15{'-quick' if quick else ''}{'-conv' if conv else ''}-v{GEN_VERSION}"
     base_p, tuned_p = WORK / f"base-{tag}.safetensors", WORK / f"tuned-{tag}.safetensors"
@@ -75,7 +76,7 @@ def generate(quick: bool, conv: bool) -> tuple[Path, Path]:
     for name, p in unet.state_dict().items():
         if quick and not name.startswith(("mid_block.", "up_blocks.1.", "down_blocks.0.downsamplers.")):
             continue
-        k = unet_diffusers_to_ldm(name, 2, lambda i: i in (1, 2, 3))
+        k = unet_to_ldm(name, 2, lambda i: i in (1, 2, 3))
         entries.append(("model.diffusion_model." + k, tuple(p.shape)))
     t0 = time.time()
     print(f"generating {len(entries)} tensors into {WORK} ...", file=sys.stderr)
@@ -175,7 +176,7 @@ def main() -> None:
     ref_script.write_text(REFERENCE)
     out = WORK / "extracted.safetensors"
     cmd = [sys.executable, str(wrap), "-m", "lorahub", "extract", str(base), str(tuned), "--rank", str(RANK),
-           "--dtype", "fp16", "--out", str(out), "--json"]
+           "--dtype", "fp16", "--out", str(out), "--force", "--json"]
     if args.conv:
         cmd += ["--conv-rank", str(RANK)]
     print("lorahub extract ...", file=sys.stderr)

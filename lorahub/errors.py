@@ -26,6 +26,14 @@ class Ambiguous(LorahubError):
     """A reference that matches more than one entry."""
 
 
+class OutputExists(LorahubError):
+    """An output path that already exists (workflows overwrite only when asked to, with ``force``)."""
+
+    def __init__(self, path, message: str | None = None):
+        super().__init__(message or f"{path}: already exists (choose another output, or overwrite it with force)")
+        self.path = path
+
+
 class FormatError(LorahubError):
     """A file that is not a readable LoRA/embedding/checkpoint, or is malformed/hostile."""
 

@@ -17,9 +17,17 @@ LORA_TYPES = ("character", "style", "pose", "clothing", "object", "concept")
 
 # Base-model families a LoRA or checkpoint belongs to. ``unknown`` only when nothing says otherwise.
 BASES = ("sd1", "sd2", "sdxl", "unknown")
+FAMILIES = BASES[:-1]  # the known ones
+
+# The built-in tiny fixture pipelines (``lorahub.tiny``) and the family each belongs to.
+TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+
+# Architectures whose module lists lorahub knows (layer names are matched against them).
+ARCHS = FAMILIES + tuple(TINY_MODELS)
 
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
+NETWORK_KINDS = KINDS[:5]  # the LoRA / LyCORIS adapters (not embeddings, not full models)
 
 # File dialects lorahub reads (``FORMATS``) and writes (``DIALECTS``).
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
@@ -28,7 +36,9 @@ DIALECTS = ("kohya", "diffusers", "peft")
 # How an entry came from another (the ``lineage.relation`` column).
 RELATIONS = ("converted-from", "extracted-from", "merged-from", "trained-from", "resized-from", "pulled-from")
 
-# Floating-point storage types a user can ask for, and their torch names.
+# Floating-point storage types a user picks (short names, as lorahub writes and prints them) ...
+DTYPES = ("fp32", "fp16", "bf16")
+# ... every spelling lorahub accepts for them, and their torch names.
 DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16",
                "bf16": "bfloat16", "bfloat16": "bfloat16",
                "fp32": "float32", "float32": "float32", "float": "float32"}

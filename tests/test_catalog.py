@@ -244,8 +244,8 @@ def test_sql_command_prints_json_csv_table_and_refuses_writes(run, home, tmp_pat
     import csv
     import io
 
-    pa = make_kohya(tmp_path / "one.safetensors", seed=1, rank=8)
-    pb = make_kohya(tmp_path / "two.safetensors", seed=2, width=1024)
+    pa = kohya_file(tmp_path / "one.safetensors", seed=1, rank=8)
+    pb = kohya_file(tmp_path / "two.safetensors", seed=2, width=1024)
     assert run("add", pa, pb, "--tag", "t")[0] == 0
     q = "SELECT name, base, rank FROM entries ORDER BY name"
     rows = jrun(run, "sql", q)

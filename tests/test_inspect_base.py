@@ -42,11 +42,10 @@ KEYS = [
 ]
 
 
-@pytest.mark.parametrize("reader", ["checkpoints", "fallback"])
-def test_relative_strength_against_tiny_sd1(tiny_sd1, reader):
+def test_relative_strength_against_tiny_sd1(tiny_sd1):
     weights = _tiny_weights(tiny_sd1)
     model = _lora_for(weights, KEYS)
-    base = ins.open_base("tiny-sd1") if reader == "checkpoints" else ins.BaseWeights(tiny_sd1)
+    base = ins.open_base("tiny-sd1")
     rep = ins.inspect_model(model, base=base, base_ref="tiny-sd1")
     assert not rep["warnings"]
     for p in rep["per_layer"]:

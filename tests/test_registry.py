@@ -442,10 +442,10 @@ def test_base_hints(text, base):
 
 
 # --------------------------------------------------------------------------- the library workflows
-def test_prepare_returns_a_typed_record_and_writes_nothing(reg, tmp_path):
+def test_prepare_returns_a_typed_record_and_writes_nothing(reg, tmp_path, png_bytes, store_files):
     from lorahub.registry.ingest import Prepared, prepare
 
-    f = make_kohya(tmp_path / "p.safetensors", meta={"ss_tag_frequency": json.dumps({"1_x": {"zkz": 3}})})
+    f = kohya_file(tmp_path / "p.safetensors", meta={"ss_tag_frequency": json.dumps({"1_x": {"zkz": 3}})})
     (tmp_path / "p.preview.png").write_bytes(png_bytes())
     prep = prepare(reg.store, f, tags=["t"])
     assert isinstance(prep, Prepared)
@@ -461,13 +461,13 @@ def test_prepare_returns_a_typed_record_and_writes_nothing(reg, tmp_path):
     assert not any(t.exists() for t in temps) and store_files(reg.home) == []
 
 
-def test_scan_reports_added_already_skipped_and_caches_hashes(reg, tmp_path, monkeypatch):
+def test_scan_reports_added_already_skipped_and_caches_hashes(reg, tmp_path, monkeypatch, store_files):
     root = tmp_path / "loras"
     for i in range(3):
-        make_kohya(root / f"d{i % 2}" / f"s{i}.safetensors", seed=40 + i)
+        kohya_file(root / f"d{i % 2}" / f"s{i}.safetensors", seed=40 + i)
     (root / "d0" / "twin.safetensors").write_bytes((root / "d0" / "s0.safetensors").read_bytes())
     (root / "d1" / "broken.safetensors").write_bytes(b"\x05\0\0\0\0\0\0\0{bad}")
-    make_kohya(root / ".hidden" / "h.safetensors", seed=49)
+    kohya_file(root / ".hidden" / "h.safetensors", seed=49)
     (root / "notes.txt").write_text("not a LoRA")
     calls = []
     rep = reg.scan(root, tags=["scanned"], progress=lambda done, total: calls.append((done, total)))
@@ -496,11 +496,11 @@ def test_scan_reports_added_already_skipped_and_caches_hashes(reg, tmp_path, mon
         reg.scan(root / "notes.txt")
 
 
-def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_path):
+def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_path, png_bytes):
     from lorahub.fsutil import WouldOverwrite
     from lorahub.metadata import webui_sidecar
 
-    f = make_kohya(tmp_path / "e.safetensors")
+    f = kohya_file(tmp_path / "e.safetensors")
     (tmp_path / "e.preview.png").write_bytes(png_bytes((9, 9, 9)))
     e, _ = reg.add_file(f, triggers=["zkz", "blue hair"], base="sd1", description="d")
     e = reg.update(e["id"], name="../../up/Name: v1")
@@ -523,8 +523,8 @@ def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_p
 
 
 def test_check_verifies_and_repairs_from_the_source_file(reg, tmp_path):
-    a, _ = reg.add_file(make_kohya(tmp_path / "a.safetensors", seed=61))
-    b, _ = reg.add_file(make_kohya(tmp_path / "b.safetensors", seed=62))
+    a, _ = reg.add_file(kohya_file(tmp_path / "a.safetensors", seed=61))
+    b, _ = reg.add_file(kohya_file(tmp_path / "b.safetensors", seed=62))
     calls = []
     ok = reg.check(progress=lambda done, total: calls.append((done, total)))
     assert (ok.checked, ok.problems, ok.remaining, calls[-1]) == (2, [], [], (2, 2))
@@ -545,10 +545,10 @@ def test_check_verifies_and_repairs_from_the_source_file(reg, tmp_path):
 def test_record_has_the_ancestry_tree_and_survives_a_lineage_loop(reg, tmp_path):
     from lorahub.registry.workflows import record
 
-    g, _ = reg.add_file(make_kohya(tmp_path / "g.safetensors", seed=71))
-    p, _ = reg.add_file(make_kohya(tmp_path / "p.safetensors", seed=72),
+    g, _ = reg.add_file(kohya_file(tmp_path / "g.safetensors", seed=71))
+    p, _ = reg.add_file(kohya_file(tmp_path / "p.safetensors", seed=72),
                         lineage=[{"relation": "resized-from", "parent": g["id"], "detail": {"rank": 2}}])
-    c, _ = reg.add_file(make_kohya(tmp_path / "c.safetensors", seed=73),
+    c, _ = reg.add_file(kohya_file(tmp_path / "c.safetensors", seed=73),
                         lineage=[{"relation": "converted-from", "parent": p["sha256"]}])
     reg.add_lineage(g["id"], [{"relation": "merged-from", "parent": c["id"]}])  # a loop: g <- c <- p <- g
     rec = record(reg, "c")
@@ -565,8 +565,8 @@ def test_record_has_the_ancestry_tree_and_survives_a_lineage_loop(reg, tmp_path)
 def test_sql_queries_read_only(reg, tmp_path):
     from lorahub.registry.sql import ReadOnly, database, query
 
-    a, _ = reg.add_file(make_kohya(tmp_path / "q1.safetensors", seed=81), tags=["x", "y"])
-    reg.add_file(make_kohya(tmp_path / "q2.safetensors", seed=82, width=1024))
+    a, _ = reg.add_file(kohya_file(tmp_path / "q1.safetensors", seed=81), tags=["x", "y"])
+    reg.add_file(kohya_file(tmp_path / "q2.safetensors", seed=82, width=1024))
     res = query("SELECT name, base, rank FROM entries ORDER BY name", home=reg.home)
     assert res.columns == ["name", "base", "rank"]
     assert res.rows == [{"name": "q1", "base": "sd1", "rank": 4}, {"name": "q2", "base": "sd2", "rank": 4}]
@@ -593,12 +593,12 @@ def test_sql_queries_read_only(reg, tmp_path):
         query("SELECT 1", home=tmp_path / "empty")
 
 
-def test_check_files_before_a_batch(tmp_path):
+def test_check_files_before_a_batch(tmp_path, bad_files):
     from lorahub.registry.workflows import check_files
 
-    good = make_kohya(tmp_path / "ok.safetensors")
+    good = kohya_file(tmp_path / "ok.safetensors")
     assert check_files([good]) == [good]
-    for label, path in _bad_files(tmp_path).items():
+    for label, path in bad_files.items():
         with pytest.raises(LorahubError):
             check_files([good, path])
     with pytest.raises(LorahubError, match="not a regular file"):

@@ -156,7 +156,7 @@ def test_cli_two_lora_grid_and_errors(run, cli, home, tmp_path, lora_files, tiny
     for args, msg in [
         (["sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--alphas", "0,abc"], "--alphas"),
         (["sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--size", "60"], "multiple of 8"),
-        (["sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--image", grid], "--mask"),
+        (["sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--image", grid], "both an image and a mask"),
         (["sweep", lora_files["sd1-ti-diffusers"], "--base", "tiny-sd1", "--prompt", "x", *FAST], "render"),
         (["sweep", tmp_path / "missing.safetensors", "--base", "tiny-sd1", "--prompt", "x"], "no such file"),
         (["previews", "nosuchentry"], "no registry entry"),

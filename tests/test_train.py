@@ -419,9 +419,9 @@ def test_toml_config_and_overrides(tmp_path):
         build_config(toml, data_dir="d")
     with pytest.raises(LorahubError, match="method"):
         build_config(None, data_dir="d", method="full")
-    with pytest.raises(LorahubError, match="class-prompt"):
+    with pytest.raises(LorahubError, match="class_prompt"):
         build_config(None, data_dir="d", prior_preservation=True)
-    with pytest.raises(LorahubError, match="init-tokens"):
+    with pytest.raises(LorahubError, match="init_tokens"):
         build_config(None, data_dir="d", method="textual-inversion", placeholder_tokens=["<a>", "<b>"],
                      init_tokens=["x", "y", "z"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -56,6 +57,10 @@ COMMAND_INDEX = {
 }
 
 
+# --force of every command that writes an output (the library's ``force``)
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lorahub {__version__}")
@@ -70,16 +75,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _load_commands(only: str | None = None) -> None:
     for name in (only,) if only else COMMAND_MODULES:
-        modname = f"lorahub.cli.{name}"
-        try:
-            importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
+        importlib.import_module(f"lorahub.cli.{name}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lorahub.errors import LorahubError
+    from lorahub.errors import LorahubError, OutputExists
 
     args = sys.argv[1:] if argv is None else list(argv)
     _load_commands(COMMAND_INDEX.get(args[0]) if args else None)
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="lorahub")
     except LorahubError as exc:
         msg = str(exc).replace("\n", " ")
+        if isinstance(exc, OutputExists):  # the library's `force` is the command's --force
+            msg = f"{exc.path}: already exists (choose another output, or use --force to overwrite)"
         sys.stderr.write(f"error: {msg}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, List, Optional
 
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, progress
 
 EndpointOpt = Annotated[Optional[str], typer.Option(
     "--endpoint", help="Hub URL (default $HF_ENDPOINT, else https://huggingface.co); self-hosted hubs work too.")]
@@ -16,13 +15,6 @@ TokenEnvOpt = Annotated[Optional[str], typer.Option(
     "--token-env", metavar="VAR",
     help="Read the access token from this environment variable (default: HF_TOKEN or `hf auth login`). "
          "The token is never stored or printed.")]
-
-
-def _prepare_env(endpoint: Optional[str]) -> None:
-    """huggingface_hub reads HF_ENDPOINT at import: set it first so no call goes to another hub."""
-    if endpoint:
-        os.environ["HF_ENDPOINT"] = endpoint.rstrip("/")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.command()
@@ -49,15 +41,14 @@ def push(
     its own name, embeddings, sweep preview images, and a card with trigger words, recommended strength,
     loading instructions, lineage and hashes. Pushing the same entries again uploads nothing.
     """
-    _prepare_env(endpoint)
     from lorahub.hub.push import push as do_push
 
-    reg = open_registry(home)
     with progress() as bar:
         task = bar.add_task("pushing", total=None)
-        report = do_push(reg, refs, repo=repo, private=private, revision=revision, message=message,
-                         endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha)
+        res = do_push(refs, repo=repo, registry=home, private=private, revision=revision, message=message,
+                      endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha)
         bar.update(task, total=1, completed=1)
+    report = res.to_dict()
     if json_out:
         print_json(report)
         return
@@ -102,13 +93,13 @@ def pull(
     """
     from lorahub.errors import LorahubError
 
-    _prepare_env(endpoint)
     if search is not None or (spec is None and base_model):
         if spec is not None:
             raise LorahubError("give either REPO or --search, not both")
         from lorahub.hub.pull import search as do_search
 
-        rows = do_search(search, endpoint=endpoint, token_env=token_env, limit=limit, base_model=base_model)
+        rows = [r.to_dict() for r in do_search(search, endpoint=endpoint, token_env=token_env, limit=limit,
+                                               base_model=base_model)]
         if json_out:
             print_json(rows)
             return
@@ -128,11 +119,10 @@ def pull(
         raise LorahubError("give a repo (user/name[@rev]) or --search TEXT")
     from lorahub.hub.pull import pull as do_pull
 
-    reg = open_registry(home)
     with progress() as bar:
         task = bar.add_task("pulling", total=None)
-        report = do_pull(reg, spec, file=file, type=type, tags=tag or [], endpoint=endpoint, token_env=token_env,
-                         max_size_mb=max_size, progress=lambda: bar.advance(task))
+        report = do_pull(spec, registry=home, file=file, type=type, tags=tag or [], endpoint=endpoint,
+                         token_env=token_env, max_size_mb=max_size, progress=lambda: bar.advance(task)).to_dict()
     if json_out:
         print_json(report)
         return

@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, progress
+from lorahub.cli.app import ForceOpt, app
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json
+from lorahub.cli.steps import steps
 
 LayersOpt = Annotated[Optional[str], typer.Option(
     "--layers", help="Only layers whose canonical key matches: a glob (unet.up_blocks.*attn2*) or a substring.")]
@@ -72,21 +73,6 @@ def _warn(lines: list[str]) -> None:
         err.print(f"[bold red]WARNING:[/] {w}")
 
 
-def _load(ref: str, home: Optional[Path]):
-    from lorahub.ops.inspect import load
-
-    return load(ref, home)
-
-
-def _detect_format(path: Path) -> Optional[str]:
-    try:
-        from lorahub.formats.detect import detect
-
-        return detect(path).format
-    except Exception:  # detection is a nicety here; load_lora already accepted the file
-        return None
-
-
 @app.command("inspect")
 def inspect_cmd(
     ref: Annotated[str, typer.Argument(metavar="ID|FILE", help="A LoRA file, or a registry id/name/hash prefix.")],
@@ -96,42 +82,17 @@ def inspect_cmd(
     base: Annotated[Optional[str], typer.Option(
         "--base", help="Base model (tiny-sd1, tiny-sdxl, diffusers folder, checkpoint, registry ref): adds ‖ΔW‖/‖W0‖.")] = None,
     top: Annotated[int, typer.Option("--top", help="Strongest layers listed when --layers is not given (0: all).")] = 12,
+    force: ForceOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Summarise a LoRA: format, ranks, metadata, and per-layer/per-block norms, spectral norms,
     effective ranks (computed from the factors, never the full matrices)."""
-    from lorahub.ops import inspect as ins
+    from lorahub.ops.inspect import inspect_lora
 
-    model, path, entry = _load(ref, home)
-    base_w = None
-    if base:
-        registry = None
-        from lorahub.ops.models import TINY
-
-        if base not in TINY and not Path(base).expanduser().exists():
-            from lorahub.cli.common import open_registry
-
-            registry = open_registry(home)
-        base_w = ins.open_base(base, registry)
-    n = len(ins.match_layers(model.layers, layers))
-    try:
-        with progress() as bar:
-            task = bar.add_task("inspecting", total=n)
-            report = ins.inspect_model(model, path=path, layers=layers, base=base_w, base_ref=base,
-                                       on_layer=lambda _k: bar.advance(task),
-                                       fmt=model.source_format if model.source_format != "unknown" else _detect_format(path))
-    finally:
-        if base_w is not None and hasattr(base_w, "close"):
-            base_w.close()
-    if entry is not None:
-        report["entry"] = {"id": entry.get("id"), "name": entry.get("name")}
-    if plot is not None:
-        from lorahub.ops.heatmap import render
-
-        name = (entry or {}).get("name") or path.name
-        render(report["grid"], plot, title=f"{name}: strength by block and layer type")
-        report["plot"] = str(plot)
-    _warn(report["warnings"])
+    with steps("inspecting") as on_layer:
+        res = inspect_lora(ref, base=base, layers=layers, plot=plot, force=force, registry=home, on_layer=on_layer)
+    _warn(res.warnings)
+    report = res.to_dict()
     if json_out:
         print_json(report)
         return
@@ -233,27 +194,16 @@ def diff_cmd(
 ) -> None:
     """Compare two LoRAs layer by layer: cosine similarity and norm ratio of ΔW, overlap of their
     principal directions, and layers only one of them adapts (all from the factors)."""
-    from lorahub.ops.diff import diff_models
+    from lorahub.ops.diff import diff_loras
 
-    ma, pa, _ = _load(a, home)
-    mb, pb, _ = _load(b, home)
-    n = len(set(ma.layers) & set(mb.layers))
-    with progress() as bar:
-        task = bar.add_task("comparing", total=n)
-        res = diff_models(ma, mb, layers=layers, on_layer=lambda _k: bar.advance(task))
-    res["a"], res["b"] = str(pa), str(pb)
-    s = res["summary"]
-    warn = []
-    if "unknown" not in (ma.base, mb.base) and ma.base != mb.base:
-        warn.append(f"A is a {ma.base} LoRA and B a {mb.base} LoRA: layers with the same name differ in meaning")
-    if s["shape_mismatch"]:
-        warn.append(f"{s['shape_mismatch']} shared layer(s) have different shapes (different base models?)")
-    if s["nonfinite"]:
-        warn.append(f"{s['nonfinite']} shared layer(s) contain NaN/Inf weights and were skipped")
-    _warn(warn)
+    with steps("comparing") as on_layer:
+        d = diff_loras(a, b, layers=layers, registry=home, on_layer=on_layer)
+    _warn(d.warnings)
+    res = d.to_dict()
     if json_out:
         print_json(res)
         return
+    pa, pb, s = d.a, d.b, d.summary
     from rich.table import Table
 
     out = _out()

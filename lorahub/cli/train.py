@@ -80,10 +80,11 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a LoRA (dreambooth), an embedding (textual-inversion) or both (pivotal) on DATA_DIR."""
-    from lorahub.train.config import build_config, split_list
+    from lorahub.train import train_lora
+    from lorahub.train.config import split_list
 
-    cfg = build_config(
-        config, check_data=True, data_dir=str(data_dir) if data_dir else None, base=base, method=method, type=type_,
+    settings = dict(
+        base=base, method=method, type=type_,
         trigger=trigger, instance_prompt=instance_prompt, class_prompt=class_prompt,
         prior_preservation=prior_preservation, class_dir=str(class_dir) if class_dir else None,
         num_class_images=num_class_images, prior_loss_weight=prior_loss_weight, rank=rank, alpha=alpha,
@@ -97,22 +98,20 @@ def train(
         output_dir=str(output_dir) if output_dir else None, dialect=dialect, save_precision=save_precision,
         bundle=bundle,
         register=register, ignore_lint=ignore_lint)
-    from lorahub.train.trainer import train as run_training
-
     err = console(stderr=True)
     with progress(transient=False) as bar:
-        task = bar.add_task("loading", total=cfg.total_steps, start=False)
+        task = bar.add_task("loading", total=None, start=False)
 
         def report(r: dict) -> None:
             if not bar.tasks[0].started:
                 bar.start_task(task)
-            bar.update(task, completed=r["step"],
+            bar.update(task, completed=r["step"], total=r["total"],
                        description=f"{r['phase']} loss {r['loss']:.4f} {r['it_s']:.2f} it/s")
 
         def log(msg: str) -> None:
             bar.console.print(msg, markup=False, highlight=False)
 
-        res = run_training(cfg, home=home, report=report, log=log)
+        res = train_lora(data_dir, config=config, registry=home, on_step=report, log=log, **settings)
     if not res.is_main:  # accelerate launch: the main process reports
         return
     if json_out:

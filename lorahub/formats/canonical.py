@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+from lorahub.vocab import PARTS
 
 # Factor names per kind (the keys of LoraLayer.weights)
 #   lora : "down" (r, in[, kh, kw]), "up" (out, r[, 1, 1]), optional "mid" (r, r, kh, kw) for Tucker LoCon

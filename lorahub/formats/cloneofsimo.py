@@ -20,6 +20,7 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats import names
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.vocab import PARTS
 
 _KEY = re.compile(r"^(?P<model>[A-Za-z0-9_]+):(?P<i>\d+):(?P<ud>up|down)$")
 _CANDIDATES = ("sd1", "sd2", "tiny-sd1", "sdxl", "tiny-sdxl")
@@ -38,7 +39,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
         else:
             raise FormatError(f"{name}: key {key!r} is not a cloneofsimo LoRA key")
     for model_name, idx in per_model.items():
-        if model_name not in names.PARTS:
+        if model_name not in PARTS:
             raise FormatError(f"{name}: unknown cloneofsimo model name {model_name!r}")
         if sorted(idx) != list(range(len(idx))):
             raise FormatError(f"{name}: {model_name} module indices are not 0..{len(idx) - 1}")

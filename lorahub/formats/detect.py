@@ -28,11 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import FormatError
-from lorahub.formats.header import Header, TensorInfo, read_header
-
-FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
-KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
-BASES = ("sd1", "sd2", "sdxl", "unknown")
+from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, read_header
+from lorahub.vocab import PICKLE_SUFFIXES
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
                   "lora_te_": "text_encoder"}
@@ -51,7 +48,6 @@ _PROC_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?P<proj>to_q|to_k|to_v|to_out(?:\.0)?
                           r"(?P<ud>up|down)\.weight$")
 _CLONE = re.compile(r"^(?P<model>[A-Za-z0-9_]+):(?P<i>\d+):(?P<ud>up|down)$")
 CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -303,7 +299,7 @@ def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], n
         name = (strings or {}).get("name")
         tokens = [name] if name else []
     elif (len(keys) <= 64 and all(1 <= len(tensors[k].shape) <= 2 for k in keys)
-          and all(tensors[k].dtype in _FLOAT_DTYPES for k in keys)
+          and all(tensors[k].dtype in FLOAT_DTYPES for k in keys)
           and not any(k.endswith((".weight", ".bias", ".alpha")) or ":" in k for k in keys)):
         dims = [tensors[k].shape[-1] for k in keys]
         tokens = keys
@@ -385,7 +381,7 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
             else:
                 fmt = "peft"
                 notes.append("keys lack the unet./text_encoder. prefix: diffusers >= 0.33 loads this as a silent "
-                             "no-op; `lorahub convert --to diffusers` fixes it")
+                             "no-op; converting it to the diffusers dialect fixes it")
                 for layer in layers.values():
                     if not layer.part:
                         n = layer.name
@@ -518,7 +514,7 @@ def detect(path: str | Path) -> Detection:
         raise FormatError(f"{path}: no such file")
     if p.is_dir():
         raise FormatError(f"{path}: is a directory, not a file")
-    if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+    if p.suffix.lower() in PICKLE_SUFFIXES:
         with open(p, "rb") as f:
             magic = f.read(8)
         if not magic.startswith(b"PK"):

@@ -195,17 +195,17 @@ def _check_writable(model: LoraModel, dialect: str) -> None:
     for cname, layer in model.layers.items():
         if layer.kind != "lora":
             raise FormatError(f"cannot write {layer.kind} layer {cname} as {dialect}: diffusers and PEFT LoRA "
-                              "files hold only plain LoRA factors (keep it in kohya/LyCORIS form: --to kohya)")
+                              "files hold only plain LoRA factors (keep it in the kohya/LyCORIS dialect)")
         if layer.dora_scale is not None:
             raise FormatError(f"cannot write DoRA layer {cname} as {dialect}: diffusers drops dora_scale "
-                              "(keep it in kohya form: --to kohya)")
+                              "(keep it in the kohya dialect)")
         if layer.mid is not None:
             raise FormatError(f"cannot write Tucker LoCon layer {cname} as {dialect}: PEFT has no lora_mid "
-                              "(keep it in kohya form: --to kohya)")
+                              "(keep it in the kohya dialect)")
     if model.embeddings:
         raise FormatError(f"this LoRA bundles {len(model.embeddings)} token embedding(s) "
                           f"({', '.join(model.embeddings)}), which {dialect} LoRA files cannot hold "
-                          "(diffusers rejects such files): write --to kohya, or drop them (--drop-embeddings)")
+                          "(diffusers rejects such files): write the kohya dialect, or drop the embeddings")
 
 
 def _config_for(layers: dict[str, LoraLayer], strip_text_model: bool = True) -> dict:
@@ -284,7 +284,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None, dialect: str = "di
         parts = model.parts()
         if len(parts) > 1:
             raise FormatError(f"a PEFT adapter file holds one model but this LoRA adapts {' + '.join(parts)}: "
-                              "write --to diffusers (prefixed keys), which diffusers loads in one call")
+                              "write the diffusers dialect (prefixed keys), which diffusers loads in one call")
         for cname, layer in model.layers.items():
             p = names.split(cname)[1]
             out[f"base_model.model.{p}.lora_A.weight"] = _cast(layer.down, dtype)

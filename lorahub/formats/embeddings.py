@@ -81,7 +81,7 @@ def write(model: LoraModel, dialect: str, dtype: torch.dtype | None = None
         raise FormatError("nothing to write: no layers and no embeddings")
     if dialect == "kohya":
         if len(toks) != 1:
-            raise FormatError(f"a webui embedding file holds one token; this has {len(toks)}: use --to diffusers")
+            raise FormatError(f"a webui embedding file holds one token; this has {len(toks)}: write the diffusers dialect")
         slots = model.embeddings[toks[0]]
         if "clip_g" in slots:
             return {"clip_l": cast(slots["clip_l"]), "clip_g": cast(slots["clip_g"])}, dict(model.metadata)
@@ -99,6 +99,6 @@ def write(model: LoraModel, dialect: str, dtype: torch.dtype | None = None
     if dialect in ("diffusers", "peft"):
         if any("clip_g" in s for s in model.embeddings.values()):
             raise FormatError("SDXL embeddings (clip_l + clip_g) have no single-file diffusers form "
-                              "(diffusers loads one tensor per text encoder): use --to kohya")
+                              "(diffusers loads one tensor per text encoder): write the kohya dialect")
         return {tok: cast(s["clip_l"], tok) for tok, s in model.embeddings.items()}, dict(model.metadata)
     raise FormatError(f"unknown dialect {dialect!r}")

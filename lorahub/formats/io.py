@@ -17,24 +17,34 @@ import torch
 
 from lorahub.errors import FormatError, LorahubError
 from lorahub.formats.canonical import LoraModel
-
-DIALECTS = ("kohya", "diffusers", "peft")
-DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+from lorahub.formats.header import TORCH_NAMES
+from lorahub.vocab import DIALECTS, DTYPE_NAMES, DTYPES, PICKLE_SUFFIXES
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
+    """The torch dtype of a storage type name (fp16, bf16, fp32 and their aliases); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[str(dtype).lower()]
+        return getattr(torch, DTYPE_NAMES[str(dtype).lower()])
     except KeyError:
-        raise LorahubError(f"unknown dtype {dtype!r} (fp16, bf16 or fp32)") from None
+        raise LorahubError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name (fp16 | bf16 | fp32) of a floating-point torch dtype; fp32 for any other."""
+    return next((n for n in DTYPES if getattr(torch, DTYPE_NAMES[n]) == dtype), "fp32")
+
+
+def check_dialect(dialect: str) -> str:
+    """``dialect`` when lorahub writes it (kohya | diffusers | peft), else a LorahubError."""
+    if dialect not in DIALECTS:
+        raise LorahubError(f"unknown dialect {dialect!r} (one of {', '.join(DIALECTS)})")
+    return dialect
 
 
 def _read_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
-    from lorahub.formats.pickle_safe import PICKLE_SUFFIXES, load_tensors
+    from lorahub.formats.pickle_safe import load_tensors
 
     if p.suffix.lower() in PICKLE_SUFFIXES:
         with open(p, "rb") as f:
@@ -105,8 +115,7 @@ def to_state_dict(model: LoraModel, dialect: str = "kohya", dtype=None
     from lorahub.formats import diffusers_fmt, embeddings, kohya
 
     dt = parse_dtype(dtype)
-    if dialect not in DIALECTS:
-        raise LorahubError(f"unknown dialect {dialect!r} (one of {', '.join(DIALECTS)})")
+    check_dialect(dialect)
     if not model.layers:
         return embeddings.write(model, dialect, dt)
     if dialect == "kohya":
@@ -114,9 +123,7 @@ def to_state_dict(model: LoraModel, dialect: str = "kohya", dtype=None
     return diffusers_fmt.write(model, dt, dialect)
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {getattr(torch, name): code for code, name in TORCH_NAMES.items()}
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

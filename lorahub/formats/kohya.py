@@ -16,6 +16,7 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats import names
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.vocab import ARCHS
 
 # file factor suffix -> (layer kind, canonical factor name)
 FACTORS = {
@@ -209,7 +210,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
             out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
     meta = dict(model.metadata)
     # diffusers' LoraConfig JSON must not reach a kohya file (diffusers refuses "network_alphas and
-    # metadata" together): stash it in lorahub's own field so a later --to diffusers restores it.
+    # metadata" together): stash it in lorahub's own field so a later conversion to diffusers restores it.
     from lorahub.formats.diffusers_fmt import LOREHUB_KEY, META_KEY
 
     if META_KEY in meta:
@@ -223,7 +224,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _arch_for(model: LoraModel) -> names.Arch:
-    if model.arch in names.ARCHS:
+    if model.arch in ARCHS:
         return names.get_arch(model.arch)
     shapes = {n: tuple(layer.shape) if layer.kind in ("lora", "full") or "shape" in layer.extra else None
               for n, layer in model.layers.items()}

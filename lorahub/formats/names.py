@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 from lorahub.errors import FormatError
 from lorahub.resources import model_config
+from lorahub.vocab import ARCHS, FAMILIES, PARTS, TINY_MODELS
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-ARCHS = ("sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sdxl")
-FAMILY = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+FAMILY = {**{f: f for f in FAMILIES}, **TINY_MODELS}  # architecture -> base family
 
 _REAL = {
     "sd1": {"unet": "sd15_unet", "text_encoder": "clip_vit_l14_text"},
@@ -144,7 +143,7 @@ def get_arch(name: str) -> Arch:
                 from lorahub.fsutil import atomic_write_text
 
                 atomic_write_text(cache, json.dumps(data))
-            except Exception:  # a read-only cache only costs speed
+            except OSError:  # a read-only cache only costs speed
                 pass
     return Arch(name=name, family=FAMILY[name],
                 modules={k: tuple(v) for k, v in data["modules"].items()},
@@ -194,54 +193,108 @@ def get_live_module(pipe, name: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# SGM (original Stability) layout of the SDXL UNet
+# The original LDM (SD1/SD2) / SGM (SDXL) layout of the UNet <-> diffusers module paths.
+# One map serves module paths (kohya LoRA names) and parameter names (single-file checkpoints).
 
-_RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+_RESNET_FROM_LDM = {v: k for k, v in _RESNET_TO_LDM.items()}
+_TOP_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
                "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
                "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_TOP_FROM_LDM = {v: k for k, v in _TOP_TO_LDM.items()}
+
+
+def _swap_head(path: str, table: dict[str, str]) -> str | None:
+    """``path`` with its leading module path replaced through ``table`` (None when none matches)."""
+    for a, b in table.items():
+        if path == a or path.startswith(a + "."):
+            return b + path[len(a):]
+    return None
+
+
+def unet_to_ldm(path: str, layers_per_block: int, up_has_attn) -> str | None:
+    """LDM/SGM path of a diffusers UNet module or parameter path (without ``unet.``), e.g.
+    ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``; None when it has none.
+    ``up_has_attn(i)``: whether up block ``i`` has attentions (its upsampler then sits at index 2)."""
+    top = _swap_head(path, _TOP_TO_LDM)
+    if top is not None:
+        return top
+    n = layers_per_block + 1
+    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", path)
+    if m:
+        side, i, what, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if what in ("downsamplers", "upsamplers"):
+            conv = _swap_head(rest, {"conv": "op" if what == "downsamplers" else "conv"})
+            if conv is None:
+                return None
+            if what == "downsamplers":
+                return f"input_blocks.{(i + 1) * n}.0.{conv}"
+            return f"output_blocks.{i * n + layers_per_block}.{2 if up_has_attn(i) else 1}.{conv}"
+        idx = i * n + j + 1 if side == "down_blocks" else i * n + j
+        block = "input_blocks" if side == "down_blocks" else "output_blocks"
+        if what == "attentions":
+            return f"{block}.{idx}.1.{rest}"
+        r = _swap_head(rest, _RESNET_TO_LDM)
+        return f"{block}.{idx}.0.{r}" if r else None
+    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        what, j, rest = m[1], int(m[2]), m[3]
+        if what == "attentions":
+            return f"middle_block.1.{rest}"
+        r = _swap_head(rest, _RESNET_TO_LDM)
+        return f"middle_block.{2 * j}.{r}" if r else None
+    return None
+
+
+def unet_from_ldm(key: str, layers_per_block: int) -> str | None:
+    """Diffusers UNet path of an LDM/SGM UNet path (without ``model.diffusion_model.``); the inverse
+    of :func:`unet_to_ldm`. None when it has none."""
+    top = _swap_head(key, _TOP_FROM_LDM)
+    if top is not None:
+        return top
+    n = layers_per_block + 1
+    m = re.match(r"^input_blocks\.(\d+)\.(\d+)\.(.+)$", key)
+    if m:
+        k, sub, rest = int(m[1]), int(m[2]), m[3]
+        if k == 0:
+            return None
+        i, j = divmod(k - 1, n)
+        if j == layers_per_block:
+            conv = _swap_head(rest, {"op": "conv"}) if sub == 0 else None
+            return f"down_blocks.{i}.downsamplers.0.{conv}" if conv else None
+        if sub == 0:
+            r = _swap_head(rest, _RESNET_FROM_LDM)
+            return f"down_blocks.{i}.resnets.{j}.{r}" if r else None
+        return f"down_blocks.{i}.attentions.{j}.{rest}" if sub == 1 else None
+    m = re.match(r"^middle_block\.(\d+)\.(.+)$", key)
+    if m:
+        sub, rest = int(m[1]), m[2]
+        if sub in (0, 2):
+            r = _swap_head(rest, _RESNET_FROM_LDM)
+            return f"mid_block.resnets.{sub // 2}.{r}" if r else None
+        return f"mid_block.attentions.0.{rest}" if sub == 1 else None
+    m = re.match(r"^output_blocks\.(\d+)\.(\d+)\.(.+)$", key)
+    if m:
+        k, sub, rest = int(m[1]), int(m[2]), m[3]
+        i, j = divmod(k, n)
+        if sub == 0:
+            r = _swap_head(rest, _RESNET_FROM_LDM)
+            return f"up_blocks.{i}.resnets.{j}.{r}" if r else None
+        conv = _swap_head(rest, {"conv": "conv"})
+        if conv is not None:
+            return f"up_blocks.{i}.upsamplers.0.{conv}"
+        return f"up_blocks.{i}.attentions.{j}.{rest}" if sub == 1 else None
+    return None
 
 
 def unet_to_sgm(path: str, ucfg: dict) -> str:
-    """SGM module path of a diffusers UNet module path (``down_blocks.1.attentions.0.proj_in`` ->
-    ``input_blocks.4.1.proj_in`` for SDXL)."""
+    """SGM module path of a diffusers UNet module path for the UNet config ``ucfg`` (the path itself
+    when the layout has no such module)."""
     lpb = ucfg.get("layers_per_block", 2)
     if isinstance(lpb, (list, tuple)):
         raise FormatError("per-block layers_per_block has no SGM layout")
-    n = lpb + 1
-    for k, v in _TOP_TO_SGM.items():
-        if path == k or path.startswith(k + "."):
-            return v + path[len(k):]
-
-    def resnet(rest: str) -> str:
-        head, _, tail = rest.partition(".")
-        mapped = _RESNET_TO_SGM.get(head, head)
-        return mapped + ("." + tail if tail else "")
-
-    m = re.match(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = i * n + j + 1
-        return f"input_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
-    m = re.match(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)$", path)
-    if m:
-        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op{m[2]}"
-    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", path)
-    if m:
-        kind, j, rest = m[1], int(m[2]), m[3]
-        return f"middle_block.{2 * j}.{resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
-    m = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = i * n + j
-        return f"output_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
-    m = re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv(.*)$", path)
-    if m:
-        i = int(m[1])
-        has_attn = "CrossAttn" in ucfg["up_block_types"][i]
-        return f"output_blocks.{i * n + lpb}.{2 if has_attn else 1}.conv{m[2]}"
-    return path
+    return unet_to_ldm(path, lpb, lambda i: "CrossAttn" in ucfg["up_block_types"][i]) or path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +342,7 @@ def _diffusers_kohya_table(arch_name: str) -> dict[str, str]:
 # architecture inference
 
 def _order(base_hint: str | None) -> list[str]:
-    fam = base_hint if base_hint in ("sd1", "sd2", "sdxl") else None
+    fam = base_hint if base_hint in FAMILIES else None
     order = list(ARCHS)
     if fam:
         order.sort(key=lambda a: FAMILY[a] != fam)

@@ -19,16 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorahub.errors import FormatError, UnsafeFile
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+from lorahub.formats.header import TORCH_NAMES
 
 _STORAGE_DTYPES = {
     "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64",
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
     "ByteStorage": "U8", "BoolStorage": "BOOL",
 }
-_TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-                 "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_TORCH_DTYPES = {torch_name: code for code, torch_name in TORCH_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -20,24 +20,34 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+def use_endpoint(endpoint: str | None) -> None:
+    """Point huggingface_hub at ``endpoint`` before it is imported (it reads ``HF_ENDPOINT`` then), so
+    that no call goes to another hub, and keep its progress bars off (lorahub shows its own)."""
+    if endpoint:
+        os.environ["HF_ENDPOINT"] = endpoint.rstrip("/")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def resolve_endpoint(endpoint: str | None) -> str:
+    use_endpoint(endpoint)
     ep = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", ep):
-        raise LorahubError(f"--endpoint {ep!r}: expected an http(s) URL such as {DEFAULT_ENDPOINT}")
+        raise LorahubError(f"endpoint {ep!r}: expected an http(s) URL such as {DEFAULT_ENDPOINT}")
     if "@" in ep.split("://", 1)[1].split("/", 1)[0]:
-        raise LorahubError("--endpoint must not carry credentials; give the token with --token-env VAR")
+        raise LorahubError("the endpoint must not carry credentials; give the token in an environment variable")
     return ep
 
 
 def resolve_token(token_env: str | None) -> str | None:
-    """The token named by ``--token-env VAR`` or None (huggingface_hub then uses HF_TOKEN / its login)."""
+    """The token held by the environment variable ``token_env``, or None (huggingface_hub then uses
+    HF_TOKEN / its login)."""
     if token_env is None:
         return None
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env):
-        raise LorahubError(f"--token-env {token_env!r}: not an environment variable name")
+        raise LorahubError(f"token variable {token_env!r}: not an environment variable name")
     tok = os.environ.get(token_env, "").strip()
     if not tok:
-        raise LorahubError(f"--token-env {token_env}: that environment variable is not set or empty")
+        raise LorahubError(f"token variable {token_env}: that environment variable is not set or empty")
     return tok
 
 
@@ -56,12 +66,9 @@ def check_online() -> None:
 
 def quiet_client() -> None:
     """No tqdm bars from huggingface_hub (lorahub shows its own progress)."""
-    try:
-        from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
-        disable_progress_bars()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
+    disable_progress_bars()
 
 
 def scrub(text: str, token: str | None) -> str:
@@ -99,14 +106,14 @@ def hub_errors(what: str, *, endpoint: str, token: str | None = None, repo: str 
             raise LorahubError(f"{what}: {where} is gated; accept its terms on the Hub and use a token") from None
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or (status == 404 and "RepoNotFound" in str(
                 getattr(resp, "headers", {}).get("X-Error-Code", ""))):
-            raise NotFound(f"{what}: repo {where} not found (or private: give a token with --token-env VAR)") from None
+            raise NotFound(f"{what}: repo {where} not found (or private: give a token)") from None
         if isinstance(exc, hf_errors.RevisionNotFoundError):
             raise NotFound(f"{what}: revision not found in {where}") from None
         if isinstance(exc, hf_errors.EntryNotFoundError):
             raise NotFound(f"{what}: file not found in {where}") from None
         if status in (401, 403):
             raise LorahubError(f"{what}: {where} refused the request ({status} {server_msg or 'unauthorized'}); "
-                               "give a write token with --token-env VAR or log in with `hf auth login`") from None
+                               "give a write token or log in with `hf auth login`") from None
         if status is not None:
             msg = server_msg or str(exc).splitlines()[0]
             raise LorahubError(f"{what}: {where} answered {status}: {scrub(msg, token)}") from None

@@ -1,7 +1,7 @@
-"""``lorahub pull``: Hub LoRAs/embeddings -> registry entries; ``lorahub pull --search``.
+"""Hub LoRAs/embeddings -> registry entries (:func:`pull`); Hub LoRA search (:func:`search`).
 
 Everything is checked before anything is registered: the repo's file names (no ``..``, no absolute or
-Windows paths, no control characters), the sizes the Hub announces (against ``--max-size``), the card's
+Windows paths, no control characters), the sizes the Hub announces (against the size limit), the card's
 YAML, the downloaded bytes (size and LFS sha256 against the announcement) and the safetensors headers.
 Downloads go through huggingface_hub into its cache (``HF_HOME`` / ``HF_HUB_CACHE`` respected); the
 registry copies the files into its store. A second pull of the same commit registers nothing new.
@@ -10,6 +10,7 @@ registry copies the files into its store. A second pull of the same commit regis
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from lorahub.errors import FormatError, LorahubError, NotFound
@@ -65,22 +66,65 @@ def _is_candidate(path: str) -> bool:
     return parts[-1] not in ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
-def _sha256(path: Path) -> str:
-    from lorahub.hashing import sha256_file
+@dataclass
+class PullResult:
+    """What :func:`pull` registered: ``entries`` (id, name, file, created, kind, base), the files
+    ``skipped`` (file, why), and the card's fields."""
 
-    return sha256_file(path)
+    repo: str
+    revision: str
+    commit: str
+    endpoint: str
+    entries: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    card: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, tags: list[str] | None = None,
-         endpoint: str | None = None, token_env: str | None = None, max_size_mb: float = DEFAULT_MAX_SIZE_MB,
-         progress=None) -> dict:
-    """Download the LoRA/embedding files of ``spec`` and register them. Returns a report."""
+@dataclass
+class HubLora:
+    """A Hub model found by :func:`search`."""
+
+    repo: str
+    base_model: str | None
+    family: str | None
+    downloads: int | None
+    likes: int | None
+    updated: str | None
+    tags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pull(spec: str, *, registry=None, file: str | None = None, type: str | None = None,
+         tags: list[str] | None = None, endpoint: str | None = None, token_env: str | None = None,
+         max_size_mb: float = DEFAULT_MAX_SIZE_MB, progress=None) -> PullResult:
+    """Download the LoRA/embedding files of ``spec`` (``user/name[@revision]``) and register them
+    (lineage: pulled-from ``repo@commit``), with the card's base model, trigger words, tags and license.
+
+    ``file``: only this file of the repo. ``type``: the registry type of the entries; ``tags``: extra
+    tags. ``token_env``: the environment variable holding the token (default: huggingface_hub's own
+    lookup). Files over ``max_size_mb`` MiB are refused. ``progress()`` is called per downloaded file.
+    ``registry``: a Registry, a home folder or None (the default home).
+    """
+    from lorahub.refs import LazyRegistry
+
+    with LazyRegistry.using(registry) as regs:
+        return _pull(regs.get(), spec, file=file, type=type, tags=tags, endpoint=endpoint, token_env=token_env,
+                     max_size_mb=max_size_mb, progress=progress)
+
+
+def _pull(reg, spec: str, *, file, type, tags, endpoint, token_env, max_size_mb, progress) -> PullResult:
     from lorahub.fsutil import is_within
-
+    from lorahub.hashing import sha256_file
+    from lorahub.lineage import register_derived
     from lorahub.vocab import LORA_TYPES
 
     if type is not None and type not in LORA_TYPES:
-        raise LorahubError(f"--type {type!r}: expected one of {', '.join(LORA_TYPES)}")
+        raise LorahubError(f"type {type!r}: expected one of {', '.join(LORA_TYPES)}")
     repo, rev = parse_spec(spec)
     ep = resolve_endpoint(endpoint)
     token = resolve_token(token_env)
@@ -116,7 +160,7 @@ def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, ta
             raise LorahubError(f"pull: {p}: only .safetensors files are pulled (pickles are never loaded)")
         size = siblings[p].size
         if size is not None and size > max_bytes:
-            raise LorahubError(f"pull: {p} is {size / 2**20:.0f} MiB, over --max-size {max_size_mb:g} MiB")
+            raise LorahubError(f"pull: {p} is {size / 2**20:.0f} MiB, over the size limit of {max_size_mb:g} MiB")
 
     cache = Path(constants.HF_HUB_CACHE)
     with hub_errors("pull", endpoint=ep, token=token, repo=repo):
@@ -133,10 +177,10 @@ def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, ta
             sib = siblings[p]
             real = lp.stat().st_size
             if real > max_bytes:
-                raise LorahubError(f"pull: {p} is {real / 2**20:.0f} MiB, over --max-size {max_size_mb:g} MiB")
+                raise LorahubError(f"pull: {p} is {real / 2**20:.0f} MiB, over the size limit of {max_size_mb:g} MiB")
             if sib.size is not None and real != sib.size:
                 raise LorahubError(f"pull: {p} is {real} bytes but the Hub announced {sib.size}; nothing registered")
-            if sib.lfs is not None and _sha256(lp) != sib.lfs.sha256:
+            if sib.lfs is not None and sha256_file(lp) != sib.lfs.sha256:
                 raise LorahubError(f"pull: {p} does not match its LFS sha256; nothing registered")
             local[p] = lp
             if progress is not None:
@@ -172,7 +216,7 @@ def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, ta
     for p, lp in local.items():
         det = dets[p]
         base = None
-        if (getattr(det, "base", None) or "unknown") == "unknown" and fields["family"]:
+        if det.base == "unknown" and fields["family"]:
             base = fields["family"]
         is_emb = det.kind == "textual-inversion"
         name = None
@@ -183,26 +227,28 @@ def pull(reg, spec: str, *, file: str | None = None, type: str | None = None, ta
             extra["license"] = fields["license"]
         if fields["base_model"]:
             extra["base_model"] = fields["base_model"]
-        entry, created = reg.add_file(
-            lp, name=name, type=type, triggers=None if is_emb else (fields["triggers"] or None),
-            tags=fields["tags"] + user_tags, base=base, source=f"{repo}@{commit}", copy=True, sidecars=False,
-            extra=extra)
+        entry, created = register_derived(
+            reg, lp, relation="pulled-from", parents=[f"{repo}@{commit}"],
+            detail={"repo": repo, "revision": rev or "main", "commit": commit, "file": p, "endpoint": ep},
+            name=name, type=type, triggers=None if is_emb else fields["triggers"],
+            tags=fields["tags"] + user_tags, base=base, source=f"{repo}@{commit}", sidecars=False, extra=extra)
         if created or not any(r.get("repo") == repo and r.get("commit") == commit and r.get("endpoint") == ep
                               for r in reg.remotes(entry["id"])):
             reg.set_remote(entry["id"], repo=repo, revision=rev or "main", commit=commit, endpoint=ep)
         results.append({"id": entry["id"], "name": entry["name"], "file": p, "created": created,
                         "kind": entry.get("kind"), "base": entry.get("base")})
-    return {"repo": repo, "revision": rev or "main", "commit": commit, "endpoint": ep, "entries": results,
-            "skipped": skipped, "card": {k: v for k, v in fields.items() if v}}
+    return PullResult(repo=repo, revision=rev or "main", commit=commit, endpoint=ep, entries=results,
+                      skipped=skipped, card={k: v for k, v in fields.items() if v})
 
 
 def search(query: str | None, *, endpoint: str | None = None, token_env: str | None = None, limit: int = 20,
-           base_model: str | None = None, author: str | None = None) -> list[dict]:
-    """Hub models matching ``query`` that are diffusers LoRAs (tags ``lora`` and ``diffusers``)."""
+           base_model: str | None = None, author: str | None = None) -> list[HubLora]:
+    """Hub models matching ``query`` that are diffusers LoRAs (tags ``lora`` and ``diffusers``), most
+    downloaded first; ``base_model`` / ``author`` narrow the search."""
     ep = resolve_endpoint(endpoint)
     token = resolve_token(token_env)
     if limit < 1 or limit > 1000:
-        raise LorahubError("--limit must be between 1 and 1000")
+        raise LorahubError("limit must be between 1 and 1000")
     check_online()
     quiet_client()
     from huggingface_hub import HfApi
@@ -224,8 +270,7 @@ def search(query: str | None, *, endpoint: str | None = None, token_env: str | N
             generic = {"lora", "diffusers", "text-to-image", "stable-diffusion", "template:sd-lora",
                        "stable-diffusion-diffusers", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"}
             tags = [t for t in (m.tags or []) if t not in generic and ":" not in t]
-            rows.append({"repo": m.id, "base_model": bm, "family": cardmod.base_family(bm),
-                         "downloads": m.downloads, "likes": m.likes,
-                         "updated": m.last_modified.strftime("%Y-%m-%d") if m.last_modified else None,
-                         "tags": tags[:8]})
+            rows.append(HubLora(repo=m.id, base_model=bm, family=cardmod.base_family(bm), downloads=m.downloads,
+                                likes=m.likes, tags=tags[:8],
+                                updated=m.last_modified.strftime("%Y-%m-%d") if m.last_modified else None))
     return rows

@@ -15,27 +15,26 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import LorahubError
 from lorahub.hub import card as cardmod
 from lorahub.hub.client import (check_online, check_repo_id, hub_errors, quiet_client, resolve_endpoint,
                                 resolve_token)
+from lorahub.vocab import NETWORK_KINDS, safe_filename
 
 MAX_PREVIEWS = 8
-LORA_KINDS = ("lora", "locon", "loha", "lokr", "dora")
 DIFFUSERS_KINDS = ("lora", "locon")   # what diffusers' load_lora_weights can take
 
 
-def safe_file_name(name: str, default: str = "lora.safetensors") -> str:
-    """A plain file name for the repo root: basename only, no odd characters."""
-    base = Path(str(name or "")).name
-    stem, dot, ext = base.rpartition(".")
+def _repo_file(name: str) -> str:
+    """A file name for the repo root: the base name, its stem made safe (:func:`safe_filename`)."""
+    stem, dot, ext = Path(str(name or "")).name.rpartition(".")
     if not dot:
-        stem, ext = base, "safetensors"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:100]
+        stem, ext = ext, "safetensors"
     ext = re.sub(r"[^A-Za-z0-9]+", "", ext)[:16] or "safetensors"
-    return f"{stem}.{ext}" if stem else default
+    return f"{safe_filename(stem, max_len=100)}.{ext}"
 
 
 def _unique(path: str, used: set[str]) -> str:
@@ -97,7 +96,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
     _convert = converter or convert
     if not entries:
         raise LorahubError("push: give at least one registry entry")
-    loras = [e for e in entries if e.get("kind") in LORA_KINDS]
+    loras = [e for e in entries if e.get("kind") in NETWORK_KINDS]
     embeds = [e for e in entries if e.get("kind") == "textual-inversion"]
     others = [e for e in entries if e not in loras and e not in embeds]
     if others:
@@ -116,7 +115,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
         except Exception as exc:  # noqa: BLE001
             notes.append(f"no webui (kohya) copy: {exc}")
             return
-        wpath = _unique(safe_file_name(name), used)
+        wpath = _unique(_repo_file(name), used)
         files.append({"path": wpath, "src": conv, "role": "converted", "entry": None,
                       "from_sha256": e["sha256"], "dialect": "kohya",
                       "form": "kohya (converted by lorahub)", "for": "AUTOMATIC1111 / Forge / ComfyUI"})
@@ -136,7 +135,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
         own = e.get("file_name") or f"{e['name']}.safetensors"
         if own == "pytorch_lora_weights.safetensors":
             own = f"{e['name']}.safetensors"
-        path = _unique(safe_file_name(own), used)
+        path = _unique(_repo_file(own), used)
         webui_ok = fmt in ("kohya", "lycoris")
         files.append({"path": path, "src": blob, "role": "original", "entry": e,
                       "form": f"{fmt} (original)",
@@ -162,7 +161,7 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
             notes.append(f"diffusers cannot load a {e.get('kind')} adapter; only the original file is uploaded")
 
     for e in embeds:
-        path = _unique(safe_file_name(e.get("file_name") or f"{e['name']}.safetensors"), used)
+        path = _unique(_repo_file(e.get("file_name") or f"{e['name']}.safetensors"), used)
         token = (e.get("tokens") or [None])[0] or path.rsplit(".", 1)[0]
         files.append({"path": path, "src": reg.blob_path(e), "role": "embedding", "entry": e,
                       "form": "textual-inversion embedding", "for": "diffusers `load_textual_inversion` / webui"})
@@ -216,14 +215,53 @@ def _remote_readme(api, repo: str, revision: str) -> bytes | None:
     return Path(p).read_bytes()
 
 
-def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: str | None = None,
+@dataclass
+class PushResult:
+    """What :func:`push` did: the commit on ``repo@revision`` (``uploaded`` False when the repo was
+    already up to date), the files of the commit, the entries pushed and notes."""
+
+    repo: str
+    revision: str
+    commit: str
+    endpoint: str
+    url: str
+    uploaded: bool
+    files: list[str] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"repo": self.repo, "revision": self.revision, "commit": self.commit, "endpoint": self.endpoint,
+                "url": self.url, "uploaded": self.uploaded, "up_to_date": not self.uploaded, "files": self.files,
+                "entries": self.entries, "notes": self.notes}
+
+
+def push(refs: list[str], *, repo: str, registry=None, private: bool = False, revision: str | None = None,
          message: str | None = None, endpoint: str | None = None, token_env: str | None = None,
-         base_model: str | None = None, alpha: float | None = None) -> dict:
-    """Push entries ``refs`` to ``repo`` in one commit; record the remote on every entry."""
+         base_model: str | None = None, alpha: float | None = None) -> PushResult:
+    """Upload the registry entries ``refs`` (the LoRA first, then embeddings or more LoRAs) to the Hub
+    model repo ``repo`` (created if missing) in one commit, with a model card, and record the remote on
+    every entry. Pushing the same entries again uploads nothing.
+
+    ``revision``: the branch (default main; created if missing). ``base_model``: the Hub id the card
+    names (default: the family's reference model); ``alpha``: the recommended strength it states
+    (default: what a sweep recorded). ``endpoint``: the hub URL (default ``$HF_ENDPOINT``, else
+    huggingface.co); ``token_env``: the environment variable holding the token (default:
+    huggingface_hub's own lookup). ``registry``: a Registry, a home folder or None (the default home).
+    """
+    from lorahub.refs import LazyRegistry
+
+    with LazyRegistry.using(registry) as regs:
+        return _push(regs.get(), refs, repo=repo, private=private, revision=revision, message=message,
+                     endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha)
+
+
+def _push(reg, refs: list[str], *, repo: str, private: bool, revision: str | None, message: str | None,
+          endpoint: str | None, token_env: str | None, base_model: str | None, alpha: float | None) -> PushResult:
     check_repo_id(repo)
     branch = revision or "main"
     if not re.fullmatch(r"[A-Za-z0-9._/-]{1,200}", branch) or ".." in branch:
-        raise LorahubError(f"--revision {branch!r}: not a branch name")
+        raise LorahubError(f"revision {branch!r}: not a branch name")
     ep = resolve_endpoint(endpoint)
     token = resolve_token(token_env)
     entries: list[dict] = []
@@ -285,11 +323,7 @@ def push(reg, refs: list[str], *, repo: str, private: bool = False, revision: st
                 commit, uploaded = ci.oid, True
     for e in entries:
         reg.set_remote(e["id"], repo=repo, revision=branch, commit=commit, endpoint=ep)
-    return {
-        "repo": repo, "revision": branch, "commit": commit, "endpoint": ep,
-        "url": str(getattr(url, "url", url)) if url else f"{ep}/{repo}",
-        "uploaded": uploaded, "up_to_date": not uploaded,
-        "files": [f["path"] for f in plan["files"]] + ["README.md"],
-        "entries": [{"id": e["id"], "name": e["name"]} for e in entries],
-        "notes": plan["notes"],
-    }
+    return PushResult(repo=repo, revision=branch, commit=commit, endpoint=ep,
+                      url=str(getattr(url, "url", url)) if url else f"{ep}/{repo}", uploaded=uploaded,
+                      files=[f["path"] for f in plan["files"]] + ["README.md"],
+                      entries=[{"id": e["id"], "name": e["name"]} for e in entries], notes=plan["notes"])

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorahub.linalg.rank import choose_rank
+
 
 def as_matrices(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flatten conv factors to matrices: up (out, r[,1,1]) -> (out, r); down (r, in[,kh,kw]) -> (r, in·kh·kw)."""
@@ -74,47 +76,6 @@ def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torc
     ups = [u * w for u, _, w in factors]
     downs = [d for _, d, _ in factors]
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-
-
-def choose_rank(S: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                sv_ratio: float | None = None, sv_fro: float | None = None,
-                max_rank: int | None = None) -> int:
-    """Smallest k that meets the criterion, capped by len(S) and max_rank; at least 1.
-
-    rank     : fixed k
-    energy   : Σ_{i<k} Sᵢ² / Σ Sᵢ² ≥ energy   (Frobenius energy kept)
-    sv_fro   : √(Σ_{i<k} Sᵢ² / Σ Sᵢ²) ≥ sv_fro  (Frobenius norm kept, kohya's sv_fro)
-    sv_ratio : keep Sᵢ with Sᵢ ≥ S₀ / sv_ratio (kohya's sv_ratio)
-    """
-    n = int(S.numel())
-    if n == 0:
-        return 0
-    cap = n if max_rank is None else max(1, min(n, max_rank))
-    given = [x is not None for x in (rank, energy, sv_ratio, sv_fro)]
-    if sum(given) != 1:
-        raise ValueError("exactly one of rank, energy, sv_ratio, sv_fro must be given")
-    s = S.to(torch.float64)
-    if rank is not None:
-        if rank < 1:
-            raise ValueError("rank must be at least 1")
-        return min(rank, cap)
-    total = float(torch.sum(s * s))
-    if total == 0.0:
-        return 1
-    if energy is not None or sv_fro is not None:
-        target = energy if energy is not None else sv_fro**2
-        if not 0.0 < target <= 1.0:
-            raise ValueError("energy/sv_fro must be in (0, 1]")
-        cum = torch.cumsum(s * s, 0) / total
-        # smallest k with cum[k-1] >= target (tolerate rounding at the top)
-        k = int(torch.searchsorted(cum, torch.tensor(target - 1e-12, dtype=cum.dtype)).item()) + 1
-        return max(1, min(k, cap))
-    if sv_ratio is not None:
-        if sv_ratio < 1.0:
-            raise ValueError("sv_ratio must be at least 1")
-        k = int(torch.sum(s >= s[0] / sv_ratio).item())
-        return max(1, min(k, cap))
-    raise AssertionError
 
 
 def retained(S: torch.Tensor, k: int) -> float:

@@ -23,10 +23,10 @@ import torch
 
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraModel
+from lorahub.formats.header import FLOAT_DTYPES
+from lorahub.vocab import PARTS
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
 RECIPE_FILE = "lorahub_recipe.toml"
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -74,33 +74,38 @@ def _plan(ck, merged: LoraModel) -> dict[str, object]:
     return plan
 
 
-def check(base: Path, merged: LoraModel, out: Path) -> None:
+def check(base: Path, merged: LoraModel, out: Path, *, force: bool = False) -> None:
     """Every refusal :func:`bake` can make, without writing anything (headers only)."""
     from lorahub.ops import checkpoints
 
-    _check_paths(Path(base), Path(out))
+    _check_paths(Path(base), Path(out), force)
     with checkpoints.open_checkpoint(base) as ck:
         _plan(ck, merged)
 
 
-def _check_paths(base: Path, out: Path) -> None:
-    if out.exists():
-        raise LorahubError(f"{out}: already exists; choose a new output path")
+def _check_paths(base: Path, out: Path, force: bool) -> None:
+    from lorahub.outputs import check_output
+
+    check_output(out, force=force, inputs=[base], folder=base.is_dir())
     if base.is_dir() and out.suffix.lower() == ".safetensors":
         raise LorahubError(f"{out}: the base is a diffusers folder, so the baked model is a folder; "
-                           "give --out a folder name (without .safetensors)")
+                           "the output must be a folder name (without .safetensors)")
     if base.is_file() and out.suffix.lower() != ".safetensors":
-        raise LorahubError(f"{out}: the base is a single-file checkpoint; give --out a .safetensors file")
+        raise LorahubError(f"{out}: the base is a single-file checkpoint; the output must be a .safetensors file")
 
 
-def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "",
+def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "", force: bool = False,
          on_tensor: Callable[[str], None] | None = None) -> BakeReport:
-    """Write ``out`` = ``base`` with ``merged``'s ΔW added (folder -> folder, single file -> single file)."""
+    """Write ``out`` = ``base`` with ``merged``'s ΔW added (folder -> folder, single file -> single file).
+
+    ``merged``: the update, as a LoRA whose layers are exact factors (a ``concat`` merge; see
+    :func:`lorahub.ops.recipe.merge_recipe` for baking from a recipe). An existing ``out`` is replaced
+    only with ``force``."""
     from lorahub import fsutil
     from lorahub.ops import checkpoints
 
     base, out = Path(base), Path(out)
-    _check_paths(base, out)
+    _check_paths(base, out, force)
     with checkpoints.open_checkpoint(base) as ck:
         plan = _plan(ck, merged)
         report = BakeReport(out=out, family=ck.family, layout=ck.layout)

@@ -41,29 +41,27 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from lorahub.errors import FormatError, LorahubError
+from lorahub.formats.header import FLOAT_DTYPES, TORCH_NAMES
+from lorahub.formats.names import unet_from_ldm, unet_to_ldm
+from lorahub.vocab import PARTS, PICKLE_SUFFIXES
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-
-_ST_TO_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool"}
 
 
 def _torch_dtype(st: str):
     import torch
 
     try:
-        return getattr(torch, _ST_TO_TORCH[st])
+        return getattr(torch, TORCH_NAMES[st])
     except KeyError:
         raise FormatError(f"tensor dtype {st} is not supported") from None
 
 
 def _st_dtype(dtype) -> str:
     name = str(dtype).replace("torch.", "")
-    for k, v in _ST_TO_TORCH.items():
+    for k, v in TORCH_NAMES.items():
         if v == name:
             return k
     raise FormatError(f"dtype {dtype} cannot be written to safetensors")
@@ -156,112 +154,9 @@ class StreamWriter:
 
 # --------------------------------------------------------------------------------------------------
 # Key mapping: original LDM/SGM single-file layout <-> diffusers module paths
+# (the UNet map lives in lorahub.formats.names: unet_to_ldm / unet_from_ldm)
 # --------------------------------------------------------------------------------------------------
-_RESNET_LDM_TO_DIFF = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                       "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_RESNET_DIFF_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFF.items()}
-_TOP_LDM_TO_DIFF = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-                    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-_TOP_DIFF_TO_LDM = {v: k for k, v in _TOP_LDM_TO_DIFF.items()}
-
 UNET_LDM_PREFIX = "model.diffusion_model."
-
-
-def _resnet_ldm(rest: str) -> str | None:
-    for a, b in _RESNET_LDM_TO_DIFF.items():
-        if rest.startswith(a + "."):
-            return b + rest[len(a):]
-    return None
-
-
-def _resnet_diff(rest: str) -> str | None:
-    for a, b in _RESNET_DIFF_TO_LDM.items():
-        if rest.startswith(a + "."):
-            return b + rest[len(a):]
-    return None
-
-
-def unet_ldm_to_diffusers(key: str, layers_per_block: int) -> str | None:
-    """Diffusers UNet parameter name of an LDM/SGM UNet key (without ``model.diffusion_model.``)."""
-    for a, b in _TOP_LDM_TO_DIFF.items():
-        if key.startswith(a + "."):
-            return b + key[len(a):]
-    L1 = layers_per_block + 1
-    m = re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)$", key)
-    if m:
-        k, sub, rest = int(m[1]), int(m[2]), m[3]
-        if k == 0:
-            return None
-        i, j = divmod(k - 1, L1)
-        if j == layers_per_block:
-            if sub == 0 and rest.startswith("op."):
-                return f"down_blocks.{i}.downsamplers.0.conv.{rest[3:]}"
-            return None
-        if sub == 0:
-            r = _resnet_ldm(rest)
-            return f"down_blocks.{i}.resnets.{j}.{r}" if r else None
-        if sub == 1:
-            return f"down_blocks.{i}.attentions.{j}.{rest}"
-        return None
-    m = re.match(r"middle_block\.(\d+)\.(.+)$", key)
-    if m:
-        sub, rest = int(m[1]), m[2]
-        if sub in (0, 2):
-            r = _resnet_ldm(rest)
-            return f"mid_block.resnets.{sub // 2}.{r}" if r else None
-        if sub == 1:
-            return f"mid_block.attentions.0.{rest}"
-        return None
-    m = re.match(r"output_blocks\.(\d+)\.(\d+)\.(.+)$", key)
-    if m:
-        k, sub, rest = int(m[1]), int(m[2]), m[3]
-        i, j = divmod(k, L1)
-        if sub == 0:
-            r = _resnet_ldm(rest)
-            return f"up_blocks.{i}.resnets.{j}.{r}" if r else None
-        if rest.startswith("conv."):
-            return f"up_blocks.{i}.upsamplers.0.conv.{rest[5:]}"
-        if sub == 1:
-            return f"up_blocks.{i}.attentions.{j}.{rest}"
-    return None
-
-
-def unet_diffusers_to_ldm(name: str, layers_per_block: int, up_has_attn: Callable[[int], bool]) -> str | None:
-    """Inverse of :func:`unet_ldm_to_diffusers` (name without the ``unet.`` prefix)."""
-    for a, b in _TOP_DIFF_TO_LDM.items():
-        if name.startswith(a + "."):
-            return b + name[len(a):]
-    L1 = layers_per_block + 1
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)$", name)
-    if m:
-        i, what, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if what == "resnets":
-            r = _resnet_diff(rest)
-            return f"input_blocks.{1 + i * L1 + j}.0.{r}" if r else None
-        if what == "attentions":
-            return f"input_blocks.{1 + i * L1 + j}.1.{rest}"
-        if rest.startswith("conv."):
-            return f"input_blocks.{(i + 1) * L1}.0.op.{rest[5:]}"
-        return None
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", name)
-    if m:
-        what, j, rest = m[1], int(m[2]), m[3]
-        if what == "attentions":
-            return f"middle_block.1.{rest}"
-        r = _resnet_diff(rest)
-        return f"middle_block.{2 * j}.{r}" if r else None
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)$", name)
-    if m:
-        i, what, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if what == "resnets":
-            r = _resnet_diff(rest)
-            return f"output_blocks.{i * L1 + j}.0.{r}" if r else None
-        if what == "attentions":
-            return f"output_blocks.{i * L1 + j}.1.{rest}"
-        if rest.startswith("conv."):
-            return f"output_blocks.{i * L1 + layers_per_block}.{2 if up_has_attn(i) else 1}.conv.{rest[5:]}"
-    return None
 
 
 _OPENCLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
@@ -458,7 +353,7 @@ def _open_single(path: Path) -> Checkpoint:
     sd2_keep = max(clip_blocks) if clip_blocks else None
     for k in keys:
         if k.startswith(UNET_LDM_PREFIX):
-            d = unet_ldm_to_diffusers(k[len(UNET_LDM_PREFIX):], L)
+            d = unet_from_ldm(k[len(UNET_LDM_PREFIX):], L)
             if d is not None:
                 mapping["unet." + d] = Source(0, k)
             continue
@@ -558,7 +453,7 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
         return _open_folder(p)
     if not p.exists():
         raise LorahubError(f"{path}: no such file or folder")
-    if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if p.suffix.lower() in PICKLE_SUFFIXES:
         raise FormatError(f"{path}: pickle checkpoints are not supported (never unpickled); "
                           "use a .safetensors checkpoint")
     return _open_single(p)
@@ -575,7 +470,7 @@ def _write_file(ck: Checkpoint, fi: int, dest: Path, transform, dtype, metadata=
     for k in f.keys():
         info = f.info(k)
         st = info.dtype
-        if dtype is not None and st in ("F16", "BF16", "F32", "F64"):
+        if dtype is not None and st in FLOAT_DTYPES:
             st = _st_dtype(dtype)
         entries.append((k, st, tuple(info.shape)))
     with fsutil.atomic_path(dest) as tmp:
@@ -625,7 +520,7 @@ def write_like(ck: Checkpoint, dest: os.PathLike | str, *, transform=None, dtype
 def _ldm_name(ck: Checkpoint, name: str, family: str, up_attn: set[int], L: int) -> list[tuple[str, tuple | None, bool]] | None:
     part, rest = name.split(".", 1)
     if part == "unet":
-        k = unet_diffusers_to_ldm(rest, L, lambda i: i in up_attn)
+        k = unet_to_ldm(rest, L, lambda i: i in up_attn)
         return [(UNET_LDM_PREFIX + k, None, False)] if k else None
     if rest.startswith("text_model.") or rest.startswith("text_projection."):
         if part == "text_encoder" and family != "sd2":
@@ -651,7 +546,7 @@ def save_single_file(ck: Checkpoint, dest: os.PathLike | str, *, transform=None,
     entries = []
     for raw, name in plan:
         st = ck.dtype(name)
-        if dtype is not None and st in ("F16", "BF16", "F32", "F64"):
+        if dtype is not None and st in FLOAT_DTYPES:
             st = _st_dtype(dtype)
         entries.append((raw, st, ck.shape(name)))
     with fsutil.atomic_path(Path(dest)) as tmp:

@@ -16,7 +16,9 @@ LoHa/LoKr/full layers are materialised.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -239,3 +241,47 @@ def diff_models(a: LoraModel, b: LoraModel, *, layers: str | None = None, on_lay
         "only_b": only_b,
         "layer_filter": layers,
     }
+
+
+@dataclass
+class DiffResult:
+    """What :func:`diff_loras` found: the two files and the comparison (see :func:`diff_models`),
+    with warnings about comparing LoRAs of different base models."""
+
+    a: Path
+    b: Path
+    report: dict
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict:
+        return self.report["summary"]
+
+    def to_dict(self) -> dict:
+        return {**self.report, "a": str(self.a), "b": str(self.b)}
+
+
+def diff_loras(a: str | os.PathLike, b: str | os.PathLike, *, layers: str | None = None, registry=None,
+               on_layer=None) -> DiffResult:
+    """Compare the LoRAs ``a`` and ``b`` (files or registry references) layer by layer: cosine
+    similarity, norm ratio, overlap of principal directions, layers only one of them adapts.
+    ``layers``: only layers whose canonical key matches. ``on_layer(i, n, key)`` reports progress."""
+    from lorahub.formats.io import load_lora
+    from lorahub.refs import LazyRegistry, resolve_lora
+
+    with LazyRegistry.using(registry) as regs:
+        ra, rb = resolve_lora(a, regs), resolve_lora(b, regs)
+    ma, mb = load_lora(ra.path), load_lora(rb.path)
+    n = len(set(ma.layers) & set(mb.layers))
+    done = iter(range(1, n + 1))
+    report = diff_models(ma, mb, layers=layers,
+                         on_layer=(lambda k: on_layer(next(done), n, k)) if on_layer else None)
+    s = report["summary"]
+    warnings = []
+    if "unknown" not in (ma.base, mb.base) and ma.base != mb.base:
+        warnings.append(f"A is a {ma.base} LoRA and B a {mb.base} LoRA: layers with the same name differ in meaning")
+    if s["shape_mismatch"]:
+        warnings.append(f"{s['shape_mismatch']} shared layer(s) have different shapes (different base models?)")
+    if s["nonfinite"]:
+        warnings.append(f"{s['nonfinite']} shared layer(s) contain NaN/Inf weights and were skipped")
+    return DiffResult(ra.path, rb.path, report, warnings)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,15 +23,20 @@ from pathlib import Path
 from typing import Callable
 
 from lorahub.errors import LorahubError
-from lorahub.ops.resize import RankCriteria
+from lorahub.linalg.rank import RankCriteria
+from lorahub.outputs import Written
+from lorahub.vocab import DTYPE_NAMES, DTYPES
 
 TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))\.weight$")
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DEFAULT_RANK = 64
+SVD_METHODS = ("auto", "randomized", "exact")
 
 
 @dataclass
 class ExtractOptions(RankCriteria):
-    rank: int | None = 64            # fixed rank, or the cap in a dynamic mode
+    """How to extract: the rank criteria (``rank`` defaults to 64 without a dynamic criterion, and
+    caps it when given with one), LoCon conv layers, text encoders, clamping, device and saved dtype."""
+
     conv_rank: int | None = None     # None: no 3×3 conv layers (LoCon off)
     text_encoder: bool = True
     clamp_quantile: float | None = None
@@ -40,11 +46,9 @@ class ExtractOptions(RankCriteria):
     method: str = "auto"             # auto | randomized | exact
     tol: float = 1e-3                # allowed relative shortfall of the randomized factors
 
-    def criterion(self, cap: int | None) -> dict:
-        dyn = self.dynamic
-        if dyn is None:
-            return {"rank": cap}
-        return {dyn: getattr(self, dyn), "max_rank": cap}
+    def __post_init__(self) -> None:
+        if self.rank is None and self.dynamic is None:
+            self.rank = DEFAULT_RANK
 
     def describe(self) -> str:
         dyn = self.dynamic
@@ -69,7 +73,10 @@ class LayerReport:
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(Written):
+    """What :func:`extract` (and :func:`extract_lora`) made: the LoRA, a report per layer, and where
+    :func:`extract_lora` wrote (``out``, ``dialect``) and registered it (``entry``, ``created``)."""
+
     model: object                    # LoraModel
     layers: list[LayerReport]
     notes: list[str] = field(default_factory=list)
@@ -82,6 +89,15 @@ class ExtractResult:
 
     def blocks(self) -> list[dict]:
         return block_summary(self.layers)
+
+    def to_dict(self) -> dict:
+        d = {"family": self.family, "layers": len(self.layers), "frobenius_retained": self.retained,
+             "seconds": round(self.seconds, 3), "notes": self.notes, "blocks": self.blocks(),
+             "per_layer": [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in self.layers],
+             "out": str(self.out) if self.out else None, "format": self.dialect}
+        if self.entry is not None:
+            d["registered"] = self.registered()
+        return d
 
 
 def overall_retained(layers: list[LayerReport]) -> float:
@@ -181,9 +197,10 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     shape = tuple(diff.shape)
     A = diff.reshape(shape[0], -1).to(torch.float32)
     cap = opts.conv_rank if kind == "conv" else opts.rank
+    if opts.dynamic is None and (cap is None or cap < 1):
+        raise LorahubError(f"{name}: a rank of at least 1 is needed")
     try:
-        ap = lowrank.low_rank_approx(A, method=opts.method, tol=opts.tol,
-                                     **_crit(opts, cap))
+        ap = lowrank.low_rank_approx(A, method=opts.method, tol=opts.tol, **opts.criterion(cap))
     except ValueError as exc:
         raise LorahubError(f"{name}: {exc}") from None
     except (torch.linalg.LinAlgError, RuntimeError) as exc:
@@ -194,7 +211,7 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     down = down.to(torch.float32)
     if opts.clamp_quantile is not None:
         up, down = _clamp(up, down, opts.clamp_quantile)
-    save_dtype = getattr(torch, DTYPES[opts.dtype])
+    save_dtype = getattr(torch, DTYPE_NAMES[opts.dtype])
     up = up.to(save_dtype).cpu()
     down = down.to(save_dtype).cpu()
     # retained measured on what is saved
@@ -215,34 +232,23 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     return up.contiguous(), down.contiguous(), rep
 
 
-def _crit(opts: ExtractOptions, cap: int | None) -> dict:
-    dyn = opts.dynamic
-    if dyn is None:
-        if cap is None or cap < 1:
-            raise ValueError("a rank of at least 1 is needed")
-        return {"rank": cap}
-    return {dyn: getattr(opts, dyn), "max_rank": cap}
-
-
 def validate(opts: ExtractOptions) -> None:
-    from lorahub.ops.resize import validate_rank_criteria
-
-    validate_rank_criteria(opts)
+    opts.validate()
     if opts.conv_rank is not None and opts.conv_rank < 0:
-        raise LorahubError("--conv-rank must be 0 (off) or more")
+        raise LorahubError("conv_rank must be 0 (off) or more")
     if opts.clamp_quantile is not None and not 0 < opts.clamp_quantile <= 1:
-        raise LorahubError("--clamp-quantile must be in (0, 1]")
+        raise LorahubError("clamp_quantile must be in (0, 1]")
     if opts.dtype not in DTYPES:
-        raise LorahubError("--dtype must be fp16, bf16 or fp32")
-    if opts.method not in ("auto", "randomized", "exact"):
-        raise LorahubError("method must be auto, randomized or exact")
+        raise LorahubError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
+    if opts.method not in SVD_METHODS:
+        raise LorahubError(f"method must be one of {', '.join(SVD_METHODS)}, got {opts.method!r}")
     if opts.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise LorahubError(f"--device {opts.device}: no CUDA device is available")
+            raise LorahubError(f"device {opts.device!r}: no CUDA device is available")
     elif opts.device != "cpu":
-        raise LorahubError("--device must be cpu or cuda")
+        raise LorahubError(f"device must be cpu or cuda, got {opts.device!r}")
 
 
 def _te_max_diff(base, tuned, names: list[str], device: str) -> float:
@@ -280,13 +286,13 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             if not names:
                 continue
             if not opts.text_encoder:
-                notes.append(f"{part}: skipped (--no-text-encoder)")
+                notes.append(f"{part}: skipped (text encoders not extracted)")
                 todo = [(n, k) for n, k in todo if not n.startswith(part + ".")]
                 continue
             md = _te_max_diff(base, tuned, names, opts.device)
             if md <= opts.min_diff:
                 notes.append(f"{part}: skipped, largest weight difference {md:.3g} is within "
-                             f"--min-diff {opts.min_diff:g}")
+                             f"min_diff {opts.min_diff:g}")
                 todo = [(n, k) for n, k in todo if not n.startswith(part + ".")]
             else:
                 notes.append(f"{part}: extracted (largest weight difference {md:.3g})")
@@ -359,7 +365,52 @@ def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict) -> di
     return meta
 
 
-def report_dict(res: ExtractResult) -> dict:
-    return {"family": res.family, "layers": len(res.layers), "frobenius_retained": res.retained,
-            "seconds": round(res.seconds, 3), "notes": res.notes, "blocks": res.blocks(),
-            "per_layer": [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in res.layers]}
+def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
+                 sv_fro: float | None = None, conv_rank: int | None = None, text_encoder: bool = True,
+                 clamp_quantile: float | None = None, min_diff: float = 1e-4, device: str = "cpu",
+                 dtype: str = "fp16", method: str = "auto", dialect: str = "kohya", register: bool = False,
+                 name: str | None = None, type: str | None = None, triggers: list[str] | None = None,
+                 force: bool = False, registry=None,
+                 on_layer: Callable[[int, int, str], None] | None = None) -> ExtractResult:
+    """Extract ``tuned`` − ``base`` as a LoRA and write it to ``out``.
+
+    ``base`` / ``tuned``: a diffusers folder, a single-file .safetensors checkpoint, a registry
+    checkpoint, or tiny-sd1 / tiny-sdxl. The rank: a fixed ``rank`` (default 64), or one dynamic
+    criterion (``energy``, ``sv_ratio``, ``sv_fro``) capped by ``rank``; ``conv_rank`` also extracts
+    3×3 convs (LoCon). See :class:`ExtractOptions` for the rest. ``out`` defaults to
+    ``<tuned name>-extract-<r64|energy|…>.safetensors`` in the current folder; ``register`` adds the
+    result to the registry (lineage: extracted-from, one row per model). ``registry``: a Registry, a
+    home folder, or None (the default home, opened only when needed).
+    """
+    from lorahub.formats.io import check_dialect, save_lora
+    from lorahub.lineage import Parent, register_derived
+    from lorahub.outputs import check_output, default_output
+    from lorahub.refs import LazyRegistry, resolve_model
+
+    opts = ExtractOptions(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, conv_rank=conv_rank or None,
+                          text_encoder=text_encoder, clamp_quantile=clamp_quantile, min_diff=min_diff,
+                          device=device, dtype=dtype, method=method)
+    validate(opts)
+    check_dialect(dialect)
+    with LazyRegistry.using(registry) as regs:
+        b = resolve_model(base, regs)
+        t = resolve_model(tuned, regs)
+        if out is None:
+            out = default_output(f"{t.entry['name'] if t.entry else t.path.name.split('.')[0]}-extract-{opts.tag()}",
+                                 ".safetensors")
+        out = check_output(out, force=force, inputs=[b.path, t.path], suffixes=(".safetensors",))
+        res = extract(b.path, t.path, opts, on_layer=on_layer, base_name=b.name, tuned_name=t.name)
+        save_lora(res.model, out, dialect=dialect)
+        res.out, res.dialect = out, dialect
+        if register:
+            meta = json.loads(res.model.metadata["lorahub_extract"])
+            parents = [Parent(m.entry["id"] if m.entry else (meta[role]["blake3"] or m.ref),
+                              {"role": role, "name": meta[role]["name"], "blake3": meta[role]["blake3"]})
+                       for role, m in (("base", b), ("tuned", t))]
+            res.entry, res.created = register_derived(
+                regs.get(), out, relation="extracted-from", parents=parents,
+                detail={"criterion": opts.describe(), "frobenius_retained": round(res.retained, 6)},
+                name=name, type=type, triggers=triggers, base=res.family,
+                description=f"extracted from {tuned} (base {base})", source="lorahub")
+    return res

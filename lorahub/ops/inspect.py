@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import re
 import statistics
 from collections import Counter
@@ -260,104 +261,16 @@ def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = N
 
 
 # ----------------------------------------------------------------------------------------------------
-# Base weights (for relative strength): read straight from a diffusers folder's safetensors files
-
-_PART_FILES = {
-    "unet": ("unet", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")),
-    "text_encoder": ("text_encoder", ("model.safetensors", "model.fp16.safetensors")),
-    "text_encoder_2": ("text_encoder_2", ("model.safetensors", "model.fp16.safetensors")),
-}
-
-
-class BaseWeights:
-    """Lazy access to the weights of a diffusers folder by canonical LoRA key (no diffusers import)."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        self._safe_open = safe_open
-        self._index: dict[str, dict[str, Path]] = {}  # part -> tensor name -> file
-        for part, (sub, names) in _PART_FILES.items():
-            d = self.folder / sub
-            if not d.is_dir():
-                continue
-            files: list[Path] = []
-            for n in names:
-                if (d / n).exists():
-                    files = [d / n]
-                    break
-                idx = d / (n + ".index.json")
-                if idx.exists():
-                    try:
-                        wm = json.loads(idx.read_text())["weight_map"]
-                    except (ValueError, KeyError, OSError):
-                        raise LorahubError(f"{idx}: unreadable shard index") from None
-                    files = sorted({d / f for f in wm.values()})
-                    break
-            mapping: dict[str, Path] = {}
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        mapping[k] = f
-            if mapping:
-                self._index[part] = mapping
-        if not self._index:
-            raise LorahubError(f"{folder}: no unet/text_encoder safetensors weights found "
-                               "(give a diffusers folder or tiny-sd1 / tiny-sdxl)")
-
-    def _candidates(self, part: str, rest: str) -> list[str]:
-        names = [rest + ".weight"]
-        if part.startswith("text_encoder"):
-            if rest.startswith("text_model."):
-                names.append(rest[len("text_model."):] + ".weight")
-            else:
-                names.append("text_model." + rest + ".weight")
-        return names
-
-    def get(self, key: str) -> torch.Tensor | None:
-        part, _, rest = key.partition(".")
-        mapping = self._index.get(part)
-        if not mapping:
-            return None
-        for name in self._candidates(part, rest):
-            f = mapping.get(name)
-            if f is not None:
-                with self._safe_open(str(f), "pt") as h:
-                    return h.get_tensor(name)
-        return None
-
-
-class _CheckpointWeights:
-    """Adapter over lorahub.ops.checkpoints (diffusers folders and single-file checkpoints)."""
-
-    def __init__(self, ck):
-        self.ck = ck
-
-    def get(self, key: str) -> torch.Tensor | None:
-        name = key + ".weight"
-        if name in self.ck:
-            return self.ck.get(name)
-        return None
-
-    def close(self) -> None:
-        self.ck.close()
+# Base weights (for relative strength)
 
 
 def open_base(ref: str, registry=None):
-    """Weights of MODEL by canonical LoRA key: ``.get(key) -> tensor | None``."""
-    from lorahub.ops.models import resolve_model_ref
+    """The model ``ref`` (see :func:`lorahub.refs.resolve_model`) opened for streaming reads by
+    canonical name (:class:`lorahub.ops.checkpoints.Checkpoint`); close it after use."""
+    from lorahub.ops.checkpoints import open_checkpoint
+    from lorahub.refs import resolve_model
 
-    path = resolve_model_ref(ref, registry)
-    try:
-        from lorahub.ops.checkpoints import open_checkpoint
-    except ImportError:  # streaming checkpoint reader not available: diffusers folders only
-        open_checkpoint = None
-    if open_checkpoint is not None:
-        return _CheckpointWeights(open_checkpoint(path))
-    if not path.is_dir():
-        raise LorahubError(f"{ref}: --base needs a diffusers folder (or tiny-sd1 / tiny-sdxl)")
-    return BaseWeights(path)
+    return open_checkpoint(resolve_model(ref, registry).path)
 
 
 def _flat2(shape) -> tuple[int, int]:
@@ -544,16 +457,17 @@ def _file_facts(path: Path | None) -> dict:
 
 
 def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | None = None,
-                  base: BaseWeights | None = None, base_ref: str | None = None,
+                  base=None, base_ref: str | None = None,
                   on_layer: Callable[[str], None] | None = None, fmt: str | None = None) -> dict:
-    """Everything `lorahub inspect` shows, as a JSON-ready dict."""
+    """Everything `lorahub inspect` shows, as a JSON-ready dict. ``base``: an open
+    :class:`~lorahub.ops.checkpoints.Checkpoint` (see :func:`open_base`) for relative strengths."""
     keys = list(model.layers)
     # Validate every layer up front: a malformed file is an error, whatever --layers selects.
     for k in keys:
         check_layer(k, model.layers[k])
     selected = match_layers(keys, layers)
     if layers and not selected:
-        raise LorahubError(f"--layers {layers!r} matches none of the {len(keys)} layers")
+        raise LorahubError(f"layer pattern {layers!r} matches none of the {len(keys)} layers")
     warnings: list[str] = []
     stats: list[LayerStats] = []
     missing_base: list[str] = []
@@ -561,7 +475,7 @@ def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | N
         layer = model.layers[k]
         w0 = None
         if base is not None:
-            w0 = base.get(k)
+            w0 = base.get(k + ".weight") if k + ".weight" in base else None
             if w0 is None:
                 missing_base.append(k)
             else:
@@ -635,26 +549,67 @@ def stats_from_report(report: dict) -> list[LayerStats]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resolving ID|FILE
+# The inspect workflow: a reference in, a report out
 
 
-def resolve_lora_ref(ref: str, home: Path | None = None) -> tuple[Path, dict | None]:
-    """A path that exists is a file; anything else is a registry reference (id, name, hash prefix)."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        if p.is_dir():
-            raise LorahubError(f"{ref}: is a folder, not a LoRA file")
-        return p, None
-    from lorahub.registry import Registry
+@dataclass
+class InspectResult:
+    """What :func:`inspect_lora` found: the file, its registry entry, the loaded model and the report
+    (everything ``lorahub inspect`` shows; see :func:`inspect_model`), and the heat map written."""
 
-    reg = Registry.open(home)
-    entry = reg.resolve(ref)
-    return Path(reg.blob_path(entry)), entry
+    path: Path
+    entry: dict | None
+    model: LoraModel
+    report: dict
+    plot: Path | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.report["warnings"]
+
+    def to_dict(self) -> dict:
+        d = dict(self.report)
+        if self.entry is not None:
+            d["entry"] = {"id": self.entry["id"], "name": self.entry["name"]}
+        if self.plot is not None:
+            d["plot"] = str(self.plot)
+        return d
 
 
-def load(ref: str, home: Path | None = None) -> tuple[LoraModel, Path, dict | None]:
+def inspect_lora(lora: str | os.PathLike, *, base: str | None = None, layers: str | None = None,
+                 plot: str | os.PathLike | None = None, force: bool = False, registry=None,
+                 on_layer: Callable[[int, int, str], None] | None = None) -> InspectResult:
+    """Inspect the LoRA ``lora`` (a file or a registry reference).
+
+    ``base``: a model (see :func:`lorahub.refs.resolve_model`) to report ‖ΔW‖/‖W0‖ against.
+    ``layers``: only layers whose canonical key matches (a glob, else a substring). ``plot``: write a
+    heat-map PNG of strength by block and layer type there. ``on_layer(i, n, key)`` reports progress.
+    """
+    from lorahub.formats.detect import detect
     from lorahub.formats.io import load_lora
+    from lorahub.outputs import check_output
+    from lorahub.refs import LazyRegistry, resolve_lora
 
-    path, entry = resolve_lora_ref(ref, home)
-    model = load_lora(path)
-    return model, path, entry
+    with LazyRegistry.using(registry) as regs:
+        src = resolve_lora(lora, regs)
+        if plot is not None:
+            plot = check_output(plot, force=force, suffixes=(".png",))
+        model = load_lora(src.path)
+        n = len(match_layers(model.layers, layers))
+        done = iter(range(1, n + 1))
+        base_w = open_base(base, regs) if base else None
+        try:
+            report = inspect_model(model, path=src.path, layers=layers, base=base_w, base_ref=base,
+                                   on_layer=(lambda k: on_layer(next(done), n, k)) if on_layer else None,
+                                   fmt=model.source_format if model.source_format != "unknown"
+                                   else detect(src.path).format)
+        finally:
+            if base_w is not None:
+                base_w.close()
+    res = InspectResult(path=src.path, entry=src.entry, model=model, report=report)
+    if plot is not None:
+        from lorahub.ops.heatmap import render
+
+        res.plot = render(report["grid"], plot, title=f"{src.entry['name'] if src.entry else src.path.name}: "
+                                                      "strength by block and layer type")
+    return res

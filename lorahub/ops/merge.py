@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lorahub.errors import LorahubError
-from lorahub.formats.canonical import PARTS, LoraLayer, LoraModel
+from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.linalg import lowrank
+from lorahub.vocab import PARTS
 
 METHODS = ("svd", "concat", "sum")
 
@@ -262,7 +263,7 @@ def check_families(inputs: list[MergeInput], base: str | None = None) -> str:
     """The common base family of the inputs (and ``base``), ignoring 'unknown'; refuse a mix."""
     fams: dict[str, list[str]] = {}
     for i, inp in enumerate(inputs):
-        b = getattr(inp.model, "base", "unknown") or "unknown"
+        b = inp.model.base or "unknown"
         if b != "unknown":
             fams.setdefault(b, []).append(inp.label or f"input {i + 1}")
     if base and base != "unknown":
@@ -284,7 +285,7 @@ def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None 
         raise LorahubError("nothing to merge: give at least one LoRA")
     if method == "svd":
         if rank is None:
-            raise LorahubError("method 'svd' needs a rank (e.g. --rank 64)")
+            raise LorahubError("method 'svd' needs a rank (e.g. rank 64)")
         if int(rank) < 1:
             raise LorahubError(f"rank must be at least 1, got {rank}")
     family = check_families(inputs, base)
@@ -366,14 +367,14 @@ def _check_sum(inputs: list[MergeInput], terms: dict[str, list[Term]]) -> None:
             missing = sorted({inputs[i].label or str(i + 1) for i in range(n)} -
                              {inputs[t.source].label or str(t.source + 1) for t in ts})
             raise LorahubError(f"method 'sum' needs every layer in every input; {key} is missing from "
-                               f"{', '.join(missing)} (use --method concat or svd)")
+                               f"{', '.join(missing)} (use method concat or svd)")
         if any(t.materialised for t in ts):
             raise LorahubError(f"method 'sum' needs plain LoRA layers; {key} is LyCORIS "
-                               "(use --method concat or svd)")
+                               "(use method concat or svd)")
         ranks = {t.rank for t in ts}
         if len(ranks) > 1:
             raise LorahubError(f"method 'sum' needs the same rank in every input; {key} has ranks "
-                               f"{sorted(ranks)} (use --method concat or svd)")
+                               f"{sorted(ranks)} (use method concat or svd)")
 
 
 def exact_delta(inputs: list[MergeInput], key: str, dtype=torch.float64) -> torch.Tensor | None:

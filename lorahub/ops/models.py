@@ -1,4 +1,4 @@
-"""Resolve a ``--base MODEL`` argument and load diffusers pipelines offline.
+"""Load diffusers pipelines offline from a model reference (:func:`lorahub.refs.resolve_model`).
 
 MODEL is one of: ``tiny-sd1`` / ``tiny-sdxl`` (the built-in tiny fixture pipelines), a diffusers
 folder, a single-file checkpoint (``.safetensors``), or a registry reference (id, name, hash prefix)
@@ -11,45 +11,16 @@ from pathlib import Path
 
 from lorahub.errors import LorahubError
 
-TINY = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
-
 
 def resolve_model_ref(ref: str, registry=None) -> Path:
-    """Path of the model folder or file that ``ref`` names."""
-    if ref in TINY:
-        from lorahub import tiny
+    """Path of the model ``ref`` names (:func:`lorahub.refs.resolve_model`)."""
+    from lorahub.refs import resolve_model
 
-        return tiny.ensure(TINY[ref])
-    p = Path(ref).expanduser()
-    if p.exists():
-        if p.is_dir() and not (p / "model_index.json").exists() and not (p / "config.json").exists():
-            raise LorahubError(f"{ref}: folder is not a diffusers model (no model_index.json)")
-        return p
-    if registry is not None:
-        entry = registry.resolve(ref)
-        return registry.blob_path(entry)
-    raise LorahubError(f"{ref}: no such model (give a diffusers folder, a .safetensors checkpoint, "
-                       "a registry reference, or tiny-sd1 / tiny-sdxl)")
+    return resolve_model(ref, registry).path
 
 
 def family_of_pipeline(pipe) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
-
-
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def parse_dtype(name: str | None):
-    """torch dtype of ``--dtype`` (fp32, fp16, bf16); None stays None (the model's own dtype)."""
-    if name is None:
-        return None
-    import torch
-
-    key = DTYPES.get(str(name).lower())
-    if key is None:
-        raise LorahubError(f"--dtype {name!r}: use fp32, fp16 or bf16")
-    return getattr(torch, key)
 
 
 def checkpoint_family(path: Path) -> tuple[str, bool]:
@@ -81,11 +52,11 @@ def _single_file_pipeline(path: Path, *, config: Path | None, dtype, inpaint: bo
 
     family, is_inpaint_model = checkpoint_family(path)
     if config is None:
-        raise LorahubError(f"{path}: a single-file checkpoint needs --config <local diffusers folder of the same "
-                           "architecture> (nothing is downloaded)")
+        raise LorahubError(f"{path}: a single-file checkpoint needs a config: a local diffusers folder of the same "
+                           "architecture (nothing is downloaded)")
     config = Path(config).expanduser()
     if not (config / "model_index.json").exists():
-        raise LorahubError(f"{config}: --config must be a diffusers folder (with model_index.json)")
+        raise LorahubError(f"{config}: the config must be a diffusers folder (with model_index.json)")
     xl = family == "sdxl"
     if inpaint or is_inpaint_model:
         cls = diffusers.StableDiffusionXLInpaintPipeline if xl else diffusers.StableDiffusionInpaintPipeline
@@ -177,14 +148,18 @@ def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, c
 
     MODEL: tiny-sd1 / tiny-sdxl, a diffusers folder, a single-file ``.safetensors`` checkpoint (with
     ``config``: a local diffusers folder of the same architecture) or a registry checkpoint entry.
+    ``registry``: a Registry, a LazyRegistry, a home folder or None (the default home, opened only when
+    ``ref`` is a registry reference). ``dtype``: a torch dtype or fp32 | fp16 | bf16; None keeps the
+    model's own.
     """
     import torch
     from diffusers import DiffusionPipeline
 
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
+    from lorahub.formats.io import parse_dtype
+
+    dtype = parse_dtype(dtype)
     if device not in ("cpu",) and not str(device).startswith("cuda") and device != "mps":
-        raise LorahubError(f"--device {device!r}: use cpu or cuda")
+        raise LorahubError(f"device {device!r}: use cpu or cuda")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LorahubError(f"device {device!r} requested but no CUDA device is available")
     path = resolve_model_ref(ref, registry)

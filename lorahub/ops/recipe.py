@@ -24,24 +24,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import LorahubError
+from lorahub.outputs import Written
+from lorahub.refs import LoraRef
+from lorahub.vocab import DIALECTS, DTYPES, FAMILIES, TINY_MODELS
 
 TOP_KEYS = ("name", "base", "output", "rank", "method", "dtype", "dialect", "description", "lora")
 LORA_KEYS = ("ref", "weight", "parts")
 OUTPUTS = ("lora", "checkpoint")
 METHODS = ("svd", "concat", "sum")
-DTYPES = ("fp32", "fp16", "bf16")
-DIALECTS = ("kohya", "diffusers", "peft")
-FAMILIES = ("sd1", "sd2", "sdxl")
-PART_NAMES = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
 class RecipeLora:
+    """One LoRA of a recipe: a reference (registry id, name, hash prefix or path), its weight (any
+    real number) and an optional filter (part names or layer patterns)."""
+
     ref: str
     weight: float = 1.0
     parts: list[str] | None = None
@@ -49,53 +53,60 @@ class RecipeLora:
 
 @dataclass
 class Recipe:
+    """A merge: which LoRAs with which weights, how (``method``: svd to ``rank`` | concat | sum), and
+    into what (``output`` "lora", or "checkpoint": baked into the model ``base``).
+
+    ``method`` None means svd with a rank, else concat. Build one directly, with :func:`load_recipe`
+    (a TOML file), :func:`parse_recipe` (TOML text) or :func:`inline_recipe` (``A:0.8 B:0.6``);
+    :func:`merge_recipe` validates it like a file before running it.
+    """
+
     loras: list[RecipeLora]
     name: str | None = None
     base: str | None = None
     output: str = "lora"
     rank: int | None = None
-    method: str = "svd"
+    method: str | None = None
     dtype: str | None = None
     dialect: str | None = None
     description: str | None = None
     source: str = "recipe"  # where it came from, for messages
     folder: Path | None = None  # folder of the recipe file (relative refs)
+    text: str | None = None  # the TOML it was parsed from (a file's own text, comments kept)
 
     def to_toml(self) -> str:
-        """The recipe as TOML text (what is stored with a merge; parses back to the same recipe)."""
-        lines = []
-        for key in ("name", "base", "output", "rank", "method", "dtype", "dialect", "description"):
-            val = getattr(self, key)
-            if val is None:
-                continue
-            lines.append(f"{key} = {_toml_value(val)}")
-        for lo in self.loras:
-            lines.append("")
-            lines.append("[[lora]]")
-            lines.append(f"ref = {_toml_value(lo.ref)}")
-            lines.append(f"weight = {_toml_value(float(lo.weight))}")
-            if lo.parts:
-                lines.append(f"parts = [{', '.join(_toml_value(p) for p in lo.parts)}]")
-        return "\n".join(lines) + "\n"
+        """The recipe as TOML text (parses back to the same recipe)."""
+        import tomli_w
+
+        data = {k: getattr(self, k) for k in ("name", "base", "output", "rank", "method", "dtype", "dialect",
+                                              "description") if getattr(self, k) is not None}
+        data["lora"] = [{"ref": lo.ref, "weight": float(lo.weight), **({"parts": list(lo.parts)} if lo.parts else {})}
+                        for lo in self.loras]
+        return tomli_w.dumps(data)
 
     @property
     def family(self) -> str | None:
         """The base family named by ``base`` when it is one (sd1|sd2|sdxl|tiny-sd1|tiny-sdxl), else None."""
         if self.base in FAMILIES:
             return self.base
-        if self.base in ("tiny-sd1", "tiny-sdxl"):
-            return self.base.split("-", 1)[1]
-        return None
+        return TINY_MODELS.get(self.base)
 
+    def validated(self) -> "Recipe":
+        """This recipe checked like a file (one clear error), with ``text`` and ``method`` filled in."""
+        if self.text is not None:
+            return self
+        return parse_recipe(self.to_toml(), source=self.source, folder=self.folder)
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    def replace(self, **changes) -> "Recipe":
+        """A validated copy with ``changes`` (recipe fields); a ``rank`` given without a ``method``
+        turns a concat recipe into an svd one. Unchanged, the recipe keeps its own text."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self.validated()
+        if "rank" in changes and "method" not in changes and self.method == "concat":
+            changes["method"] = "svd"
+        new = dataclasses.replace(self, text=None, **changes)
+        return parse_recipe(new.to_toml(), source=self.source, folder=self.folder)
 
 
 def _number(value, where: str) -> float:
@@ -176,10 +187,11 @@ def parse_recipe(text: str, *, source: str = "recipe", folder: Path | None = Non
                            "(tiny-sd1, a diffusers folder, a .safetensors checkpoint or a registry reference)")
     return Recipe(loras=loras, name=data.get("name"), base=data.get("base"), output=output, rank=rank,
                   method=method, dtype=dtype, dialect=dialect, description=data.get("description"),
-                  source=source, folder=folder)
+                  source=source, folder=folder, text=text)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file (relative refs are resolved from its folder)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -211,10 +223,12 @@ def parse_inline(spec: str) -> RecipeLora:
 def inline_recipe(specs: list[str], *, rank: int | None = None, method: str | None = None,
                   name: str | None = None, base: str | None = None, output: str = "lora",
                   dtype: str | None = None, dialect: str | None = None) -> Recipe:
-    """A recipe from the command line form ``A:0.8 B:0.6 --rank 64 --method svd``, validated like a file."""
+    """A recipe from the inline form ``["A:0.8", "B:0.6"]`` (see :func:`parse_inline`), validated like a file."""
     r = Recipe(loras=[parse_inline(s) for s in specs], name=name, base=base, output=output, rank=rank,
-               method=method or ("svd" if rank is not None else "concat"), dtype=dtype, dialect=dialect)
+               method=method, dtype=dtype, dialect=dialect)
     return parse_recipe(r.to_toml(), source="command line", folder=Path.cwd())
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,62 +237,332 @@ def inline_recipe(specs: list[str], *, rank: int | None = None, method: str | No
 
 @dataclass
 class ResolvedLora:
+    """A recipe entry and the file its reference resolved to (:func:`lorahub.refs.resolve_lora`)."""
+
     spec: RecipeLora
-    path: Path
-    sha256: str
-    entry: dict | None = None  # registry entry when the ref named one (or the file is registered)
-    label: str = ""
+    lora: LoraRef
+
+    @property
+    def path(self) -> Path:
+        return self.lora.path
+
+    @property
+    def entry(self) -> dict | None:
+        return self.lora.entry
+
+    @property
+    def sha256(self) -> str:
+        return self.lora.sha256
 
     @property
     def parent(self) -> str:
-        """What the lineage records as the parent: the entry id, else the file's SHA-256."""
-        return self.entry["id"] if self.entry else self.sha256
+        return self.lora.parent
 
-
-def file_sha256(path: Path) -> str:
-    from lorahub.hashing import sha256_file
-
-    return sha256_file(path)
+    @property
+    def label(self) -> str:
+        return self.lora.name
 
 
 def resolve_lora(spec: RecipeLora, *, registry=None, folder: Path | None = None, where: str = "") -> ResolvedLora:
-    """A path (relative to the recipe's folder, then the current one) or a registry reference."""
-    ref = spec.ref
-    candidates = []
-    p = Path(ref).expanduser()
-    if not p.is_absolute() and folder is not None:
-        candidates.append(folder / p)
-    candidates.append(p)
-    for c in candidates:
-        if c.is_file():
-            sha = file_sha256(c)
-            entry = registry.find_sha256(sha) if registry is not None else None
-            return ResolvedLora(spec, c, sha, entry, label=(entry or {}).get("name") or c.name)
-        if c.exists():
-            raise LorahubError(f"{where}ref {ref!r} is not a file")
-    if registry is None:
-        raise LorahubError(f"{where}ref {ref!r} does not resolve: no such file (and no registry to look in)")
+    """A path (relative to the recipe's folder, then the current one) or a registry reference; a file
+    that is registered gets its entry when the registry is open."""
+    from lorahub.refs import resolve_lora as resolve
+
     try:
-        entry = registry.resolve(ref)
-        path = registry.blob_path(entry)
+        return ResolvedLora(spec, resolve(spec.ref, registry, folder=folder, match_registered=True))
     except LorahubError as exc:
-        raise LorahubError(f"{where}ref {ref!r} does not resolve: {exc}") from None
-    return ResolvedLora(spec, Path(path), entry["sha256"], entry, label=entry.get("name") or ref)
+        raise LorahubError(f"{where}ref {spec.ref!r} does not resolve: {exc}") from None
 
 
 def resolve_recipe(recipe: Recipe, *, registry=None) -> list[ResolvedLora]:
-    out = []
-    for i, lo in enumerate(recipe.loras, 1):
-        out.append(resolve_lora(lo, registry=registry, folder=recipe.folder,
-                                where=f"{recipe.source}: lora #{i}: "))
-    return out
+    """Every LoRA of ``recipe``, resolved. ``registry``: a Registry, a LazyRegistry, a home folder or
+    None (the default home). When some reference needs the registry it is opened first, so that files
+    that are registered are recorded as their entries."""
+    from lorahub.refs import LazyRegistry, needs_registry
+
+    with LazyRegistry.using(registry) as regs:
+        if any(needs_registry(lo.ref, folder=recipe.folder) for lo in recipe.loras):
+            regs.get()
+        return [resolve_lora(lo, registry=regs, folder=recipe.folder, where=f"{recipe.source}: lora #{i}: ")
+                for i, lo in enumerate(recipe.loras, 1)]
 
 
-def needs_registry(recipe: Recipe) -> bool:
-    """True when some ref is not an existing file (so it must be a registry reference)."""
-    for lo in recipe.loras:
-        p = Path(lo.ref).expanduser()
-        if not ((recipe.folder is not None and not p.is_absolute() and (recipe.folder / p).is_file())
-                or p.is_file()):
-            return True
-    return False
+def stored_recipe(registry, ref: str) -> tuple[dict, Recipe, list[ResolvedLora]]:
+    """(entry, recipe, resolved inputs) of the merged entry ``ref``, from its lineage: each input is
+    the recorded parent entry, else the recorded file, else the recipe's reference -- and must be the
+    same bytes as when it was merged."""
+    from lorahub.refs import LoraRef
+
+    entry = registry.resolve(ref)
+    rows = [r for r in registry.lineage(entry["id"]) if r.get("relation") == "merged-from"]
+    text = next((r["detail"].get("recipe") for r in rows if isinstance(r.get("detail"), dict)
+                 and r["detail"].get("recipe")), None)
+    if not text:
+        raise LorahubError(f"{entry['name']} ({entry['id']}) has no stored merge recipe")
+    recipe = parse_recipe(text, source=f"recipe of {entry['name']}", folder=None)
+    by_index = {}
+    for r in rows:
+        idx = (r.get("detail") or {}).get("index")
+        if isinstance(idx, int):
+            by_index[idx] = r
+    resolved = []
+    for i, lo in enumerate(recipe.loras):
+        row = by_index.get(i) or {}
+        detail = row.get("detail") or {}
+        want = row.get("parent_sha256") or detail.get("sha256")
+        parent = None
+        if row.get("parent_id"):
+            try:
+                parent = registry.get(row["parent_id"])
+            except LorahubError:
+                parent = None
+        if parent is None and want:
+            parent = registry.find_sha256(want)
+        if parent is not None:
+            resolved.append(ResolvedLora(lo, LoraRef(lo.ref, registry.blob_path(parent), parent,
+                                                     list(parent.get("triggers") or []))))
+            continue
+        where = f"{recipe.source}: lora #{i + 1}: "
+        if detail.get("path") and Path(detail["path"]).is_file():
+            r = resolve_lora(RecipeLora(ref=detail["path"], weight=lo.weight, parts=lo.parts),
+                             registry=registry, where=where)
+            r.spec = lo  # keep the recipe's own ref (it is part of the merged file's metadata)
+        else:
+            r = resolve_lora(lo, registry=registry, where=where)
+        if want and r.sha256 != want:
+            raise LorahubError(f"{recipe.source}: lora #{i + 1} ({lo.ref}) now resolves to a different file "
+                               f"(sha256 {r.sha256[:12]}, the merge used {want[:12]})")
+        resolved.append(r)
+    return entry, recipe, resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a recipe
+
+
+@dataclass
+class RecipeResult(Written):
+    """What :func:`merge_recipe` made.
+
+    A LoRA (``recipe.output == "lora"``): ``merge`` (per-layer report, see
+    :class:`lorahub.ops.merge.MergeResult`), ``dialect`` and ``dtype`` of the file. A checkpoint:
+    ``bake`` (:class:`lorahub.ops.bake.BakeReport`). ``out`` is None for a LoRA kept only in the
+    registry; ``entry`` / ``created`` when registered; ``rerun_of`` the merged entry a
+    :func:`rerun_recipe` reproduced.
+    """
+
+    recipe: Recipe
+    inputs: list[ResolvedLora]
+    sha256: str | None = None
+    base: str = "unknown"              # family of a merged LoRA; the model path of a baked checkpoint
+    merge: object | None = None        # MergeResult
+    bake: object | None = None         # BakeReport
+    dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
+    rerun_of: dict | None = None
+
+    @property
+    def identical(self) -> bool | None:
+        """For a re-run: whether it reproduced the merged entry's bytes."""
+        return None if self.rerun_of is None else self.sha256 == self.rerun_of.get("sha256")
+
+    def to_dict(self) -> dict:
+        d: dict = {"name": self.recipe.name, "output": self.recipe.output,
+                   "inputs": [{"ref": r.spec.ref, "weight": r.spec.weight, "sha256": r.sha256,
+                               "entry": r.entry["id"] if r.entry else None, "parts": r.spec.parts}
+                              for r in self.inputs]}
+        if self.notes:
+            d["notes"] = self.notes
+        d["out"] = str(self.out) if self.out else None
+        if self.bake is not None:
+            d.update({"base": self.base, **self.bake.to_dict()})
+            if self.entry is not None:
+                d.update({"entry": self.entry["id"], "sha256": self.sha256, "created": self.created})
+        else:
+            d.update({"dialect": self.dialect, "dtype": self.dtype, "base": self.base, **self.merge.summary()})
+            if self.entry is not None:
+                d.update({"entry": self.entry["id"], "entry_name": self.entry["name"], "sha256": self.sha256,
+                          "created": self.created})
+            else:
+                d["sha256"] = self.sha256
+            d["per_layer"] = [r.to_dict() for r in self.merge.layers]
+        if self.rerun_of is not None:
+            d["rerun_of"] = {"id": self.rerun_of["id"], "name": self.rerun_of["name"], "identical": self.identical}
+        return d
+
+
+def merge_recipe(recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 register: bool = False, force: bool = False, registry=None, on_layer=None) -> RecipeResult:
+    """Run a merge recipe: write the merged LoRA (or the checkpoint baked with it) to ``out``.
+
+    ``recipe``: a :class:`Recipe`, or the path of a recipe TOML file. ``out``: the output file (a
+    folder for a checkpoint baked into a diffusers folder); a LoRA may omit it when ``register`` keeps it
+    in the registry only. ``register`` adds the result to the registry with one ``merged-from`` lineage
+    row per input (the recipe text included, so :func:`rerun_recipe` can repeat it).
+    ``on_layer(i, n, key)`` reports progress.
+    """
+    from lorahub.refs import LazyRegistry
+
+    recipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe.validated()
+    with LazyRegistry.using(registry) as regs:
+        if register:
+            regs.get()
+        return _run(recipe, resolve_recipe(recipe, registry=regs), regs, out=out, register=register, force=force,
+                    on_layer=on_layer)
+
+
+def bake_loras(base: str | os.PathLike, loras: list, *, out: str | os.PathLike, name: str | None = None,
+               register: bool = False, force: bool = False, registry=None, on_layer=None) -> RecipeResult:
+    """Bake LoRAs into the model ``base`` (see :func:`lorahub.refs.resolve_model`): W = W0 + Σ wᵢ·ΔWᵢ,
+    written to ``out`` in the base's own layout (a diffusers folder -> a folder, a single file -> a
+    .safetensors file). ``loras``: :class:`RecipeLora` items, ``(ref, weight)`` pairs or references
+    (weight 1). ``register`` (single-file bases only) adds the baked checkpoint to the registry."""
+    items = [x if isinstance(x, RecipeLora) else RecipeLora(str(x), 1.0) if isinstance(x, (str, os.PathLike))
+             else RecipeLora(str(x[0]), float(x[1])) for x in loras]
+    recipe = Recipe(loras=items, name=name, base=str(base), output="checkpoint", source="bake", folder=Path.cwd())
+    return merge_recipe(recipe, out=out, register=register, force=force, registry=registry, on_layer=on_layer)
+
+
+def rerun_recipe(ref: str, *, out: str | os.PathLike | None = None, register: bool = False, force: bool = False,
+                 registry=None, on_layer=None) -> RecipeResult:
+    """Run again the recipe stored with the merged registry entry ``ref``, on the same inputs (see
+    :func:`stored_recipe`); ``result.identical`` tells whether the same bytes came out."""
+    from lorahub.refs import LazyRegistry
+
+    with LazyRegistry.using(registry) as regs:
+        entry, recipe, resolved = stored_recipe(regs.get(), ref)
+        res = _run(recipe, resolved, regs, out=out, register=register, force=force, on_layer=on_layer)
+    res.rerun_of = entry
+    return res
+
+
+def _run(recipe: Recipe, resolved: list[ResolvedLora], regs, *, out, register: bool, force: bool,
+         on_layer) -> RecipeResult:
+    from lorahub.formats.io import load_lora
+    from lorahub.ops import merge as mg
+    from lorahub.outputs import check_output
+
+    if out is None and not (register and recipe.output == "lora"):
+        raise LorahubError("no output path: a merged checkpoint is always written to a file or folder, a "
+                           "merged LoRA unless it is registered")
+    if out is not None:
+        out = check_output(out, force=force, inputs=[r.path for r in resolved], folder=None)
+    res = RecipeResult(recipe=recipe, inputs=resolved, out=out)
+    models, inputs = [], []
+    for r in resolved:
+        try:
+            model = load_lora(r.path)
+        except LorahubError as exc:
+            raise LorahubError(f"{r.spec.ref}: {exc}") from None
+        if r.entry and model.base == "unknown" and r.entry.get("base") not in (None, "unknown"):
+            model.base = r.entry["base"]
+        models.append(model)
+        inputs.append(mg.MergeInput(model, r.spec.weight, r.spec.parts, label=r.label))
+        if model.embeddings:
+            res.notes.append(f"{r.label}: its bundled embedding(s) {', '.join(sorted(model.embeddings))} are not "
+                             "carried into the merge (load them separately)")
+    if recipe.output == "checkpoint":
+        _bake(res, inputs, regs, register=register, force=force, on_layer=on_layer)
+    else:
+        _merge_lora(res, inputs, models, regs, register=register, on_layer=on_layer)
+    return res
+
+
+def _lineage(res: RecipeResult) -> list:
+    from lorahub.lineage import Parent
+
+    parents = []
+    for i, r in enumerate(res.inputs):
+        detail = {"weight": r.spec.weight, "ref": r.spec.ref}
+        if r.spec.parts:
+            detail["parts"] = r.spec.parts
+        # short facts first (`lorahub show` prints the first few), the recipe text (shared) last
+        detail.update({"index": i, "sha256": r.sha256})
+        if r.entry is None:
+            detail["path"] = str(Path(r.path).resolve())  # for a re-run when the ref was relative
+        parents.append(Parent(r.parent, detail))
+    return parents
+
+
+def _register(res: RecipeResult, regs, path: Path, base: str | None) -> None:
+    from lorahub.lineage import register_derived
+
+    res.entry, res.created = register_derived(regs.get(), path, relation="merged-from", parents=_lineage(res),
+                                              detail={"recipe": res.recipe.text}, name=res.recipe.name,
+                                              base=base, source="lorahub merge")
+    res.sha256 = res.entry["sha256"]
+
+
+def _bake(res: RecipeResult, inputs: list, regs, *, register: bool, force: bool, on_layer) -> None:
+    from lorahub.ops import bake as bk
+    from lorahub.ops import checkpoints
+    from lorahub.ops import merge as mg
+    from lorahub.refs import resolve_model
+
+    recipe = res.recipe
+    mg.validate(inputs, method="concat", base=recipe.family)  # every refusal before any work
+    base = resolve_model(recipe.base, regs).path
+    if register and base.is_dir():
+        raise LorahubError("registering needs a single-file checkpoint; the base is a diffusers folder, so the "
+                           "baked model would be a folder")
+    with checkpoints.open_checkpoint(base) as ck:
+        fam = ck.family if ck.family != "unknown" else recipe.family
+    mg.check_families(inputs, fam)
+    merged = mg.merge(inputs, method="concat", base=fam).model
+    bk.check(base, merged, res.out, force=force)
+    n = len(merged.layers)
+    done = iter(range(1, n + 1))
+    res.bake = bk.bake(base, merged, res.out, recipe_text=recipe.text, force=force,
+                       on_tensor=(lambda name: on_layer(next(done), n, name)) if on_layer else None)
+    res.base = str(base)
+    if register:
+        _register(res, regs, res.out, fam)
+
+
+def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register: bool, on_layer) -> None:
+    import shutil
+    import tempfile
+
+    from lorahub.formats.io import dtype_name, parse_dtype, save_lora
+    from lorahub.hashing import sha256_file
+    from lorahub.ops import merge as mg
+
+    recipe = res.recipe
+    mg.validate(inputs, method=recipe.method, rank=recipe.rank, base=recipe.family)
+    firsts = {next(iter(layer.weights.values())).dtype for m in models for layer in list(m.layers.values())[:1]}
+    res.dtype = recipe.dtype or (dtype_name(firsts.pop()) if len(firsts) == 1 else "fp32")
+    out_dtype = parse_dtype(res.dtype)
+    n = len({k for m in models for k in m.layers})
+    done = iter(range(1, n + 1))
+    merged = mg.merge(inputs, method=recipe.method, rank=recipe.rank, out_dtype=out_dtype, base=recipe.family,
+                      on_layer=(lambda key: on_layer(next(done), n, key)) if on_layer else None)
+    res.merge = merged
+    summ = merged.summary()
+    model = merged.model
+    model.metadata = {
+        "lorahub.recipe": recipe.text,
+        "lorahub.merge": json.dumps({"method": recipe.method, "rank": recipe.rank, "retained": round(summ["retained"], 6),
+                                     "inputs": [{"ref": r.spec.ref, "weight": r.spec.weight, "sha256": r.sha256}
+                                                for r in res.inputs]}, separators=(",", ":")),
+        "modelspec.merged_from": ", ".join(r.label for r in res.inputs),
+    }
+    if recipe.name:
+        model.metadata["modelspec.title"] = recipe.name
+    res.dialect = recipe.dialect or "kohya"
+    res.base = model.base
+    tmpdir = None
+    target = res.out
+    if target is None:
+        from lorahub.outputs import default_output
+
+        tmpdir = tempfile.mkdtemp(prefix=".lorahub-merge-")
+        target = default_output(recipe.name or "merged", ".safetensors", tmpdir)
+    try:
+        save_lora(model, target, dialect=res.dialect, dtype=out_dtype)
+        if register:
+            _register(res, regs, target, model.base)
+        else:
+            res.sha256 = sha256_file(target)
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)

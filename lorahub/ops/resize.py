@@ -5,7 +5,7 @@ factorisations of the two factors plus an SVD of the r×r core (:func:`lorahub.l
 the new factors keep √S on both sides (:func:`lowrank.split`). The strength is kept: the new alpha is
 ``old_scale · new_rank`` so that up·down·alpha/rank still equals the truncated ΔW.
 
-Rank selection (:func:`lowrank.choose_rank`): a fixed rank, or the *smallest* k meeting a dynamic
+Rank selection (:func:`lorahub.linalg.rank.choose_rank`): a fixed rank, or the *smallest* k meeting a dynamic
 criterion (energy, sv_ratio, sv_fro), always capped by the layer's own size (never an index error when
 a layer has fewer singular values than asked). LyCORIS layers (LoHa, LoKr, full diffs, Tucker LoCon) are
 materialised (they are small) and re-factored by an exact SVD into plain LoRA layers.
@@ -15,60 +15,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from lorahub.errors import LorahubError
-
-
-def validate_rank_criteria(opts) -> None:
-    """Check the rank options shared by resize and extract (``rank``, ``energy``, ``sv_ratio``, ``sv_fro``)."""
-    dyn = [k for k in ("energy", "sv_ratio", "sv_fro") if getattr(opts, k) is not None]
-    if len(dyn) > 1:
-        raise LorahubError("give at most one of --energy, --sv-ratio, --sv-fro")
-    if not dyn and opts.rank is None:
-        raise LorahubError("give --rank, or a dynamic criterion (--energy, --sv-ratio, --sv-fro)")
-    if opts.rank is not None and opts.rank < 1:
-        raise LorahubError("--rank must be at least 1")
-    if opts.energy is not None and not 0 < opts.energy <= 1:
-        raise LorahubError("--energy must be in (0, 1]")
-    if opts.sv_fro is not None and not 0 < opts.sv_fro <= 1:
-        raise LorahubError("--sv-fro must be in (0, 1]")
-    if opts.sv_ratio is not None and opts.sv_ratio < 1:
-        raise LorahubError("--sv-ratio must be at least 1")
-
-
-@dataclass
-class RankCriteria:
-    """A fixed rank, or one dynamic criterion capped by ``rank`` (shared by resize and extract)."""
-
-    rank: int | None = None        # fixed rank, or the cap with a dynamic criterion
-    energy: float | None = None
-    sv_ratio: float | None = None
-    sv_fro: float | None = None
-
-    @property
-    def dynamic(self) -> str | None:
-        for k in ("energy", "sv_ratio", "sv_fro"):
-            if getattr(self, k) is not None:
-                return k
-        return None
-
-    def validate(self) -> None:
-        validate_rank_criteria(self)
+from lorahub.linalg.rank import RankCriteria
+from lorahub.outputs import Written
 
 
 @dataclass
 class ResizeOptions(RankCriteria):
-    def criterion(self) -> dict:
-        dyn = self.dynamic
-        if dyn is None:
-            return {"rank": self.rank}
-        return {dyn: getattr(self, dyn), "max_rank": self.rank}
-
-    def describe(self) -> str:
-        dyn = self.dynamic
-        return f"{dyn}={getattr(self, dyn)}" + (f" (cap {self.rank})" if self.rank else "") if dyn \
-            else f"rank={self.rank}"
+    """The rank to resize to: a fixed ``rank``, or a dynamic criterion capped by ``rank``."""
 
 
 @dataclass
@@ -82,10 +39,14 @@ class ResizeLayer:
 
 
 @dataclass
-class ResizeResult:
+class ResizeResult(Written):
+    """What :func:`resize` (and :func:`resize_lora`) made: the model, a report per layer, and where
+    :func:`resize_lora` wrote (``out``, ``dialect``) and registered it (``entry``, ``created``)."""
+
     model: object
     layers: list[ResizeLayer]
     notes: list[str] = field(default_factory=list)
+    criterion: str = ""
 
     @property
     def retained(self) -> float:
@@ -94,6 +55,15 @@ class ResizeResult:
             return 1.0
         return math.sqrt(min(1.0, sum(r.norm ** 2 * r.retained ** 2 for r in self.layers) / tot))
 
+    def to_dict(self) -> dict:
+        d = {"out": str(self.out) if self.out else None, "format": self.dialect, "criterion": self.criterion,
+             "frobenius_retained": self.retained, "notes": self.notes,
+             "layers": [{"name": r.name, "old_rank": r.old_rank, "new_rank": r.new_rank, "retained": r.retained}
+                        for r in self.layers]}
+        if self.entry is not None:
+            d["registered"] = self.registered()
+        return d
+
 
 def resize_layer(layer, opts: ResizeOptions):
     """Resize one canonical layer -> (new LoraLayer, ResizeLayer without name)."""
@@ -101,6 +71,7 @@ def resize_layer(layer, opts: ResizeOptions):
 
     from lorahub.formats.canonical import LoraLayer
     from lorahub.linalg import lowrank
+    from lorahub.linalg.rank import choose_rank
 
     if layer.kind == "lora" and layer.mid is None:
         shape = tuple(layer.shape)
@@ -119,7 +90,7 @@ def resize_layer(layer, opts: ResizeOptions):
         old_scale = 1.0
         how = "materialised"
     S = sp.S
-    k = lowrank.choose_rank(S, **opts.criterion()) if S.numel() else 0
+    k = choose_rank(S, **opts.criterion()) if S.numel() else 0
     if k == 0:
         raise LorahubError("layer has no singular values")
     new_up, new_down = lowrank.split(sp, k)
@@ -142,11 +113,7 @@ def resize(model, opts: ResizeOptions, *, on_layer=None) -> ResizeResult:
     if not model.layers:
         raise LorahubError("this file has no LoRA layers to resize (an embedding?)")
     out = LoraModel(embeddings=dict(model.embeddings), metadata=dict(model.metadata), base=model.base,
-                    source_format=model.source_format)
-    if hasattr(model, "arch"):
-        out.arch = model.arch
-    if hasattr(model, "extra") and isinstance(getattr(model, "extra"), dict):
-        out.extra = dict(model.extra)
+                    source_format=model.source_format, arch=model.arch, extra=dict(model.extra))
     reports: list[ResizeLayer] = []
     notes: list[str] = []
     n = len(model.layers)
@@ -169,7 +136,7 @@ def resize(model, opts: ResizeOptions, *, on_layer=None) -> ResizeResult:
         below = sum(r.old_rank < opts.rank or r.new_rank < opts.rank for r in reports)
         if below:
             notes.append(f"{below} layer(s) have fewer than {opts.rank} singular values: kept at their size")
-    res = ResizeResult(model=out, layers=reports, notes=notes)
+    res = ResizeResult(model=out, layers=reports, notes=notes, criterion=opts.describe())
     ranks = [r.new_rank for r in reports]
     out.metadata["lorahub_resize"] = json.dumps({
         "tool": "lorahub resize", "criterion": opts.describe(),
@@ -183,4 +150,50 @@ def resize(model, opts: ResizeOptions, *, on_layer=None) -> ResizeResult:
         out.metadata.pop(key, None)
     if not opts.dynamic:
         out.metadata["ss_network_dim"] = str(max(ranks))
+    return res
+
+
+def resize_lora(lora: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
+                sv_ratio: float | None = None, sv_fro: float | None = None, out: str | os.PathLike | None = None,
+                dialect: str | None = None, register: bool = False, name: str | None = None,
+                type: str | None = None, triggers: list[str] | None = None, force: bool = False,
+                registry=None, on_layer=None) -> ResizeResult:
+    """Resize the LoRA ``lora`` (a file or a registry reference) and write it to ``out``.
+
+    The rank: a fixed ``rank``, or one dynamic criterion (``energy``, ``sv_ratio``, ``sv_fro``; see
+    :class:`lorahub.linalg.rank.RankCriteria`) capped by ``rank``. ``out`` defaults to
+    ``<name>-<r8|energy|sv-ratio|sv-fro>.safetensors`` in the current folder; ``dialect`` to the input's
+    own (kohya when it has none of kohya | diffusers | peft). ``register`` adds the result to the
+    registry (lineage: resized-from), with the input entry's type and triggers unless given.
+    ``registry``: a Registry, a home folder, or None (the default home, opened only when needed).
+    ``on_layer(i, n, name)`` reports progress.
+    """
+    from lorahub.formats.io import check_dialect, load_lora, save_lora
+    from lorahub.lineage import Parent, register_derived
+    from lorahub.outputs import check_output, default_output
+    from lorahub.refs import LazyRegistry, resolve_lora
+    from lorahub.vocab import DIALECTS
+
+    opts = ResizeOptions(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro)
+    opts.validate()
+    if dialect is not None:
+        check_dialect(dialect)
+    with LazyRegistry.using(registry) as regs:
+        src = resolve_lora(lora, regs)
+        model = load_lora(src.path)
+        if dialect is None:
+            dialect = model.source_format if model.source_format in DIALECTS else "kohya"
+        out = check_output(out if out is not None else default_output(f"{src.name}-{opts.tag()}", ".safetensors"),
+                           force=force, inputs=[src.path], suffixes=(".safetensors",))
+        res = resize(model, opts, on_layer=on_layer)
+        save_lora(res.model, out, dialect=dialect)
+        res.out, res.dialect = out, dialect
+        if register:
+            entry = src.entry or {}
+            res.entry, res.created = register_derived(
+                regs.get(), out, relation="resized-from", parents=[Parent(src.parent)],
+                detail={"criterion": res.criterion, "frobenius_retained": round(res.retained, 6),
+                        "source": str(lora)},
+                name=name, type=type or entry.get("type"), triggers=triggers or entry.get("triggers"),
+                base=model.base, description=f"resized from {lora} ({res.criterion})", source="lorahub")
     return res

@@ -18,7 +18,9 @@ Inside the pipeline the UNet sees ``[uncond…, cond…]`` of 2·N samples and t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lorahub.errors import LorahubError
 
@@ -48,10 +50,6 @@ def set_scheduler(pipe, name: str | None) -> None:
     if cls is None or not cls_name.endswith("Scheduler"):
         raise LorahubError(f"unknown scheduler {name!r} (one of {', '.join(SCHEDULERS)} or a diffusers class name)")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
-
-
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 @dataclass
@@ -95,7 +93,9 @@ def _initial(pipe, seed: int, height: int, width: int, dtype, device, generator_
 
 
 def _embed(pipe, prompts: list[str], negatives: list[str] | None, do_cfg: bool, device) -> dict:
-    if is_sdxl(pipe):
+    from lorahub.ops.models import family_of_pipeline
+
+    if family_of_pipeline(pipe) == "sdxl":
         pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                 do_classifier_free_guidance=do_cfg, negative_prompt=negatives)
         out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
@@ -164,27 +164,23 @@ def run_samples(pipe, handle, samples: list[Sample], *, batch: int | None = None
     return images
 
 
-def parse_alphas(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise LorahubError(f"--alphas {text!r}: give numbers separated by commas, e.g. 0,0.5,1") from None
+def check_alphas(alphas, what: str = "alphas") -> list[float]:
+    """The strengths as floats: at least one, all finite."""
+    vals = [float(v) for v in alphas]
     if not vals:
-        raise LorahubError("--alphas: give at least one strength")
+        raise LorahubError(f"{what}: give at least one strength")
     if any(v != v or abs(v) == float("inf") for v in vals):
-        raise LorahubError("--alphas: strengths must be finite numbers")
+        raise LorahubError(f"{what}: strengths must be finite numbers")
     return vals
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise LorahubError(f"--seeds {text!r}: give integers separated by commas, e.g. 1,2") from None
+def check_seeds(seeds) -> list[int]:
+    """The seeds as ints: at least one, each in [0, 2**63)."""
+    vals = [int(v) for v in seeds]
     if not vals:
-        raise LorahubError("--seeds: give at least one seed")
+        raise LorahubError("seeds: give at least one seed")
     if any(v < 0 or v >= 2 ** 63 for v in vals):
-        raise LorahubError("--seeds: seeds must be between 0 and 2**63-1")
+        raise LorahubError("seeds: seeds must be between 0 and 2**63-1")
     return vals
 
 
@@ -194,5 +190,271 @@ def with_trigger(prompt: str, triggers: list[str]) -> str:
     return ", ".join(missing + [prompt]) if missing else prompt
 
 
-__all__ = ["SCHEDULERS", "Sample", "parse_alphas", "parse_seeds", "plan_sweep", "render_batch",
-           "run_samples", "set_scheduler", "with_trigger"]
+# --------------------------------------------------------------------------------------------------
+# The sweep and render workflows: references in, images (and registry previews) out
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+ANIMATION_SUFFIXES = (".gif", ".webp")
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` wrote: the grid (and animation) files, the images (PIL, in sample order),
+    the grid's shape, how many layers each LoRA applied or skipped, the registry previews stored,
+    and the parameters (also stored in the PNG and with the previews)."""
+
+    files: dict
+    images: list
+    rows: int
+    columns: int
+    layers_applied: list[int]
+    layers_skipped: list[int]
+    previews: list[dict]
+    params: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"files": self.files, "images": len(self.images), "rows": self.rows, "columns": self.columns,
+                "layers_applied": self.layers_applied, "layers_skipped": self.layers_skipped,
+                "previews": [{"entry": p.get("entry_id"), "id": p.get("id"), "kind": p.get("kind")}
+                             for p in self.previews],
+                "params": self.params}
+
+
+@dataclass
+class RenderResult:
+    """What :func:`render` wrote: one file per prompt × seed (``file``, ``prompt``, ``seed``), the
+    LoRAs with their strengths, and the images (PIL)."""
+
+    files: list[dict]
+    loras: list[dict]
+    images: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"files": self.files, "loras": [{"name": x["name"], "alpha": x["alpha"]} for x in self.loras]}
+
+
+def _inpaint_inputs(image, mask, size: int):
+    """(init image, mask) resized to ``size``: paths or PIL images; both or neither."""
+    if image is None and mask is None:
+        return None, None
+    if image is None or mask is None:
+        raise LorahubError("inpainting needs both an image and a mask")
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p, mode in ((image, "RGB"), (mask, "L")):
+        if isinstance(p, Image.Image):
+            out.append(p.convert(mode).resize((size, size)))
+            continue
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert(mode).resize((size, size)))
+        except (OSError, UnidentifiedImageError):
+            raise LorahubError(f"{p}: not a readable image") from None
+    return out[0], out[1]
+
+
+def _check_size(size: int, steps: int) -> None:
+    if size < 8 or size % 8:
+        raise LorahubError(f"size {size}: must be a multiple of 8")
+    if steps < 1:
+        raise LorahubError("steps must be at least 1")
+
+
+class _Session:
+    """The LoRAs loaded, then (:meth:`install`) installed into the base pipeline as per-sample side
+    branches."""
+
+    def __init__(self, refs: list, regs):
+        from lorahub.formats.io import load_lora
+        from lorahub.refs import resolve_lora
+
+        self.loras = [resolve_lora(r, regs) for r in refs]
+        self.models = [load_lora(x.path) for x in self.loras]
+        self.names = [x.name for x in self.loras]
+
+    def install(self, base: str, regs, *, device: str, dtype, config, inpaint: bool, scheduler: str | None,
+                add_triggers: bool) -> None:
+        from lorahub.ops.apply import apply_loras
+        from lorahub.ops.models import load_pipeline
+
+        self.pipe = load_pipeline(base, registry=regs, device=device, dtype=dtype, config=config, inpaint=inpaint)
+        set_scheduler(self.pipe, scheduler)
+        self.handle = apply_loras(self.pipe, self.models, self.names)
+        self.warnings = [f"{self.names[slot]}: {len(missing)} layer(s) match no module of this base model and are "
+                         f"skipped (e.g. {missing[0]})" for slot, missing in enumerate(self.handle.unmatched) if missing]
+        self.triggers = [t for x in self.loras for t in x.triggers] if add_triggers else []
+        self.words = self.triggers + ([t for ts in self.handle.tokens for t in ts] if add_triggers else [])
+
+    def render(self, samples: list[Sample], *, batch, on_batch, **kw):
+        total, done = len(samples), 0
+
+        def step(n):
+            nonlocal done
+            done += n
+            if on_batch is not None:
+                on_batch(done, total)
+
+        try:
+            return run_samples(self.pipe, self.handle, samples, batch=batch or 16, output_type="pil",
+                               generator_device="cpu", on_batch=step, **kw)
+        finally:
+            self.handle.remove()
+
+
+def sweep(loras: list, base: str, prompts: list[str], *, alphas=(0, 0.25, 0.5, 0.75, 1), alphas2=None,
+          seeds=(1, 2), steps: int = 25, size: int = 512, guidance: float = 7.5, negative: str | None = None,
+          scheduler: str | None = None, out="grid.png", animation=None, batch: int | None = None,
+          device: str = "cpu", dtype: str | None = None, config=None, image=None, mask=None,
+          add_triggers: bool = True, store_preview: bool = True, force: bool = False, registry=None,
+          on_batch=None) -> SweepResult:
+    """Render an α sweep of one LoRA (columns α, rows prompt × seed) or two (rows also α₂) as a
+    labelled grid; α=0 is the base model, α=1 the full LoRA.
+
+    ``loras``: one or two references (files or registry entries). ``base``: the model (tiny-sd1,
+    tiny-sdxl, a diffusers folder, a single-file checkpoint with ``config`` = a local diffusers folder
+    of the same architecture, or a registry checkpoint). ``alphas2`` defaults to ``alphas`` for two
+    LoRAs. Every image of a row shares its seed, initial noise and scheduler; all strengths (and
+    classifier-free guidance) run in one batched UNet call per step. ``animation``: also write a .gif or
+    .webp cycling α. ``add_triggers`` prepends the entries' trigger words (and embedding tokens);
+    ``store_preview`` stores the grid as a preview of every registry entry swept. ``image`` + ``mask``:
+    inpaint. ``on_batch(done, total)`` reports progress.
+    """
+    from lorahub.outputs import check_output
+    from lorahub.refs import LazyRegistry
+
+    loras = list(loras)
+    if len(loras) not in (1, 2):
+        raise LorahubError("sweep takes one LoRA (1-D strip) or two (2-D grid α₁ × α₂)")
+    _check_size(size, steps)
+    a1 = check_alphas(alphas)
+    if alphas2 is not None and len(loras) == 1:
+        raise LorahubError("alphas2 needs a second LoRA")
+    a2 = check_alphas(alphas2, "alphas2") if alphas2 is not None else (a1 if len(loras) == 2 else None)
+    seed_list = check_seeds(seeds)
+    prompts = list(prompts)
+    if not prompts:
+        raise LorahubError("give at least one prompt")
+    out = check_output(out, force=force, suffixes=IMAGE_SUFFIXES)
+    if animation is not None:
+        animation = check_output(animation, force=force, suffixes=ANIMATION_SUFFIXES)
+    img, msk = _inpaint_inputs(image, mask, size)
+    from lorahub.ops.grid import format_alpha, make_animation, make_grid, save_animation, save_image
+
+    with LazyRegistry.using(registry) as regs:
+        s = _Session(loras, regs)
+        for m, n in zip(s.models, s.names):
+            if not m.layers:
+                raise LorahubError(f"{n}: a textual-inversion embedding has no strength to sweep; render it instead")
+        s.install(base, regs, device=device, dtype=dtype, config=config, inpaint=img is not None,
+                  scheduler=scheduler, add_triggers=add_triggers)
+        names = s.names
+        full = [with_trigger(p, s.words) for p in prompts]
+        samples = plan_sweep(full, seed_list, a1, a2)
+        applied, skipped = s.handle.applied, [len(u) for u in s.handle.unmatched]
+        images = s.render(samples, batch=batch, on_batch=on_batch, steps=steps, height=size, width=size,
+                          guidance=guidance, negative=negative, image=img, mask=msk)
+        n_rows = max(x.row for x in samples) + 1
+        cells = [[None] * len(a1) for _ in range(n_rows)]
+        row_labels = [""] * n_rows
+        for x, im in zip(samples, images):
+            cells[x.row][x.col] = im
+            lab = f"{prompts[x.meta['prompt_index']]}\nseed {x.seed}"
+            if len(loras) == 2:
+                lab += f"\n{names[1]} α={format_alpha(x.alphas[1])}"
+            row_labels[x.row] = lab
+        col_labels = [f"α={format_alpha(a)}" for a in a1]
+        title = f"{' × '.join(names)} on {base} · {steps} steps · cfg {guidance:g} · {size}px"
+        params = {"loras": [{"name": n, "id": x.entry["id"] if x.entry else None} for n, x in zip(names, s.loras)],
+                  "base": base, "prompts": full, "alphas": a1, "alphas2": a2, "seeds": seed_list, "steps": steps,
+                  "size": size, "guidance": guidance, "negative": negative,
+                  "scheduler": type(s.pipe.scheduler).__name__, "dtype": str(s.pipe.unet.dtype).replace("torch.", ""),
+                  "device": device, "inpaint": img is not None, "triggers": s.triggers}
+        grid = make_grid(cells, col_labels, row_labels, title=title, col_axis=f"{names[0]}  α",
+                         row_axis="prompt · seed" + (f" · {names[1]} α" if len(loras) == 2 else ""))
+        save_image(grid, out, params)
+        files = {"grid": str(out)}
+        if animation is not None:
+            save_animation(make_animation(cells, col_labels, row_labels, title=f"{names[0]}"), animation)
+            files["animation"] = str(animation)
+        previews = []
+        if store_preview and any(x.entry for x in s.loras):
+            reg = regs.get()
+            for x in s.loras:
+                if x.entry is None:
+                    continue
+                previews.append(reg.add_preview(x.entry["id"], out, kind="grid", params=params))
+                if animation is not None:
+                    previews.append(reg.add_preview(x.entry["id"], animation, kind="animation", params=params))
+    return SweepResult(files=files, images=images, rows=n_rows, columns=len(a1), layers_applied=applied,
+                       layers_skipped=skipped, previews=previews, params=params, warnings=s.warnings)
+
+
+def render(loras: list, base: str, prompts: list[str], *, seeds=(1,), steps: int = 25, size: int = 512,
+           guidance: float = 7.5, negative: str | None = None, scheduler: str | None = None, out="render.png",
+           batch: int | None = None, device: str = "cpu", dtype: str | None = None, config=None, image=None,
+           mask=None, add_triggers: bool = True, force: bool = False, registry=None,
+           on_batch=None) -> RenderResult:
+    """Render images with one or more LoRAs at chosen strengths.
+
+    ``loras``: references, or (reference, strength) pairs (strength 1 by default); textual-inversion
+    entries add their token. One image per prompt × seed: ``out`` when there is one, else
+    ``<stem>-<n><suffix>`` beside it. See :func:`sweep` for ``base`` and the other options.
+    """
+    from lorahub.outputs import check_output
+    from lorahub.refs import LazyRegistry
+
+    pairs = [(x, 1.0) if isinstance(x, (str, os.PathLike)) else (x[0], float(x[1])) for x in loras]
+    strengths = tuple(check_alphas([a for _, a in pairs], "strengths")) if pairs else ()
+    _check_size(size, steps)
+    seed_list = check_seeds(seeds)
+    prompts = list(prompts)
+    if not prompts:
+        raise LorahubError("give at least one prompt")
+    out = Path(out)
+    n_images = len(prompts) * len(seed_list)
+    dests = [out if n_images == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n_images)]
+    dests = [check_output(d, force=force, suffixes=IMAGE_SUFFIXES[:4]) for d in dests]
+    img, msk = _inpaint_inputs(image, mask, size)
+    from lorahub.ops.grid import save_image
+
+    with LazyRegistry.using(registry) as regs:
+        s = _Session([r for r, _ in pairs], regs)
+        s.install(base, regs, device=device, dtype=dtype, config=config, inpaint=img is not None,
+                  scheduler=scheduler, add_triggers=add_triggers)
+        samples = [Sample(with_trigger(p, s.words), sd, strengths) for p in prompts for sd in seed_list]
+        images = s.render(samples, batch=batch, on_batch=on_batch, steps=steps, height=size, width=size,
+                          guidance=guidance, negative=negative, image=img, mask=msk)
+    loras_out = [{"name": n, "alpha": a, "id": x.entry["id"] if x.entry else None}
+                 for n, a, x in zip(s.names, strengths, s.loras)]
+    files = []
+    for dest, smp, im in zip(dests, samples, images):
+        params = {"loras": loras_out, "base": base, "prompt": smp.prompt, "seed": smp.seed, "steps": steps,
+                  "size": size, "guidance": guidance, "negative": negative,
+                  "scheduler": type(s.pipe.scheduler).__name__}
+        save_image(im, dest, params)
+        files.append({"file": str(dest), "prompt": smp.prompt, "seed": smp.seed})
+    return RenderResult(files=files, loras=loras_out, images=images, warnings=s.warnings)
+
+
+def export_previews(registry, ref: str, folder: str | os.PathLike) -> list[Path]:
+    """Copy the preview images of the entry ``ref`` into ``folder`` as
+    ``<entry name>-<preview id>-<kind>.<ext>`` (names made safe); returns the files written."""
+    from lorahub.fsutil import atomic_write_bytes
+    from lorahub.vocab import safe_filename
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LorahubError(f"{folder}: not a folder")
+    entry = registry.resolve(ref)
+    stem = safe_filename(entry["name"], default=entry["id"])
+    written = []
+    for p in registry.previews(entry["id"]):
+        src = Path(p["path"])
+        if not src.is_file():
+            raise LorahubError(f"preview {p['id']} of {entry['name']} is missing from the store; run `lorahub verify`")
+        written.append(atomic_write_bytes(folder / f"{stem}-{p['id']}-{p['kind']}.{p.get('ext') or 'png'}",
+                                          src.read_bytes()))
+    return written

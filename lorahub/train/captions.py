@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorahub.errors import LorahubError
+from lorahub.vocab import LORA_TYPES
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-TYPES = ("character", "style", "pose", "clothing", "object", "concept")
 
 # Phrases that name the medium/style itself; in a style LoRA's captions they would be bound to
 # the style instead of the style being learned from what is not described.
@@ -134,8 +134,8 @@ def lint(data_dir, *, type: str | None = None, trigger: str | None = None,
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise LorahubError(f"{data_dir}: not a folder")
-    if type is not None and type not in TYPES:
-        raise LorahubError(f"unknown type {type!r} (one of {', '.join(TYPES)})")
+    if type is not None and type not in LORA_TYPES:
+        raise LorahubError(f"unknown type {type!r} (one of {', '.join(LORA_TYPES)})")
     rep = LintReport(str(data_dir), type, trigger)
     images = list_images(data_dir)
     rep.images = len(images)
@@ -193,5 +193,5 @@ def lint(data_dir, *, type: str | None = None, trigger: str | None = None,
                                         f"identical caption to {', '.join(names[:1] + names[2:])}"))
     if type == "character" and not trigger:
         rep.findings.append(Finding("warning", "no-trigger", None,
-                                    "character LoRA without a trigger word: give --trigger"))
+                                    "character LoRA without a trigger word to look for in the captions"))
     return rep

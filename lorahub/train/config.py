@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, loadable from TOML, overridable from the command line."""
+"""Training configuration: one dataclass, loadable from TOML, overridable by keyword (the command line)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from lorahub.errors import LorahubError
+from lorahub.vocab import DTYPES, LORA_TYPES
 
 METHODS = ("dreambooth", "textual-inversion", "pivotal")
-TYPES = ("character", "style", "pose", "clothing", "object", "concept")
 PRECISIONS = ("no", "fp16", "bf16")
-SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+TRAIN_DIALECTS = ("kohya", "diffusers")  # key spellings a trained LoRA file is written in
 
 
 @dataclass
@@ -130,31 +130,31 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise LorahubError(f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
-        if self.type is not None and self.type not in TYPES:
-            raise LorahubError(f"unknown type {self.type!r} (one of {', '.join(TYPES)})")
+        if self.type is not None and self.type not in LORA_TYPES:
+            raise LorahubError(f"unknown type {self.type!r} (one of {', '.join(LORA_TYPES)})")
         if self.mixed_precision not in PRECISIONS:
-            raise LorahubError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
-        if self.save_precision not in SAVE_PRECISIONS:
-            raise LorahubError(f"--save-precision must be one of {', '.join(SAVE_PRECISIONS)}")
-        if self.dialect not in ("kohya", "diffusers"):
-            raise LorahubError("--dialect must be kohya or diffusers")
+            raise LorahubError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+        if self.save_precision not in DTYPES:
+            raise LorahubError(f"save_precision must be one of {', '.join(DTYPES)}")
+        if self.dialect not in TRAIN_DIALECTS:
+            raise LorahubError(f"dialect must be one of {', '.join(TRAIN_DIALECTS)}")
         for name in ("rank", "steps", "batch_size", "grad_accum", "resolution", "vectors_per_token",
                      "validation_images", "validation_steps", "class_inference_steps"):
             if getattr(self, name) < 1:
-                raise LorahubError(f"--{name.replace('_', '-')} must be at least 1")
+                raise LorahubError(f"{name} must be at least 1")
         for name in ("ti_steps", "lora_steps"):
             v = getattr(self, name)
             if v is not None and v < 0:
-                raise LorahubError(f"--{name.replace('_', '-')} must not be negative")
+                raise LorahubError(f"{name} must not be negative")
         if self.total_steps < 1:
             raise LorahubError("nothing to train: the step counts add up to 0")
         if self.save_every < 0 or self.num_class_images < 0:
-            raise LorahubError("--save-every and --num-class-images must not be negative")
+            raise LorahubError("save_every and num_class_images must not be negative")
         for name in ("lr", "ti_lr"):
             if getattr(self, name) <= 0:
-                raise LorahubError(f"--{name.replace('_', '-')} must be positive")
+                raise LorahubError(f"{name} must be positive")
         if self.prior_preservation and not self.class_prompt:
-            raise LorahubError("--prior-preservation needs --class-prompt")
+            raise LorahubError("prior_preservation needs a class_prompt")
         if self.prior_preservation and self.method == "textual-inversion":
             raise LorahubError("prior preservation applies to dreambooth and pivotal, not textual-inversion")
         if self.uses_tokens:
@@ -162,7 +162,7 @@ class TrainConfig:
             if len(set(ph)) != len(ph):
                 raise LorahubError("placeholder tokens must be distinct")
             if self.init_tokens and len(self.init_tokens) not in (1, len(ph)):
-                raise LorahubError(f"--init-tokens gives {len(self.init_tokens)} words for {len(ph)} placeholder tokens")
+                raise LorahubError(f"init_tokens gives {len(self.init_tokens)} words for {len(ph)} placeholder tokens")
 
 
 def split_list(value: str | list | None) -> list[str] | None:

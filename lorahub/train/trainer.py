@@ -916,11 +916,12 @@ class Trainer:
 
     def _register(self):
         cfg = self.cfg
+        from lorahub.lineage import register_derived
+
         reg = self.registry()
-        parent = self.base_entry["id"] if self.base_entry else str(cfg.base)
+        parent = self.base_entry if self.base_entry else str(cfg.base)
         detail = {"config": cfg.to_dict(), "steps": self.result.steps, "images": len(self.data),
                   "method": cfg.method, "base_path": str(self.base_path)}
-        lineage = [{"relation": "trained-from", "parent": parent, "detail": detail}]
         files = ([self.result.lora_path] if self.result.lora_path else []) + self.result.embedding_paths
         ph = cfg.placeholders()
         for path in files:
@@ -930,8 +931,9 @@ class Trainer:
                 tok = ph[self.result.embedding_paths.index(path)]
                 triggers = [tok]
                 name = path.name.removesuffix(".safetensors")
-            entry, created = reg.add_file(path, name=name, type=cfg.type, triggers=triggers, base=self.family,
-                                          source="lorahub train", lineage=lineage, copy=True)
+            entry, created = register_derived(reg, path, relation="trained-from", parents=[parent], detail=detail,
+                                              name=name, type=cfg.type, triggers=triggers, base=self.family,
+                                              source="lorahub train")
             if not created:
                 entry = reg.update(entry["id"], type=cfg.type, triggers=triggers)
             if path == files[0]:

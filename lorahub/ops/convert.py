@@ -1,0 +1,93 @@
+"""Convert a LoRA between dialects (kohya, diffusers, peft), losslessly: :func:`convert`.
+
+Reading goes through :func:`lorahub.formats.io.load_lora` (cloneofsimo, LyCORIS, DoRA and embeddings
+too), writing through :func:`lorahub.formats.io.save_lora`; converting back gives the same tensors bit
+for bit and the same metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorahub.errors import LorahubError
+from lorahub.outputs import Written
+from lorahub.vocab import ARCHS
+
+
+@dataclass
+class ConvertResult(Written):
+    """What :func:`convert` wrote (``out``, in ``dialect``), and the registry entry it made (``entry``,
+    ``created``)."""
+
+    input: Path
+    source_format: str            # the input's dialect (detected)
+    kind: str
+    base: str
+    arch: str
+    layers: int
+    embeddings: list[str] = field(default_factory=list)
+    dropped_embeddings: list[str] = field(default_factory=list)
+    dtype: str | None = None      # None: the input's own
+
+    def to_dict(self) -> dict:
+        return {"input": str(self.input), "output": str(self.out), "from": self.source_format,
+                "to": self.dialect, "kind": self.kind, "base": self.base, "arch": self.arch, "layers": self.layers,
+                "embeddings": self.embeddings, "dropped_embeddings": self.dropped_embeddings,
+                "dtype": self.dtype or "unchanged",
+                "registered": {"id": self.entry["id"], "created": self.created} if self.entry else None}
+
+
+def convert(lora: str | os.PathLike, dialect: str, *, out: str | os.PathLike | None = None, dtype: str | None = None,
+            arch: str | None = None, drop_embeddings: bool = False, force: bool = False, register: bool = False,
+            registry=None) -> ConvertResult:
+    """Rewrite the LoRA ``lora`` (a file or a registry reference) in ``dialect``.
+
+    ``out`` defaults to ``<name>.<dialect>.safetensors`` beside an input file (in the current folder
+    for a registry entry). ``dtype`` (fp16 | bf16 | fp32) casts the factors; None keeps them. ``arch``
+    (sd1 | sd2 | sdxl | tiny-sd1 | tiny-sdxl) names the architecture the layer names belong to (default:
+    inferred). ``drop_embeddings`` leaves bundled token embeddings out (diffusers and peft files cannot
+    hold them). ``register`` adds the output to the registry (lineage: converted-from), with the input
+    entry's type, triggers, tags and description. Files holding NaN or Inf are refused.
+    """
+    from lorahub.formats.detect import detect
+    from lorahub.formats.io import check_dialect, check_finite, load_lora, parse_dtype, save_lora
+    from lorahub.lineage import register_derived
+    from lorahub.outputs import check_output, default_output
+    from lorahub.refs import LazyRegistry, resolve_lora
+
+    check_dialect(dialect)
+    if arch is not None and arch not in ARCHS:
+        raise LorahubError(f"unknown architecture {arch!r} (one of {', '.join(ARCHS)})")
+    dt = parse_dtype(dtype)
+    with LazyRegistry.using(registry) as regs:
+        src = resolve_lora(lora, regs)
+        det = detect(src.path)
+        if det.format == "checkpoint":
+            raise LorahubError(f"{lora}: is a full model checkpoint, not a LoRA")
+        model = load_lora(src.path, arch=arch)
+        bad = check_finite(model)
+        if bad:
+            raise LorahubError(f"{lora}: refusing to convert: {len(bad)} layer(s) hold NaN or Inf values "
+                               f"(first: {bad[0]})")
+        dropped = []
+        if model.embeddings and drop_embeddings:
+            dropped = list(model.embeddings)
+            model.embeddings = {}
+        if out is None:
+            out = default_output(src.name, f".{dialect}.safetensors", Path.cwd() if src.entry else src.path.parent)
+        out = check_output(out, force=force, inputs=[src.path])
+        path = save_lora(model, out, dialect=dialect, dtype=dt)
+        res = ConvertResult(input=src.path, out=Path(path), source_format=det.format, dialect=dialect,
+                            kind=model.kind, base=model.base, arch=model.arch, layers=len(model.layers),
+                            embeddings=list(model.embeddings), dropped_embeddings=dropped, dtype=dtype)
+        if register:
+            entry = src.entry or {}
+            res.entry, res.created = register_derived(
+                regs.get(), path, relation="converted-from", parents=[src.parent],
+                detail={"from": det.format, "to": dialect, "dtype": dtype or "unchanged",
+                        "dropped_embeddings": dropped},
+                type=entry.get("type"), triggers=entry.get("triggers"), tags=entry.get("tags"),
+                description=entry.get("description"), source=str(entry["id"] if src.entry else src.path))
+    return res
