@@ -211,7 +211,9 @@ def plan_push(reg, entries: list[dict], *, repo: str, workdir: Path, base_model:
     lineage = []
     for e in entries:
         for item in reg.lineage(e["id"]):
-            if item not in lineage:
+            # "pulled from this very repo" says nothing on its own card (and keeps a re-push a no-op)
+            here = item["relation"] == "pulled-from" and str(item.get("parent") or "").startswith(f"{repo}@")
+            if item not in lineage and not here:
                 lineage.append(item)
     plan.update({
         "main": {"entry": main}, "triggers": triggers, "alpha": rec, "alphas": swept, "alpha_from": alpha_from,
