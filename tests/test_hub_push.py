@@ -110,7 +110,7 @@ def test_private_on_an_existing_public_repo_makes_it_private(cli, hub, henv, hub
 
 
 # ---------------------------------------------------------------------------------------- item 5: Xet
-def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv, entry):
+def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv, hub_online, entry):
     """Real users have hf_xet installed: the client asks the hub for a Xet token first. This hub has
     no Xet storage (404): the push says so and uploads through Git LFS."""
     env = henv()
@@ -123,14 +123,13 @@ def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv,
     assert len(hub.lfs_uploads) == 2   # the original and its diffusers copy
     with lorahub.open_registry(home) as reg:
         assert hub.file_bytes("tester/xet", "inkwash.safetensors") == reg.blob_path(entry).read_bytes()
-    # with Xet switched off the client goes straight to LFS
-    env2 = henv() | {"HF_HUB_DISABLE_XET": "1"}
-    rep = json.loads(ok(cli("push", entry["id"], "--repo", "tester/lfs", "--token-env", "LORAHUB_TEST_TOKEN",
-                            "--json", home=home, env=env2)).stdout)
-    assert rep["transfer"] is None and hub.xet_requests == ["tester/xet"]
+    # with Xet switched off (HF_HUB_DISABLE_XET=1) the client goes straight to LFS
+    res = push(hub_online, entry, "tester/lfs")
+    assert res.uploaded and res.transfer is None and hub.xet_requests == ["tester/xet"]
 
 
-def test_a_failed_first_push_says_what_happened_and_leaves_no_repo(cli, home, hub, henv, entry):
+def test_a_failed_first_push_says_what_happened_and_leaves_no_repo(cli, home, hub, henv, hub_online, entry,
+                                                                    monkeypatch):
     hub.lfs = False   # this hub can store no large file at all: neither Xet nor LFS
     env = henv()
     del env["HF_HUB_DISABLE_XET"]
@@ -142,18 +141,18 @@ def test_a_failed_first_push_says_what_happened_and_leaves_no_repo(cli, home, hu
     with lorahub.open_registry(home) as reg:
         assert reg.remotes(entry["id"]) == []
     # Xet off: the LFS refusal alone, same clean-up
-    err = fail(cli("push", entry["id"], "--repo", "tester/nowhere", "--token-env", "LORAHUB_TEST_TOKEN",
-                   home=home, env=henv()), "501", "Git LFS uploads are disabled", "deleted again")
-    assert "tester/nowhere" not in hub.state.repos
+    with pytest.raises(lorahub.LorahubError, match="501.*Git LFS uploads are disabled.*deleted again"):
+        push(hub_online, entry, "tester/nowhere")
+    assert "tester/nowhere" not in hub.state.repos and hub.deleted == ["tester/nowhere"] * 2
     # an existing repo is never deleted by a failed push
     hub.lfs = True
-    ok(cli("push", entry["id"], "--repo", "tester/kept", "--token-env", "LORAHUB_TEST_TOKEN", home=home, env=henv()))
+    push(hub_online, entry, "tester/kept")
     hub.lfs = False
     hub.seed("tester/kept", {}, delete=["inkwash.safetensors"])
     hub.state.repos["tester/kept"]["lfs"].clear()
-    fail(cli("push", entry["id"], "--repo", "tester/kept", "--token-env", "LORAHUB_TEST_TOKEN", home=home,
-             env=henv()), "501")
-    assert "tester/kept" in hub.state.repos
+    with pytest.raises(lorahub.LorahubError, match="501") as exc:
+        push(hub_online, entry, "tester/kept")
+    assert "deleted" not in str(exc.value) and "tester/kept" in hub.state.repos
 
 
 # ---------------------------------------------------------------------------------------- --create-pr
@@ -162,10 +161,10 @@ def test_create_pr_on_someone_elses_repo(cli, home, hub, henv, hub_online, entry
     hub.seed("alice/ink", {"README.md": b"# alice's repo\n"})
     head = hub.head("alice/ink")
     # a direct push into another user's namespace is refused, and nothing is created
-    fail(cli("push", entry["id"], "--repo", "alice/ink", "--token-env", "LORAHUB_TEST_TOKEN", home=home,
-             env=henv()), "403", "rights to write to alice/ink")
-    fail(cli("push", entry["id"], "--repo", "alice/new", "--token-env", "LORAHUB_TEST_TOKEN", home=home,
-             env=henv()), "403", "namespace")
+    with pytest.raises(lorahub.LorahubError, match="403.*rights to write to alice/ink"):
+        push(hub_online, entry, "alice/ink")
+    with pytest.raises(lorahub.LorahubError, match="403.*namespace"):
+        push(hub_online, entry, "alice/new")
     assert "alice/new" not in hub.state.repos and hub.head("alice/ink") == head
     res = push(hub_online, entry, "alice/ink", create_pr=True)
     assert res.uploaded and res.revision == "refs/pr/1" and res.pr_url.endswith("/alice/ink/discussions/1")
@@ -177,6 +176,11 @@ def test_create_pr_on_someone_elses_repo(cli, home, hub, henv, hub_online, entry
     # the pull request is readable as a revision
     res2 = lorahub.pull("alice/ink@refs/pr/1", registry=home.parent / "h2", endpoint=hub_online.endpoint)
     assert [e["file"] for e in res2.entries] == ["inkwash.safetensors"]
+    # the command line: a second pull request (main still lacks the files)
+    rep = json.loads(ok(cli("push", entry["id"], "--repo", "alice/ink", "--create-pr", "--token-env",
+                            "LORAHUB_TEST_TOKEN", "--json", home=home, env=henv())).stdout)
+    assert rep["revision"] == "refs/pr/2" and rep["pr_url"].endswith("/discussions/2") and rep["uploaded"]
+    assert hub.head("alice/ink") == head
     with pytest.raises(lorahub.NotFound, match="needs an existing repo"):
         push(hub_online, entry, "alice/missing", create_pr=True)
     assert alice   # alice's own token is never used here
@@ -211,8 +215,8 @@ def test_gated_repo_needs_granted_access(hub, hub_online, entry, tmp_path, monke
     assert listing.gated   # its owner sees everything
     monkeypatch.setenv("BOB", bob)
     monkeypatch.setenv("CAROL", carol)
-    for env, code in ((None, "401"), ("BOB", "403")):
-        with pytest.raises(lorahub.LorahubError, match=f"gated.*accept its terms") as exc:
+    for env in (None, "BOB"):   # anonymous (401 GatedRepo), a user not granted access (403 GatedRepo)
+        with pytest.raises(lorahub.LorahubError, match="gated.*accept its terms") as exc:
             lorahub.pull("tester/gated", registry=tmp_path / "h", endpoint=hub_online.endpoint, token_env=env)
         assert bob not in str(exc.value)
     res = lorahub.pull("tester/gated", registry=tmp_path / "h", endpoint=hub_online.endpoint, token_env="CAROL")

@@ -26,6 +26,7 @@ from lorahub.hub import card as cardmod
 from lorahub.hub import select
 from lorahub.hub.client import check_online, check_repo_id, hub_errors, quiet_client, resolve_endpoint, resolve_token
 from lorahub.hub.repo import RepoSource, check_repo_path
+from lorahub.metadata import IMAGE_EXTS
 
 DEFAULT_MAX_SIZE_MB = 2048
 MAX_PREVIEWS = 8
@@ -178,7 +179,7 @@ def _images(src: RepoSource, fields: dict, marker: dict) -> list[tuple[str, dict
     keep = []
     for p, params in out.items():
         rf = src.files[p]
-        if p.lower().endswith(select.IMAGE_SUFFIXES) and (rf.size is None or rf.size <= MAX_PREVIEW_BYTES):
+        if p.lower().endswith(IMAGE_EXTS) and (rf.size is None or rf.size <= MAX_PREVIEW_BYTES):
             keep.append((p, params))
     return keep[:MAX_PREVIEWS]
 
@@ -280,6 +281,8 @@ def list_repo(spec: str, *, file: str | None = None, include: list[str] | None =
     """What the revision ``spec`` (``user/name[@revision]``) holds and what :func:`pull` with the same
     ``file`` / ``include`` would register, read from the tree, the card and the safetensors headers
     only (no weights are downloaded). Offline (``HF_HUB_OFFLINE=1``): from the Hugging Face cache."""
+    from lorahub.metadata import collect
+
     repo, rev = parse_spec(spec)
     ep = resolve_endpoint(endpoint)
     token = resolve_token(token_env)
@@ -309,7 +312,7 @@ def list_repo(spec: str, *, file: str | None = None, include: list[str] | None =
             rec = m.entry if m is not None and m.entry is not None and m.sha256 == rf.sha256 else None
             row["action"] = "register"
             row["name"] = (rec or {}).get("name") or select.entry_name(repo, p, det, n_emb) or \
-                PurePosixPath(p).name.rsplit(".", 1)[0]
+                collect(Path(p), det.metadata, sidecars=False).name or PurePosixPath(p).name.rsplit(".", 1)[0]
             if p in pairs:
                 row["why"] = f"compared with {pairs[p]} by ΔW when pulling (one is left out if they are equal)"
         elif p in skipped:

@@ -31,7 +31,6 @@ PIPELINE_DIRS = {"unet", "text_encoder", "text_encoder_2", "vae", "transformer",
                  "feature_extractor", "tokenizer", "tokenizer_2", "scheduler", "controlnet"}
 FULL_MODEL_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SAME_DELTA_TOL = 5e-3   # ‖ΔW_a − ΔW_b‖_F / max(‖ΔW_a‖_F, ‖ΔW_b‖_F): fp16 round-trips stay far below it
 
 
