@@ -74,6 +74,8 @@ _API = {
     "pull": "lorahub.hub.pull:pull",
     "PullResult": "lorahub.hub.pull:PullResult",
     "search_hub": "lorahub.hub.pull:search",
+    "list_hub_repo": "lorahub.hub.pull:list_repo",
+    "RepoListing": "lorahub.hub.pull:RepoListing",
 }
 
 __all__ = sorted(["open_registry", "__version__", "LorahubError", "NotFound", "Ambiguous", "FormatError",

@@ -171,6 +171,25 @@ def henv(hub, tmp_path):
     return make
 
 
+@pytest.fixture
+def hub_online(hub, tmp_path, monkeypatch):
+    """In-process library calls (``lorahub.push`` / ``lorahub.pull``) against the test hub: the real
+    huggingface_hub client switched online with Xet off (what HF_HUB_OFFLINE=0 HF_HUB_DISABLE_XET=1 give
+    a child process) and a fresh HF cache (``.cache``). Pass ``endpoint=h.endpoint, token_env=h.token_env``."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-inproc" / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("LORAHUB_TEST_TOKEN", hub.token)
+    return SimpleNamespace(endpoint=hub.url, token_env="LORAHUB_TEST_TOKEN", cache=cache, hub=hub)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

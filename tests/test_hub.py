@@ -150,7 +150,7 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
 
     # pull into a fresh registry through a fresh HF cache
     home2, env2 = tmp_path / "home2", henv("hf-pull")
-    res = ok(cli("pull", "tester/arcane", "--type", "style", "--tag", "pulled", "--json", home=home2, env=env2))
+    res = ok(cli("pull", "tester/arcane", "--tag", "pulled", "--json", home=home2, env=env2))
     rep2 = json.loads(res.stdout)
     assert rep2["commit"] == rep["commit"]
     got = {e["file"]: e for e in rep2["entries"]}
@@ -161,10 +161,10 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     assert e2["sha256"] == style_entry["sha256"]
     assert reg2.blob_path(e2).read_bytes() == open_reg(home).blob_path(style_entry).read_bytes()
     assert e2["triggers"] == ["arcane style", "painterly"]
-    assert {"anime", "style", "lora", "pulled"} <= set(e2["tags"])
+    assert e2["tags"] == ["anime", "pulled"]   # the entry's tags, not the Hub's filter tags
     assert e2["source"] == f"tester/arcane@{rep['commit']}"
-    assert e2["type"] == "style" and e2["base"] == "sd1"
-    assert e2["extra"]["license"] == "creativeml-openrail-m"
+    assert e2["type"] == "style" and e2["base"] == "sd1"   # from the card's lorahub section
+    assert "license" not in e2["extra"]   # the family's default licence on the card is not an entry field
     assert [(r["repo"], r["commit"]) for r in reg2.remotes(e2["id"])] == [("tester/arcane", rep["commit"])]
     # downloads went into HF_HOME's hub cache
     cached = list((tmp_path / "hf-pull" / "hub").rglob("arcane_style.safetensors"))
@@ -294,7 +294,8 @@ def test_pull_hostile_repo(cli, hub, henv, tmp_path, case):
 def test_pull_refuses_files_over_max_size(cli, hub, henv, tmp_path):
     hub.seed("big/one", {"x.safetensors": kohya_lora(tmp_path / "x.safetensors").read_bytes()})
     fail(cli("pull", "big/one", "--max-size", "0.001", home=tmp_path / "h", env=henv()), "over the size limit")
-    assert not [d for d in hub.downloads if d[2] == "x.safetensors"]  # refused before downloading
+    # refused before downloading (only its header was read, with a range request)
+    assert [d[0] for d in hub.downloads if d[2] == "x.safetensors"] == ["RANGE"]
 
 
 # ---------------------------------------------------------------------------------------- search, errors
@@ -345,7 +346,12 @@ def test_card_parse_rejects_bad_front_matter():
                       b"tags: lora\nlicense: openrail++\n---\n# body\n")
     f = card_fields(meta)
     assert f == {"base_model": "stabilityai/stable-diffusion-2-1", "family": "sd2", "triggers": ["sks dog"],
-                 "tags": ["lora"], "license": "openrail++"}
+                 "tags": [], "type": None, "license": "openrail++", "license_name": None, "license_link": None,
+                 "widget": []}
+    f = card_fields(parse_card(b"---\ntags: [lora, style, anime, base_model:x/y]\nlicense: other\n"
+                               b"license_name: my-licence\nwidget:\n- text: a cat\n  output:\n    url: images/a.png\n---\n"))
+    assert f["tags"] == ["style", "anime"] and f["type"] == "style" and f["license_name"] == "my-licence"
+    assert f["widget"] == [("a cat", "images/a.png")]
     assert parse_card(b"# no front matter\n") == {}
     bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
@@ -358,20 +364,25 @@ def test_card_parse_rejects_bad_front_matter():
 
 def test_card_render_is_deterministic_yaml(home, style_entry, tmp_path):
     from lorahub.hub.card import parse_card
-    from lorahub.hub.push import _Lazy, plan_push
+    from lorahub.errors import LorahubError
+    from lorahub.hub.push import convert, plan_push
 
     reg = open_reg(home)
     entry = reg.get(style_entry["id"])
-    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path, converter=_Lazy({}))
-    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path, converter=_Lazy({}))
+    p1 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "w1")
+    p2 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path / "w2")
     assert p1["readme"] == p2["readme"]
     meta = parse_card(p1["readme"].encode())
     assert yaml.safe_load(yaml.safe_dump(meta)) == meta
     assert meta["widget"][0]["output"]["url"].startswith("images/")
     assert sqlite3.connect(home / "lorahub.db").execute("select count(*) from remotes").fetchone()[0] == 0
     # a conversion that fails is left out of the card, with a note
-    p3 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path,
-                   converter=_Lazy({(entry["id"], "diffusers"): "cannot convert"}))
+    def no_diffusers(reg, e, dialect, dest):
+        if dialect == "diffusers":
+            raise LorahubError("cannot convert")
+        return convert(reg, e, dialect, dest)
+
+    p3 = plan_push(reg, [entry], repo="u/r", workdir=tmp_path, converter=no_diffusers)
     assert "no diffusers copy: cannot convert" in p3["notes"]
     assert "pytorch_lora_weights.safetensors" not in [f["path"] for f in p3["files"]]
     assert 'weight_name="arcane_style.safetensors"' in p3["readme"]  # diffusers reads kohya files itself
@@ -447,7 +458,7 @@ def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, 
 
 def test_card_uses_sweep_params_and_alpha_override(home, tmp_path):
     """A sweep of two LoRAs stores prompts, alphas and alphas2: the card reads the list of each entry."""
-    from lorahub.hub.push import _Lazy, plan_push
+    from lorahub.hub.push import plan_push
 
     reg = open_reg(home)
     a, _ = reg.add_file(kohya_lora(tmp_path / "first.safetensors", seed=11), triggers=["tok a"])
@@ -458,18 +469,21 @@ def test_card_uses_sweep_params_and_alpha_override(home, tmp_path):
     grid = png(tmp_path / "grid.png")
     for e in (a, b):
         reg.add_preview(e["id"], grid, params=params)
-    pa = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, converter=_Lazy({}))
-    pb = plan_push(reg, [reg.get(b["id"])], repo="u/b", workdir=tmp_path, converter=_Lazy({}))
+    known = {("pytorch_lora_weights.safetensors", e["sha256"], "diffusers"): "0" * 64 for e in (a, b)}
+    pa = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, known=known)
+    pb = plan_push(reg, [reg.get(b["id"])], repo="u/b", workdir=tmp_path, known=known)
     assert (pa["alpha"], pa["alphas"]) == (None, [0.0, 0.25, 1.0])
     assert (pb["alpha"], pb["alphas"]) == (None, [0.5, 0.75])
     assert pa["widget"][0]["text"] == "tok a, a red house"
     assert "rendered α = 0, 0.25, 1" in pa["readme"] and "<lora:first:1>" in pa["readme"]
-    po = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, converter=_Lazy({}), alpha=0.7)
+    po = plan_push(reg, [reg.get(a["id"])], repo="u/a", workdir=tmp_path, known=known, alpha=0.7)
     assert "**0.7**" in po["readme"] and "<lora:first:0.7>" in po["readme"]
     assert '{"scale": 0.7}' in po["readme"]
-    # the lazy converter planned the diffusers copy without converting anything
-    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    # a diffusers copy known to be on the Hub already is kept, not converted again
+    assert not list(tmp_path.glob("*-diffusers.safetensors"))
     assert 'weight_name="pytorch_lora_weights.safetensors"' in po["readme"]
+    copy = next(f for f in po["files"] if f["role"] == "converted" and f["dialect"] == "diffusers")
+    assert copy["src"] is None and copy["sha256"] == "0" * 64
     reg.close()
 
 
@@ -505,7 +519,7 @@ def test_plan_for_diffusers_original_and_name_collisions(home, tmp_path):
     import torch
 
     from lorahub.errors import LorahubError
-    from lorahub.hub.push import _Lazy, plan_push
+    from lorahub.hub.push import plan_push
 
     g = torch.Generator().manual_seed(5)
     t = {}
@@ -520,8 +534,7 @@ def test_plan_for_diffusers_original_and_name_collisions(home, tmp_path):
     dif, _ = reg.add_file(d / "pytorch_lora_weights.safetensors", name="my_diff")
     assert dif["format"] in ("diffusers", "peft")
     other, _ = reg.add_file(kohya_lora(tmp_path / "my_diff.safetensors", seed=9))
-    plan = plan_push(reg, [reg.get(dif["id"]), reg.get(other["id"])], repo="u/r", workdir=tmp_path,
-                     converter=_Lazy({}))
+    plan = plan_push(reg, [reg.get(dif["id"]), reg.get(other["id"])], repo="u/r", workdir=tmp_path)
     paths = {f["path"]: f for f in plan["files"]}
     assert paths["pytorch_lora_weights.safetensors"]["role"] == "original"
     assert Path(paths["pytorch_lora_weights.safetensors"]["src"]) == reg.blob_path(dif)

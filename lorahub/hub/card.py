@@ -3,17 +3,28 @@
 The front matter follows what diffusers' training scripts write for LoRA repos (``base_model``,
 ``tags`` with ``lora``/``text-to-image``/``diffusers``/``template:sd-lora``, ``instance_prompt``,
 ``license``, ``widget`` and ``library_name: diffusers``), so the Hub shows a LoRA widget and search
-filters find it. Output is deterministic: the same entry gives byte-identical cards, which is what
-makes a re-push a no-op.
+filters find it. Only what is known is written: no ``instance_prompt`` without trigger words, no
+``base_model`` or ``license`` for an entry of an unknown base, and ``license: other`` always comes with
+its ``license_name``.
+
+Cards written by lorahub also carry a ``lorahub:`` section (the *marker*): every file of the push with
+its SHA-256 and role (``original``, ``converted`` copy of another file, ``embedding``, ``preview``), and
+for each entry the fields the registry holds (name, type, triggers, tags, description, base, the
+``extra`` fields of :data:`ENTRY_EXTRA`). A pull reads it back, so what lorahub pushed comes back as
+the same entry, and a converted copy is never registered in place of its original.
+
+Output is deterministic: the same entries give byte-identical cards.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorahub.errors import LorahubError
+from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
 # Default base-model repo per family (what a card's `base_model` names when the entry doesn't say).
 BASE_MODEL_IDS = {
@@ -25,8 +36,29 @@ LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openra
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
                 "unknown": "an unknown Stable Diffusion base"}
 
+# Tags that say what a repo is for the Hub's filters, not what the LoRA depicts: not entry tags.
+HUB_TAGS = {"text-to-image", "stable-diffusion", "stable-diffusion-diffusers", "stable-diffusion-xl",
+            "stable-diffusion-xl-diffusers", "lora", "diffusers", "diffusers-training", "template:sd-lora",
+            "textual_inversion", "textual-inversion", "safetensors", "region:us", "endpoints_compatible",
+            *KINDS}
+# Hub tags that mark a textual-inversion repo (diffusers' textual_inversion script writes the first).
+TI_TAGS = ("textual_inversion", "textual-inversion")
+
+# The entry ``extra`` fields a card carries (the rest is local: detection notes, sidecars, provenance).
+# ``base_model_name``: the base model's short name (``pony``); ``base_model``: the Hub id a card named.
+ENTRY_EXTRA = ("preferred_weight", "negative_text", "notes", "author", "base_model_name", "civitai_base_model",
+               "base_model", "license", "license_name", "license_link")
+# Preview ``params`` a card carries (what a sweep recorded; entry ids are local and left out).
+PREVIEW_PARAMS = ("prompt", "prompts", "negative_prompt", "alphas", "recommended_alpha", "seed", "seeds",
+                  "steps", "guidance")
+
 MAX_CARD_BYTES = 1024 * 1024
 MAX_YAML_NODES = 20000
+MARKER_VERSION = 1
+ROLES = ("original", "converted", "embedding", "preview")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
 
 def base_family(base_model: Any) -> str | None:
@@ -108,6 +140,13 @@ def parse_card(data: bytes, *, where: str = "README.md") -> dict:
     return meta
 
 
+def _text(value: Any, limit: int = 200) -> str | None:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        s = " ".join(str(value).split())[:limit]
+        return s or None
+    return None
+
+
 def _str_list(value: Any, *, limit: int = 64) -> list[str]:
     if value is None:
         return []
@@ -117,28 +156,138 @@ def _str_list(value: Any, *, limit: int = 64) -> list[str]:
         return []
     out = []
     for v in value:
-        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            s = " ".join(str(v).split())[:200]
-            if s and s not in out:
-                out.append(s)
+        s = _text(v)
+        if s and s not in out:
+            out.append(s)
     return out[:limit]
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) < 1e6:
+        return float(value)
+    return None
+
+
+@dataclass
+class MarkedFile:
+    """One file of a lorahub card's marker."""
+
+    path: str
+    role: str                       # original | converted | embedding | preview
+    sha256: str | None = None
+    from_sha256: str | None = None  # converted: the original's SHA-256; preview: its entry's
+    dialect: str | None = None      # converted: the dialect it was written in
+    entry: dict | None = None       # original / embedding: the entry's fields
+    params: dict = field(default_factory=dict)  # preview: how it was made
+
+
+def _clean_entry(raw: Any) -> dict | None:
+    """An entry record of a marker, every field checked (cards are untrusted input)."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    name = _text(raw.get("name"))
+    if name:
+        out["name"] = name
+    if raw.get("type") in LORA_TYPES:
+        out["type"] = raw["type"]
+    if raw.get("base") in BASES:
+        out["base"] = raw["base"]
+    if raw.get("kind") in KINDS:
+        out["kind"] = raw["kind"]
+    out["triggers"] = _str_list(raw.get("triggers"))
+    out["tags"] = _str_list(raw.get("tags"))
+    desc = raw.get("description")
+    if isinstance(desc, str) and desc.strip():
+        out["description"] = desc.strip()[:20000]
+    extra = raw.get("extra")
+    out["extra"] = {}
+    if isinstance(extra, dict):
+        for k in ENTRY_EXTRA:
+            v = extra.get(k)
+            if _number(v) is not None:
+                out["extra"][k] = v
+            elif isinstance(v, str) and v.strip():
+                out["extra"][k] = v.strip()[:2000]
+    return out
+
+
+def _clean_params(raw: Any) -> dict:
+    out = {}
+    if isinstance(raw, dict):
+        for k in PREVIEW_PARAMS:
+            v = raw.get(k)
+            if _number(v) is not None or (isinstance(v, str) and len(v) <= 2000):
+                out[k] = v
+            elif isinstance(v, list) and len(v) <= 64 and all(
+                    _number(x) is not None or (isinstance(x, str) and len(x) <= 2000) for x in v):
+                out[k] = list(v)
+    return out
+
+
+def read_marker(meta: dict, text: str = "") -> dict[str, MarkedFile]:
+    """The files a lorahub card describes, by path ({} for other cards). Reads the ``lorahub:``
+    section, and the ``lorahub-converted`` comment that cards of earlier versions carry."""
+    out: dict[str, MarkedFile] = {}
+    sec = meta.get("lorahub") if isinstance(meta, dict) else None
+    files = sec.get("files") if isinstance(sec, dict) else None
+    for item in files if isinstance(files, list) else []:
+        if not isinstance(item, dict) or item.get("role") not in ROLES:
+            continue
+        path = item.get("path")
+        if not isinstance(path, str) or not path or len(path) > 500 or path in out:
+            continue
+        sha = item.get("sha256") if isinstance(item.get("sha256"), str) and _SHA256.fullmatch(item["sha256"]) \
+            else None
+        frm = item.get("from_sha256") if isinstance(item.get("from_sha256"), str) \
+            and _SHA256.fullmatch(item["from_sha256"]) else None
+        mf = MarkedFile(path=path, role=item["role"], sha256=sha, from_sha256=frm,
+                        dialect=_text(item.get("dialect"), 32))
+        if mf.role in ("original", "embedding"):
+            mf.entry = _clean_entry(item.get("entry"))
+        if mf.role == "preview":
+            mf.params = _clean_params(item.get("params"))
+        out[path] = mf
+    m = re.search(r"<!-- lorahub-converted: (\{.*?\}) -->", text or "")
+    if m:
+        try:
+            legacy = json.loads(m.group(1))
+        except ValueError:
+            legacy = {}
+        for path, rec in (legacy.items() if isinstance(legacy, dict) else []):
+            if isinstance(path, str) and isinstance(rec, dict) and path not in out and isinstance(rec.get("from"), str) \
+                    and _SHA256.fullmatch(rec["from"]):
+                out[path] = MarkedFile(path=path, role="converted", from_sha256=rec["from"],
+                                       dialect=_text(rec.get("dialect"), 32))
+    return out
+
+
 def card_fields(meta: dict) -> dict:
-    """What a pull takes from a card: base_model, family, triggers, tags, license (all optional)."""
-    base_model = meta.get("base_model")
-    base_models = _str_list(base_model, limit=4)
+    """What a pull takes from any card: base_model, family, triggers, tags (without the Hub's own
+    filter tags), the type when one of its tags names exactly one, license (with license_name/link)
+    and the widget's images (``[(prompt, url)]``)."""
+    base_models = _str_list(meta.get("base_model"), limit=4)
     prompt = meta.get("instance_prompt")
     triggers: list[str] = []
     if isinstance(prompt, str):
         triggers = [t for t in (" ".join(p.split()) for p in prompt.split(",")) if t][:16]
+    tags = _str_list(meta.get("tags"))
+    types = [t for t in tags if t in LORA_TYPES]
+    widget = []
+    for w in meta.get("widget") if isinstance(meta.get("widget"), list) else []:
+        if isinstance(w, dict) and isinstance(w.get("output"), dict) and isinstance(w["output"].get("url"), str):
+            widget.append((_text(w.get("text"), 2000), w["output"]["url"]))
     lic = meta.get("license")
     return {
         "base_model": base_models[0] if base_models else None,
         "family": base_family(base_models),
         "triggers": triggers,
-        "tags": _str_list(meta.get("tags")),
+        "tags": [t for t in tags if t not in HUB_TAGS and not t.startswith(("base_model:", "license:"))],
+        "type": types[0] if len(types) == 1 else None,
         "license": lic if isinstance(lic, str) else None,
+        "license_name": _text(meta.get("license_name")),
+        "license_link": _text(meta.get("license_link"), 500),
+        "widget": widget[:16],
     }
 
 
@@ -177,25 +326,104 @@ def recommended_alpha(previews: list[dict], entry_id: str | None = None) -> tupl
     return rec, sorted(alphas)
 
 
-def front_matter(entry: dict, *, base_model: str | None, triggers: list[str], widget: list[dict],
-                 extra_tags: list[str] = ()) -> dict:
+def license_fields(entry: dict) -> dict:
+    """``license`` (+ ``license_name``/``license_link``) for a card: the entry's own (a Hub id, or
+    free text as ``other``), else the family's, else nothing."""
+    extra = entry.get("extra") or {}
+    lic = extra.get("license")
+    out: dict[str, str] = {}
+    if isinstance(lic, str) and lic.strip():
+        lic = lic.strip()
+        if lic != "other" and _LICENSE_ID.fullmatch(lic):
+            return {"license": lic}
+        name = extra.get("license_name") if lic == "other" else lic
+        out = {"license": "other", "license_name": _license_name(name or entry.get("name") or "custom")}
+        if isinstance(extra.get("license_link"), str) and extra["license_link"].strip():
+            out["license_link"] = extra["license_link"].strip()
+        return out
     base = entry.get("base") or "unknown"
+    return {"license": LICENSES[base]} if base in LICENSES else {}
+
+
+def _license_name(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return s[:64] or "custom"
+
+
+def card_base_model(entry: dict, override: str | None = None) -> str | None:
+    """The Hub id a card names as ``base_model``: the one given, else the one the entry came with
+    (a pulled card's), else the family's reference model; None for an unknown base."""
+    if override:
+        return override
+    bm = (entry.get("extra") or {}).get("base_model")
+    if isinstance(bm, str) and _HUB_ID.fullmatch(bm.strip()):
+        return bm.strip()
+    return BASE_MODEL_IDS.get(entry.get("base") or "unknown")
+
+
+def entry_record(entry: dict, *, preferred_weight: float | None = None) -> dict:
+    """The marker's record of an entry (what a pull restores)."""
+    extra = entry.get("extra") or {}
+    rec: dict[str, Any] = {"name": entry["name"], "kind": entry.get("kind")}
+    for k in ("type", "base"):
+        if entry.get(k):
+            rec[k] = entry[k]
+    rec["triggers"] = list(entry.get("triggers") or [])
+    rec["tags"] = list(entry.get("tags") or [])
+    if entry.get("description"):
+        rec["description"] = str(entry["description"])
+    kept = {k: extra[k] for k in ENTRY_EXTRA if k in extra and extra[k] not in (None, "")
+            and (isinstance(extra[k], str) or _number(extra[k]) is not None)}
+    if preferred_weight is not None:
+        kept["preferred_weight"] = preferred_weight
+    if kept:
+        rec["extra"] = kept
+    return rec
+
+
+def marker(plan: dict) -> dict:
+    """The ``lorahub:`` section of a card: every file with its SHA-256 and role."""
+    files = []
+    for f in plan["files"]:
+        item: dict[str, Any] = {"path": f["path"], "role": f["role"], "sha256": f["sha256"]}
+        if f["role"] == "converted":
+            item.update({"from_sha256": f["from_sha256"], "dialect": f["dialect"]})
+        elif f["role"] in ("original", "embedding"):
+            weight = plan.get("preferred_weight") if f["entry"] is plan["main"]["entry"] else None
+            item["entry"] = entry_record(f["entry"], preferred_weight=weight)
+        elif f["role"] == "preview":
+            item["from_sha256"] = plan["main"]["entry"]["sha256"]
+            params = _clean_params(f.get("params"))
+            if params:
+                item["params"] = params
+        files.append(item)
+    return {"version": MARKER_VERSION, "files": files}
+
+
+def front_matter(plan: dict) -> dict:
+    """The card's YAML metadata: only what is known, valid for the Hub."""
+    entry = plan["main"]["entry"]
+    base = entry.get("base") or "unknown"
+    kind = entry.get("kind") or "lora"
     tags = ["text-to-image", "stable-diffusion"]
     tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if base == "sdxl" else \
         ["stable-diffusion-diffusers"]
-    tags += ["lora", "diffusers", "template:sd-lora"]
-    for t in [entry.get("kind"), entry.get("type"), *(entry.get("tags") or []), *extra_tags]:
+    tags += ["textual_inversion", "diffusers"] if kind == "textual-inversion" else \
+        ["lora", "diffusers", "template:sd-lora"]
+    for t in [kind, entry.get("type"), *(entry.get("tags") or []), *plan.get("tags", [])]:
         if t and isinstance(t, str) and t not in tags:
             tags.append(t)
     fm: dict[str, Any] = {}
-    if base_model:
-        fm["base_model"] = base_model
+    if plan["base_model"]:
+        fm["base_model"] = plan["base_model"]
     fm["tags"] = tags
-    fm["instance_prompt"] = ", ".join(triggers) if triggers else None
-    fm["license"] = LICENSES.get(base, "other")
-    if widget:
-        fm["widget"] = widget
+    if plan["triggers"]:
+        fm["instance_prompt"] = ", ".join(plan["triggers"])
+    fm.update(license_fields(entry))
+    if plan["widget"]:
+        fm["widget"] = plan["widget"]
     fm["library_name"] = "diffusers"
+    fm["lorahub"] = marker(plan)
     return fm
 
 
@@ -212,15 +440,17 @@ def render(plan: dict) -> str:
     base = entry.get("base") or "unknown"
     triggers = plan["triggers"]
     rec, swept = plan["alpha"], plan["alphas"]
-    fm = front_matter(entry, base_model=plan["base_model"], triggers=triggers, widget=plan["widget"],
-                      extra_tags=plan.get("tags", []))
+    fm = front_matter(plan)
     L: list[str] = ["---", _dump_yaml(fm).rstrip("\n"), "---", "", f"# {entry['name']}", ""]
     kind = entry.get("kind") or "lora"
     what = "Textual-inversion embedding" if kind == "textual-inversion" else f"{kind.upper() if kind != 'lora' else 'LoRA'} adapter"
     rank = entry.get("rank")
     bits = [f"{what} for {FAMILY_NAMES.get(base, base)}"]
+    name = (entry.get("extra") or {}).get("base_model_name")
     if plan["base_model"]:
-        bits.append(f"(base model `{plan['base_model']}`)")
+        bits.append(f"(base model `{plan['base_model']}`" + (f", {name})" if name else ")"))
+    elif name:
+        bits.append(f"(base model {name})")
     L.append(" ".join(bits) + ".")
     details = []
     if rank:
@@ -245,7 +475,9 @@ def render(plan: dict) -> str:
 
     L += ["", "## Recommended strength", ""]
     if rec is not None:
-        L.append(f"Recommended α (LoRA scale) from a lorahub sweep: **{_fmt_alpha(rec)}**"
+        origin = {"sweep": "from a lorahub sweep", "entry": "(the entry's preferred weight)",
+                  "given": "(given when pushing)"}.get(plan.get("alpha_from") or "sweep", "")
+        L.append(f"Recommended α (LoRA scale) {origin}: **{_fmt_alpha(rec)}**"
                  + (f" (swept α = {', '.join(_fmt_alpha(a) for a in swept)})." if swept else "."))
     elif swept:
         L.append(f"A lorahub sweep rendered α = {', '.join(_fmt_alpha(a) for a in swept)} (see the images); "
@@ -304,24 +536,13 @@ def render(plan: dict) -> str:
         if f["role"] in ("original", "embedding") and e is not None:
             L.append(f"| `{f['path']}` | `{(e.get('sha256') or '-').upper()}` | `{(e.get('autov2') or '-').upper()}` "
                      f"| `{e.get('blake3') or '-'}` | `{(e.get('crc32') or '-').upper()}` |")
-    if diff and plan.get("diffusers_converted"):
-        L.append("")
-        L.append(f"`{diff}` was converted by lorahub from `{plan['webui_file']}` (same weights, diffusers key names).")
-    L += ["", "---", "", "Card written by lorahub from its local registry.", ""]
-    conv = {f["path"]: {"from": f["from_sha256"], "dialect": f["dialect"]}
-            for f in plan["files"] if f["role"] == "converted"}
+    conv = [f for f in plan["files"] if f["role"] == "converted"]
     if conv:
-        L += [f"<!-- lorahub-converted: {json.dumps(conv, sort_keys=True)} -->", ""]
+        L.append("")
+        for f in conv:
+            src = next((o["path"] for o in plan["files"] if o["role"] == "original"
+                        and o["entry"]["sha256"] == f["from_sha256"]), "the original")
+            L.append(f"`{f['path']}` was converted by lorahub from `{src}` (same weights, {f['dialect']} key names; "
+                     f"SHA256 `{f['sha256'].upper()}`).")
+    L += ["", "---", "", "Card written by lorahub from its local registry.", ""]
     return "\n".join(L)
-
-
-def converted_marker(text: str) -> dict:
-    """The ``lorahub-converted`` record of a card we wrote: {path: {"from": sha256, "dialect": d}}."""
-    m = re.search(r"<!-- lorahub-converted: (\{.*?\}) -->", text or "")
-    if not m:
-        return {}
-    try:
-        data = json.loads(m.group(1))
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from typing import Iterator
 
 from lorahub.errors import LorahubError, NotFound
@@ -57,11 +58,65 @@ def check_repo_id(repo: str) -> str:
     return repo
 
 
-def check_online() -> None:
+def check_online(what: str = "push") -> None:
+    """Refuse ``what`` when HF_HUB_OFFLINE is set: it needs the Hub itself, not the cache."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise LorahubError("HF_HUB_OFFLINE is set: push and pull need the Hub (unset it or set HF_HUB_OFFLINE=0)")
+        raise LorahubError(f"HF_HUB_OFFLINE is set: {what} needs the Hub (unset it or set HF_HUB_OFFLINE=0)")
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# ------------------------------------------------------------------------------------------ Xet
+_XET_LOCK = threading.Lock()
+_XET_TOKEN = re.compile(r"xet-(write|read)-token")
+
+
+def xet_refusal(exc: BaseException) -> tuple[str, int | None] | None:
+    """(what happened, HTTP status) when ``exc`` is the client failing to get a Xet token from the
+    hub, else None. huggingface_hub uploads through Xet whenever ``hf_xet`` is installed; a hub
+    without Xet storage answers the token request with 404 and the client reports it as a
+    ConnectionError naming the token URL."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = " ".join(str(exc).split())
+        if _XET_TOKEN.search(text):
+            m = re.search(r"\(([1-5]\d\d)[ )]", text)
+            status = int(m.group(1)) if m else None
+            return (f"it answered {status} to the request for a Xet storage token" if status else
+                    "it gave no Xet storage token"), status
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def xet_disabled() -> Iterator[None]:
+    """Uploads inside the block go through Git LFS, as with ``HF_HUB_DISABLE_XET=1`` (the client's
+    own switch, read on every upload)."""
+    from huggingface_hub import constants
+
+    with _XET_LOCK:
+        old = constants.HF_HUB_DISABLE_XET
+        constants.HF_HUB_DISABLE_XET = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_DISABLE_XET = old
+
+
+def xet_enabled() -> bool:
+    """Whether the client will try Xet first for uploads (``hf_xet`` installed, not disabled)."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
 
 
 def quiet_client() -> None:
@@ -111,9 +166,16 @@ def hub_errors(what: str, *, endpoint: str, token: str | None = None, repo: str 
             raise NotFound(f"{what}: revision not found in {where}") from None
         if isinstance(exc, hf_errors.EntryNotFoundError):
             raise NotFound(f"{what}: file not found in {where}") from None
+        if status == 401 and "Invalid credentials" in server_msg:
+            raise LorahubError(f"{what}: {endpoint} refused the token (401 {server_msg}); the token is invalid "
+                               "or expired") from None
         if status in (401, 403):
-            raise LorahubError(f"{what}: {where} refused the request ({status} {server_msg or 'unauthorized'}); "
-                               "give a write token or log in with `hf auth login`") from None
+            need = "a token with write access to it" if what == "push" else "a token"
+            raise LorahubError(f"{what}: {where} refused the request ({status} {scrub(server_msg, token) or 'unauthorized'}); "
+                               f"{need}, or log in with `hf auth login`") from None
+        xet = xet_refusal(exc)
+        if xet is not None:
+            raise LorahubError(f"{what}: {endpoint} has no Xet storage: {xet[0]}") from None
         if status is not None:
             msg = server_msg or str(exc).splitlines()[0]
             raise LorahubError(f"{what}: {where} answered {status}: {scrub(msg, token)}") from None
