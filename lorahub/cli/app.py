@@ -119,7 +119,9 @@ def input_error(exc: Exception) -> str | None:
     text = str(exc).replace("\n", " ")
     if isinstance(exc, sqlite3.DatabaseError):
         low = text.lower()
-        if "malformed" in low or "not a database" in low or "disk i/o error" in low:
+        # the base class itself (not Operational/Integrity/Programming error) is what a damaged file raises:
+        # "database disk image is malformed", "file is not a database", "vtable constructor failed" (FTS)
+        if type(exc) is sqlite3.DatabaseError or "malformed" in low or "disk i/o error" in low:
             return (f"the registry database is damaged ({text}); restore a backup with `lorahub restore`, "
                     "or move lorahub.db aside and re-add the files")
         if "database or disk is full" in low:
