@@ -246,14 +246,14 @@ def _check_tensor(key: str, info, data_size: int, name: str) -> TensorInfo:
         raise FormatError(f"{name}: tensor {shown} lies outside the file (offsets {b}..{e}, data {data_size})")
     bits = DTYPE_BITS[dtype]
     count = 1
-    for s in shape:
+    for s in shape:  # at most MAX_DIMS factors: exact, whatever their size ([8, 0] holds 0 elements)
         count *= s
-        if count * bits > 8 * data_size:
-            raise FormatError(f"{name}: tensor {shown} shape {shape} does not fit in the file")
+    if count * bits > 8 * data_size:
+        raise FormatError(f"{name}: tensor {shown} shape {str(shape)[:80]} does not fit in the file")
     if count * bits % 8:
-        raise FormatError(f"{name}: tensor {shown} shape {shape} {dtype} is not a whole number of bytes")
+        raise FormatError(f"{name}: tensor {shown} shape {str(shape)[:80]} {dtype} is not a whole number of bytes")
     if e - b != count * bits // 8:
-        raise FormatError(f"{name}: tensor {shown} byte size {e - b} does not match shape {shape} {dtype}")
+        raise FormatError(f"{name}: tensor {shown} byte size {e - b} does not match shape {str(shape)[:80]} {dtype}")
     return TensorInfo(dtype, tuple(shape), b, e)
 
 
