@@ -461,3 +461,27 @@ def test_stronger_evidence_wins(tmp_path):
                       meta={"ss_training_comment": "pose lora"})
     imp = collect(p, read_header(p).metadata)
     assert (imp.type, imp.type_source) == ("concept", "Civitai tag 'concept'")
+
+
+# ------------------------------------------------------------------------------------- other owners' readers
+def _owned_elsewhere(key, value, reason):
+    return pytest.param(key, value, marks=pytest.mark.xfail(strict=True, reason=reason), id=key)
+
+
+@pytest.mark.parametrize("key, value", [
+    _owned_elsewhere("lorahub", '{"stash": [1]}', "fidelity: lorahub/formats/kohya.py read() takes the stash "
+                     "without checking it is an object of strings (TypeError)"),
+    _owned_elsewhere("ss_datasets", '[1, {"subsets": 5}]', "arch: lorahub/ops/inspect.py dataset_dirs() iterates "
+                     "a non-list 'subsets' (TypeError)"),
+    pytest.param("ss_tag_frequency", '{"a": [1], "b": {"t": "x"}}', id="ss_tag_frequency"),
+    pytest.param("ssmd_cover_images", '{"a": 1}', id="ssmd_cover_images"),
+    pytest.param("lora_adapter_metadata", "[1]", id="lora_adapter_metadata"),
+])
+def test_type_confused_metadata(run, home, tmp_path, key, value):
+    """Valid JSON of the wrong shape in a metadata field: add, inspect and convert refuse or ignore it."""
+    p = kohya_file(tmp_path / "m.safetensors", meta={key: value})
+    for args in (("add", p), ("inspect", p), ("convert", p, "--to", "diffusers", "--out", tmp_path / "o.safetensors")):
+        code, out, err = run(*args)
+        if code != 0:
+            _one_error(code, out, err)
+        assert "internal error" not in err, (args[0], err)
