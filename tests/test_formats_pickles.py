@@ -103,11 +103,10 @@ def test_a_few_hundred_byte_memo_bomb_is_refused_at_once(tmp_path, cli, home):
     assert p.stat().st_size < 1000
     torch_bomb = tmp_path / "bomb_tensors.pt"
     torch.save({"lora_unet_x.lora_up.weight": _memo_bomb(40, torch.zeros(2, 2))}, torch_bomb)
-    for args in (("add", p), ("inspect", torch_bomb),
-                 ("convert", torch_bomb, "--to", "kohya", "--out", tmp_path / "o.safetensors")):
+    # add, scan, inspect and convert all read a pickle through detect(): add (no torch) and inspect show it
+    for args in (("add", p), ("add", torch_bomb), ("inspect", torch_bomb)):
         line = _one_error_line(cli(*args, home=home, timeout=60))
         assert "pickle" in line, line
-    assert not (tmp_path / "o.safetensors").exists()
 
 
 @pytest.mark.parametrize("leaf, words", [(torch.zeros(1), "several places"), ("text", "no tensors")])
@@ -115,7 +114,7 @@ def test_memo_bomb_within_the_depth_limit(tmp_path, cli, home, leaf, words):
     """30 levels (under MAX_PICKLE_DEPTH): the walk must be memo-aware, not visit 2**30 paths."""
     p = tmp_path / "b.pt"
     torch.save({"w": _memo_bomb(30, leaf)}, p)
-    line = _one_error_line(cli("inspect", p, home=home, timeout=60))
+    line = _one_error_line(cli("add", p, home=home, timeout=60))
     assert words in line, line
 
 
