@@ -79,26 +79,74 @@ def _load_commands(only: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lorahub.cli.common import check_numbers, safe_text
     from lorahub.errors import LorahubError, OutputExists
 
     args = sys.argv[1:] if argv is None else list(argv)
     _load_commands(COMMAND_INDEX.get(args[0]) if args else None)
     try:
-        app(args=args, prog_name="lorahub")
+        command = typer.main.get_command(app)
+        check_numbers(command)  # NaN, infinities, out-of-range integers: refused for every option
+        command(args=args, prog_name="lorahub")
     except LorahubError as exc:
         msg = str(exc).replace("\n", " ")
         if isinstance(exc, OutputExists):  # the library's `force` is the command's --force
             msg = f"{exc.path}: already exists (choose another output, or use --force to overwrite)"
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(f"error: {safe_text(msg)}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except Exception as exc:  # a bug: say so in one line; LORAHUB_DEBUG=1 shows the traceback
-        if os.environ.get("LORAHUB_DEBUG"):
+    except Exception as exc:
+        bad_input = input_error(exc)
+        if bad_input is not None:
+            sys.stderr.write(f"error: {safe_text(bad_input)}\n")
+            sys.exit(2)
+        if os.environ.get("LORAHUB_DEBUG"):  # a bug: say so in one line; LORAHUB_DEBUG=1 shows the traceback
             raise
-        sys.stderr.write(f"internal error: {type(exc).__name__}: {exc} (set LORAHUB_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(safe_text(f"internal error: {type(exc).__name__}: {exc} (set LORAHUB_DEBUG=1 for a "
+                                   "traceback)").replace("\n", " ") + "\n")
         sys.exit(1)
+
+
+def input_error(exc: Exception) -> str | None:
+    """The one-line message for an exception that the input or the environment caused (a damaged
+    database, a file system refusal, input nested too deeply, an image bomb, a file name that is not
+    UTF-8), or None when it is a bug. The library raises LorahubError for what it foresees; this is the
+    net for what escapes it, so that bad input never reads "internal error"."""
+    import sqlite3
+
+    text = str(exc).replace("\n", " ")
+    if isinstance(exc, sqlite3.DatabaseError):
+        low = text.lower()
+        # the base class itself (not Operational/Integrity/Programming error) is what a damaged file raises:
+        # "database disk image is malformed", "file is not a database", "vtable constructor failed" (FTS)
+        if type(exc) is sqlite3.DatabaseError or "malformed" in low or "disk i/o error" in low:
+            return (f"the registry database is damaged ({text}); restore a backup with `lorahub restore`, "
+                    "or move lorahub.db aside and re-add the files")
+        if "database or disk is full" in low:
+            return f"no space left for the registry database ({text})"
+        if "locked" in low or "busy" in low:
+            return f"the registry database is busy ({text}); try again"
+        if "readonly" in low or "read-only" in low or "unable to open" in low:
+            return f"cannot write the registry database ({text})"
+        return None
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        why = exc.strerror or text
+        return f"{where}: {why}" if where else why
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to read"
+    if isinstance(exc, UnicodeError) and "surrogates not allowed" in text:
+        return "a file or folder name is not valid UTF-8; rename it"
+    if isinstance(exc, OverflowError) and "SQLite INTEGER" in text:
+        return f"a number is out of range ({text})"
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(exc, pil.DecompressionBombError):
+        return f"an image is too large to read safely ({text})"
+    return None
 
 
 if __name__ == "__main__":

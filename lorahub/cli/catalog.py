@@ -13,7 +13,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress, progress_callback
+from lorahub.cli.common import (HomeOpt, JsonOpt, console, open_registry, print_json, progress, progress_callback,
+                                styled)
 from lorahub.registry.queries import rank_text, short
 from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
@@ -40,6 +41,14 @@ def entries_table(entries: list[dict], title: str | None = None):
         t.add_row(e["id"], e["name"], e["kind"], e["base"], rank_text(e), e.get("type") or "",
                   ", ".join(e.get("triggers") or [])[:60], ", ".join(e.get("tags") or [])[:60])
     return t
+
+
+def type_text(e: dict) -> str:
+    """The entry's type, and where it came from when lorahub inferred it (extra.type_source)."""
+    src = (e.get("extra") or {}).get("type_source") or {}
+    if not e["type"]:
+        return "-"
+    return f"{e['type']} (from {src['from']})" if src.get("type") == e["type"] else e["type"]
 
 
 def human(n: int | float) -> str:
@@ -191,7 +200,7 @@ def show(
     if e.get("tokens"):
         rows.append(("tokens", ", ".join(e["tokens"])))
     rows += [
-        ("type", e["type"] or "-"), ("triggers", ", ".join(e["triggers"]) or "-"), ("tags", ", ".join(e["tags"]) or "-"),
+        ("type", type_text(e)), ("triggers", ", ".join(e["triggers"]) or "-"), ("tags", ", ".join(e["tags"]) or "-"),
         ("description", (e["description"] or "-")[:500]), ("source", e["source"] or "-"),
         ("size", f"{human(e['size'])} ({e['size']} bytes)"), ("created", e["created_at"] or "-"), ("added", e["added_at"]),
         ("SHA256", display("sha256", e["sha256"])), ("AutoV1", display("autov1", e["autov1"])),
@@ -215,9 +224,7 @@ def show(
         t.add_row(k, v)
     print_table(con, t)
     if lineage or children:
-        tree = Tree(f"[bold]lineage[/bold] {e['name']} ({e['id']})")
-
-        from rich.markup import escape
+        tree = Tree(styled(("lineage", "bold"), f" {e['name']} ({e['id']})"))
 
         recipes: list[str] = []
 
@@ -233,25 +240,25 @@ def show(
                 if isinstance(recipe, str) and recipe not in recipes:
                     recipes.append(recipe)
                 dtxt = (" " + ", ".join(f"{k}={short(v)}" for k, v in list(detail.items())[:4])) if detail else ""
-                sub = node.add(escape(f"{it['relation']} {label}{dtxt}"))
+                sub = node.add(f"{it['relation']} {label}{dtxt}")
                 grow(sub, it.get("parents") or [])
 
         grow(tree, lineage)
         for c in children:
-            tree.add(escape(f"used by {c['name']} ({c['entry_id']}) as {c['relation'].replace('-from', '')} source"))
+            tree.add(f"used by {c['name']} ({c['entry_id']}) as {c['relation'].replace('-from', '')} source")
         con.print(tree)
         for recipe in recipes:
-            con.print("[bold]recipe[/bold]")
-            con.print(escape(recipe.rstrip()), highlight=False)
+            con.print(styled(("recipe", "bold")))
+            con.print(recipe.rstrip())
     if previews:
-        con.print("[bold]previews[/bold]")
+        con.print(styled(("previews", "bold")))
         for p in previews:
             size = f" {p['width']}x{p['height']}" if p.get("width") else ""
             params = p.get("params") or {}
             ptxt = (" " + ", ".join(f"{k}={v}" for k, v in list(params.items())[:5])) if params else ""
             con.print(f"  {p['kind']}{size}: {p['path']}{ptxt}")
     if remotes:
-        con.print("[bold]remotes[/bold]")
+        con.print(styled(("remotes", "bold")))
         for r in remotes:
             con.print(f"  {r['repo']}@{r['revision'] or '-'} commit {r['commit'] or '-'}"
                       + (f" on {r['endpoint']}" if r.get("endpoint") else ""))

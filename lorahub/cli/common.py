@@ -1,8 +1,20 @@
-"""Options and output helpers shared by every command module (kept light: typer + rich only)."""
+"""Options and output helpers shared by every command module (kept light: typer + rich only).
+
+Printing is safe for hostile data by construction: :func:`console` gives a rich console with markup,
+emoji codes and highlighting off that also escapes control characters (ANSI escape sequences, OSC 8
+hyperlinks, bidi overrides, undecodable file-name bytes) in every string it renders, so names and
+metadata print as the text they are. lorahub's own styling uses ``style=`` or :class:`rich.text.Text`
+(:func:`styled`), never markup. :func:`print_json` escapes the same characters as JSON ``\\u`` escapes.
+
+Numbers are checked centrally too: :func:`check_numbers` makes every parameter of every command refuse
+NaN and infinities and integers outside SQLite's 64-bit range (``lorahub.cli.app.main`` applies it).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -17,23 +29,73 @@ HomeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def console(stderr: bool = False):
-    from rich.console import Console
+# C0 controls but tab and newline, DEL, C1 controls (CSI 0x9b, OSC 0x9d …), bidi overrides and marks,
+# and surrogates (undecodable bytes of a file name, or JSON "\\ud800" escapes)
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+def _visible(m: re.Match) -> str:
+    o = ord(m.group())
+    if 0xDC80 <= o <= 0xDCFF:  # a byte of a file name that is not UTF-8 (surrogate escape)
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every character that could control a terminal shown as an escape (``\\x1b``)."""
+    return _UNSAFE.sub(_visible, text)
+
+
+def styled(*parts):
+    """A line of styled text without markup: each part is plain text or a ``(text, style)`` pair,
+    e.g. ``styled(("lineage", "bold"), f" {name}")``; every part is escaped with :func:`safe_text`."""
+    from rich.text import Text
+
+    out = Text()
+    for part in parts:
+        text, style = part if isinstance(part, tuple) else (part, "")
+        out.append(safe_text(str(text)), style=style)
+    return out
+
+
+_SAFE_CONSOLE: list = []  # the SafeConsole class, built on first use (rich is imported lazily)
+
+
+def console(stderr: bool = False):
+    """A rich console that prints strings as plain text: no markup, no emoji codes, no highlighting,
+    control characters escaped (also in table cells, titles and tree labels, which render through it)."""
+    if not _SAFE_CONSOLE:
+        from rich.console import Console
+
+        class SafeConsole(Console):
+            def render_str(self, text: str, **kwargs):
+                kwargs["markup"] = False
+                kwargs["emoji"] = False
+                return super().render_str(safe_text(text), **kwargs)
+
+        _SAFE_CONSOLE.append(SafeConsole)
+    return _SAFE_CONSOLE[0](stderr=stderr, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=False)
+    # json escapes C0 controls itself; DEL, C1 controls, bidi overrides and surrogates become \\u escapes
+    sys.stdout.write(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def progress(transient: bool = True):
     """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    class Description(ProgressColumn):  # the task description (may name a layer of a file) as plain text
+        def render(self, task):
+            return styled((task.description, "progress.description"))
+
     con = console(stderr=True)
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+    return Progress(Description(), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=con, transient=transient, disable=not con.is_terminal)
 
@@ -48,3 +110,44 @@ def open_registry(home: Optional[Path]):
     from lorahub.registry import Registry
 
     return Registry.open(home)
+
+
+# ------------------------------------------------------------------------------------------ numbers
+INT_LIMIT = 2**63 - 1  # SQLite's INTEGER; every count, rank, size or seed lorahub takes fits
+
+
+def _check_number(param, value) -> None:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_number(param, v)
+        return
+    opt = max(param.opts, key=len) if param.opts else param.name
+    if isinstance(value, float) and not math.isfinite(value):
+        from lorahub.errors import LorahubError
+
+        raise LorahubError(f"{opt}: {value} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        from lorahub.errors import LorahubError
+
+        raise LorahubError(f"{opt}: {value} is out of range (at most {INT_LIMIT} in magnitude)")
+
+
+def check_numbers(command) -> None:
+    """Make every parameter of ``command`` (a click/typer command or group, recursively) refuse NaN,
+    infinities and integers beyond :data:`INT_LIMIT` with a :class:`~lorahub.errors.LorahubError`
+    (one ``error:`` line, exit 2), after typer has converted the value and before the command runs.
+    Any parameter whose value is a float or an int is covered, so no option can forget it."""
+    for param in command.params:
+        _guard(param)
+    for sub in (getattr(command, "commands", None) or {}).values():
+        check_numbers(sub)
+
+
+def _guard(param) -> None:
+    inner = param.callback
+
+    def callback(ctx, prm, value):
+        _check_number(prm, value)
+        return inner(ctx, prm, value) if inner is not None else value
+
+    param.callback = callback

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, console, open_registry
+from lorahub.cli.common import HomeOpt, console, open_registry, styled
 
 
 @app.command()
@@ -26,7 +26,7 @@ def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
     t0 = time.perf_counter()
     con = console()
     home = Path(home) if home else dm.fresh_home()
-    con.print(f"[bold]lorahub demo[/bold] — registry home: {home}")
+    con.print(styled(("lorahub demo", "bold"), f" — registry home: {home}"))
     for kind in dm.PIPELINES:
         con.print(f"tiny {kind} pipeline: {dm.pipeline(kind)}")
     reg = open_registry(home)
@@ -56,8 +56,8 @@ def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
 
         _load_commands()
         out.mkdir(parents=True, exist_ok=True)
-        con.print("\n[bold]ML operations on the tiny fixtures[/bold] (outputs in " + str(out) + ")")
+        con.print(styled("\n", ("ML operations on the tiny fixtures", "bold"), f" (outputs in {out})"))
         for args in commands:
-            con.print("[bold]$ lorahub " + " ".join(args) + "[/bold]", highlight=False)
+            con.print(styled(("$ lorahub " + " ".join(args), "bold")))
             app(args=args + ["--home", str(home)], prog_name="lorahub", standalone_mode=False)
     con.print(f"done in {time.perf_counter() - t0:.1f} s; try: lorahub list --home {home}")

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from lorahub.cli.app import ForceOpt, app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, styled
 from lorahub.cli.steps import steps
 
 LayersOpt = Annotated[Optional[str], typer.Option(
@@ -70,7 +70,7 @@ def _out():
 def _warn(lines: list[str]) -> None:
     err = console(stderr=True)
     for w in lines:
-        err.print(f"[bold red]WARNING:[/] {w}")
+        err.print(styled(("WARNING:", "bold red"), f" {w}"))
 
 
 @app.command("inspect")
@@ -239,5 +239,5 @@ def diff_cmd(
     for label, keys in (("only in A", res["only_a"]), ("only in B", res["only_b"])):
         if keys:
             shown = keys[:10]
-            out.print(f"[bold]{label}[/] ({len(keys)}): " + ", ".join(shown) + (" …" if len(keys) > 10 else ""))
+            out.print(styled((label, "bold"), f" ({len(keys)}): " + ", ".join(shown) + (" …" if len(keys) > 10 else "")))
     sys.stdout.flush()

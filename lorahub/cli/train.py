@@ -121,7 +121,7 @@ def train(
     final = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
     err.print(f"trained {res.steps} steps in {res.seconds:.1f} s (final loss {final})", markup=False)
     for p in out:
-        typer.echo(str(p))
+        console().print(str(p))
     for e in res.entries:
         err.print(f"registered {e['id']} {e['name']} type={e.get('type')} triggers={e.get('triggers')}",
                   markup=False)

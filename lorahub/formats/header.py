@@ -2,30 +2,55 @@
 
 Layout: 8-byte little-endian u64 N, then N bytes of UTF-8 JSON
 ``{"__metadata__": {str: str}, name: {"dtype": D, "shape": [..], "data_offsets": [b, e]}, ...}``,
-then the tensor data. Checks: N within the file and under a cap, strict UTF-8, JSON without deep
-nesting, known dtypes, non-negative shapes whose byte size matches the offsets, offsets inside the
-data area and not overlapping. No torch import; reads only the header bytes.
+then the tensor data. No torch import; reads only the header bytes.
+
+A header is accepted only when the ``safetensors`` library itself would read the file, and within
+lorahub's limits:
+
+* N at most :data:`MAX_HEADER_BYTES` and inside the file; strict UTF-8; a JSON object with no
+  duplicate keys and no ``NaN``/``Infinity``;
+* at most :data:`MAX_TENSORS` tensors, each with a known dtype, at most :data:`MAX_DIMS` non-negative
+  dimensions (zero-size tensors such as ``[8, 0]`` are valid) and a byte size that matches its shape;
+* the tensors' byte ranges, in offset order, tile the data area exactly: no gap, no overlap, no bytes
+  after the last tensor (what safetensors calls "file not fully covered");
+* ``__metadata__`` maps strings to strings, at most :data:`MAX_METADATA_BYTES` in all; every string is
+  valid Unicode (no lone surrogates); a value that holds JSON (kohya's ``ss_tag_frequency``,
+  ``ssmd_cover_images``, lorahub's own field …) passes :func:`loads_json`, so every reader of these
+  fields can parse them without a recursion, overflow or non-finite-number surprise.
+
+:func:`loads_json` is the reader for JSON found inside hostile files (metadata fields, sidecars): the
+same depth limit, no non-finite numbers, no integers longer than :data:`MAX_JSON_INT_DIGITS` digits.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from lorahub.errors import FormatError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit is 100 MB
-MAX_TENSORS = 1_000_000
-MAX_DEPTH = 8
+# Limits (documented in the module docstring; the error messages name them).
+MAX_HEADER_BYTES = 32 * 1024 * 1024     # the safetensors library allows 100 MB; 32 MiB holds any real LoRA/model
+MAX_TENSORS = 100_000                   # SDXL full checkpoints hold ~2,500 tensors, LyCORIS files a few thousand
+MAX_METADATA_BYTES = 16 * 1024 * 1024   # keys + values of __metadata__ (cover images included)
+MAX_JSON_DEPTH = 64                     # nesting of JSON inside a metadata value or a sidecar
+MAX_JSON_INT_DIGITS = 40                # an integer in such JSON (tag counts, seeds, sizes)
+MAX_DIMS = 8
 
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+# Bits per element of every safetensors dtype lorahub accepts (a subset of what safetensors knows).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
 }
+# Bytes per element (F4 packs two elements in a byte: counted as 1 here; see DTYPE_BITS)
+DTYPE_SIZES = {k: max(1, v // 8) for k, v in DTYPE_BITS.items()}
 # safetensors dtype codes lorahub reads into torch tensors -> torch dtype names
 TORCH_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -56,30 +81,83 @@ class Header:
         return 8 + self.header_len
 
 
-def _depth_ok(raw: str) -> bool:
-    depth = 0
-    in_str = False
-    esc = False
-    for ch in raw:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
+# ------------------------------------------------------------------------------------ hostile JSON
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of the JSON ``text`` nest (brackets inside strings do not
+    count). Linear time, no recursion, no parsing; an upper bound when ``text`` is not JSON."""
+    n = text.count("[") + text.count("{")
+    if n <= MAX_JSON_DEPTH:
+        return n  # an upper bound, and within every limit
+    only = _JSON_STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, only)), default=0)
+
+
+def _no_constant(name: str):
+    raise FormatError(f"non-finite number {name}")
+
+
+def _int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_JSON_INT_DIGITS:
+        raise FormatError(f"integer of {len(text)} digits (the limit is {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise FormatError(f"number {text[:20]} is out of range")
+    return v
+
+
+def loads_json(text: str | bytes, what: str = "JSON"):
+    """Parse JSON from a hostile source (a metadata field, a sidecar file).
+
+    Raises :class:`~lorahub.errors.FormatError` ("``what``: ...") when the JSON is nested deeper than
+    :data:`MAX_JSON_DEPTH`, holds ``NaN``/``Infinity`` or a number that does not fit a float, or an
+    integer longer than :data:`MAX_JSON_INT_DIGITS` digits; plain syntax errors raise ``ValueError``
+    (``json.JSONDecodeError``) as ``json.loads`` does, so callers can tell "not JSON" from "hostile".
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    too_deep = FormatError(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    deep = json_depth(text) > MAX_JSON_DEPTH
+    try:  # json's C parser is recursion-checked: deep input raises RecursionError, never crashes
+        obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, parse_float=_float)
+    except FormatError as exc:
+        raise FormatError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    if deep:  # valid JSON, but deeper than lorahub's readers go
+        raise too_deep
+    return obj
+
+
+def _unique_pairs(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"duplicate key {dup[:80]!r}")
+    return d
+
+
+def _valid_text(s: str) -> bool:
+    """True when ``s`` is valid Unicode (JSON ``\\ud800`` escapes can smuggle in lone surrogates)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True
 
 
+# ------------------------------------------------------------------------------------ the header
 def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Header:
     """Parse a header from its first bytes (``prefix`` must hold 8 + N bytes)."""
     if file_size < 8 or len(prefix) < 8:
@@ -97,68 +175,102 @@ def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Hea
         raw = prefix[8 : 8 + n].decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError(f"{name}: safetensors header is not valid UTF-8") from None
-    raw_s = raw.rstrip(" ")  # the format allows trailing-space padding
+    raw_s = raw.rstrip(" \t\r\n")  # the format allows trailing-space padding
     if not raw_s.startswith("{"):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
-    if not _depth_ok(raw_s):
-        raise FormatError(f"{name}: safetensors header JSON is nested too deeply")
+    if raw_s.count('"data_offsets"') > MAX_TENSORS:  # refuse before parsing (every tensor names one)
+        raise FormatError(f"{name}: more than the {MAX_TENSORS} tensors lorahub reads")
     try:
-        obj = json.loads(raw_s)
-    except (ValueError, RecursionError):
+        obj = json.loads(raw_s, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    except FormatError as exc:
+        raise FormatError(f"{name}: safetensors header has a {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{name}: safetensors header JSON is nested too deeply") from None
+    except ValueError:
         raise FormatError(f"{name}: safetensors header is not valid JSON") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
     meta_raw = obj.pop("__metadata__", None)
-    if meta_raw is None:
-        meta_raw = {}
-    if not isinstance(meta_raw, dict):
-        raise FormatError(f"{name}: __metadata__ is not an object")
-    metadata: dict[str, str] = {}
-    for k, v in meta_raw.items():
-        if not isinstance(v, str):
-            raise FormatError(f"{name}: metadata value for {k!r} is not a string")
-        metadata[k] = v
+    metadata = _check_metadata({} if meta_raw is None else meta_raw, name)
     if len(obj) > MAX_TENSORS:
-        raise FormatError(f"{name}: too many tensors ({len(obj)})")
+        raise FormatError(f"{name}: {len(obj)} tensors, more than the {MAX_TENSORS} lorahub reads")
     data_size = file_size - 8 - n
     tensors: dict[str, TensorInfo] = {}
-    spans = []
     for key, info in obj.items():
-        if not isinstance(info, dict):
-            raise FormatError(f"{name}: tensor {key!r} has no description")
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        offs = info.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
-            raise FormatError(f"{name}: tensor {key!r} has an invalid shape")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise FormatError(f"{name}: tensor {key!r} has invalid data_offsets")
-        b, e = offs
-        if not 0 <= b <= e <= data_size:
-            raise FormatError(f"{name}: tensor {key!r} lies outside the file (offsets {b}..{e}, data {data_size})")
-        count = 1
-        for s in shape:
-            count *= s
-            if count * DTYPE_SIZES[dtype] > data_size:
-                raise FormatError(f"{name}: tensor {key!r} shape {shape} does not fit in the file")
-        if dtype == "F4":
-            expect = (count + 1) // 2
-        else:
-            expect = count * DTYPE_SIZES[dtype]
-        if e - b != expect:
-            raise FormatError(f"{name}: tensor {key!r} byte size {e - b} does not match shape {shape} {dtype}")
-        tensors[key] = TensorInfo(dtype, tuple(shape), b, e)
-        if e > b:
-            spans.append((b, e, key))
-    spans.sort()
-    for (b1, e1, k1), (b2, _e2, k2) in zip(spans, spans[1:]):
-        if b2 < e1:
-            raise FormatError(f"{name}: tensors {k1!r} and {k2!r} overlap")
+        tensors[key] = _check_tensor(key, info, data_size, name)
+    _check_layout(tensors, data_size, name)
     return Header(header_len=n, tensors=tensors, metadata=metadata, file_size=file_size)
+
+
+def _check_metadata(meta_raw, name: str) -> dict[str, str]:
+    if not isinstance(meta_raw, dict):
+        raise FormatError(f"{name}: __metadata__ is not an object")
+    total = 0
+    for k, v in meta_raw.items():
+        if not isinstance(v, str):
+            raise FormatError(f"{name}: metadata value for {k[:80]!r} is not a string")
+        total += len(k) + len(v)
+        if total > MAX_METADATA_BYTES:
+            raise FormatError(f"{name}: metadata larger than the {MAX_METADATA_BYTES} byte limit")
+        if not (_valid_text(k) and _valid_text(v)):
+            raise FormatError(f"{name}: metadata field {k[:80]!r} is not valid Unicode")
+        if v[:1] in ("[", "{"):  # JSON inside (kohya's ss_* fields, cover images, lorahub's own)
+            try:
+                loads_json(v, f"{name}: metadata field {k[:80]!r}")
+            except ValueError:
+                pass  # not JSON after all: readers treat it as text
+    return meta_raw
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_tensor(key: str, info, data_size: int, name: str) -> TensorInfo:
+    shown = repr(key[:80]) if _valid_text(key) else ascii(key[:80])
+    if not _valid_text(key):
+        raise FormatError(f"{name}: tensor name {shown} is not valid Unicode")
+    if not isinstance(info, dict):
+        raise FormatError(f"{name}: tensor {shown} has no description")
+    dtype = info.get("dtype")
+    shape = info.get("shape")
+    offs = info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise FormatError(f"{name}: tensor {shown} has unknown dtype {repr(dtype)[:40]}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(s) and s >= 0 for s in shape):
+        raise FormatError(f"{name}: tensor {shown} has an invalid shape")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+        raise FormatError(f"{name}: tensor {shown} has invalid data_offsets")
+    b, e = offs
+    if not 0 <= b <= e <= data_size:
+        raise FormatError(f"{name}: tensor {shown} lies outside the file (offsets {b}..{e}, data {data_size})")
+    bits = DTYPE_BITS[dtype]
+    count = 1
+    for s in shape:  # at most MAX_DIMS factors: exact, whatever their size ([8, 0] holds 0 elements)
+        count *= s
+    if count * bits > 8 * data_size:
+        raise FormatError(f"{name}: tensor {shown} shape {str(shape)[:80]} does not fit in the file")
+    if count * bits % 8:
+        raise FormatError(f"{name}: tensor {shown} shape {str(shape)[:80]} {dtype} is not a whole number of bytes")
+    if e - b != count * bits // 8:
+        raise FormatError(f"{name}: tensor {shown} byte size {e - b} does not match shape {str(shape)[:80]} {dtype}")
+    return TensorInfo(dtype, tuple(shape), b, e)
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_size: int, name: str) -> None:
+    """The tensors, in (start, end) order, must tile the data area exactly (safetensors' own rule)."""
+    pos = 0
+    prev = None
+    for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if t.start < pos:
+            raise FormatError(f"{name}: tensors {prev[:80]!r} and {key[:80]!r} overlap")
+        if t.start > pos:
+            raise FormatError(f"{name}: {t.start - pos} byte(s) of the data area before tensor {key[:80]!r} "
+                              "belong to no tensor")
+        pos, prev = t.end, key
+    if pos != data_size:
+        raise FormatError(f"{name}: {data_size - pos} byte(s) after the last tensor belong to no tensor "
+                          "(trailing data)")
 
 
 def read_header(path: str | os.PathLike) -> Header:

@@ -2,12 +2,17 @@
 
 Two readers:
 
-* :func:`read_pickle_shapes` (no torch): a restricted unpickler over the ``data.pkl`` of a torch zip
-  archive that only accepts the handful of globals a plain tensor dictionary needs (tensor rebuild
-  functions, storage types, ``OrderedDict``). Tensors come back as :class:`TensorStub` (dtype + shape);
-  no tensor bytes are read. Anything else (a class, a function, ``__reduce__`` tricks) raises
-  :class:`~lorahub.errors.UnsafeFile`.
+* :func:`read_pickle_shapes` (no torch): a restricted unpickler over the one pickle of a torch zip
+  archive that ``torch.load`` would load (:func:`torch_pickle_name`), accepting only the handful of
+  globals a plain tensor dictionary needs (tensor rebuild functions, storage types, ``OrderedDict``).
+  Tensors come back as :class:`TensorStub` (dtype + shape); no tensor bytes are read. Anything else
+  (a class, a function, ``__reduce__`` tricks) raises :class:`~lorahub.errors.UnsafeFile`.
 * :func:`load_tensors` (torch): ``torch.load(weights_only=True)``, flattened to ``{dotted key: tensor}``.
+
+Both walk what they loaded with :func:`flatten`, which bounds the work: a pickle's memo lets a few
+hundred bytes reference one container 2^40 times, so a container reached twice is refused, and so are
+structures deeper than :data:`MAX_PICKLE_DEPTH`, with more than :data:`MAX_PICKLE_NODES` objects, more
+than :data:`~lorahub.formats.header.MAX_TENSORS` tensors or :data:`MAX_KEY_CHARS` characters of keys.
 """
 
 from __future__ import annotations
@@ -17,9 +22,18 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lorahub.errors import FormatError, UnsafeFile
-from lorahub.formats.header import TORCH_NAMES
+from lorahub.formats.header import MAX_DIMS, MAX_TENSORS, TORCH_NAMES
+
+# Limits of what a pickled tensor dictionary may be (a real state dict: one container per module level,
+# a few thousand tensors, a few levels deep).
+MAX_PICKLE_BYTES = 32 * 1024 * 1024  # the pickle itself (tensor data lives in other archive members)
+MAX_PICKLE_DEPTH = 32
+MAX_PICKLE_NODES = 1_000_000          # containers and values visited
+MAX_KEY_CHARS = 16 * 1024 * 1024      # all flattened keys together
+ZIP_MAGIC = b"PK\x03\x04"            # torch.load treats a file as a zip archive only when it starts so
 
 _STORAGE_DTYPES = {
     "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64",
@@ -46,7 +60,10 @@ class _DType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *rest):
-    return TensorStub(getattr(storage, "dtype", "F32"), tuple(int(s) for s in size))
+    if (not isinstance(size, (tuple, list)) or len(size) > MAX_DIMS
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in size)):
+        raise FormatError("a tensor has an invalid shape")
+    return TensorStub(storage.dtype if isinstance(storage, _StorageType) else "F32", tuple(size))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
@@ -86,16 +103,98 @@ class _Restricted(pickle.Unpickler):
         raise UnsafeFile("pickle uses an unknown persistent reference: refusing to load it")
 
 
-def _flatten(obj, prefix: str, out: dict) -> None:
-    if isinstance(obj, TensorStub):
-        out[prefix.rstrip(".")] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}{k}.", out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _flatten(v, f"{prefix}{i}.", out)
-    # strings, numbers: ignored (names, step counts)
+def flatten(obj, is_leaf: Callable[[object], bool], name: str) -> dict[str, object]:
+    """``{dotted key: leaf}`` of nested dicts/lists/tuples, within the limits of this module.
+
+    Strings, numbers and other values are skipped. Memo-aware: a pickle's memo lets one container be
+    referenced from many places at almost no cost in bytes, so every container is walked once; reaching
+    one again is harmless when it held no tensors (skipped: e.g. an optimizer's shared ``betas``) and
+    refused when it did (the same tensors under ever more keys), as is a container that holds itself.
+    A leaf (tensor) may appear under several keys (tied weights).
+    """
+    out: dict[str, object] = {}
+    leaves_in: dict[int, int] = {}  # id of a container walked -> tensors found in it
+    on_path: set[int] = set()
+    budget = {"nodes": MAX_PICKLE_NODES, "chars": MAX_KEY_CHARS, "leaves": 0}
+
+    def refuse(why: str):
+        raise UnsafeFile(f"{name}: pickle {why}: refusing it (not a plain tensor dictionary)")
+
+    def walk(o, prefix: str, depth: int) -> None:
+        budget["nodes"] -= 1
+        if budget["nodes"] < 0:
+            refuse(f"holds more than {MAX_PICKLE_NODES} objects")
+        if is_leaf(o):
+            budget["leaves"] += 1
+            out[prefix[:-1]] = o
+            if len(out) > MAX_TENSORS:
+                refuse(f"holds more than {MAX_TENSORS} tensors")
+            return
+        if not isinstance(o, (dict, list, tuple)):
+            return
+        oid = id(o)
+        if oid in on_path:
+            refuse("holds a container inside itself")
+        if oid in leaves_in:
+            if leaves_in[oid]:
+                refuse("refers to one container of tensors from several places (memo references)")
+            return
+        if depth >= MAX_PICKLE_DEPTH:
+            refuse(f"nests more than {MAX_PICKLE_DEPTH} levels deep")
+        on_path.add(oid)
+        before = budget["leaves"]
+        for k, v in (o.items() if isinstance(o, dict) else enumerate(o)):
+            if not (isinstance(v, (dict, list, tuple)) or is_leaf(v)):  # a name, a step count: skipped
+                budget["nodes"] -= 1
+                continue
+            child = f"{prefix}{_key(k)}."
+            budget["chars"] -= len(child)
+            if budget["chars"] < 0:
+                refuse(f"keys exceed {MAX_KEY_CHARS} characters")
+            walk(v, child, depth + 1)
+        on_path.discard(oid)
+        leaves_in[oid] = budget["leaves"] - before
+
+    walk(obj, "", 0)
+    if budget["nodes"] < 0:
+        refuse(f"holds more than {MAX_PICKLE_NODES} objects")
+    return out
+
+
+def _key(k) -> str:
+    if isinstance(k, str):
+        return k[:4096]
+    if isinstance(k, (int, bool)) or k is None:
+        return str(k)
+    return type(k).__name__
+
+
+def torch_pickle_name(zf: zipfile.ZipFile, name: str) -> str:
+    """The member of a torch zip archive that ``torch.load`` unpickles, by torch's own rule.
+
+    torch's reader (``PyTorchFileReader``) takes the folder of the archive's first member as the archive
+    name, requires every member to lie in it and loads ``<folder>/data.pkl``. Refused: members outside
+    that folder, TorchScript archives (``constants.pkl``; torch.load(weights_only=True) refuses them too),
+    and archives with any other or a duplicated ``*.pkl`` member (more than one candidate: a checker and
+    torch could read different pickles).
+    """
+    names = zf.namelist()
+    if not names or "/" not in names[0]:
+        raise FormatError(f"{name}: zip file that is not a torch archive (no archive folder)")
+    folder = names[0].split("/", 1)[0] + "/"
+    if any(not n.startswith(folder) for n in names):
+        raise FormatError(f"{name}: zip file that is not a torch archive (members outside {folder})")
+    target = folder + "data.pkl"
+    pickles = [n for n in names if n.lower().endswith(".pkl")]
+    if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in pickles):
+        raise UnsafeFile(f"{name}: TorchScript archive: refusing it (it holds code, not just tensors)")
+    if target not in names:
+        raise FormatError(f"{name}: zip file without {target}: not a torch file")
+    if pickles != [target]:
+        shown = ", ".join(sorted(set(pickles)))[:200]
+        raise UnsafeFile(f"{name}: torch archive with {len(pickles)} pickle members ({shown}): refusing it "
+                         "(torch.load reads only one)")
+    return target
 
 
 def read_pickle_shapes(path: str | Path) -> tuple[dict[str, TensorStub], dict[str, str]]:
@@ -103,19 +202,21 @@ def read_pickle_shapes(path: str | Path) -> tuple[dict[str, TensorStub], dict[st
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{path}: no such file")
-    if not zipfile.is_zipfile(p):
+    with open(p, "rb") as f:
+        magic = f.read(len(ZIP_MAGIC))
+    if magic != ZIP_MAGIC:
         raise UnsafeFile(f"{p.name}: legacy (non-zip) pickle file: refusing to read it; "
                          "re-save it as safetensors with a tool you trust")
     try:
         with zipfile.ZipFile(p) as zf:
-            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
-            if not names:
-                raise FormatError(f"{p.name}: zip file without data.pkl: not a torch file")
-            info = zf.getinfo(names[0])
-            if info.file_size > 64 * 1024 * 1024:
-                raise FormatError(f"{p.name}: pickle index is too large")
-            raw = zf.read(names[0])
-    except zipfile.BadZipFile:
+            member = torch_pickle_name(zf, p.name)
+            if zf.getinfo(member).file_size > MAX_PICKLE_BYTES:
+                raise FormatError(f"{p.name}: pickle index is larger than {MAX_PICKLE_BYTES} bytes")
+            with zf.open(member) as fh:
+                raw = fh.read(MAX_PICKLE_BYTES + 1)
+            if len(raw) > MAX_PICKLE_BYTES:
+                raise FormatError(f"{p.name}: pickle index is larger than {MAX_PICKLE_BYTES} bytes")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError):
         raise FormatError(f"{p.name}: damaged zip archive") from None
     try:
         obj = _Restricted(io.BytesIO(raw)).load()
@@ -123,14 +224,13 @@ def read_pickle_shapes(path: str | Path) -> tuple[dict[str, TensorStub], dict[st
         raise
     except Exception as exc:  # malformed pickle stream
         raise FormatError(f"{p.name}: unreadable pickle ({type(exc).__name__})") from None
-    out: dict[str, TensorStub] = {}
     strings: dict[str, str] = {}
     if isinstance(obj, dict):
-        for k, v in obj.items():
+        for k, v in list(obj.items())[:MAX_TENSORS]:
             if isinstance(v, str):
-                strings[str(k)] = v
-    _flatten(obj, "", out)
-    return out, strings
+                strings[str(k)[:4096]] = v
+    out = flatten(obj, lambda o: isinstance(o, TensorStub), p.name)
+    return out, strings  # type: ignore[return-value]
 
 
 def load_tensors(path: str | Path) -> tuple[dict, dict[str, str]]:
@@ -145,20 +245,9 @@ def load_tensors(path: str | Path) -> tuple[dict, dict[str, str]]:
     except Exception as exc:
         raise UnsafeFile(f"{p.name}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0][:160]}") \
             from None
-    out: dict = {}
     strings: dict[str, str] = {}
-
-    def walk(o, prefix):
-        if isinstance(o, torch.Tensor):
-            out[prefix.rstrip(".")] = o
-        elif isinstance(o, dict):
-            for k, v in o.items():
-                if isinstance(v, str) and not prefix:
-                    strings[str(k)] = v
-                walk(v, f"{prefix}{k}.")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                walk(v, f"{prefix}{i}.")
-
-    walk(obj, "")
-    return out, strings
+    if isinstance(obj, dict):
+        for k, v in list(obj.items())[:MAX_TENSORS]:
+            if isinstance(v, str):
+                strings[str(k)[:4096]] = v
+    return flatten(obj, lambda o: isinstance(o, torch.Tensor), p.name), strings

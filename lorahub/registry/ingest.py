@@ -101,6 +101,8 @@ class Prepared:
             extra["sidecars"] = imp.sidecars
         if imp.base and det.base != "unknown" and imp.base != det.base:
             extra["base_conflict"] = f"tensors say {det.base}, metadata says {imp.base}"
+        if imp.type and not self.type:
+            extra["type_source"] = {"type": imp.type, "from": imp.type_source}
         if self.extra:
             extra.update(self.extra)
         from lorahub.metadata import dedupe
@@ -113,7 +115,7 @@ class Prepared:
             "size": h.size, "format": det.format, "base": base, "kind": det.kind,
             "rank": det.rank, "rank_min": det.rank_min, "rank_max": det.rank_max, "alpha": det.alpha,
             "n_layers": det.n_layers, "parts": edits.dumps(list(det.parts)), "tokens": edits.dumps(list(det.tokens)),
-            "type": self.type, "triggers": edits.dumps(triggers),
+            "type": self.type or imp.type, "triggers": edits.dumps(triggers),
             "tags": edits.dumps(dedupe(list(imp.tags) + list(self.tags or []))),
             "description": self.description or imp.description,
             "source": self.source or imp.source or str(self.path.resolve()),
@@ -140,22 +142,14 @@ def _mtime_iso(p: Path) -> str:
 
 
 def image_blob(store: Store, data_or_path: bytes | Path, kind: str, *, durable: bool = True) -> ImageBlob:
-    """Check an image with PIL and write it as a temp file of the store."""
+    """Check an image (:func:`lorahub.metadata.read_image`) and write it as a temp file of the store."""
     import hashlib
-    import io
 
-    from PIL import Image, UnidentifiedImageError
+    from lorahub.metadata import read_image
 
-    data = data_or_path if isinstance(data_or_path, bytes) else Path(data_or_path).read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "").lower()
-            w, h = im.size
-            im.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise LorahubError("not a readable image") from None
-    ext = {"jpeg": "jpg"}.get(fmt, fmt) or "img"
-    return ImageBlob(kind, store.write_temp(data, durable=durable), hashlib.sha256(data).hexdigest(), ext, w, h)
+    img = read_image(data_or_path)
+    return ImageBlob(kind, store.write_temp(img.data, durable=durable), hashlib.sha256(img.data).hexdigest(),
+                     img.ext, img.width, img.height)
 
 
 def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple["Hashes", Path, bool]:
