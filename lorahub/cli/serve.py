@@ -40,3 +40,4 @@ def serve(
 
         webbrowser.open(srv.url)
     srv.run()
+    con.print("stopped", highlight=False)

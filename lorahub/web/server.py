@@ -93,9 +93,11 @@ class GalleryServer:
         return self._server
 
     def run(self) -> None:
-        """Serve until interrupted (SIGINT/SIGTERM); then close the socket."""
+        """Serve until interrupted (Ctrl+C: returns normally; SIGTERM: the process ends); then close the socket."""
         try:
             self._uvicorn().run(sockets=[self.sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the SIGINT it captured
+            pass
         finally:
             self.sock.close()
 

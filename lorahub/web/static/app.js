@@ -13,7 +13,6 @@
       for (const key of Array.from(params.keys())) {
         if (!params.get(key)) params.delete(key);
       }
-      if (params.get("sort") === (params.get("q") ? "relevance" : "added")) params.delete("sort");
       const qs = params.toString();
       const mine = ++latest;
       fetch("/?" + (qs ? qs + "&" : "") + "fragment=1", {credentials: "same-origin"})
