@@ -245,6 +245,36 @@ def test_heat_map_and_layers_are_the_inspect_report_computed_once(web_home, gall
     assert json.loads(cache.read_text())["result"]["grid"] == json.loads(json.dumps(report["grid"]))
 
 
+def test_a_slow_analysis_never_blocks_the_gallery(web_home, gallery_server, monkeypatch):
+    import threading
+
+    import lorahub.ops.inspect as inspect_mod
+
+    real, started, release = inspect_mod.inspect_lora, threading.Event(), threading.Event()
+
+    def slow_inspect(*args, **kw):
+        started.set()
+        assert release.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(inspect_mod, "inspect_lora", slow_inspect)
+    srv = gallery_server(web_home)
+    e = entry_by_name(web_home, "sd1-kohya")
+    results = {}
+    waiting = threading.Thread(target=lambda: results.update(part=Client(srv.url).text(f"/entry/{e['id']}/analysis")))
+    waiting.start()
+    try:
+        assert started.wait(60)
+        c = Client(srv.url)  # while the heat map is being computed, every other page answers
+        assert len(card_ids(c.text("/"))) >= 14 and "sd1-kohya" in c.text(f"/entry/{e['id']}")
+        assert card_ids(c.text("/?q=tinych&fragment=1"))
+        assert "part" not in results
+    finally:
+        release.set()
+        waiting.join(60)
+    assert 'class="cell"' in results["part"] and srv.app.state.analyses.computed == 1
+
+
 def test_a_file_that_cannot_be_inspected_says_why(web_home, gallery_server, tmp_path):
     from lorahub.tiny_loras import save_tensors
 
@@ -357,6 +387,12 @@ def test_read_only_offers_no_edit_and_refuses_writes(web_home, gallery_server, t
     reg = srv.app.state.registries.get()
     with pytest.raises(LorahubError):
         reg.change_tags(e["id"], add=["x"])
+    # nothing is written to the home: heat maps and thumbnails stay in memory
+    db = (web_home / "lorahub.db").read_bytes()
+    assert 'class="cell"' in c.text(f"/entry/{e['id']}/analysis")
+    preview = next(p for p in reg.previews(e["id"]) if p["kind"] == "grid")
+    assert c.get(f"/preview/{preview['id']}/thumb")[0] == 200
+    assert not (web_home / "cache").exists() and (web_home / "lorahub.db").read_bytes() == db
     # a read-only gallery never creates a registry
     from lorahub.web.server import GalleryServer
 

@@ -5,7 +5,8 @@ The cache lives in ``<home>/cache/inspect/<sha256>.json`` and ``<home>/cache/dif
 a stored file never changes, so its SHA-256 is a complete key; each file also records the lorahub
 version that wrote it, and is recomputed when another version reads it. Computations run one at a
 time in a background thread (the gallery keeps answering meanwhile); two requests for the same result
-share one computation. When the home is not writable, results are kept in memory instead.
+share one computation. When the home is not writable (or ``persist=False``: a read-only gallery),
+new results are kept in memory instead.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ MEMORY_ITEMS = 64  # results kept in memory when the cache folder cannot be writ
 class Analyses:
     """Cached ``inspect``/``diff`` results of registry entries (see the module docs).
 
-    ``open_registry()`` returns a :class:`~lorahub.registry.Registry` usable in the calling thread.
+    ``open_registry()`` returns a :class:`~lorahub.registry.Registry` usable in the calling thread;
+    ``persist``: write new results to the cache folder (else keep them in memory).
     """
 
-    def __init__(self, home: Path, open_registry: Callable):
+    def __init__(self, home: Path, open_registry: Callable, *, persist: bool = True):
         self.root = Path(home) / CACHE_DIR
+        self.persist = persist
         self._open_registry = open_registry
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahub-analysis")
         self._jobs: dict[str, Future] = {}
@@ -61,14 +64,17 @@ class Analyses:
     def _store(self, kind: str, key: str, result: dict) -> None:
         from lorahub.fsutil import atomic_write_text
 
-        path = self._path(kind, key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"lorahub": __version__, "result": result}, default=str))
-        except (OSError, LorahubError):  # a read-only home: keep it in memory
-            self._memory[key] = result
-            while len(self._memory) > MEMORY_ITEMS:
-                self._memory.popitem(last=False)
+        if self.persist:
+            path = self._path(kind, key)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"lorahub": __version__, "result": result}, default=str))
+                return
+            except (OSError, LorahubError):  # a read-only home: keep it in memory
+                pass
+        self._memory[key] = result
+        while len(self._memory) > MEMORY_ITEMS:
+            self._memory.popitem(last=False)
 
     # ------------------------------------------------------------------ jobs
     def _submit(self, kind: str, key: str, compute: Callable[[], dict]) -> Future:

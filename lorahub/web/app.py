@@ -106,7 +106,8 @@ def _templates(guard: Guard) -> Jinja2Templates:
 def create_app(home: Path | str | None = None, *, read_only: bool = False, guard: Guard | None = None) -> Starlette:
     """The gallery application for the registry at ``home`` (default: ``$LORAHUB_HOME`` or ``~/.lorahub``).
 
-    ``read_only``: no page offers a change and every write is refused. ``guard``: the host check and
+    ``read_only``: no page offers a change, every write is refused, and nothing is written to the home
+    (heat maps and thumbnails are cached in memory only). ``guard``: the host check and
     CSRF settings (see :class:`~lorahub.web.security.Guard`; default: a server on 127.0.0.1).
     """
     from lorahub.registry.schema import default_home
@@ -116,8 +117,8 @@ def create_app(home: Path | str | None = None, *, read_only: bool = False, guard
     guard.read_only = read_only
     regs = Registries(home, read_only=read_only)
     regs.get()  # open (and, when writable, create/migrate) now: a bad home fails at start-up
-    images = Images(home, regs.get().store)
-    analyses = Analyses(home, regs.open)
+    images = Images(home, regs.get().store, persist=not read_only)
+    analyses = Analyses(home, regs.open, persist=not read_only)
     templates = _templates(guard)
     facet_cache = views.FacetCache()
 

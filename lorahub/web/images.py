@@ -10,7 +10,8 @@ and its declared type, whatever else the stored bytes may hold. Variants:
 * ``frame-N`` — frame N of an animation (the α slider of an entry page).
 
 Results are cached in ``<home>/cache/images/<sha256>-<variant>.<ext>`` (a stored file never
-changes, so its SHA-256 is a complete key); in memory when the home is not writable.
+changes, so its SHA-256 is a complete key); in memory when the home is not writable or
+``persist=False`` (a read-only gallery).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class Encoded:
 class Images:
     """Re-encoded previews of one registry home (see the module docs)."""
 
-    def __init__(self, home: Path, store):
+    def __init__(self, home: Path, store, *, persist: bool = True):
         self.root = Path(home) / CACHE_DIR / "images"
+        self.persist = persist
         self.store = store
         self._frames: dict[str, int] = {}
         self._memory: OrderedDict[str, Encoded] = OrderedDict()
@@ -131,12 +133,15 @@ class Images:
                 except OSError:
                     break
         enc = self._encode(sha256, variant)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.root / f"{key}.{enc.media_type.split('/')[1]}", enc.data)
-        except (OSError, LorahubError):  # a read-only home: keep it in memory
-            with self._lock:
-                self._memory[key] = enc
-                while len(self._memory) > MEMORY_ITEMS:
-                    self._memory.popitem(last=False)
+        if self.persist:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(self.root / f"{key}.{enc.media_type.split('/')[1]}", enc.data)
+                return enc
+            except (OSError, LorahubError):  # a read-only home: keep it in memory
+                pass
+        with self._lock:
+            self._memory[key] = enc
+            while len(self._memory) > MEMORY_ITEMS:
+                self._memory.popitem(last=False)
         return enc
