@@ -11,6 +11,8 @@ over the entries (one write transaction). The gallery is served in this process 
 on a free port, and pages are requested over HTTP; the server time of each page is read from its
 `Server-Timing` header (the time from the request reaching the application to the response start),
 median of --repeat requests after one warm-up request. Target: the gallery page < 300 ms.
+Start-up: the whole `python -m lorahub serve --port 0` process, from its start to the first gallery page
+answered (median of 3; target < 1 s), next to a `lorahub search` cold start on the same registry.
 
 Reference in the same process: `Registry.search()` of every entry (what `lorahub list` reads), which
 the gallery must not pay: a page reads only its own rows.
@@ -104,6 +106,31 @@ def server_ms(url: str) -> tuple[float, float, int]:
     return (float(m.group(1)) if m else float("nan")), wall, len(body)
 
 
+def startup_s(home: Path, env: dict) -> float:
+    """Seconds from starting `lorahub serve` to its first gallery page answered."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "lorahub", "serve", "--port", "0", "--home", str(home)],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        url = re.search(r"at (http://\S+)", p.stdout.readline()).group(1)
+        urllib.request.urlopen(url, timeout=60).read()
+        return time.perf_counter() - t0
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+def cold_search_s(home: Path, env: dict) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lorahub", "search", "zk00012", "--home", str(home)], env=env,
+                   capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=10_000)
@@ -152,6 +179,11 @@ def main() -> None:
                              runs[0][2]))
                 print(f"{label}: {rows[-1][2]:.1f} ms server, {rows[-1][3]:.1f} ms wall", file=sys.stderr)
             static = statistics.median(server_ms(base + "/static/style.css")[0] for _ in range(args.repeat))
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as after `pip install`: byte-code cached
+        startup_s(home, env)  # warm the OS caches
+        start = statistics.median(startup_s(home, env) for _ in range(3))
+        search_start = statistics.median(cold_search_s(home, env) for _ in range(3))
         load = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -175,6 +207,9 @@ Server time = the page's `Server-Timing` (request reaching the application → r
 |---|---|---|---|---|
 {table}
 | a static file (`/static/style.css`), the floor | {static:.1f} ms | | | |
+
+Start-up of `lorahub serve` (process start → first gallery page answered): {start:.2f} s (target < 1 s:
+{'met' if start < 1 else 'NOT met'}); a `lorahub search` cold start on the same registry: {search_start:.2f} s.
 
 Reference, same process: `Registry.search()` of all {n} entries (what `lorahub list` reads) {ref_ms:.1f} ms.
 Target: the gallery page in < 300 ms server time: {'met' if gallery_ms < 300 else 'NOT met'} ({gallery_ms:.1f} ms).

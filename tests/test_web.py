@@ -281,9 +281,9 @@ def test_a_file_that_cannot_be_inspected_says_why(web_home, gallery_server, tmp_
     import numpy as np
 
     # a kohya file whose factors disagree in rank: `add` takes it (header only), inspect refuses it
-    bad = save_tensors(tmp_path / "bad.safetensors", {
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": np.ones((4, 320), np.float16),
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": np.ones((320, 3), np.float16)})
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    bad = save_tensors(tmp_path / "bad.safetensors", {f"{key}.lora_down.weight": np.ones((4, 320), np.float16),
+                                                      f"{key}.lora_up.weight": np.ones((320, 3), np.float16)})
     with Registry.open(web_home) as reg:
         e, _ = reg.add_file(bad, name="mismatched")
     srv = gallery_server(web_home)
@@ -419,7 +419,9 @@ def test_host_check_and_security_headers(web_home, gallery_server):
     assert re.fullmatch(r"app;dur=[0-9.]+", hdrs["server-timing"])
     # the page's own scripts are files of the package: no inline script at all
     page = c.text("/")
-    assert re.findall(r"<script[^>]*>", page) == [f'<script src="/static/app.js?v={__import__("lorahub").__version__}" defer>']
+    from lorahub import __version__
+
+    assert re.findall(r"<script[^>]*>", page) == [f'<script src="/static/app.js?v={__version__}" defer>']
 
 
 def test_images_are_reencoded_from_the_store_by_id(web_home, gallery_server, png_bytes, tmp_path):
@@ -596,7 +598,8 @@ def test_wheel_ships_the_templates_and_static_files(tmp_path):
     (wheel,) = out.glob("lorahub-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     web = REPO / "lorahub" / "web"
-    files = sorted(p.relative_to(REPO).as_posix() for p in web.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = sorted(p.relative_to(REPO).as_posix() for p in web.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
     assert any(f.endswith(".html") for f in files) and any(f.endswith(".js") for f in files)
     assert set(files) <= names
 

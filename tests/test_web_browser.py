@@ -26,7 +26,8 @@ def browser():
     if not CHROMIUM.exists():
         if os.environ.get("LORAHUB_REQUIRE_BROWSER"):
             pytest.fail("the browser tests must run here, but /usr/bin/chromium is missing (apt-get install chromium)")
-        pytest.skip("no /usr/bin/chromium: the browser tests drive Debian's chromium package (apt-get install chromium)")
+        pytest.skip("no /usr/bin/chromium: the browser tests drive Debian's chromium package "
+                    "(apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -170,8 +171,9 @@ def test_alpha_slider_scrubs_the_sweep_frames(web_home, gallery_server, page):
     for i in range(1, len(alphas)):
         slider.focus()
         page.keyboard.press("ArrowRight")  # the keyboard moves the slider as a drag does
-        page.wait_for_function("i => { const f = document.querySelector('.scrub img.frame'); return f.dataset.frame === "
-                               "String(i) && f.complete && f.naturalWidth > 0 && f.currentSrc.endsWith('/frame/' + i); }",
+        page.wait_for_function("i => { const f = document.querySelector('.scrub img.frame'); "
+                               "return f.dataset.frame === String(i) && f.complete && f.naturalWidth > 0 "
+                               "&& f.currentSrc.endsWith('/frame/' + i); }",
                                arg=i)
         assert label.inner_text() == f"α = {alphas[i]:g}"
         seen.append(frame.screenshot())

@@ -109,7 +109,8 @@ class Images:
             except (OSError, ValueError, EOFError):
                 raise LorahubError("the stored preview is not a readable image") from None
         if variant == "thumb":
-            out.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS if min(out.size) > THUMB else Image.Resampling.NEAREST)
+            small = min(out.size) <= THUMB  # tiny renders stay sharp
+            out.thumbnail((THUMB, THUMB), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         out.save(buf, format="PNG", optimize=False)
         return Encoded(buf.getvalue(), "image/png")

@@ -135,8 +135,10 @@ class GuardMiddleware:
                 hdrs = list(message.get("headers", []))
                 names = {k.lower() for k, _ in hdrs}
                 hdrs += [(k, v) for k, v in HEADERS if k not in names]
+                # pages are always fresh; the page's own files (versioned URLs) are kept an hour
                 if b"cache-control" not in names:
-                    hdrs.append((b"cache-control", b"no-store"))
+                    static = scope["path"].startswith("/static/")
+                    hdrs.append((b"cache-control", b"max-age=3600" if static else b"no-store"))
                 if new:
                     hdrs.append((b"set-cookie", f"{self.guard.cookie}={session}; Path=/; HttpOnly; "
                                                 "SameSite=Strict".encode()))

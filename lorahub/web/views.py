@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 
 from lorahub.registry import queries
 from lorahub.registry.queries import rank_text
-from lorahub.vocab import BASES, LORA_TYPES
+from lorahub.vocab import BASES, LORA_SUFFIXES, LORA_TYPES
 
 PAGE_SIZE = 48
 MAX_QUERY = 200            # characters of a search kept
@@ -86,9 +86,9 @@ class GalleryQuery:
         q = replace(self, **changes)
         if "page" not in changes:
             q = replace(q, page=1)
-        items = [(f.name, getattr(q, f.name)) for f in fields(q)]
-        return "/" + ("?" + urlencode([(k, v) for k, v in items if v and not (k == "page" and v == 1)])
-                      if any(v and not (k == "page" and v == 1) for k, v in items) else "")
+        pairs = [(f.name, getattr(q, f.name)) for f in fields(q)]
+        pairs = [(k, v) for k, v in pairs if v and not (k == "page" and v == 1)]
+        return "/?" + urlencode(pairs) if pairs else "/"
 
     def search_args(self) -> dict:
         return {"type": self.type or None, "base": self.base or None, "kind": self.kind or None,
@@ -138,7 +138,8 @@ def covers(conn, entry_ids: list[str]) -> dict[str, int]:
     marks = ",".join("?" * len(entry_ids))
     out: dict[str, int] = {}
     for r in conn.execute(f"SELECT entry_id, seq FROM previews WHERE entry_id IN ({marks}) "
-                          "ORDER BY entry_id, CASE kind WHEN 'animation' THEN 1 WHEN 'grid' THEN 2 ELSE 0 END, seq DESC",
+                          "ORDER BY entry_id, CASE kind WHEN 'animation' THEN 1 WHEN 'grid' THEN 2 ELSE 0 END, "
+                          "seq DESC",
                           entry_ids):
         out.setdefault(r["entry_id"], r["seq"])
     return out
@@ -275,7 +276,7 @@ def _clip(s: str, n: int) -> str:
 
 
 def preview_params(params: dict) -> list[tuple[str, str]]:
-    """A preview's parameters as (name, text) rows; LoRAs as ``name (id)`` lists."""
+    """A preview's parameters as (name, text) rows (LoRAs as ``name α=strength``, lists joined)."""
     rows = []
     for k, v in (params or {}).items():
         if k == "loras" and isinstance(v, list):
@@ -316,7 +317,7 @@ def lora_tag(entry: dict) -> str | None:
     if entry["kind"] in ("textual-inversion", "checkpoint"):
         return None
     stem = PurePosixPath(str(entry.get("file_name") or entry["name"]).replace("\\", "/")).name
-    for suffix in (".safetensors", ".pt", ".pth", ".ckpt", ".bin"):
+    for suffix in LORA_SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
