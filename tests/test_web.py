@@ -131,6 +131,24 @@ def test_paging_walks_the_search_order_without_gaps(web_home, gallery_server, mo
     assert card_ids(c.text("/?" + urlencode({"q": q, "sort": sort, "page": 999}))) == expected[(pages - 1) * 4:]
 
 
+def test_filter_menus_count_what_the_filters_find(web_home):
+    with Registry.open(web_home) as reg:
+        e = reg.search(None)[0]
+        reg.change_tags(e["id"], add=["STYLE"])
+        reg.change_tags(reg.search(None)[1]["id"], add=["style"])
+        reg.update(e["id"], type="style")
+        f = views.facets(reg.conn)
+        assert [n for _, n in f.bases] == sorted((n for _, n in f.bases), reverse=True)
+        for items, arg in ((f.types, "type"), (f.bases, "base"), (f.kinds, "kind")):
+            assert sum(n for _, n in items) == reg.count() - (sum(x["type"] is None for x in reg.search(None))
+                                                               if arg == "type" else 0)
+            for value, n in items:
+                assert queries.search_count(reg.conn, None, **{arg: value}) == n, (arg, value)
+        assert ("STYLE", 2) in f.tags and not any(t == "style" for t, _ in f.tags)  # one entry, any case
+        for tag, n in f.tags:
+            assert queries.search_count(reg.conn, None, tags=[tag]) == n, tag
+
+
 def test_registry_search_pages_and_counts(web_home):
     """The registry's paged search (order/offset) is the full search, sliced; search_count its length."""
     with Registry.open(web_home) as reg:

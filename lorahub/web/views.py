@@ -17,6 +17,7 @@ import json
 import math
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from typing import Callable, Mapping
@@ -146,16 +147,34 @@ def covers(conn, entry_ids: list[str]) -> dict[str, int]:
 
 
 def facets(conn, *, max_tags: int = 200) -> Facets:
-    """Types, bases, kinds and the most used tags in the registry, with their counts."""
-    def counts(col: str) -> list[tuple[str, int]]:
-        return [(r[0], r[1]) for r in conn.execute(
-            f"SELECT {col}, count(*) FROM entries WHERE {col} IS NOT NULL AND {col} != '' "
-            f"GROUP BY {col} ORDER BY count(*) DESC, {col}")]
+    """Types, bases, kinds and the most used tags in the registry, with their counts (one pass over the
+    catalogue; tags grouped case-insensitively, as the tag filter matches them)."""
+    types: Counter = Counter()
+    bases: Counter = Counter()
+    kinds: Counter = Counter()
+    tags: Counter = Counter()
+    spelling: dict[str, str] = {}
+    cur = conn.cursor()
+    cur.row_factory = None  # plain tuples: this loop runs once per distinct combination
+    for typ, base, kind, raw, n in cur.execute(
+            "SELECT type, base, kind, tags, count(*) FROM entries GROUP BY type, base, kind, tags"):
+        types[typ] += n
+        bases[base] += n
+        kinds[kind] += n
+        try:
+            words = json.loads(raw) if raw else []
+        except ValueError:
+            words = []
+        for key, word in {w.casefold(): w for w in words if isinstance(w, str) and w}.items():
+            tags[key] += n
+            spelling[key] = min(spelling.get(key, word), word)
 
-    tags = [(r[0], r[1]) for r in conn.execute(
-        "SELECT min(j.value), count(*) FROM entries e, json_each(e.tags) j WHERE j.type = 'text' "
-        "GROUP BY j.value COLLATE NOCASE ORDER BY count(*) DESC, min(j.value) LIMIT ?", (max_tags,))]
-    return Facets(types=counts("type"), bases=counts("base"), kinds=counts("kind"), tags=tags)
+    def ranked(c: Counter, names=None) -> list[tuple[str, int]]:
+        items = [((names or {}).get(k, k), n) for k, n in c.items() if k]
+        return sorted(items, key=lambda kv: (-kv[1], kv[0]))
+
+    return Facets(types=ranked(types), bases=ranked(bases), kinds=ranked(kinds),
+                  tags=ranked(tags, spelling)[:max_tags])
 
 
 class FacetCache:
