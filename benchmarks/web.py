@@ -217,9 +217,10 @@ Target: the gallery page in < 300 ms server time: {'met' if gallery_ms < 300 els
 Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs
 (the machine is shared with other jobs: timings are noisy).
 
-A page runs three queries: the count of matching entries, one page of 48 rows (SQLite `LIMIT/OFFSET` on the
-same full-text search and filters as `lorahub search`) and the filter menus (types, bases, kinds, top tags
-with counts); card covers are thumbnails re-encoded once and cached in the home.
+A page runs the count of matching entries and one page of 48 rows (the same full-text search and filters
+as `lorahub search`; the sort runs over entry ids only, then the page's 48 rows are read); the filter menus
+(types, bases, kinds, top tags with counts: one grouped pass over the catalogue) are computed again only
+after the catalogue changed; card covers are thumbnails re-encoded once and cached in the home.
 """
     print(md)
     if args.out:
