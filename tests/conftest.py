@@ -190,6 +190,81 @@ def hub_online(hub, tmp_path, monkeypatch):
     return SimpleNamespace(endpoint=hub.url, token_env="LORAHUB_TEST_TOKEN", cache=cache, hub=hub)
 
 
+# ---------------------------------------------------------------------------------------- web gallery
+# A name, trigger and metadata an attacker could put in a LoRA file (no "/" in the name: names are
+# file-name-like; the slashes go in the other fields).
+HOSTILE = {
+    "name": "<script>alert(1)<img src=x onerror=alert(2)>[link=x]y[bold]z",
+    "trigger": "\"><script>alert(3)</script>",
+    "description": "[link=file:///etc/passwd]click[/link] <iframe src=javascript:alert(4)>",
+    "title": "<svg onload=alert(5)>",
+}
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory) -> Path:
+    """The registry home `lorahub demo` builds (tiny LoRAs of every dialect, a conversion and a merge
+    with their lineage, an α sweep grid and animation as previews). Built once per test session and
+    shared by the xdist workers; never change it: copy it (``web_home``)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder per session
+    home = root / "demo-registry"
+    with open(root / "demo-registry.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "demo-complete").is_file():
+            shutil.rmtree(home, ignore_errors=True)
+            r = run_cli("demo", "--home", str(home), timeout=900, env={"NO_COLOR": "1"})
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            (home / "demo-complete").write_text(r.stdout)
+    return home
+
+
+@pytest.fixture
+def web_home(demo_registry, tmp_path) -> Path:
+    """A copy of the demo registry for one test (no cached heat maps or thumbnails)."""
+    import shutil
+
+    home = tmp_path / "gallery-home"
+    shutil.copytree(demo_registry, home, ignore=shutil.ignore_patterns("demo-outputs", "demo-complete", "cache"))
+    return home
+
+
+@pytest.fixture
+def hostile_entry(web_home, tmp_path) -> dict:
+    """An entry of ``web_home`` whose name, trigger, description and metadata are markup (see HOSTILE)."""
+    from lorahub.registry import Registry
+    from lorahub.tiny_loras import kohya_file
+
+    f = kohya_file(tmp_path / "hostile.safetensors", seed=7,
+                   meta={"modelspec.title": HOSTILE["title"], "ss_training_comment": HOSTILE["description"]})
+    with Registry.open(web_home) as reg:
+        entry, created = reg.add_file(f, name=HOSTILE["name"], triggers=[HOSTILE["trigger"]],
+                                      description=HOSTILE["description"], tags=["hostile"])
+    assert created and entry["name"] == HOSTILE["name"]
+    return {**HOSTILE, "id": entry["id"]}
+
+
+@pytest.fixture
+def gallery_server():
+    """`gallery_server(home, read_only=False)`: a `lorahub serve` of ``home`` running in this process on a
+    free port (``.url``, ``.app``); stopped after the test."""
+    from lorahub.web.server import GalleryServer
+
+    started = []
+
+    def _start(home: Path, **kw):
+        srv = GalleryServer.bind(home, port=0, **kw).start()
+        started.append(srv)
+        return srv
+
+    yield _start
+    for srv in started:
+        srv.stop()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "train",     # train captions
     "hub",       # push pull
     "admin",     # backup restore
+    "serve",     # serve
 )
 
 
@@ -54,6 +55,7 @@ COMMAND_INDEX = {
     "train": "train", "captions": "train",
     "push": "hub", "pull": "hub",
     "backup": "admin", "restore": "admin",
+    "serve": "serve",
 }
 
 

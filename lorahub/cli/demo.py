@@ -61,3 +61,4 @@ def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
             con.print(styled(("$ lorahub " + " ".join(args), "bold")))
             app(args=args + ["--home", str(home)], prog_name="lorahub", standalone_mode=False)
     con.print(f"done in {time.perf_counter() - t0:.1f} s; try: lorahub list --home {home}")
+    con.print(f"look at it in a browser: lorahub serve --home {home}", highlight=False)

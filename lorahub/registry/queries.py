@@ -126,18 +126,26 @@ def fts_query(query: str) -> str | None:
     return " AND ".join(f'"{w}"*' for w in words)
 
 
-def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
-           base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
-           rank_min: int | None = None, rank_max: int | None = None, format: str | None = None,
-           limit: int | None = None) -> list[dict]:
-    """Entries matching a full-text ``query`` (name, triggers, tags, description; every word as a
-    prefix; a hash prefix finds its entry too) and the filters, best match first."""
+# How a search can be sorted besides best match first (``order=None``): name, newest first, largest
+# file first, highest rank first.
+SEARCH_ORDERS = {
+    "name": "e.name COLLATE NOCASE",
+    "added": "e.added_at DESC, e.name COLLATE NOCASE",
+    "size": "e.size DESC, e.name COLLATE NOCASE",
+    "rank": "coalesce(e.rank_max, e.rank) DESC NULLS LAST, e.name COLLATE NOCASE",
+}
+
+
+def _matching(query: str | None, *, type: str | None, base: str | None, tags: Iterable[str], kind: str | None,
+              rank_min: int | None, rank_max: int | None, format: str | None) -> tuple[str, list, str] | None:
+    """``FROM ... WHERE ...`` of the entries a search matches, its arguments and its best-match order;
+    None when the query has no word to look for (nothing matches)."""
     where, args = [], []
     join = ""
     order = "e.name COLLATE NOCASE"
     fts = fts_query(query) if query else None
     if query and fts is None:
-        return []
+        return None
     if fts:
         join = ("LEFT JOIN (SELECT entry_id, bm25(entries_fts, 0, 10.0, 5.0, 5.0, 1.0) AS score FROM entries_fts "
                 "WHERE entries_fts MATCH ?) f ON f.entry_id = e.id")
@@ -166,14 +174,52 @@ def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | No
     if rank_max is not None:
         where.append("coalesce(e.rank_min, e.rank) <= ?")
         args.append(rank_max)
-    sql = f"SELECT e.* FROM entries e {join}"
+    sql = f"FROM entries e {join}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {order}"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
+    return sql, args, order
+
+
+def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
+           base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
+           rank_min: int | None = None, rank_max: int | None = None, format: str | None = None,
+           limit: int | None = None, offset: int = 0, order: str | None = None) -> list[dict]:
+    """Entries matching a full-text ``query`` (name, triggers, tags, description; every word as a
+    prefix; a hash prefix finds its entry too) and the filters, best match first (by name without a
+    query), or in one of the ``SEARCH_ORDERS``; ``limit`` entries from the ``offset``-th on."""
+    if order is not None and order not in SEARCH_ORDERS:
+        raise LorahubError(f"unknown order {order!r}; choose one of {', '.join(SEARCH_ORDERS)}")
+    found = _matching(query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min, rank_max=rank_max,
+                      format=format)
+    if found is None:
+        return []
+    sql, args, best = found
+    order_by = f"ORDER BY {SEARCH_ORDERS[order] if order else best}"
     try:
-        return [decode(r) for r in conn.execute(sql, args)]
+        if not limit:
+            return [decode(r) for r in conn.execute(f"SELECT e.* {sql} {order_by}", args)]
+        # one page: sort the ids only, then read the page's rows (whole rows, with their metadata,
+        # would all go through the sorter)
+        ids = [r[0] for r in conn.execute(f"SELECT e.id {sql} {order_by} LIMIT {int(limit)} OFFSET {int(offset)}",
+                                          args)]
+        rows = {r["id"]: r for r in conn.execute(f"SELECT * FROM entries WHERE id IN ({','.join('?' * len(ids))})",
+                                                 ids)}
+        return [decode(rows[i]) for i in ids if i in rows]
+    except sqlite3.OperationalError as exc:
+        raise LorahubError(f"bad search query {query!r} ({exc})") from None
+
+
+def search_count(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
+                 base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
+                 rank_min: int | None = None, rank_max: int | None = None, format: str | None = None) -> int:
+    """How many entries :func:`search` finds with the same query and filters."""
+    found = _matching(query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min, rank_max=rank_max,
+                      format=format)
+    if found is None:
+        return 0
+    sql, args, _ = found
+    try:
+        return conn.execute(f"SELECT count(*) {sql}", args).fetchone()[0]
     except sqlite3.OperationalError as exc:
         raise LorahubError(f"bad search query {query!r} ({exc})") from None
 
