@@ -134,10 +134,11 @@ class Registry:
 
     def search(self, query: str | None = None, *, type: str | None = None, base: str | None = None,
                tags: Iterable[str] = (), kind: str | None = None, rank_min: int | None = None,
-               rank_max: int | None = None, format: str | None = None, limit: int | None = None) -> list[dict]:
+               rank_max: int | None = None, format: str | None = None, limit: int | None = None,
+               base_model: str | None = None) -> list[dict]:
         """Entries matching a full-text ``query`` (name, triggers, tags, description) and filters."""
         return queries.search(self.conn, query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min,
-                              rank_max=rank_max, format=format, limit=limit)
+                              rank_max=rank_max, format=format, limit=limit, base_model=base_model)
 
     def dupes(self) -> list[list[dict]]:
         """Groups of entries with the same tensors (same AutoV3) under other names or metadata."""

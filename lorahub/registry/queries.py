@@ -17,7 +17,7 @@ from lorahub.errors import Ambiguous, LorahubError, NotFound
 HASH_COLUMNS = ("sha256", "autov3", "blake3", "autov2", "autov1", "crc32")
 JSON_COLUMNS = {"parts": list, "tokens": list, "triggers": list, "tags": list, "metadata": dict, "extra": dict}
 # what `list`/`search --json` print of an entry, and the columns of their table
-SHORT_KEYS = ("id", "name", "kind", "format", "base", "rank", "rank_min", "rank_max", "alpha", "type", "triggers",
+SHORT_KEYS = ("id", "name", "kind", "format", "base", "base_model", "rank", "rank_min", "rank_max", "alpha", "type", "triggers",
               "tags", "size", "sha256", "autov2", "autov3", "file_name")
 MAX_ANCESTRY_DEPTH = 8
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -129,7 +129,7 @@ def fts_query(query: str) -> str | None:
 def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
            base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
            rank_min: int | None = None, rank_max: int | None = None, format: str | None = None,
-           limit: int | None = None) -> list[dict]:
+           limit: int | None = None, base_model: str | None = None) -> list[dict]:
     """Entries matching a full-text ``query`` (name, triggers, tags, description; every word as a
     prefix; a hash prefix finds its entry too) and the filters, best match first."""
     where, args = [], []
@@ -156,6 +156,9 @@ def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | No
         if value:
             where.append(f"e.{col} = ?")
             args.append(value)
+    if base_model:
+        where.append("e.base_model = ? COLLATE NOCASE")
+        args.append(base_model.strip())
     for t in tags:
         where.append("EXISTS (SELECT 1 FROM json_each(e.tags) WHERE value = ? COLLATE NOCASE)")
         args.append(t)
