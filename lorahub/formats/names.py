@@ -827,8 +827,13 @@ def map_kohya(shapes: dict[str, tuple[int, ...] | None], *, arch=None, base_hint
         _, name, missing, misfit, found = best
         out = {k: found.get(k) or keep(k) for k in shapes}
         return KohyaMap(a, out, _kept_notes(name, missing, misfit, "the closest known model"))
-    note = (f"{len(shapes)} layer(s) kept under their kohya names: {_no_match(best)}; a base model maps them "
-            "to module paths")
+    if base_hint not in (None, "unknown", "sd1", "sd2", "sdxl"):
+        note = (f"{len(shapes)} layer(s) kept under their kohya names: kohya files of {base_hint} name modules "
+                "in the family's original layout, which has no map to module paths here (factor operations "
+                "need none)")
+    else:
+        note = (f"{len(shapes)} layer(s) kept under their kohya names: {_no_match(best)}; a base model maps "
+                "them to module paths")
     return KohyaMap(None, {k: keep(k) for k in shapes}, [note])
 
 
@@ -882,6 +887,16 @@ def arch_for_writing(model) -> Arch | None:
     if not shapes:
         return None
     return match_arch(shapes, base_hint=model.base)[0]
+
+
+def default_dialect(model) -> str:
+    """The dialect a derived LoRA is written in when none is asked for: kohya, unless a layer has no
+    kohya name (a DiT transformer's, which its family names) — then diffusers."""
+    family = family_dialect(model.base)
+    if family is not None and family.write_kohya is not None:
+        return "kohya"
+    parts = model.parts()
+    return "kohya" if all(kohya_name(k, None, parts=parts) is not None for k in model.layers) else "diffusers"
 
 
 def _shape_ok(module_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
