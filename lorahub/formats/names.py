@@ -182,6 +182,7 @@ def _instantiate(spec: PartSpec):
 def _build(specs: dict[str, PartSpec]) -> dict:
     """Build every part on the meta device and list its modules (imports diffusers / transformers)."""
     import logging
+    import warnings
 
     import torch
 
@@ -194,7 +195,8 @@ def _build(specs: dict[str, PartSpec]) -> dict:
     try:
         for part, spec in specs.items():
             try:
-                with torch.device("meta"):
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # deprecation notices of the library's own classes
                     model = _instantiate(spec)
             except FormatError:
                 raise
