@@ -191,3 +191,18 @@ def test_conversions_that_keep_names_and_the_ones_that_need_a_map(files, tmp_pat
     rc, out, err = run("convert", files["fd1"], "--to", "kohya", "--out", tmp_path / "y.safetensors")
     assert rc == 2 and "no generic naming for the transformer of flux" in err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_diff_of_two_flux_kohya_files_compares_every_layer(files, run):
+    rc, out, err = run("diff", files["fk1"], files["fk2"], "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    n = len(flux_kohya_modules(kinds=FLUX_KINDS))
+    assert rep["summary"]["common"] == rep["summary"]["compared"] == n and rep["only_a"] == rep["only_b"] == []
+    per = {d["key"]: d for d in rep["per_layer"]}
+    ra, rb = sample(files["fk1"]), sample(files["fk2"])
+    for m in ra:
+        a, b = ra[m], rb[m]
+        d = per[key_of(m)]
+        assert d["cosine"] == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), abs=1e-6)
+        assert d["norm_ratio"] == pytest.approx(float(b.norm() / a.norm()), rel=1e-5)
