@@ -212,3 +212,32 @@ def test_catalogue_read_path_stays_light_with_the_new_filters(home, tmp_path, ru
                        env=dict(os.environ, LORAHUB_HOME=str(home)))
     assert "HEAVY:\n" in r.stderr, r.stderr
     assert '"base_model": "pony"' in r.stdout
+
+
+def test_full_flux_checkpoint_in_the_bfl_layout_is_detected_from_its_header(tmp_path):
+    """A single-file Flux.1 transformer (BFL names, no LoRA keys), written header-first as a sparse
+    file: detection reads the header only."""
+    import struct
+
+    from lorahub.formats.detect import detect
+
+    shapes = {}
+    for i in range(19):
+        shapes[f"double_blocks.{i}.img_attn.qkv.weight"] = [9216, 3072]
+        shapes[f"double_blocks.{i}.img_attn.qkv.bias"] = [9216]
+    for i in range(38):
+        shapes[f"single_blocks.{i}.linear1.weight"] = [21504, 3072]
+    header, off = {}, 0
+    for k, shp in shapes.items():
+        n = 2 * (shp[0] * (shp[1] if len(shp) > 1 else 1))
+        header[k] = {"dtype": "BF16", "shape": shp, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    p = tmp_path / "flux1-dev.safetensors"
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)  # sparse: no data written
+    d = detect(p)
+    assert (d.format, d.kind, d.base, d.parts) == ("checkpoint", "checkpoint", "flux", ["transformer"])
+    assert d.evidence[0].text() == "shapes: BFL-layout 19 double + 38 single blocks at width 3072 -> flux"

@@ -331,6 +331,8 @@ def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], 
         parts.append("text_encoder")
     if any(k.startswith("conditioner.embedders.1.") for k in tensors):
         parts.append("text_encoder_2")
+    if not parts and shapes is not None:  # a bare denoiser state dict (a DiT in its original layout, …)
+        parts.append("unet" if shapes.base in ("sd1", "sd2", "sdxl") else "transformer")
     d = Detection(format="checkpoint", kind="checkpoint", parts=parts, notes=notes, metadata=meta)
     _settle(d, shapes, meta, notes)
     d.n_layers = len(tensors)

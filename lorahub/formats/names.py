@@ -304,8 +304,8 @@ def derive_arch(specs: dict[str, PartSpec], *, name: str | None = None, family: 
         try:
             from lorahub.fsutil import atomic_write_text
 
-            atomic_write_text(cache, json.dumps(data))
-        except OSError:  # a read-only cache only costs speed
+            atomic_write_text(cache, json.dumps(data, default=str))
+        except (OSError, TypeError, ValueError):  # an unwritable cache only costs speed
             pass
     arch = _from_data(name, data)
     if family:
@@ -649,14 +649,20 @@ def kohya_name(name: str, arch: Arch | None, *, sgm: bool = True, parts=()) -> s
     An unmapped key gives its kohya name back verbatim. UNet names follow the SGM layout when ``arch``
     is an SDXL-style UNet (unless ``sgm=False``: some tools write diffusers paths), else the module path
     with dots -> underscores (kohya's rule, which needs no table). The first text encoder is
-    ``lora_te1_`` when there is a second one (in ``arch`` or in ``parts``), else ``lora_te_``."""
+    ``lora_te1_`` when there is a second one (in ``arch`` or in ``parts``), else ``lora_te_``; the second
+    ``lora_te2_``; a T5 encoder ``lora_te3_`` whichever part holds it (SD3 and Flux.1 alike)."""
     part, rest = split(name)
     if is_unmapped(name):
         return rest
     if part == "unet":
         if arch is not None and sgm and arch.kohya_unet_layout == "sgm":
-            rest = unet_to_sgm(rest, arch.unet_config)
+            try:
+                rest = unet_to_sgm(rest, arch.unet_config)
+            except FormatError:  # per-block layers_per_block: no SGM layout, kohya writes module paths
+                pass
         return "lora_unet_" + rest.replace(".", "_")
+    if part in TEXT_PARTS and arch is not None and arch.classes.get(part, "").startswith("T5"):
+        return "lora_te3_" + rest.replace(".", "_")  # kohya numbers T5 third (SD3 and Flux.1 alike)
     if part == "text_encoder":
         two = "text_encoder_2" in parts or (arch is not None and "text_encoder_2" in arch.parts)
         return ("lora_te1_" if two else "lora_te_") + rest.replace(".", "_")
