@@ -206,3 +206,33 @@ def test_diff_of_two_flux_kohya_files_compares_every_layer(files, run):
         d = per[key_of(m)]
         assert d["cosine"] == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), abs=1e-6)
         assert d["norm_ratio"] == pytest.approx(float(b.norm() / a.norm()), rel=1e-5)
+
+
+def test_a_family_plugs_its_own_kohya_reader_and_writer_in(files, tmp_path):
+    """The hook a family with its own kohya layout uses (Flux.1's BFL names): files detected as that
+    family are read, and its LoRAs written, through it; removing it restores the generic rule."""
+    from lorahub.formats import kohya, names
+    from lorahub.formats.io import load_lora, save_lora
+
+    seen = []
+
+    def read(tensors, metadata, name):
+        seen.append(("read", name))
+        m = kohya.read(tensors, metadata, name=name)  # the generic reader, then the family's own renaming
+        m.layers = {"transformer.renamed." + k.split(".", 1)[1]: v for k, v in m.layers.items()}
+        return m
+
+    def write(model, dtype):
+        seen.append(("write", len(model.layers)))
+        return {"only": torch.zeros(1)}, {}
+
+    names.register_family_dialect("flux", names.FamilyDialect(read_kohya=read, write_kohya=write))
+    try:
+        m = load_lora(files["fk1"])
+        assert m.base == "flux" and all(k.startswith("transformer.renamed.lora_unet_") for k in m.layers)
+        assert names.default_dialect(m) == "kohya"
+        save_lora(m, tmp_path / "w.safetensors", dialect="kohya")
+        assert seen == [("read", "flux-kohya-1.safetensors"), ("write", len(m.layers))]
+    finally:
+        names.register_family_dialect("flux", None)
+    assert all(k.startswith("unet.lora_unet_") for k in load_lora(files["fk1"]).layers)

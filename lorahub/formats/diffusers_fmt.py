@@ -168,8 +168,6 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
             if arch_obj is not None:
                 cmap = cand
                 break
-        if arch_obj is None and not prefixed and len(candidates) > 1:
-            note = f"unprefixed keys: read as {names.split(next(iter(cmap.values())))[0]} modules"
 
     configs = _part_configs(adapter_meta, prefixed)
     no_alpha = set(info.get("no_alpha", []))
@@ -177,8 +175,9 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
     known = arch_obj is not None and arch_obj.family != "unknown"
     model = LoraModel(metadata=meta, source_format=fmt, base=arch_obj.family if known else (base_hint or "unknown"),
                       arch=arch_obj.name if arch_obj else "unknown")
-    if arch_obj is None and not prefixed and len(candidates) > 1:
-        model.notes.append(note)
+    if arch_obj is None and not prefixed and len(candidates) > 1:  # no module list told the parts apart
+        model.notes.append(f"unprefixed keys: read as {names.split(next(iter(cmap.values())))[0]} modules "
+                           "(no known model holds them)")
     if info.get("kohya_unet_layout"):
         model.extra["kohya_unet_layout"] = info["kohya_unet_layout"]
     for mod, f in groups.items():

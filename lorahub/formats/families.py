@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from lorahub.errors import LorahubError
-from lorahub.vocab import BASES, FAMILIES, OTHER_BASE
+from lorahub.vocab import BASES, OTHER_BASE
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9.+\-]{0,62}$")
 
@@ -228,21 +228,30 @@ class LayerShape:
     name: str
     out: int | None
     inp: int | None
+    flat: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "flat", _flat(self.name))
+
+
+_SEPARATORS = str.maketrans({".": "_", ":": "_"})
 
 
 def _flat(name: str) -> str:
     """Name with every separator as '_' (kohya's flattening), for patterns that fit every dialect."""
-    return re.sub(r"[.:]", "_", name.lower())
+    return name.lower().translate(_SEPARATORS)
 
 
 def _max_index(names: list[str], rx: str) -> int:
-    idx = [int(m[1]) for n in names for m in [re.search(rx, n)] if m]
+    pat = re.compile(rx)
+    idx = [int(m[1]) for n in names for m in [pat.search(n)] if m]
     return max(idx) + 1 if idx else 0
 
 
 def _width(layers: list[LayerShape], rx: str) -> int | None:
     """The most common in-features of the layers whose flattened name matches ``rx``."""
-    c = Counter(x.inp for x in layers if x.inp and re.search(rx, _flat(x.name)))
+    pat = re.compile(rx)
+    c = Counter(x.inp for x in layers if x.inp and pat.search(x.flat))
     return c.most_common(1)[0][0] if c else None
 
 
@@ -260,7 +269,7 @@ def from_layers(layers: Iterable[LayerShape]) -> Evidence | None:
     """The family the adapted modules and their shapes point at (None when they point nowhere)."""
     layers = list(layers)
     den = [x for x in layers if _denoiser(x)]
-    names = [_flat(x.name) for x in den]
+    names = [x.flat for x in den]
     joined = "\n".join(names)
 
     def ev(base, detail, bm=None, also=()):
@@ -379,9 +388,12 @@ def _sd3_variant(n: int, w: int | None, attn2: bool) -> str | None:
     return None
 
 
+_CROSS = re.compile(r"attn2_(?:processor_)?to_[kv](?:_|$)")
+
+
 def _cross_width(layers: list[LayerShape]) -> int | None:
     """In-features of the cross-attention to_k/to_v layers (768 sd1, 1024 sd2, 2048 sdxl)."""
-    c = Counter(x.inp for x in layers if x.inp and re.search(r"attn2_(?:processor_)?to_[kv](?:_|$)", _flat(x.name)))
+    c = Counter(x.inp for x in layers if x.inp and _CROSS.search(x.flat))
     return c.most_common(1)[0][0] if c else None
 
 
@@ -427,8 +439,3 @@ def family_of_unet_config(cfg: dict) -> str:
     if cfg.get("addition_embed_type") in (None, "") and cfg.get("cross_attention_dim") in (768, 1024):
         return _UNET_WIDTHS[cfg["cross_attention_dim"]]
     return "unknown"
-
-
-def known(base: str) -> bool:
-    """True for a family lorahub has module tables for (the ``FAMILIES`` of :mod:`lorahub.vocab`)."""
-    return base in FAMILIES

@@ -96,6 +96,8 @@ def load_lora(path: str | os.PathLike, *, arch=None) -> LoraModel:
             model.base = det.base
     else:
         raise FormatError(f"{name}: format {det.format!r} cannot be loaded")
+    if model.base == "unknown" and hint:  # the reader could not tell: the detected family holds
+        model.base = hint
     return model
 
 

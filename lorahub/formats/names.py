@@ -629,9 +629,13 @@ class FamilyDialect:
 _FAMILY_DIALECTS: dict[str, FamilyDialect] = {}
 
 
-def register_family_dialect(family: str, dialect: FamilyDialect) -> None:
-    """Install ``dialect`` for LoRAs of ``family`` (sd3, flux, other:…)."""
-    _FAMILY_DIALECTS[family] = dialect
+def register_family_dialect(family: str, dialect: FamilyDialect | None) -> None:
+    """Install ``dialect`` for LoRAs of ``family`` (sd3, flux, other:…); None removes it. kohya files
+    detected as ``family`` are then read, and LoRAs of ``family`` written, through it."""
+    if dialect is None:
+        _FAMILY_DIALECTS.pop(family, None)
+    else:
+        _FAMILY_DIALECTS[family] = dialect
 
 
 def family_dialect(family: str | None) -> FamilyDialect | None:
