@@ -7,16 +7,22 @@ accepts plain tensor dictionaries (see :mod:`lorahub.formats.pickle_safe`).
 
 Dialects recognised (facts in ``FORMATS.md``):
 
-* kohya / webui: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` with
+* kohya / webui: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` / ``lora_te3_…`` with
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``.lora_mid.weight`` for Tucker LoCon);
 * LyCORIS in the same naming: ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff`` (full), ``dora_scale``;
-* diffusers: ``unet.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` with ``lora_A``/``lora_B``, the
-  older ``.lora.down``/``.lora.up`` and attn-processor ``to_q_lora.down`` forms;
+* diffusers: ``unet.…`` / ``transformer.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` / ``text_encoder_3.…``
+  with ``lora_A``/``lora_B``, the older ``.lora.down``/``.lora.up`` and attn-processor ``to_q_lora.down``
+  forms;
 * peft: the same without a part prefix (or with ``base_model.model.``);
 * cloneofsimo: ``<model>:<i>:up`` / ``<model>:<i>:down`` (+ ``<embed>`` tokens);
 * textual inversion: ``emb_params``, ``clip_l``/``clip_g``, diffusers ``{token: (n, d)}``, webui
   ``.pt`` ``string_to_param``;
-* single-file Stable Diffusion checkpoints (``model.diffusion_model.…``).
+* single-file Stable Diffusion checkpoints (``model.diffusion_model.…``) and bare DiT state dicts (Flux.1
+  in the BFL layout, …).
+
+The base family comes from the adapted modules' names and shapes first, then the header metadata
+(:mod:`lorahub.formats.families`): ``Detection.base``, ``.base_model`` (``pony``, ``flux-1-dev``, …) and
+``.evidence`` (what said so); a disagreement is a note, and the shapes win.
 """
 
 from __future__ import annotations
