@@ -177,7 +177,10 @@ def test_conversions_that_keep_names_and_the_ones_that_need_a_map(files, tmp_pat
     # kohya -> kohya: the BFL names and factors come back bit for bit
     rc, out, err = run("convert", files["fk1"], "--to", "kohya", "--out", tmp_path / "k.safetensors", "--json")
     assert rc == 0, err
-    assert json.loads(out)["unmapped"] == len(flux_kohya_modules(kinds=FLUX_KINDS)) == 114
+    res = json.loads(out)
+    assert res["unmapped"] == len(flux_kohya_modules(kinds=FLUX_KINDS)) == 114
+    assert "unet.lora_unet_double_blocks_0_img_attn_qkv" in res["unmapped_layers"]
+    assert any("kohya files of flux name modules in the family's original layout" in n for n in res["notes"])
     a, b = load_file(str(files["fk1"])), load_file(str(tmp_path / "k.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # diffusers -> peft -> diffusers, no table

@@ -31,13 +31,13 @@ class ConvertResult(Written):
     embeddings: list[str] = field(default_factory=list)
     dropped_embeddings: list[str] = field(default_factory=list)
     dtype: str | None = None      # None: the input's own
-    unmapped: int = 0             # layers kept under their kohya names (no module list mapped them)
+    unmapped_layers: list[str] = field(default_factory=list)  # kept under their kohya names: no module list maps them
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"input": str(self.input), "output": str(self.out), "from": self.source_format,
                 "to": self.dialect, "kind": self.kind, "base": self.base, "arch": self.arch, "layers": self.layers,
-                "unmapped": self.unmapped, "notes": self.notes,
+                "unmapped": len(self.unmapped_layers), "unmapped_layers": self.unmapped_layers, "notes": self.notes,
                 "embeddings": self.embeddings, "dropped_embeddings": self.dropped_embeddings,
                 "dtype": self.dtype or "unchanged",
                 "registered": {"id": self.entry["id"], "created": self.created} if self.entry else None}
@@ -101,7 +101,7 @@ def convert(lora: str | os.PathLike, dialect: str, *, out: str | os.PathLike | N
         res = ConvertResult(input=src.path, out=Path(path), source_format=det.format, dialect=dialect,
                             kind=model.kind, base=model.base, arch=model.arch, layers=len(model.layers),
                             embeddings=list(model.embeddings), dropped_embeddings=dropped, dtype=dtype,
-                            unmapped=len(unmapped(model.layers)), notes=list(model.notes))
+                            unmapped_layers=unmapped(model.layers), notes=list(model.notes))
         if register:
             entry = src.entry or {}
             res.entry, res.created = register_derived(
