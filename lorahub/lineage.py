@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 
 from lorahub.errors import LorahubError
-from lorahub.vocab import FAMILIES, RELATIONS
+from lorahub.formats.families import is_family
+from lorahub.vocab import RELATIONS
 
 
 @dataclass
@@ -35,7 +36,7 @@ def register_derived(registry, path: str | os.PathLike, *, relation: str, parent
 
     ``relation``: one of :data:`lorahub.vocab.RELATIONS`. ``detail``: facts shared by every parent,
     stored after each parent's own (``lorahub show`` prints the first few). ``base``: a family
-    (sd1 | sd2 | sdxl); anything else leaves the registry's own detection. Returns ``(entry, created)``;
+    (sd1 | sd2 | sdxl | sd3 | flux | other:<name>); anything else leaves the registry's own detection. Returns ``(entry, created)``;
     when the file was registered already without this relation, the lineage is added to it.
     """
     if relation not in RELATIONS:
@@ -45,7 +46,7 @@ def register_derived(registry, path: str | os.PathLike, *, relation: str, parent
         p = p if isinstance(p, Parent) else Parent(p)
         items.append({"relation": relation, "parent": p.ref, "detail": {**p.detail, **(detail or {})}})
     entry, created = registry.add_file(path, name=name, type=type, triggers=triggers or None, tags=tags or None,
-                                       base=base if base in FAMILIES else None, description=description,
+                                       base=base if is_family(base) else None, description=description,
                                        source=source, lineage=items, extra=extra, sidecars=sidecars)
     if not created and not any(r.get("relation") == relation for r in registry.lineage(entry["id"])):
         registry.add_lineage(entry["id"], items)

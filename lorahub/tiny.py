@@ -1,8 +1,14 @@
 """Tiny, deterministic Stable Diffusion-style pipelines built on CPU in seconds, for tests and the demo.
 
-``build_sd1(dest)`` and ``build_sdxl(dest)`` write diffusers folders (model_index.json, unet, vae,
-text_encoder(s), tokenizer(s), scheduler) made from the configs in ``lorahub/data/configs/tiny`` with fixed
-seeds: the same bytes on every run. ``ensure(kind)`` builds into a cache folder once and reuses it.
+``build(kind, dest)`` writes a diffusers folder (model_index.json, unet, vae, text_encoder(s),
+tokenizer(s), scheduler) made from the configs in ``lorahub/data/configs/tiny`` with fixed seeds: the same
+bytes on every run. ``ensure(kind)`` builds into a cache folder once and reuses it. Kinds:
+
+* ``sd1`` — an SD1-style UNet (``tiny-sd1``), one CLIP text encoder;
+* ``sdxl`` — an SDXL-style UNet with added time/text conditioning, two text encoders (``tiny-sdxl``);
+* ``odd`` — an SD-style pipeline whose UNet has a shape no built-in table holds (three blocks of widths
+  32/32/64, two layers per block, no mid block): "an architecture lorahub has never seen", for tests
+  of everything that must work from a model's own config.
 
 The tokenizer vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two special
 tokens, with no merges: every word is spelled out character by character. Nothing is downloaded.
@@ -96,13 +102,16 @@ def make_scheduler():
     return DDIMScheduler(**_config("scheduler"))
 
 
+KINDS = ("sd1", "sdxl", "odd")
+
+
 def make_pipeline(kind: str = "sd1"):
     """Build the tiny pipeline in memory (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
-    if kind == "sd1":
+    if kind in ("sd1", "odd"):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
-            unet=make_unet("sd1", 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
+            unet=make_unet(kind, 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
             tokenizer=make_tokenizer(), scheduler=make_scheduler(), safety_checker=None,
             feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     if kind == "sdxl":
@@ -112,7 +121,7 @@ def make_pipeline(kind: str = "sd1"):
             unet=make_unet("sdxl", 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
             text_encoder_2=make_text_encoder(3, with_projection=True), tokenizer=make_tokenizer(),
             tokenizer_2=make_tokenizer(), scheduler=make_scheduler(), force_zeros_for_empty_prompt=True)
-    raise ValueError(f"unknown tiny pipeline kind {kind!r} (sd1 or sdxl)")
+    raise ValueError(f"unknown tiny pipeline kind {kind!r} (one of {', '.join(KINDS)})")
 
 
 def build(kind: str, dest: os.PathLike | str, *, replace: bool = True) -> Path:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -216,6 +217,62 @@ def kohya_file(path: str | os.PathLike, *, rank: int = 4, seed: int = 0, meta: d
     t = kohya_tensors({SD1_CROSS_K: (320, width)}, rank=rank, alpha=rank / 2, seed=rng)
     t |= kohya_tensors({SD1_SELF_Q: (320, 320)}, rank=r2, alpha=r2 / 2, seed=rng)
     return save_tensors(path, t, meta)
+
+
+# ==================================================================================================
+# LoRAs at the real shapes of DiT families (Flux.1, SD3): module lists, raw tensors
+# ==================================================================================================
+# kohya sd-scripts' Flux.1 names follow the BFL layout (facts in FORMATS.md): fused q/k/v, and in single
+# blocks q/k/v + MLP fused in linear1. (out, in) at width 3072.
+FLUX_DOUBLE = {"img_attn_qkv": (9216, 3072), "img_attn_proj": (3072, 3072), "img_mlp_0": (12288, 3072),
+               "img_mlp_2": (3072, 12288), "img_mod_lin": (18432, 3072),
+               "txt_attn_qkv": (9216, 3072), "txt_attn_proj": (3072, 3072), "txt_mlp_0": (12288, 3072),
+               "txt_mlp_2": (3072, 12288), "txt_mod_lin": (18432, 3072)}
+FLUX_SINGLE = {"linear1": (21504, 3072), "linear2": (3072, 15360), "modulation_lin": (9216, 3072)}
+ATTENTION = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "linear1", "linear2")
+
+
+def flux_kohya_modules(double: int = 19, single: int = 38, kinds: Sequence[str] = ATTENTION) -> dict[str, tuple]:
+    """``{kohya module name: (out, in)}`` of a Flux.1 LoRA in kohya's BFL naming
+    (``lora_unet_double_blocks_N_img_attn_qkv``, ``lora_unet_single_blocks_N_linear1``) on ``double`` +
+    ``single`` blocks, for the module kinds of :data:`FLUX_DOUBLE` / :data:`FLUX_SINGLE` in ``kinds``."""
+    out = {}
+    for i in range(double):
+        out |= {f"lora_unet_double_blocks_{i}_{k}": v for k, v in FLUX_DOUBLE.items() if k in kinds}
+    for i in range(single):
+        out |= {f"lora_unet_single_blocks_{i}_{k}": v for k, v in FLUX_SINGLE.items() if k in kinds}
+    return out
+
+
+def _dit_attention(path: str) -> bool:
+    return bool(re.search(r"\.attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)$|\.proj_out$|\.proj_mlp$", path)) \
+        and "transformer_blocks." in path
+
+
+def dit_modules(arch: str = "flux", keep: Callable[[str], bool] = _dit_attention) -> dict[str, tuple]:
+    """``{canonical name: (out, in)}`` of the ``transformer`` modules of a built-in DiT architecture
+    (``flux``: FLUX.1-dev, ``sd3``: SD3-medium, ``sd3.5-large``), derived from its published config on
+    the meta device (:mod:`lorahub.formats.names`), whose module path passes ``keep`` (default: the
+    attention projections of every block, and the single blocks' ``proj_mlp``/``proj_out``)."""
+    from lorahub.formats.names import get_arch
+
+    return {k: v for k, v in get_arch(arch).modules.items()
+            if k.startswith("transformer.") and keep(k.split(".", 1)[1])}
+
+
+def diffusers_tensors(modules: Mapping[str, Sequence[int]], *, rank: int = 4, seed=0, dtype: str = "float16",
+                      scale: float = 1.0) -> dict:
+    """Raw diffusers/PEFT tensors (numpy) for ``{prefixed module path: (out, in)}``:
+    ``<path>.lora_A.weight`` (r, in) and ``<path>.lora_B.weight`` (out, r), N(0, scale²), alpha = rank."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    t = {}
+    for name, (out, inn) in modules.items():
+        t[f"{name}.lora_A.weight"] = (rng.standard_normal((rank, inn)) * scale).astype(dt)
+        t[f"{name}.lora_B.weight"] = (rng.standard_normal((out, rank)) * scale).astype(dt)
+    return t
 
 
 # ==================================================================================================

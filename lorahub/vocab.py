@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import re
 
-# Parts of a pipeline a LoRA can adapt, in canonical-key prefix form (``unet.…``, ``text_encoder.…``).
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+# Parts of a pipeline a LoRA can adapt, in canonical-key prefix form (``unet.…``, ``transformer.…``,
+# ``text_encoder.…``): the diffusers pipeline's own component names.
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 # What an entry depicts (the registry's ``type`` column; the six categories LoRA sites use).
 LORA_TYPES = ("character", "style", "pose", "clothing", "object", "concept")
 
-# Base-model families a LoRA or checkpoint belongs to. ``unknown`` only when nothing says otherwise.
-BASES = ("sd1", "sd2", "sdxl", "unknown")
+# Base-model families a LoRA or checkpoint belongs to. ``unknown`` only when nothing says otherwise;
+# every other family is ``other:<name>`` (``OTHER_BASE`` + a name of ``OTHER_FAMILIES`` or any lower-case
+# slug the evidence gives). lorahub.formats.families holds the evidence rules.
+BASES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
 FAMILIES = BASES[:-1]  # the known ones
+OTHER_BASE = "other:"
+OTHER_FAMILIES = ("flux2", "chroma", "qwen-image", "wan", "hunyuan-dit", "hunyuan-video", "pixart", "sana",
+                  "auraflow", "lumina", "z-image", "hidream", "kolors", "cogview", "stable-cascade", "ltx-video",
+                  "mochi", "cogvideox")
 
 # The built-in tiny fixture pipelines (``lorahub.tiny``) and the family each belongs to.
 TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
 
-# Architectures whose module lists lorahub knows (layer names are matched against them).
-ARCHS = FAMILIES + tuple(TINY_MODELS)
+# Architectures whose module lists ship with lorahub, as a cache of their derivation from published
+# configs (lorahub.formats.names): layer names are matched against them when no model is at hand.
+# Any other model's module list is derived from its own config when it is given.
+ARCHS = ("sd1", "sd2", "sdxl") + tuple(TINY_MODELS) + ("flux", "sd3", "sd3.5-large")
 
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")

@@ -203,9 +203,20 @@ def test_bad_factors_are_clear_errors(tmp_path, files):
     lone = {k: base[k]}
     with pytest.raises(FormatError, match="lacks"):
         load_lora(_write(tmp_path, lone))
+    # names no table holds are kept (unmapped, under their kohya names) with a note saying which; the
+    # rest are mapped; writing a dialect that needs module paths says which layers and why
     wrong = {k.replace("down_blocks_0", "down_blocks_7"): v for k, v in base.items()}
-    with pytest.raises(FormatError, match="match no known model"):
-        load_lora(_write(tmp_path, wrong))
+    m = load_lora(_write(tmp_path, wrong))
+    moved = [k for k in m.layers if "down_blocks_7" in k]
+    assert moved and all(k.startswith("unet.lora_unet_down_blocks_7_") for k in moved)
+    assert all(k.split(".", 1)[1][:5] != "lora_" for k in m.layers if k not in moved)
+    assert any(f"{len(moved)} layer(s) are not modules of" in n and "kept under their kohya names" in n
+               for n in m.notes)
+    assert m.arch == "tiny-sd1"
+    back = save_lora(m, tmp_path / "back.safetensors")
+    assert sorted(load_file(str(back))) == sorted(wrong)  # kohya names come back verbatim
+    with pytest.raises(FormatError, match="no known module path"):
+        save_lora(m, tmp_path / "x.safetensors", dialect="diffusers")
 
 
 def test_nan_is_reported(files):

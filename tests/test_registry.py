@@ -239,7 +239,9 @@ def test_migrations_upgrade_older_and_refuse_newer(home, tmp_path):
     assert "scan_cache" not in tables and r.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     r.close()
     r = Registry.open(home)
-    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    from lorahub.registry.schema import migrations
+
+    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0]
     assert r.resolve("old")["sha256"] == e["sha256"]
     r.conn.execute("SELECT count(*) FROM scan_cache").fetchone()
     r.conn.execute("PRAGMA user_version = 99")

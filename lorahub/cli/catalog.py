@@ -19,7 +19,9 @@ from lorahub.registry.queries import rank_text, short
 from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
 TypeOpt = Annotated[Optional[str], typer.Option("--type", help=f"LoRA type: {'|'.join(LORA_TYPES)}.")]
-BaseOpt = Annotated[Optional[str], typer.Option("--base", help=f"Base model family: {'|'.join(BASES)}.")]
+BaseOpt = Annotated[Optional[str], typer.Option("--base", help=f"Base model family: {'|'.join(BASES)} or other:<name>.")]
+BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model", help="Base model inside the family: pony, "
+                                                                         "illustrious, noobai, flux-1-dev, ….")]
 TagOpt = Annotated[Optional[List[str]], typer.Option("--tag", help="A tag (repeat for several).")]
 TriggerOpt = Annotated[Optional[List[str]], typer.Option("--trigger", help="A trigger token (repeat for several).")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", help=f"{'|'.join(KINDS)}.")]
@@ -38,7 +40,8 @@ def entries_table(entries: list[dict], title: str | None = None):
     for col in ("id", "name", "kind", "base", "rank", "type", "triggers", "tags"):
         t.add_column(col, overflow="fold")
     for e in entries:
-        t.add_row(e["id"], e["name"], e["kind"], e["base"], rank_text(e), e.get("type") or "",
+        t.add_row(e["id"], e["name"], e["kind"], e["base"] + (f" ({e['base_model']})" if e.get("base_model") else ""),
+                  rank_text(e), e.get("type") or "",
                   ", ".join(e.get("triggers") or [])[:60], ", ".join(e.get("tags") or [])[:60])
     return t
 
@@ -141,14 +144,16 @@ def _print_entries(entries: list[dict], json_out: bool, empty: str) -> None:
 def list_(
     type: TypeOpt = None,
     base: BaseOpt = None,
+    base_model: BaseModelOpt = None,
     tag: TagOpt = None,
     kind: KindOpt = None,
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """List the registry's entries (optionally filtered)."""
-    entries = open_registry(home).search(None, type=type, base=base, tags=tag or (), kind=kind)
-    _print_entries(entries, json_out, "the registry is empty" if not (type or base or tag or kind) else "no entries match")
+    entries = open_registry(home).search(None, type=type, base=base, tags=tag or (), kind=kind, base_model=base_model)
+    _print_entries(entries, json_out, "the registry is empty" if not (type or base or base_model or tag or kind)
+                   else "no entries match")
 
 
 @app.command()
@@ -156,6 +161,7 @@ def search(
     query: Annotated[Optional[str], typer.Argument(help="Words to find in names, triggers, tags, descriptions.")] = None,
     type: TypeOpt = None,
     base: BaseOpt = None,
+    base_model: BaseModelOpt = None,
     tag: TagOpt = None,
     rank_min: Annotated[Optional[int], typer.Option("--rank-min", help="Rank at least this (any layer).")] = None,
     rank_max: Annotated[Optional[int], typer.Option("--rank-max", help="Rank at most this (any layer).")] = None,
@@ -165,7 +171,7 @@ def search(
 ) -> None:
     """Full-text search (every word, as a prefix) with filters."""
     entries = open_registry(home).search(query or None, type=type, base=base, tags=tag or (), kind=kind,
-                                         rank_min=rank_min, rank_max=rank_max)
+                                         rank_min=rank_min, rank_max=rank_max, base_model=base_model)
     _print_entries(entries, json_out, "no entries match")
 
 
@@ -194,6 +200,7 @@ def show(
     rows = [
         ("id", e["id"]), ("name", e["name"]), ("file", e["file_name"]),
         ("format", f"{e['format']} ({e['kind']})"), ("base", e["base"]),
+        *([("base model", e["base_model"])] if e.get("base_model") else []),
         ("rank", rank_text(e) or "-"), ("alpha", "-" if e["alpha"] is None else f"{e['alpha']:g}"),
         ("parts", ", ".join(e["parts"]) or "-"), ("layers", "-" if e.get("n_layers") is None else str(e["n_layers"])),
     ]
@@ -212,6 +219,8 @@ def show(
     for k in ("author", "preferred_weight", "negative_text", "civitai_base_model", "base_conflict"):
         if extra.get(k) not in (None, ""):
             rows.append((k.replace("_", " "), str(extra[k])))
+    if extra.get("base_evidence"):
+        rows.append(("base evidence", "; ".join(str(x) for x in extra["base_evidence"])))
     if extra.get("sidecars"):
         rows.append(("sidecars", ", ".join(extra["sidecars"])))
     meta = e.get("metadata") or {}
@@ -297,6 +306,7 @@ def edit(
     name: Annotated[Optional[str], typer.Option("--name", help="New name (must be unused).")] = None,
     type: TypeOpt = None,
     base: BaseOpt = None,
+    base_model: BaseModelOpt = None,
     trigger: Annotated[Optional[List[str]], typer.Option("--trigger", help="Replace the trigger tokens (repeat).")] = None,
     description: Annotated[Optional[str], typer.Option("--description", help="New description.")] = None,
     source: Annotated[Optional[str], typer.Option("--source", help="New source.")] = None,
@@ -317,6 +327,8 @@ def edit(
         fields["type"] = None
     if base is not None:
         fields["base"] = base
+    if base_model is not None:
+        fields["base_model"] = base_model
     if trigger:
         fields["triggers"] = trigger
     if clear_triggers:

@@ -9,6 +9,7 @@ import typer
 
 from lorahub.cli.app import ForceOpt, app
 from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json
+from lorahub.vocab import ARCHS
 
 
 @app.command()
@@ -19,8 +20,15 @@ def convert(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: <name>.<dialect>.safetensors "
                                                                "beside the input, or in the current folder).")] = None,
     register: Annotated[bool, typer.Option("--register", help="Add the output to the registry (lineage: converted-from).")] = False,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture the names belong to: sd1 | sd2 | sdxl | "
-                                                              "tiny-sd1 | tiny-sdxl (default: inferred from names and shapes).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Built-in architecture the names belong to: "
+                                                              f"{' | '.join(ARCHS)} (default: inferred from names "
+                                                              "and shapes).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model whose own module list maps kohya names "
+                                                              "(diffusers folder, registry checkpoint, .safetensors "
+                                                              "with --config): needed for models no built-in "
+                                                              "table holds.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Diffusers folder of the base's architecture, "
+                                                                   "for a single-file --base.")] = None,
     drop_embeddings: Annotated[bool, typer.Option("--drop-embeddings", help="Leave bundled token embeddings out "
                                                                           "(diffusers/peft files cannot hold them).")] = False,
     force: ForceOpt = False,
@@ -34,17 +42,22 @@ def convert(
     Examples:
       lorahub convert my_lora.safetensors --to diffusers
       lorahub convert 3f2a9c --to kohya --dtype fp16 --out lora_fp16.safetensors --register
+      lorahub convert custom_kohya.safetensors --to diffusers --base ./my-distilled-sd
     """
     from lorahub.ops.convert import convert as run
 
-    res = run(ref, to, out=out, dtype=dtype, arch=arch, drop_embeddings=drop_embeddings, force=force,
-              register=register, registry=home)
+    res = run(ref, to, out=out, dtype=dtype, arch=arch, base=base, config=config, drop_embeddings=drop_embeddings,
+              force=force, register=register, registry=home)
     if json_out:
         print_json(res.to_dict())
         return
     con = console()
     con.print(f"converted {res.input.name} ({res.source_format}, {res.kind}, {res.base}, {res.layers} layers) "
               f"-> {res.out} ({res.dialect}{', ' + dtype if dtype else ''})")
+    from rich.markup import escape
+
+    for note in res.notes:
+        con.print(f"note: {escape(note)}")
     if res.dropped_embeddings:
         con.print(f"dropped {len(res.dropped_embeddings)} bundled embedding(s): {', '.join(res.dropped_embeddings)}")
     if res.entry:

@@ -80,7 +80,8 @@ def inspect_cmd(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a heat-map PNG of strength by block and layer type.")] = None,
     layers: LayersOpt = None,
     base: Annotated[Optional[str], typer.Option(
-        "--base", help="Base model (tiny-sd1, tiny-sdxl, diffusers folder, checkpoint, registry ref): adds ‖ΔW‖/‖W0‖.")] = None,
+        "--base", help="Base model (tiny-sd1, tiny-sdxl, diffusers folder, checkpoint, registry ref): adds ‖ΔW‖/‖W0‖; "
+                       "its own module list maps kohya names no built-in table holds.")] = None,
     top: Annotated[int, typer.Option("--top", help="Strongest layers listed when --layers is not given (0: all).")] = 12,
     force: ForceOpt = False,
     home: HomeOpt = None,
@@ -127,6 +128,8 @@ def _print_report(r: dict, *, layers: Optional[str], top: int) -> None:
         rows.append(("note", f"{r['materialised_layers']} LyCORIS/full layer(s) materialised to compute their spectra"))
     if r.get("base_model"):
         rows.append(("base model", r["base_model"]))
+    if r.get("unmapped_layers"):
+        rows.append(("unmapped", f"{r['unmapped_layers']} layer(s) under their kohya names (no module list maps them)"))
     for k, v in rows:
         if v is not None:
             t.add_row(k, str(v))

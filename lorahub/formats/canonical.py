@@ -4,8 +4,14 @@ A :class:`LoraModel` holds named layers keyed by the *diffusers module path* of 
 with a part prefix::
 
     unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
+    transformer.transformer_blocks.0.attn.to_q
     text_encoder.text_model.encoder.layers.0.self_attn.q_proj
     text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj
+
+A layer whose module path is not known (a kohya name no module list holds) keeps its dialect's own
+name under its part, ``unet.lora_unet_double_blocks_0_img_attn_qkv``: an *unmapped* key
+(:func:`lorahub.formats.names.is_unmapped`). Factor operations treat every key alike; only a mapping to
+another dialect's names needs the module path (``notes`` says which layers stayed unmapped and why).
 
 Each :class:`LoraLayer` keeps its factors exactly as stored in the file (dtype included), so that
 reading and writing another dialect is lossless. The effective update of a plain LoRA layer is
@@ -132,12 +138,15 @@ class LoraModel:
     # token -> {"clip_l": (n, 768)} or {"clip_l": ..., "clip_g": (n, 1280)} (SDXL)
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    base: str = "unknown"  # sd1 | sd2 | sdxl | unknown
+    base: str = "unknown"  # a base family: sd1 | sd2 | sdxl | sd3 | flux | other:<name> | unknown
     source_format: str = "unknown"  # dialect it was read from
-    # architecture the layer names were matched against (sd1|sd2|sdxl|tiny-sd1|tiny-sdxl|unknown)
+    # architecture the layer names were matched against: a built-in one (sd1, tiny-sd1, flux, …), one
+    # derived from a model's config (cfg-<fingerprint>), or unknown (see lorahub.formats.names)
     arch: str = "unknown"
     # dialect details needed to write the file back bit for bit (e.g. how embeddings were keyed)
     extra: dict = field(default_factory=dict)
+    # what reading had to say: layers kept under their dialect's names, and why
+    notes: list[str] = field(default_factory=list)
 
     def parts(self) -> list[str]:
         found = {name.split(".", 1)[0] for name in self.layers}

@@ -4,7 +4,8 @@ safetensors keys ``<model>:<i>:up`` / ``<model>:<i>:down``; metadata ``<model>``
 class names, ``<model>:<i>:rank``; learned tokens as tensors ``<s1>`` with metadata value ``<embed>``.
 The ``.pt`` form is a flat list ``[up0, down0, up1, down1, …]`` of the UNet (read with
 ``torch.load(weights_only=True)``). There are no module names: index ``i`` is the position in the module
-walk replayed by :func:`lorahub.formats.names.cloneofsimo_order` on the matching architecture. The walk
+walk replayed by :func:`lorahub.formats.names.cloneofsimo_order` on the matching architecture (a
+built-in one, or the base model's own when it is given). The walk
 order depends on the diffusers release the file was made with (transformer blocks registered
 attn1, ff, attn2 up to 0.11; attn1, attn2, ff since): both are tried and the one whose shapes match every
 factor wins. ``up`` already carries the scale, so alpha = rank.
@@ -26,7 +27,7 @@ _KEY = re.compile(r"^(?P<model>[A-Za-z0-9_]+):(?P<i>\d+):(?P<ud>up|down)$")
 _CANDIDATES = ("sd1", "sd2", "tiny-sd1", "sdxl", "tiny-sdxl")
 
 
-def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: str | None = None,
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=None,
          base_hint: str | None = None, name: str = "file") -> LoraModel:
     per_model: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     tokens: dict[str, torch.Tensor] = {}
@@ -67,14 +68,15 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
         mapping = _match(a, per_model, targets)
         if mapping is not None:
             break
-        tried.append(arch_name)
+        tried.append(a.name)
     else:
         raise FormatError(f"{name}: the cloneofsimo module order matches none of {', '.join(tried)} "
                           "(tried both diffusers block orders)")
 
     clone_meta = {k: v for k, v in metadata.items() if k in per_model or _is_rank_key(k) or v == "<embed>"}
     meta = {k: v for k, v in metadata.items() if k not in clone_meta}
-    model = LoraModel(metadata=meta, source_format="cloneofsimo", base=a.family, arch=a.name)
+    model = LoraModel(metadata=meta, source_format="cloneofsimo", base=a.family if a.family != "unknown" else
+                      (base_hint or "unknown"), arch=a.name)
     model.extra["cloneofsimo_metadata"] = clone_meta
     for (model_name, i), cname in mapping.items():
         f = per_model[model_name][i]
@@ -115,7 +117,7 @@ def _fits(shape, f) -> bool:
     return tuple(shape) == (int(f["up"].shape[0]), int(f["down"].shape[1]))
 
 
-def read_pt_list(tensors: dict[str, torch.Tensor], name: str = "file", arch: str | None = None) -> LoraModel:
+def read_pt_list(tensors: dict[str, torch.Tensor], name: str = "file", arch=None) -> LoraModel:
     """The pickled ``.pt`` form: ``{"0": up0, "1": down0, …}`` after flattening the list (UNet only)."""
     n = len(tensors)
     if n % 2:

@@ -7,16 +7,22 @@ accepts plain tensor dictionaries (see :mod:`lorahub.formats.pickle_safe`).
 
 Dialects recognised (facts in ``FORMATS.md``):
 
-* kohya / webui: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` with
+* kohya / webui: ``lora_unet_…`` / ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` / ``lora_te3_…`` with
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``.lora_mid.weight`` for Tucker LoCon);
 * LyCORIS in the same naming: ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff`` (full), ``dora_scale``;
-* diffusers: ``unet.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` with ``lora_A``/``lora_B``, the
-  older ``.lora.down``/``.lora.up`` and attn-processor ``to_q_lora.down`` forms;
+* diffusers: ``unet.…`` / ``transformer.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` / ``text_encoder_3.…``
+  with ``lora_A``/``lora_B``, the older ``.lora.down``/``.lora.up`` and attn-processor ``to_q_lora.down``
+  forms;
 * peft: the same without a part prefix (or with ``base_model.model.``);
 * cloneofsimo: ``<model>:<i>:up`` / ``<model>:<i>:down`` (+ ``<embed>`` tokens);
 * textual inversion: ``emb_params``, ``clip_l``/``clip_g``, diffusers ``{token: (n, d)}``, webui
   ``.pt`` ``string_to_param``;
-* single-file Stable Diffusion checkpoints (``model.diffusion_model.…``).
+* single-file Stable Diffusion checkpoints (``model.diffusion_model.…``) and bare DiT state dicts (Flux.1
+  in the BFL layout, …).
+
+The base family comes from the adapted modules' names and shapes first, then the header metadata
+(:mod:`lorahub.formats.families`): ``Detection.base``, ``.base_model`` (``pony``, ``flux-1-dev``, …) and
+``.evidence`` (what said so); a disagreement is a note, and the shapes win.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import FormatError
+from lorahub.formats import families
 from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, read_header
-from lorahub.vocab import PICKLE_SUFFIXES
+from lorahub.formats.names import KOHYA_PREFIXES
+from lorahub.vocab import PARTS, PICKLE_SUFFIXES
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-                  "lora_te_": "text_encoder"}
 # per-module suffixes of the kohya/LyCORIS naming, longest first
 KOHYA_SUFFIXES = (
     ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale",
@@ -40,7 +46,7 @@ KOHYA_SUFFIXES = (
     ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_w1", ".lokr_w2", ".lokr_t2",
     ".diff_b", ".diff", ".on_input", ".weight", ".bias",
 )
-DIFFUSERS_PARTS = ("unet.", "text_encoder_2.", "text_encoder.")
+DIFFUSERS_PARTS = tuple(p + "." for p in PARTS)
 _DIFF_SUFFIX = re.compile(
     r"^(?P<mod>.+?)\.(?:(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight|lora_[AB]\.weight|lora\.(?P<ud>up|down)\.weight"
     r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?|alpha)$")
@@ -65,42 +71,46 @@ class Detection:
     notes: list[str] = field(default_factory=list)
     dtype: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None  # the named model inside the family (pony, flux-1-dev, sd3.5-large, …)
+    # what said which family: the shape reading first, then metadata (lorahub.formats.families)
+    evidence: list[families.Evidence] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("format", "kind", "base", "parts", "rank", "rank_min", "rank_max",
-                                               "alpha", "tokens", "n_layers", "notes", "dtype")}
+        d = {k: getattr(self, k) for k in ("format", "kind", "base", "parts", "rank", "rank_min", "rank_max",
+                                            "alpha", "tokens", "n_layers", "notes", "dtype", "base_model")}
+        d["base_evidence"] = [e.text() for e in self.evidence]
+        return d
+
+    def settle(self, extra: list[families.Evidence] = ()) -> families.Settled:
+        """The family from this file's evidence plus ``extra`` (sidecars), as the catalogue records it."""
+        return families.settle(list(self.evidence) + list(extra))
 
 
 # ----------------------------------------------------------------------------------------------
-# base model from metadata
+# base family: shapes first, then metadata (lorahub.formats.families)
 
 def base_from_metadata(meta: dict[str, str]) -> tuple[str | None, str | None]:
     """(base, which field said so) from kohya / modelspec / webui metadata."""
-    v = (meta.get("ss_base_model_version") or "").lower()
-    if v:
-        if v.startswith("sdxl"):
-            return "sdxl", "ss_base_model_version"
-        if v.startswith("sd_v2") or v.startswith("sd_2") or v.startswith("sd2"):
-            return "sd2", "ss_base_model_version"
-        if v.startswith("sd_v1") or v.startswith("sd_1") or v.startswith("sd1"):
-            return "sd1", "ss_base_model_version"
-    arch = (meta.get("modelspec.architecture") or "").lower()
-    if arch:
-        if arch.startswith("stable-diffusion-xl"):
-            return "sdxl", "modelspec.architecture"
-        if arch.startswith("stable-diffusion-v2"):
-            return "sd2", "modelspec.architecture"
-        if arch.startswith("stable-diffusion-v1"):
-            return "sd1", "modelspec.architecture"
-    if meta.get("ss_v2", "").lower() == "true":
-        return "sd2", "ss_v2"
-    if meta.get("ss_v2", "").lower() == "false" and "ss_base_model_version" not in meta:
-        return "sd1", "ss_v2"
-    return None, None
+    evs = families.from_metadata(meta)
+    return (evs[0].base, evs[0].source) if evs else (None, None)
 
 
 def _width_base(width: int) -> str | None:
     return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(int(width))
+
+
+def _settle(d: "Detection", shapes: families.Evidence | None, meta: dict[str, str], notes: list[str]) -> None:
+    """Set ``d.base``, ``d.base_model`` and ``d.evidence``; disagreements go to ``notes``."""
+    d.evidence = ([shapes] if shapes is not None else []) + families.from_metadata(meta)
+    st = families.settle(d.evidence)
+    notes.extend(st.notes)
+    if shapes is None and st.base != "unknown":
+        notes.append(f"base from {d.evidence[0].source} only (shapes match no full-size model)")
+    d.base, d.base_model = st.base, st.base_model
+
+
+def _shape_evidence(base: str | None, detail: str) -> families.Evidence | None:
+    return families.Evidence("shapes", base, detail=detail) if base else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,49 +240,22 @@ def _layer_kind(f: dict[str, TensorInfo]) -> str:
     return "lora"
 
 
-def _cross_attention_width(layers: dict[str, _Layer]) -> int | None:
-    """In-features of the cross-attention to_k/to_v factors (768 sd1, 1024 sd2, 2048 sdxl)."""
-    widths = Counter()
-    for name, layer in layers.items():
-        n = name.replace("_", ".")
-        if "attn2" in n and ("to.k" in n or "to.v" in n or "to_k" in name or "to_v" in name):
-            f = layer.factors
-            d = f.get("lora_down") or f.get("down") or f.get("hada_w1_b") or f.get("hada_w2_b")
-            if d is not None and len(d.shape) >= 2:
-                widths[int(d.shape[1])] += 1
-            elif "lokr_w1" in f and ("lokr_w2" in f or "lokr_w2_b" in f):
-                w2 = f.get("lokr_w2") or f.get("lokr_w2_b")
-                widths[int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])] += 1
-    return widths.most_common(1)[0][0] if widths else None
+def _io(f: dict[str, TensorInfo]) -> tuple[int | None, int | None]:
+    """(out, in) features of the weight a layer's factors adapt (None where they do not say)."""
+    d = f.get("lora_down") or f.get("down") or f.get("hada_w1_b") or f.get("diff")
+    u = f.get("lora_up") or f.get("up") or f.get("hada_w1_a")
+    inp = int(d.shape[1]) if d is not None and len(d.shape) >= 2 else None
+    out = int(u.shape[0]) if u is not None and len(u.shape) >= 1 else None
+    if "diff" in f and len(f["diff"].shape) >= 2:
+        out = int(f["diff"].shape[0])
+    if inp is None and "lokr_w1" in f and ("lokr_w2" in f or "lokr_w2_b" in f):
+        w2 = f.get("lokr_w2") or f.get("lokr_w2_b")
+        inp = int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])
+    return out, inp
 
 
-def _te_width(layers: dict[str, _Layer], part: str) -> int | None:
-    """Hidden width of a text encoder: the in/out feature count shared by its projections."""
-    widths = Counter()
-    for layer in layers.values():
-        if layer.part != part:
-            continue
-        f = layer.factors
-        d = f.get("lora_down") or f.get("down")
-        u = f.get("lora_up") or f.get("up")
-        if d is not None and u is not None and len(d.shape) == 2:
-            widths[int(d.shape[1])] += 1
-            widths[int(u.shape[0])] += 1
-    known = [(n, w) for w, n in widths.items() if w in (768, 1024, 1280)]
-    return max(known)[1] if known else None
-
-
-def _settle_base(shape_base: str | None, meta: dict[str, str], notes: list[str]) -> str:
-    mbase, field_ = base_from_metadata(meta)
-    if shape_base and mbase and shape_base != mbase:
-        notes.append(f"shapes say {shape_base} but {field_} says {mbase}; using the shapes")
-        return shape_base
-    if shape_base:
-        return shape_base
-    if mbase:
-        notes.append(f"base from {field_} only (shapes match no full-size model)")
-        return mbase
-    return "unknown"
+def _layer_shapes(layers: dict[str, _Layer]) -> list[families.LayerShape]:
+    return [families.LayerShape(layer.part, layer.name, *_io(layer.factors)) for layer in layers.values()]
 
 
 def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], notes: list[str],
@@ -310,7 +293,7 @@ def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], n
         bases.discard(None)
         base = bases.pop() if len(bases) == 1 else None
     d = Detection(format="embedding", kind="textual-inversion", tokens=tokens, notes=notes, metadata=meta)
-    d.base = _settle_base(base, meta, notes)
+    _settle(d, _shape_evidence(base, f"token embedding width {'+'.join(str(x) for x in dims)}"), meta, notes)
     vectors = [tensors[k].shape[0] if len(tensors[k].shape) == 2 else 1 for k in keys]
     d.n_layers = 0
     d.dtype = Counter(tensors[k].dtype for k in keys).most_common(1)[0][0]
@@ -319,24 +302,45 @@ def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], n
     return d
 
 
-def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], notes: list[str]) -> Detection:
-    base = None
-    if any(k.startswith("conditioner.embedders.1.") for k in tensors):
-        base = "sdxl"
-    else:
-        for k, info in tensors.items():
-            if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight") and len(info.shape) == 2:
-                base = _width_base(info.shape[1])
-                break
+_DENOISER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+
+
+def _weight_shapes(tensors: dict[str, TensorInfo]) -> list[families.LayerShape]:
+    """The 2-D weights of a full model as layers (name without ``.weight`` and the denoiser prefix)."""
+    out = []
+    for k, info in tensors.items():
+        if k.endswith(".weight") and len(info.shape) == 2:
+            name = k[: -len(".weight")]
+            prefix = next((p for p in _DENOISER_PREFIXES if name.startswith(p)), "")
+            if prefix or not name.startswith(("cond_stage_model.", "conditioner.", "first_stage_model.",
+                                              "text_encoder", "vae.")):
+                out.append(families.LayerShape("", name[len(prefix):], int(info.shape[0]), int(info.shape[1])))
+    return out
+
+
+def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], notes: list[str],
+                          shapes: families.Evidence | None = None) -> Detection:
+    if shapes is None:
+        if any(k.startswith("conditioner.embedders.1.") for k in tensors):
+            shapes = _shape_evidence("sdxl", "SGM checkpoint with two text encoders (conditioner.embedders.1)")
+        else:
+            for k, info in tensors.items():
+                if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight") and len(info.shape) == 2:
+                    shapes = _shape_evidence(_width_base(info.shape[1]), f"cross-attention width {info.shape[1]}")
+                    break
+            else:
+                shapes = families.from_layers(_weight_shapes(tensors))
     parts = []
     if any(k.startswith("model.diffusion_model.") for k in tensors):
-        parts.append("unet")
+        parts.append("unet" if shapes is None or shapes.base in ("sd1", "sd2", "sdxl") else "transformer")
     if any(k.startswith(("cond_stage_model.", "conditioner.embedders.0.")) for k in tensors):
         parts.append("text_encoder")
     if any(k.startswith("conditioner.embedders.1.") for k in tensors):
         parts.append("text_encoder_2")
+    if not parts and shapes is not None:  # a bare denoiser state dict (a DiT in its original layout, …)
+        parts.append("unet" if shapes.base in ("sd1", "sd2", "sdxl") else "transformer")
     d = Detection(format="checkpoint", kind="checkpoint", parts=parts, notes=notes, metadata=meta)
-    d.base = _settle_base(base, meta, notes)
+    _settle(d, shapes, meta, notes)
     d.n_layers = len(tensors)
     d.dtype = Counter(i.dtype for i in tensors.values()).most_common(1)[0][0] if tensors else None
     return d
@@ -386,7 +390,8 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
                     if not layer.part:
                         n = layer.name
                         layer.part = ("text_encoder" if ("text_model" in n or "self_attn" in n or "mlp.fc" in n)
-                                      else "unet")
+                                      else "unet" if n.startswith(("down_blocks.", "up_blocks.", "mid_block."))
+                                      else "transformer")
             if any(".lora.down" in k or "_lora.down" in k for k in keys):
                 notes.append("older diffusers naming (lora.down/lora.up or attn-processor keys)")
         else:
@@ -397,6 +402,11 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
             if any(k.endswith("attn2.to_k.weight") for k in keys) or any(k.endswith("self_attn.q_proj.weight")
                                                                           for k in keys):
                 return _checkpoint_detection(tensors, meta, notes)
+            # a full DiT (Flux.1 in the BFL layout, a diffusers transformer, …)?
+            if sum(k.endswith(".weight") for k in keys) >= len(keys) // 2:
+                shapes = families.from_layers(_weight_shapes(tensors))
+                if shapes is not None:
+                    return _checkpoint_detection(tensors, meta, notes, shapes)
             raise FormatError(f"{name}: unknown format (no LoRA, LyCORIS, embedding or checkpoint keys found; "
                               f"first key {keys[0]!r})")
         parts = sorted({layer.part for layer in layers.values() if layer.part}, key=_part_order)
@@ -452,33 +462,19 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
     if fmt == "cloneofsimo":
         alpha = None  # scale folded into `up`: alpha = rank
 
-    # base from shapes
-    shape_base = None
-    if "text_encoder_2" in parts:
-        shape_base = "sdxl"
-    elif fmt in ("kohya", "lycoris") and any(n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
-                                                          "lora_unet_middle_block")) for n in layers):
-        width = _cross_attention_width(layers)
-        shape_base = "sdxl" if width in (None, 2048) else None
-        if width and width != 2048:
-            notes.append(f"SGM-layout (SDXL) names with cross-attention width {width}")
-    else:
-        width = _cross_attention_width(layers)
-        if width is not None:
-            shape_base = _width_base(width)
-        if shape_base is None:
-            tw = _te_width(layers, "text_encoder")
-            shape_base = {768: "sd1", 1024: "sd2"}.get(tw) if tw else None
-    if fmt == "cloneofsimo" and shape_base is None:
+    # base: module names and shapes first, then metadata
+    shapes = families.from_layers(_layer_shapes(layers))
+    if fmt == "cloneofsimo" and shapes is None:
         tw = Counter(int(tensors[t].shape[-1]) for t in tokens)
-        if tw:
-            shape_base = {768: "sd1", 1024: "sd2"}.get(tw.most_common(1)[0][0])
-    base = _settle_base(shape_base, meta, notes)
+        if tw and tw.most_common(1)[0][0] in (768, 1024):
+            w = tw.most_common(1)[0][0]
+            shapes = _shape_evidence(_width_base(w), f"token embedding width {w}")
 
     dtypes = Counter(i.dtype for k, i in tensors.items() if not k.endswith(".alpha"))
-    d = Detection(format=fmt, kind=kind, base=base, parts=parts, rank=rank, rank_min=rank_min, rank_max=rank_max,
+    d = Detection(format=fmt, kind=kind, parts=parts, rank=rank, rank_min=rank_min, rank_max=rank_max,
                   alpha=alpha, tokens=tokens, n_layers=len(layers), notes=notes,
                   dtype=dtypes.most_common(1)[0][0] if dtypes else None, metadata=meta)
+    _settle(d, shapes, meta, notes)
     return d
 
 
@@ -503,8 +499,7 @@ def _alpha_from_meta(meta: dict[str, str], fmt: str) -> float | None:
 
 
 def _part_order(p: str) -> int:
-    order = {"unet": 0, "text_encoder": 1, "text_encoder_2": 2}
-    return order.get(p, 3)
+    return PARTS.index(p) if p in PARTS else len(PARTS)
 
 
 def detect(path: str | Path) -> Detection:

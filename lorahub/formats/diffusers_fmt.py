@@ -24,6 +24,7 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats import names
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.vocab import PARTS
 
 META_KEY = "lora_adapter_metadata"
 LOREHUB_KEY = "lorahub"  # our own bookkeeping: keys we added, layers without alpha, alpha dtypes
@@ -96,8 +97,30 @@ def _pattern_value(pattern: dict, path: str):
     return None if best is None else best[1]
 
 
-def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: str | None = None,
+_PREFIXES = tuple(p + "." for p in PARTS)
+
+
+def _guess_parts(mods: list[str], name: str) -> list[str]:
+    """Candidate parts of unprefixed (PEFT) module paths: text encoders, a UNet or a DiT transformer."""
+    def te_like(m):
+        return m.startswith(("text_model.", "encoder.layers.", "encoder.block.", "text_projection")) \
+            or ".self_attn." in m or ".mlp.fc" in m or ".SelfAttention." in m
+
+    all_te = all(te_like(m) for m in mods)
+    if any(te_like(m) for m in mods) and not all_te:
+        raise FormatError(f"{name}: unprefixed keys mix denoiser and text-encoder modules")
+    if all_te:
+        return ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    if any(m.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "time_embedding.")) for m in mods):
+        return ["unet"]
+    return ["transformer", "unet"]
+
+
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=None,
          base_hint: str | None = None, name: str = "file") -> LoraModel:
+    """Read diffusers/PEFT tensors. ``arch`` (an Arch or its name) names the architecture; without it the
+    built-in one holding every module is recorded when there is one. Module paths need no table:
+    layers of any model are read."""
     meta, info = _bookkeeping(metadata)
     adapter_meta = metadata.get(META_KEY)
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -109,10 +132,10 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
             raise FormatError(f"{name}: key {key!r} is not a diffusers/PEFT LoRA key")
         mod, fac = parsed
         groups.setdefault(mod.removeprefix("base_model.model."), {})[fac] = t
-    prefixed = all(m.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for m in groups)
+    prefixed = all(m.startswith(_PREFIXES) for m in groups)
     fmt = "diffusers" if prefixed else "peft"
-    if not prefixed and any(m.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for m in groups):
-        raise FormatError(f"{name}: mixes prefixed (unet./text_encoder.) and unprefixed LoRA keys")
+    if not prefixed and any(m.startswith(_PREFIXES) for m in groups):
+        raise FormatError(f"{name}: mixes prefixed (unet./transformer./text_encoder.) and unprefixed LoRA keys")
 
     for mod, f in groups.items():
         if "down" not in f or "up" not in f:
@@ -134,37 +157,27 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
         cmap = {m: names.normalize(m) for m in groups}
         candidates = [cmap]
     else:
-        def te_like(m):
-            return m.startswith(("text_model.", "encoder.layers.", "text_projection")) or ".self_attn." in m \
-                or ".mlp.fc" in m
-        all_te = all(te_like(m) for m in groups)
-        if any(te_like(m) for m in groups) and not all_te:
-            raise FormatError(f"{name}: unprefixed keys mix UNet and text-encoder modules")
-        parts = ["text_encoder", "text_encoder_2"] if all_te else ["unet"]
-        candidates = [{m: names.canonical(p, m) for m in groups} for p in parts]
-    arch_obj = None
+        candidates = [{m: names.canonical(p, m) for m in groups} for p in _guess_parts(list(groups), name)]
+    arch_obj = names.resolve_arch(arch)
     cmap = candidates[0]
-    if arch is not None:
-        arch_obj = names.get_arch(arch)
+    if arch_obj is not None:
+        cmap = next((c for c in candidates if all(v in arch_obj.modules for v in c.values())), cmap)
     else:
         for cand in candidates:
-            try:
-                arch_obj = names.infer_arch({cand[m]: shape_of(f) for m, f in groups.items()}, base_hint=base_hint)
+            arch_obj, _why = names.match_arch({cand[m]: shape_of(f) for m, f in groups.items()}, base_hint=base_hint)
+            if arch_obj is not None:
                 cmap = cand
                 break
-            except FormatError as exc:
-                err = exc
-        if arch_obj is None and not prefixed:
-            raise FormatError(f"{name}: {err}")
-    if arch_obj is not None and arch is not None:
-        cmap = candidates[0]
 
     configs = _part_configs(adapter_meta, prefixed)
     no_alpha = set(info.get("no_alpha", []))
     layer_extra = info.get("layer_extra", {})
-    model = LoraModel(metadata=meta, source_format=fmt,
-                      base=arch_obj.family if arch_obj else (base_hint or "unknown"),
+    known = arch_obj is not None and arch_obj.family != "unknown"
+    model = LoraModel(metadata=meta, source_format=fmt, base=arch_obj.family if known else (base_hint or "unknown"),
                       arch=arch_obj.name if arch_obj else "unknown")
+    if arch_obj is None and not prefixed and len(candidates) > 1:  # no module list told the parts apart
+        model.notes.append(f"unprefixed keys: read as {names.split(next(iter(cmap.values())))[0]} modules "
+                           "(no known model holds them)")
     if info.get("kohya_unet_layout"):
         model.extra["kohya_unet_layout"] = info["kohya_unet_layout"]
     for mod, f in groups.items():
@@ -192,6 +205,11 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
 # writing
 
 def _check_writable(model: LoraModel, dialect: str) -> None:
+    left = names.unmapped(model.layers)
+    if left:
+        raise FormatError(f"{len(left)} layer(s) have no known module path (kohya names of a model lorahub has "
+                          f"no table for, e.g. {left[0]}), which {dialect} files need: give the base model "
+                          "(its own module list maps them), or keep the kohya dialect")
     for cname, layer in model.layers.items():
         if layer.kind != "lora":
             raise FormatError(f"cannot write {layer.kind} layer {cname} as {dialect}: diffusers and PEFT LoRA "

@@ -63,8 +63,13 @@ def _read_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dic
     return tensors, dict(header.metadata), {}
 
 
-def load_lora(path: str | os.PathLike, *, arch: str | None = None) -> LoraModel:
-    """Read a LoRA / LyCORIS / embedding file of any supported dialect into canonical form."""
+def load_lora(path: str | os.PathLike, *, arch=None) -> LoraModel:
+    """Read a LoRA / LyCORIS / embedding file of any supported dialect into canonical form.
+
+    ``arch``: the architecture the names belong to — an :class:`lorahub.formats.names.Arch` (e.g. a base
+    model's own, :func:`lorahub.formats.names.arch_of_folder`) or a built-in name; by default a built-in
+    one is inferred from names and shapes. kohya names no module list holds are kept as unmapped keys
+    (``model.notes`` says which and why): every factor operation still works on them."""
     from lorahub.formats import cloneofsimo, diffusers_fmt, embeddings, kohya
     from lorahub.formats.detect import detect
 
@@ -91,6 +96,8 @@ def load_lora(path: str | os.PathLike, *, arch: str | None = None) -> LoraModel:
             model.base = det.base
     else:
         raise FormatError(f"{name}: format {det.format!r} cannot be loaded")
+    if model.base == "unknown" and hint:  # the reader could not tell: the detected family holds
+        model.base = hint
     return model
 
 

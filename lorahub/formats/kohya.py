@@ -16,7 +16,6 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats import names
 from lorahub.formats.canonical import LoraLayer, LoraModel
-from lorahub.vocab import ARCHS
 
 # file factor suffix -> (layer kind, canonical factor name)
 FACTORS = {
@@ -68,8 +67,14 @@ def _adapted_shape(kind: str, f: dict[str, torch.Tensor]) -> tuple[int, ...] | N
     return None
 
 
-def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: str | None = None,
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=None,
          base_hint: str | None = None, name: str = "file") -> LoraModel:
+    """Read kohya/LyCORIS tensors. ``arch`` (an Arch or its name: the base model's own architecture)
+    maps the names; without it the built-in table holding every name does, and when none does the
+    layers keep their kohya names (unmapped; see :mod:`lorahub.formats.names`)."""
+    family = names.family_dialect(base_hint)
+    if family is not None and family.read_kohya is not None:
+        return family.read_kohya(tensors, metadata, name)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     emb: dict[str, dict[str, torch.Tensor]] = {}
     emb_keys: dict[str, dict[str, str]] = {}
@@ -99,15 +104,10 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
         _check_factors(mod, kind, weights, name)
         built[mod] = (kind, weights, special)
 
-    # architecture: every module name must exist with the implied shape
+    # architecture: the module each name adapts (kept under its kohya name when no table holds it)
     shapes = {mod: _adapted_shape(kind, w) for mod, (kind, w, _s) in built.items()}
-    if arch is not None:
-        a = names.get_arch(arch)
-        bad = [m for m in built if names.from_kohya(m, a) is None]
-        if bad:
-            raise FormatError(f"{name}: {len(bad)} module(s) are not in {arch}, e.g. {bad[0]}")
-    else:
-        a = names.infer_arch(shapes, kohya=True, base_hint=base_hint) if built else None
+    km = names.map_kohya(shapes, arch=arch, base_hint=base_hint)
+    a = km.arch
 
     from lorahub.formats.diffusers_fmt import LOREHUB_KEY
 
@@ -118,11 +118,13 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
             metadata.update(json.loads(raw).get("stash", {}))
         except (ValueError, AttributeError):
             pass
-    model = LoraModel(metadata=metadata, source_format="kohya",
-                      base=a.family if a else (base_hint or "unknown"), arch=a.name if a else "unknown")
+    known = a is not None and a.family != "unknown"
+    model = LoraModel(metadata=metadata, source_format="kohya", base=a.family if known else (base_hint or "unknown"),
+                      arch=a.name if a else "unknown", notes=list(km.notes))
     for mod, (kind, weights, special) in built.items():
-        cname = names.from_kohya(mod, a)
-        if a.family == "sdxl" and mod.startswith("lora_unet_") and mod not in a.kohya_to_canonical():
+        cname = km.names[mod]
+        mapped = not names.is_unmapped(cname)
+        if mapped and a.kohya_unet_layout == "sgm" and names.kohya_layout_of(mod, a) == "diffusers":
             model.extra["kohya_unet_layout"] = "diffusers"  # written back the same way
         layer = LoraLayer(kind=kind, weights=weights)
         if "alpha" in special:
@@ -135,7 +137,9 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
         if "dora_scale" in special:
             layer.dora_scale = special["dora_scale"]
         if kind in ("loha", "lokr") or (kind == "lora" and "mid" in weights):
-            layer.extra["shape"] = list(a.modules[cname])
+            shape = a.modules[cname] if mapped else shapes[mod]
+            if shape is not None:
+                layer.extra["shape"] = list(shape)
         model.layers[cname] = layer
     if emb:
         model.embeddings = emb
@@ -144,7 +148,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch: st
 
 
 def names_prefixes() -> tuple[str, ...]:
-    return ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+    return tuple(names.KOHYA_PREFIXES)
 
 
 def _check_factors(mod: str, kind: str, w: dict[str, torch.Tensor], name: str) -> None:
@@ -181,12 +185,16 @@ def _check_factors(mod: str, kind: str, w: dict[str, torch.Tensor], name: str) -
 
 def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of ``model`` in the kohya dialect."""
-    arch = _arch_for(model)
+    family = names.family_dialect(model.base)
+    if family is not None and family.write_kohya is not None:
+        return family.write_kohya(model, dtype)
+    arch = names.arch_for_writing(model)
+    parts = model.parts()
     out: dict[str, torch.Tensor] = {}
     for cname, layer in model.layers.items():
-        if cname not in arch.modules:
+        if arch is not None and cname not in arch.modules and not names.is_unmapped(cname):
             raise FormatError(f"layer {cname} is not a module of {arch.name}")
-        k = names.to_kohya(cname, arch, sgm=model.extra.get("kohya_unet_layout") != "diffusers")
+        k = names.to_kohya(cname, arch, sgm=model.extra.get("kohya_unet_layout") != "diffusers", parts=parts)
         for fac, t in layer.weights.items():
             suffix = SUFFIX_OF.get((layer.kind, fac))
             if suffix is None:
@@ -206,7 +214,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
         for slot, t in slots.items():
             inner = keys.get(tok, {}).get(slot)
             if inner is None:
-                inner = slot if (arch.family == "sdxl" or "clip_g" in slots) else "string_to_param.*"
+                inner = slot if (model.base == "sdxl" or "clip_g" in slots) else "string_to_param.*"
             out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
     meta = dict(model.metadata)
     # diffusers' LoraConfig JSON must not reach a kohya file (diffusers refuses "network_alphas and
@@ -221,11 +229,3 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
-
-
-def _arch_for(model: LoraModel) -> names.Arch:
-    if model.arch in ARCHS:
-        return names.get_arch(model.arch)
-    shapes = {n: tuple(layer.shape) if layer.kind in ("lora", "full") or "shape" in layer.extra else None
-              for n, layer in model.layers.items()}
-    return names.infer_arch(shapes, base_hint=model.base)

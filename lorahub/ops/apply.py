@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahub.errors import LorahubError
+from lorahub.vocab import PARTS
 
-PART_ATTRS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+PART_ATTRS = {p: p for p in PARTS}
 
 
 class ScaleState:
@@ -294,6 +295,21 @@ def _load_embeddings(handle: AppliedLoras, model) -> list[str]:
     return tokens
 
 
+def _target_key(key: str, pipe, arch: list) -> str:
+    """The canonical module a layer key adapts in ``pipe``: the key itself, or for an unmapped kohya key
+    the module the pipeline's own module list names (derived from its components' configs)."""
+    from lorahub.formats import names
+
+    if not names.is_unmapped(key):
+        return key
+    kname = names.dialect_name(key)
+    if not names.kohya_part(kname):
+        return key
+    if not arch:
+        arch.append(names.arch_of_pipeline(pipe))
+    return names.from_kohya(kname, arch[0]) or key
+
+
 def apply_loras(pipe, models, names=None, *, strict: bool = False) -> AppliedLoras:
     """Install every model of ``models`` (canonical LoraModel) into ``pipe``; strengths start at 1.
 
@@ -302,15 +318,17 @@ def apply_loras(pipe, models, names=None, *, strict: bool = False) -> AppliedLor
     """
     state = ScaleState()
     handle = AppliedLoras(pipe, state)
+    arch = []  # the pipeline's own module list, derived once when a LoRA has unmapped kohya names
     try:
         for slot, model in enumerate(models):
             name = names[slot] if names else f"lora{slot}"
             handle.names.append(name)
             applied, unmatched = 0, []
             for key, layer in model.items():
-                part = key.partition(".")[0]
+                target = _target_key(key, pipe, arch)
+                part = target.partition(".")[0]
                 root = _part_module(pipe, part)
-                mod, live = _live_module(root, key) if root is not None else (None, None)
+                mod, live = _live_module(root, target) if root is not None else (None, None)
                 if mod is None:
                     unmatched.append(key)
                     continue

@@ -24,6 +24,7 @@ import torch
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraModel
 from lorahub.formats.header import FLOAT_DTYPES
+from lorahub.formats.names import canonical, dialect_name, from_kohya, is_unmapped, kohya_part
 from lorahub.vocab import PARTS
 
 RECIPE_FILE = "lorahub_recipe.toml"
@@ -43,20 +44,35 @@ class BakeReport:
 
 
 def weight_name(key: str) -> str:
-    """Canonical checkpoint tensor name of a LoRA layer key (text encoders spelled with ``text_model.``)."""
+    """Canonical checkpoint tensor name of a LoRA layer key (CLIP towers spelled with ``text_model.``)."""
     part, _, rest = key.partition(".")
     if part not in PARTS:
         raise LorahubError(f"{key}: unknown model part {part!r}")
-    if part != "unet" and not (rest.startswith("text_model.") or rest.startswith("text_projection")):
-        rest = "text_model." + rest
-    return f"{part}.{rest}.weight"
+    return canonical(part, rest) + ".weight"
 
 
-def _plan(ck, merged: LoraModel) -> dict[str, object]:
-    plan: dict[str, object] = {}
+def _module_of(ck, key: str) -> str:
+    """The canonical module a layer key adapts in ``ck``: the key itself, or for an unmapped kohya key
+    the module the base model's own module list names (a diffusers folder's configs)."""
+    if not is_unmapped(key):
+        return key
+    if ck.arch is None:
+        why = ck.arch_error or "a single-file checkpoint carries no config"
+        raise LorahubError(f"{key}: this kohya name needs the base model's module list to find its weight "
+                           f"({why}); bake onto a diffusers folder of the model")
+    hit = from_kohya(dialect_name(key), ck.arch) if kohya_part(dialect_name(key)) else None
+    if hit is None:
+        raise LorahubError(f"{key}: not a module of {ck.path}: is the base the right model?")
+    return hit
+
+
+def _plan(ck, merged: LoraModel) -> dict[str, list]:
+    """Weight name -> the layers that add to it (several when differently named layers of the inputs
+    map to one module)."""
+    plan: dict[str, list] = {}
     lost = []
     for key, layer in merged.layers.items():
-        name = weight_name(key)
+        name = weight_name(_module_of(ck, key))
         if name not in ck:
             lost.append(key)
             continue
@@ -67,7 +83,7 @@ def _plan(ck, merged: LoraModel) -> dict[str, object]:
                                "is the base the right model?")
         if ck.dtype(name) not in FLOAT_DTYPES:
             raise LorahubError(f"{name}: stored as {ck.dtype(name)}; only float weights can be baked")
-        plan[name] = layer
+        plan.setdefault(name, []).append(layer)
     if lost:
         raise LorahubError(f"{lost[0]}: no such weight in {ck.path} ({len(lost)} layer(s) unmatched): "
                            "is the base the right model?")
@@ -111,10 +127,10 @@ def bake(base: Path, merged: LoraModel, out: Path, *, recipe_text: str = "", for
         report = BakeReport(out=out, family=ck.family, layout=ck.layout)
 
         def transform(name: str, w0: torch.Tensor) -> torch.Tensor:
-            layer = plan.get(name)
-            if layer is None:
+            layers = plan.get(name)
+            if layers is None:
                 return w0
-            d = layer.delta(dtype=torch.float32).reshape(w0.shape)
+            d = sum(layer.delta(dtype=torch.float32).reshape(w0.shape) for layer in layers)
             report.layers += 1
             st = ck.dtype(name)
             report.dtypes[st] = report.dtypes.get(st, 0) + 1

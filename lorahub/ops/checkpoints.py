@@ -22,7 +22,8 @@ makes the process hold it): peak memory stays near the largest tensor in use.
 API::
 
     ck = open_checkpoint(path)        # folder or .safetensors file
-    ck.family                         # sd1 | sd2 | sdxl | unknown
+    ck.family                         # sd1 | sd2 | sdxl | sd3 | flux | other:<name> | unknown
+    ck.arch                           # module list from a folder's own configs (names.Arch)
     ck.layout                         # diffusers | ldm | sgm
     ck.keys(); ck.shape(name); ck.get(name, dtype=None)
     write_like(ck, dest, transform=fn, dtype=None)   # same layout, every tensor passed through fn
@@ -45,7 +46,7 @@ from typing import Iterable
 
 from lorahub.errors import FormatError, LorahubError
 from lorahub.formats.header import FLOAT_DTYPES, TORCH_NAMES
-from lorahub.formats.names import unet_from_ldm, unet_to_ldm
+from lorahub.formats.names import canonical, unet_from_ldm, unet_to_ldm
 from lorahub.vocab import PARTS, PICKLE_SUFFIXES
 
 
@@ -202,10 +203,11 @@ def _openclip_map(rest: str, part: str, n_layers_keep: int | None):
 
 
 def _hf_text_name(part: str, key: str) -> str:
-    """Canonical name of a transformers CLIP text-model key (with or without ``text_model.``)."""
+    """Canonical name of a transformers text-model key (CLIP towers with or without ``text_model.``;
+    other text encoders, e.g. T5, as they are)."""
     if key.startswith("text_model.") or key.startswith("text_projection."):
         return f"{part}.{key}"
-    return f"{part}.text_model.{key}"
+    return canonical(part, key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +227,21 @@ class Checkpoint:
         self._inverse: dict[tuple[int, str], list[str]] = {}
         for name, src in mapping.items():
             self._inverse.setdefault((src.file, src.key), []).append(name)
+        self._arch = None
+        self.arch_error: str | None = None
+
+    @property
+    def arch(self):
+        """The model's architecture (:class:`lorahub.formats.names.Arch`), derived from a diffusers
+        folder's own configs; None for a single file (its configs are not in it)."""
+        if self._arch is None and self.layout == "diffusers" and self.arch_error is None:
+            from lorahub.formats.names import arch_of_folder
+
+            try:
+                self._arch = arch_of_folder(self.path)
+            except FormatError as exc:  # a folder whose configs build no model: names are still read
+                self.arch_error = str(exc)
+        return self._arch
 
     # reading ---------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -415,7 +432,7 @@ def _open_folder(path: Path) -> Checkpoint:
         sub = path / part
         if not sub.is_dir():
             continue
-        stem = "diffusion_pytorch_model" if part == "unet" else "model"
+        stem = "diffusion_pytorch_model" if part in ("unet", "transformer") else "model"
         for p in _part_files(sub, stem):
             f = _File(p)
             fi = len(files)
@@ -425,20 +442,13 @@ def _open_folder(path: Path) -> Checkpoint:
                     continue
                 name = f"unet.{k}" if part == "unet" else _hf_text_name(part, k)
                 mapping[name] = Source(fi, k)
-    if not any(n.startswith("unet.") for n in mapping):
+    if not any(n.startswith(("unet.", "transformer.")) for n in mapping):
         for f in files:
             f.close()
-        raise FormatError(f"{path}: no unet/ safetensors weights in this diffusers folder")
-    family = "sd1"
-    if "text_encoder_2" in {n.split(".", 1)[0] for n in mapping} or "unet.add_embedding.linear_1.weight" in mapping:
-        family = "sdxl"
-    else:
-        try:
-            cfg = json.loads((path / "unet" / "config.json").read_text())
-            if cfg.get("cross_attention_dim") == 1024:
-                family = "sd2"
-        except (OSError, ValueError):
-            pass
+        raise FormatError(f"{path}: no unet/ or transformer/ safetensors weights in this diffusers folder")
+    from lorahub.formats.names import family_of_folder
+
+    family = family_of_folder(path)
     L = None
     idx = [int(m[1]) for n in mapping if (m := re.match(r"unet\.down_blocks\.0\.resnets\.(\d+)\.", n))]
     if idx:

@@ -298,7 +298,7 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
                 notes.append(f"{part}: extracted (largest weight difference {md:.3g})")
         if not todo:
             raise LorahubError("nothing to extract: no adaptable layer differs between the models")
-        model = LoraModel(base=family, source_format="extract")
+        model = LoraModel(base=family, source_format="extract", arch=base.arch.name if base.arch else "unknown")
         reports: list[LayerReport] = []
         unchanged = 0
         for i, (name, kind) in enumerate(todo):

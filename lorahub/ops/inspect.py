@@ -28,6 +28,7 @@ import torch
 
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.formats.names import is_unmapped, map_unmapped, unmapped
 from lorahub.linalg import lowrank
 
 ENERGIES = (0.90, 0.99)
@@ -35,51 +36,70 @@ ENERGIES = (0.90, 0.99)
 # ----------------------------------------------------------------------------------------------------
 # Where a layer sits: block (rows of the summary / heat map) and layer type (columns)
 
-_UNET_BLOCK = re.compile(r"^unet\.(down_blocks|up_blocks)\.(\d+)\.")
-_TE_LAYER = re.compile(r"^(text_encoder(?:_2)?)\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
+_KOHYA_PREFIX = re.compile(r"^lora_(?:unet|te\d?)_")
+_UNET_BLOCK = re.compile(r"^(down|up)[._]blocks[._](\d+)[._]")
+_UNET_MID = re.compile(r"^mid[._]block[._]")
+_TE_LAYER = re.compile(r"^(?:text[._]model[._])?encoder[._](?:layers|block)[._](\d+)[._]")
+_ANY_BLOCK = re.compile(r"^([a-z0-9_]*?(?:blocks|layers|block|refiner))[._](\d+)[._]")
+_TE_LABEL = {"text_encoder": "te", "text_encoder_2": "te2", "text_encoder_3": "te3"}
 
-LAYER_TYPES = ("self-attn", "cross-attn", "ff/mlp", "proj", "resnet", "sampler", "other")
+LAYER_TYPES = ("self-attn", "cross-attn", "attn", "ff/mlp", "proj", "resnet", "sampler", "other")
+
+
+def _rest(key: str) -> tuple[str, str]:
+    """(part, module path or, for an unmapped key, its kohya name without the prefix)."""
+    part, _, rest = key.partition(".")
+    if is_unmapped(key):
+        rest = _KOHYA_PREFIX.sub("", rest)
+    return part, rest
 
 
 def block_of(key: str) -> str:
-    """Block label of a canonical key: down.0 … mid … up.3, unet.other, te.0 …, te2.0 …, te.other."""
-    m = _UNET_BLOCK.match(key)
+    """Block label of a canonical key: down.0 … mid … up.3 and unet.other for a UNet; te.0 …, te2.0 …,
+    te3.0 …, te.other for text encoders; for any other model the numbered block the key sits in
+    (``transformer_blocks.3``, ``single_transformer_blocks.10``, ``double_blocks.3`` of a kohya Flux file),
+    else ``<part>.other``. Unmapped kohya keys are read through their flattened names."""
+    part, rest = _rest(key)
+    if part in _TE_LABEL:
+        m = _TE_LAYER.match(rest)
+        return f"{_TE_LABEL[part]}.{int(m.group(1))}" if m else f"{_TE_LABEL[part]}.other"
+    m = _UNET_BLOCK.match(rest)
     if m:
-        return f"{'down' if m.group(1) == 'down_blocks' else 'up'}.{int(m.group(2))}"
-    if key.startswith("unet.mid_block."):
+        return f"{m.group(1)}.{int(m.group(2))}"
+    if _UNET_MID.match(rest):
         return "mid"
-    if key.startswith("unet."):
-        return "unet.other"
-    m = _TE_LAYER.match(key)
+    m = _ANY_BLOCK.match(rest)
     if m:
-        return f"{'te2' if m.group(1) == 'text_encoder_2' else 'te'}.{int(m.group(2))}"
-    if key.startswith("text_encoder_2."):
-        return "te2.other"
-    if key.startswith("text_encoder."):
-        return "te.other"
-    return "other"
+        return f"{m.group(1)}.{int(m.group(2))}"
+    return f"{part}.other" if part else "other"
 
 
 def block_sort_key(block: str) -> tuple:
-    head, _, tail = block.partition(".")
-    order = {"down": 0, "mid": 1, "up": 2, "unet": 3, "te": 4, "te2": 5}.get(head, 6)
+    head, _, tail = block.rpartition(".")
+    order = {"down": 0, "mid": 1, "up": 2, "unet": 3, "te": 5, "te2": 6, "te3": 7}.get(head, 4)
+    if block == "mid":
+        head, tail, order = "mid", "", 1
     idx = int(tail) if tail.isdigit() else 10_000
-    return (order, idx, block)
+    return (order, head if order == 4 else "", idx, block)
 
 
 def layer_type(key: str) -> str:
     """Coarse module type of a canonical key (the heat map's columns)."""
-    if ".attn1." in key or ".self_attn." in key:
+    _part, rest = _rest(key)
+    k = "." + rest.replace("_", ".") + "."  # one separator for module paths and flattened kohya names
+    if ".attn1." in k or ".self.attn." in k:
         return "self-attn"
-    if ".attn2." in key:
+    if ".attn2." in k or ".cross.attn." in k:
         return "cross-attn"
-    if ".ff." in key or ".mlp." in key:
+    if ".attn." in k or ".attention." in k or ".selfattention." in k.lower():
+        return "attn"
+    if any(w in k for w in (".ff.", ".mlp.", ".ffn.", ".feed.forward.", ".ff.context.", ".linear1.", ".linear2.")):
         return "ff/mlp"
-    if key.endswith(".proj_in") or key.endswith(".proj_out"):
+    if k.endswith((".proj.in.", ".proj.out.")) and ".attentions." in k:
         return "proj"
-    if ".resnets." in key:
+    if ".resnets." in k:
         return "resnet"
-    if ".downsamplers." in key or ".upsamplers." in key:
+    if ".downsamplers." in k or ".upsamplers." in k:
         return "sampler"
     return "other"
 
@@ -468,7 +488,7 @@ def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | N
     selected = match_layers(keys, layers)
     if layers and not selected:
         raise LorahubError(f"layer pattern {layers!r} matches none of the {len(keys)} layers")
-    warnings: list[str] = []
+    warnings: list[str] = list(model.notes)
     stats: list[LayerStats] = []
     missing_base: list[str] = []
     for k in selected:
@@ -517,6 +537,8 @@ def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | N
         **_file_facts(path),
         "format": fmt or model.source_format,
         "base": model.base,
+        "arch": model.arch,
+        "unmapped_layers": len(unmapped(keys)),
         "kind": model.kind,
         "parts": model.parts(),
         "layers": len(keys),
@@ -595,10 +617,15 @@ def inspect_lora(lora: str | os.PathLike, *, base: str | None = None, layers: st
         if plot is not None:
             plot = check_output(plot, force=force, suffixes=(".png",))
         model = load_lora(src.path)
-        n = len(match_layers(model.layers, layers))
-        done = iter(range(1, n + 1))
         base_w = open_base(base, regs) if base else None
         try:
+            if base_w is not None and unmapped(model.layers) and base_w.arch is not None:
+                # kohya names no built-in table holds: the base model's own module list maps them
+                left = map_unmapped(model, base_w.arch)
+                model.notes = [f"{len(left)} layer(s) are not modules of {base}: kept under their kohya names"
+                               + (f", e.g. {left[0]}" if left else "")] if left else []
+            n = len(match_layers(model.layers, layers))
+            done = iter(range(1, n + 1))
             report = inspect_model(model, path=src.path, layers=layers, base=base_w, base_ref=base,
                                    on_layer=(lambda k: on_layer(next(done), n, k)) if on_layer else None,
                                    fmt=model.source_format if model.source_format != "unknown"

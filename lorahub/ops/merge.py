@@ -315,7 +315,8 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
         alpha = float(max(sum(t.rank for t in ts) for ts in terms.values()))
     else:
         alpha = float(max(ts[0].rank for ts in terms.values()))
-    out = LoraModel(base=family, source_format="lorahub-merge")
+    archs = {inp.model.arch for inp in inputs}  # the inputs' shared module list names the output too
+    out = LoraModel(base=family, source_format="lorahub-merge", arch=archs.pop() if len(archs) == 1 else "unknown")
     result = MergeResult(model=out, method=method)
     for key in sorted(terms):
         ts = terms[key]

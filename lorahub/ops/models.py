@@ -20,7 +20,25 @@ def resolve_model_ref(ref: str, registry=None) -> Path:
 
 
 def family_of_pipeline(pipe) -> str:
+    """The pipeline's shape: ``sdxl`` with two text encoders, else ``sd1`` (its base family is
+    ``lorahub.formats.names.arch_of_pipeline(pipe).family``)."""
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+
+
+def arch_of_model(ref: str, registry=None, *, config=None):
+    """The module list of the model ``ref`` (:func:`lorahub.refs.resolve_model`), derived from its own
+    configs on the meta device (:mod:`lorahub.formats.names`): a diffusers folder's, or for a
+    single-file checkpoint those of ``config`` (a diffusers folder of the same architecture), else the
+    built-in table of the checkpoint's family (SD1/SD2/SDXL)."""
+    from lorahub.formats import names
+
+    path = resolve_model_ref(ref, registry)
+    if path.is_dir():
+        return names.arch_of_folder(path)
+    if config is not None:
+        return names.arch_of_folder(Path(config).expanduser())
+    family, _inpaint = checkpoint_family(path)
+    return names.get_arch(family)
 
 
 def checkpoint_family(path: Path) -> tuple[str, bool]:

@@ -524,6 +524,7 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     import tempfile
 
     from lorahub.formats.io import dtype_name, parse_dtype, save_lora
+    from lorahub.formats.names import default_dialect
     from lorahub.hashing import sha256_file
     from lorahub.ops import merge as mg
 
@@ -548,7 +549,7 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     }
     if recipe.name:
         model.metadata["modelspec.title"] = recipe.name
-    res.dialect = recipe.dialect or "kohya"
+    res.dialect = recipe.dialect or default_dialect(model)
     res.base = model.base
     tmpdir = None
     target = res.out

@@ -134,10 +134,18 @@ class Registry:
 
     def search(self, query: str | None = None, *, type: str | None = None, base: str | None = None,
                tags: Iterable[str] = (), kind: str | None = None, rank_min: int | None = None,
-               rank_max: int | None = None, format: str | None = None, limit: int | None = None) -> list[dict]:
-        """Entries matching a full-text ``query`` (name, triggers, tags, description) and filters."""
+               rank_max: int | None = None, format: str | None = None, limit: int | None = None,
+               offset: int = 0, order: str | None = None, base_model: str | None = None) -> list[dict]:
+        """Entries matching a full-text ``query`` (name, triggers, tags, description) and filters, best
+        match first (by name without a query) or in one of ``queries.SEARCH_ORDERS`` (name, added, size,
+        rank); ``limit`` entries from the ``offset``-th on."""
         return queries.search(self.conn, query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min,
-                              rank_max=rank_max, format=format, limit=limit)
+                              rank_max=rank_max, format=format, limit=limit, offset=offset, order=order,
+                              base_model=base_model)
+
+    def search_count(self, query: str | None = None, **filters: Any) -> int:
+        """How many entries :meth:`search` finds with the same query and filters."""
+        return queries.search_count(self.conn, query, **filters)
 
     def dupes(self) -> list[list[dict]]:
         """Groups of entries with the same tensors (same AutoV3) under other names or metadata."""

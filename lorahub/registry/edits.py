@@ -14,9 +14,10 @@ from typing import Any, Iterable
 from lorahub.errors import LorahubError, NotFound
 from lorahub.registry import queries
 from lorahub.registry.schema import insert, now_iso
-from lorahub.vocab import BASES, LORA_TYPES
+from lorahub.formats.families import check_base, check_base_model
+from lorahub.vocab import LORA_TYPES
 
-UPDATABLE = ("name", "type", "triggers", "tags", "description", "base", "source", "created_at", "extra")
+UPDATABLE = ("name", "type", "triggers", "tags", "description", "base", "base_model", "source", "created_at", "extra")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -97,7 +98,9 @@ def update(conn: sqlite3.Connection, entry_id: str, fields: dict[str, Any]) -> N
     if "base" in fields:
         if fields["base"] is None:
             fields["base"] = "unknown"
-        check_choice("base", fields["base"], BASES)
+        check_base(fields["base"])
+    if "base_model" in fields:
+        fields["base_model"] = check_base_model(fields["base_model"])
     sets, args = [], []
     for k, v in fields.items():
         if k == "name":

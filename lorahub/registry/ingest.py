@@ -23,7 +23,8 @@ from lorahub.errors import FormatError, LorahubError, NotFound
 from lorahub.registry import edits, queries
 from lorahub.registry.schema import insert, now_iso, transaction
 from lorahub.registry.store import Store, fsync_dir, fsync_file, fsync_many
-from lorahub.vocab import BASES, LORA_TYPES
+from lorahub.formats.families import check_base
+from lorahub.vocab import LORA_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorahub.formats.detect import Detection
@@ -71,6 +72,7 @@ class Prepared:
     source: str | None = None
     lineage: list[dict] | None = None
     extra: dict | None = None
+    base_model: str | None = None
 
     @property
     def sha256(self) -> str:
@@ -87,10 +89,13 @@ class Prepared:
     def entry_row(self, entry_id: str, name: str) -> dict:
         """The ``entries`` row this file becomes (JSON columns as JSON text)."""
         det, imp, h = self.detection, self.imported, self.hashes
+        from lorahub.formats.families import from_text
+
+        settled = det.settle([from_text(imp.extra.get("civitai_base_model"), "civitai baseModel")])
         if self.base:
             base = self.base
-        elif det.base != "unknown":
-            base = det.base
+        elif settled.base != "unknown":
+            base = settled.base
         else:
             base = imp.base or "unknown"
         extra = dict(imp.extra)
@@ -103,6 +108,11 @@ class Prepared:
             extra["base_conflict"] = f"tensors say {det.base}, metadata says {imp.base}"
         if imp.type and not self.type:
             extra["type_source"] = {"type": imp.type, "from": imp.type_source}
+        if settled.notes:
+            extra["base_conflict"] = "; ".join(settled.notes)
+        if settled.evidence:
+            extra["base_evidence"] = settled.evidence
+        base_model = self.base_model or (settled.base_model if base == settled.base else None)
         if self.extra:
             extra.update(self.extra)
         from lorahub.metadata import dedupe
@@ -124,6 +134,7 @@ class Prepared:
             "metadata": edits.dumps(_slim_meta(self.header)),
             "extra": edits.dumps(extra),
             "blob_mode": "link" if self.linked else "copy",
+            **({"base_model": base_model} if base_model else {}),
         }
 
 
@@ -208,7 +219,7 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     if not p.is_file():
         raise LorahubError(f"{path}: not a regular file")
     edits.check_choice("type", type, LORA_TYPES)
-    edits.check_choice("base", base, BASES)
+    check_base(base)
     det = detect(p)
     header = dict(det.metadata)
     imported = md.collect(p, header, sidecars=sidecars)

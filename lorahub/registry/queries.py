@@ -17,7 +17,7 @@ from lorahub.errors import Ambiguous, LorahubError, NotFound
 HASH_COLUMNS = ("sha256", "autov3", "blake3", "autov2", "autov1", "crc32")
 JSON_COLUMNS = {"parts": list, "tokens": list, "triggers": list, "tags": list, "metadata": dict, "extra": dict}
 # what `list`/`search --json` print of an entry, and the columns of their table
-SHORT_KEYS = ("id", "name", "kind", "format", "base", "rank", "rank_min", "rank_max", "alpha", "type", "triggers",
+SHORT_KEYS = ("id", "name", "kind", "format", "base", "base_model", "rank", "rank_min", "rank_max", "alpha", "type", "triggers",
               "tags", "size", "sha256", "autov2", "autov3", "file_name")
 MAX_ANCESTRY_DEPTH = 8
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -137,7 +137,8 @@ SEARCH_ORDERS = {
 
 
 def _matching(query: str | None, *, type: str | None, base: str | None, tags: Iterable[str], kind: str | None,
-              rank_min: int | None, rank_max: int | None, format: str | None) -> tuple[str, list, str] | None:
+              rank_min: int | None, rank_max: int | None, format: str | None,
+              base_model: str | None = None) -> tuple[str, list, str] | None:
     """``FROM ... WHERE ...`` of the entries a search matches, its arguments and its best-match order;
     None when the query has no word to look for (nothing matches)."""
     where, args = [], []
@@ -164,6 +165,9 @@ def _matching(query: str | None, *, type: str | None, base: str | None, tags: It
         if value:
             where.append(f"e.{col} = ?")
             args.append(value)
+    if base_model:
+        where.append("e.base_model = ? COLLATE NOCASE")
+        args.append(base_model.strip())
     for t in tags:
         where.append("EXISTS (SELECT 1 FROM json_each(e.tags) WHERE value = ? COLLATE NOCASE)")
         args.append(t)
@@ -183,14 +187,15 @@ def _matching(query: str | None, *, type: str | None, base: str | None, tags: It
 def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
            base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
            rank_min: int | None = None, rank_max: int | None = None, format: str | None = None,
-           limit: int | None = None, offset: int = 0, order: str | None = None) -> list[dict]:
+           limit: int | None = None, offset: int = 0, order: str | None = None,
+           base_model: str | None = None) -> list[dict]:
     """Entries matching a full-text ``query`` (name, triggers, tags, description; every word as a
     prefix; a hash prefix finds its entry too) and the filters, best match first (by name without a
     query), or in one of the ``SEARCH_ORDERS``; ``limit`` entries from the ``offset``-th on."""
     if order is not None and order not in SEARCH_ORDERS:
         raise LorahubError(f"unknown order {order!r}; choose one of {', '.join(SEARCH_ORDERS)}")
     found = _matching(query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min, rank_max=rank_max,
-                      format=format)
+                      format=format, base_model=base_model)
     if found is None:
         return []
     sql, args, best = found
@@ -211,10 +216,11 @@ def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | No
 
 def search_count(conn: sqlite3.Connection, query: str | None = None, *, type: str | None = None,
                  base: str | None = None, tags: Iterable[str] = (), kind: str | None = None,
-                 rank_min: int | None = None, rank_max: int | None = None, format: str | None = None) -> int:
+                 rank_min: int | None = None, rank_max: int | None = None, format: str | None = None,
+                 base_model: str | None = None) -> int:
     """How many entries :func:`search` finds with the same query and filters."""
     found = _matching(query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min, rank_max=rank_max,
-                      format=format)
+                      format=format, base_model=base_model)
     if found is None:
         return 0
     sql, args, _ = found

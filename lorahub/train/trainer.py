@@ -119,15 +119,10 @@ def lora_params(model) -> dict[str, "object"]:
     return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
-def _canonical_te_path(part: str, path: str) -> str:
-    if not path.startswith("text_model."):
-        path = "text_model." + path
-    return f"{part}.{path}"
-
-
 def build_lora_model(parts: dict, alpha: float, dtype, base: str, metadata: dict):
     """Canonical LoraModel from peft-injected modules: {"unet": unet, "text_encoder": te, ...}."""
     from lorahub.formats.canonical import LoraLayer, LoraModel
+    from lorahub.formats.names import canonical
 
     model = LoraModel(base=base, metadata=dict(metadata))
     for part, module in parts.items():
@@ -135,7 +130,7 @@ def build_lora_model(parts: dict, alpha: float, dtype, base: str, metadata: dict
         downs = {n.split(".lora_A.")[0]: p for n, p in tensors.items() if ".lora_A." in n}
         ups = {n.split(".lora_B.")[0]: p for n, p in tensors.items() if ".lora_B." in n}
         for path in sorted(downs):
-            key = f"unet.{path}" if part == "unet" else _canonical_te_path(part, path)
+            key = canonical(part, path)
             model.layers[key] = LoraLayer(
                 "lora", {"down": downs[path].detach().to("cpu", dtype).contiguous(),
                          "up": ups[path].detach().to("cpu", dtype).contiguous()}, alpha=float(alpha))
@@ -211,7 +206,13 @@ class Trainer:
                 self.base_entry = None
         pipe = self._pipe if self._pipe is not None else load_pipeline(cfg.base, registry=reg)
         self.pipe = pipe
-        self.family = family_of_pipeline(pipe)
+        self.family = family_of_pipeline(pipe)  # the pipeline's shape: sdxl (two text encoders) or sd1
+        # the model's own module list (from its components' configs) names the LoRA's layers in every
+        # dialect; its family is what the outputs are catalogued under
+        from lorahub.formats.names import arch_of_pipeline
+
+        self.arch = arch_of_pipeline(pipe)
+        self.base_family = self.arch.family
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16,
                              "bf16": torch.bfloat16}[cfg.mixed_precision]
         if self.device.type == "cpu" and self.weight_dtype == torch.float16:
@@ -778,12 +779,13 @@ class Trainer:
         ds_name = Path(cfg.data_dir).resolve().name
         caps = [c for c in self.data.raw_captions if c] or [self.instance_prompt()]
         freq = {ds_name: tag_frequency(caps)}
-        base_version = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(self.family, self.family)
+        base_version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3",
+                        "flux": "flux1"}.get(self.base_family, self.base_family)
         md = {
             "ss_training_method": cfg.method,
             "ss_sd_model_name": str(cfg.base),
             "ss_base_model_version": base_version,
-            "ss_v2": "False",
+            "ss_v2": str(self.base_family == "sd2"),
             "ss_output_name": self.name,
             "ss_tag_frequency": json.dumps(freq, ensure_ascii=False),
             "ss_dataset_dirs": json.dumps({ds_name: {"n_repeats": 1, "img_count": len(self.data)}}),
@@ -848,7 +850,7 @@ class Trainer:
                 slots["clip_g"] = rows[1][k * n:(k + 1) * n]
             meta = {**md, "ss_placeholder_token": p, "modelspec.trigger_phrase": p,
                     "lorahub_triggers": json.dumps([p])}
-            model = LoraModel(embeddings={p: slots}, metadata=meta, base=self.family)
+            model = LoraModel(embeddings={p: slots}, metadata=meta, base=self.base_family)
             stem = self.name if len(ph) == 1 else f"{self.name}-{safe_filename(p, 'token')}"
             dest = self.out_dir / f"{stem}{suffix}.safetensors"
             save_lora(model, dest, dialect="kohya", dtype=self._save_dtype())
@@ -890,7 +892,8 @@ class Trainer:
             from lorahub.formats.io import save_lora
 
             model = build_lora_model(self._lora_parts(), cfg.lora_alpha, self._save_dtype(),
-                                     self.family, md)
+                                     self.base_family, md)
+            model.arch = self.arch.name
             if "text_encoder" not in self.lora:
                 model.layers = {k: v for k, v in model.layers.items() if k.startswith("unet.")}
             dest = self.out_dir / f"{self.name}.safetensors"
@@ -932,7 +935,7 @@ class Trainer:
                 triggers = [tok]
                 name = path.name.removesuffix(".safetensors")
             entry, created = register_derived(reg, path, relation="trained-from", parents=[parent], detail=detail,
-                                              name=name, type=cfg.type, triggers=triggers, base=self.family,
+                                              name=name, type=cfg.type, triggers=triggers, base=self.base_family,
                                               source="lorahub train")
             if not created:
                 entry = reg.update(entry["id"], type=cfg.type, triggers=triggers)
