@@ -238,8 +238,10 @@ def test_migrations_upgrade_older_and_refuse_newer(home, tmp_path):
     tables = {x[0] for x in r.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "scan_cache" not in tables and r.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     r.close()
+    from lorahub.registry.schema import migrations
+
     r = Registry.open(home)
-    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0] >= 3
     assert r.resolve("old")["sha256"] == e["sha256"]
     r.conn.execute("SELECT count(*) FROM scan_cache").fetchone()
     r.conn.execute("PRAGMA user_version = 99")
@@ -414,7 +416,9 @@ Registry.open({str(home)!r}).add_file({str(f)!r})
     assert reg.count() == 0 and reg.conn.execute("SELECT count(*) FROM entries_fts").fetchone()[0] == 0
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     assert [p.name for p in store_files(home)] == [sha]  # an unreferenced blob, no entry
-    assert reg.gc()["blobs"] == [sha]
+    with pytest.raises(LorahubError, match="no entries"):  # a catalogue without entries deletes no blob ...
+        reg.gc()
+    assert reg.gc(force=True)["blobs"] == [sha]  # ... unless forced
     e, created = reg.add_file(f)
     assert created and reg.blob_path(e).read_bytes() == f.read_bytes()
 
@@ -503,12 +507,16 @@ def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_p
     f = kohya_file(tmp_path / "e.safetensors")
     (tmp_path / "e.preview.png").write_bytes(png_bytes((9, 9, 9)))
     e, _ = reg.add_file(f, triggers=["zkz", "blue hair"], base="sd1", description="d")
-    e = reg.update(e["id"], name="../../up/Name: v1")
+    with pytest.raises(LorahubError, match="path separators"):
+        reg.update(e["id"], name="../../up/Name: v1")
+    e = reg.update(e["id"], name="Name: v1")
     dest = tmp_path / "out"
     res = reg.export(e["name"], dest)
     assert res.id == e["id"] and [p.parent for p in res.written] == [dest] * 3
     lora, side, preview = res.written
-    assert lora.name == "up_Name_ v1.safetensors" and lora.read_bytes() == f.read_bytes()
+    assert lora.name == "e.safetensors" and lora.read_bytes() == f.read_bytes()  # the original file's name
+    other = reg.export(e["id"], tmp_path / "out2", stem="../../up/Name: v1")  # a chosen stem is made safe
+    assert other.written[0].name == "up_Name_ v1.safetensors" and other.written[0].parent == tmp_path / "out2"
     assert json.loads(side.read_text()) == webui_sidecar(e) and json.loads(side.read_text())["activation text"] == "zkz, blue hair"
     assert preview.read_bytes() == (tmp_path / "e.preview.png").read_bytes()
     assert not (tmp_path / "up").exists()
@@ -597,7 +605,8 @@ def test_check_files_before_a_batch(tmp_path, bad_files):
     from lorahub.registry.workflows import check_files
 
     good = kohya_file(tmp_path / "ok.safetensors")
-    assert check_files([good]) == [good]
+    checked = check_files([good])
+    assert [c.path for c in checked] == [good] and checked[0].detection.format == "kohya"
     for label, path in bad_files.items():
         with pytest.raises(LorahubError):
             check_files([good, path])

@@ -117,17 +117,22 @@ def test_malicious_pickle_is_never_executed(tmp_path, cli, suffix):
 
 
 def test_store_blobs_are_read_only_and_export_stays_inside(tmp_path, cli):
+    import json
+
     home = tmp_path / "home"
     r = cli("add", kohya_file(tmp_path / "a.safetensors", seed=3), "--name", "../../escape", home=home)
+    assert r.returncode == 2 and "path separators" in r.stderr  # a name is never a path
+    # a name that comes from the file's own metadata is made safe instead, the original kept for display
+    f = kohya_file(tmp_path / "b.safetensors", seed=4, meta={"ssmd_display_name": "../../escape\x1b[31m"})
+    r = cli("add", f, "--json", home=home)
     assert r.returncode == 0, r.stderr
+    eid = json.loads(r.stdout)[0]["id"]
+    entry = json.loads(cli("show", eid, "--json", home=home).stdout)
+    assert entry["name"] == ".._.._escape [31m" and entry["extra"]["display_name"] == "../../escape\x1b[31m"
     blobs = [p for p in (home / "objects").rglob("*") if p.is_file()]
     assert blobs and all((p.stat().st_mode & 0o222) == 0 for p in blobs)
     dest = tmp_path / "out" / "deep"
-    r = cli("list", "--json", home=home)
-    import json
-
-    eid = json.loads(r.stdout)[0]["id"]
-    r = cli("export", eid, dest, home=home)
+    r = cli("export", eid, dest, "--stem", entry["extra"]["display_name"], home=home)
     assert r.returncode == 0, r.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file() and home not in p.parents]
     outside = [p for p in written if dest not in p.parents and p.parent != tmp_path]

@@ -26,12 +26,42 @@ def check_choice(what: str, value, choices) -> None:
         raise LorahubError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def clean_name(name: str) -> str:
-    """An entry name without control characters or surrounding blanks, at most 200 characters."""
-    name = re.sub(r"[\x00-\x1f\x7f]", "", str(name)).strip()
-    if not name:
+MAX_NAME = 200
+# what an entry name may not hold: path separators and control characters (C0, DEL, C1, and the
+# Unicode line/paragraph separators and bidirectional overrides that make text lie about itself)
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def check_name(name: str) -> str:
+    """A name a user gave (``add``/``edit``/``update``): surrounding blanks stripped, at most 200
+    characters. Path separators, control characters, ``.`` and ``..`` are refused."""
+    text = str(name).strip()
+    if not text:
         raise LorahubError("a name cannot be empty")
-    return name[:200]
+    bad = _BAD_NAME.search(text)
+    if bad is not None:
+        what = "path separators" if bad.group() in "/\\" else "control characters"
+        raise LorahubError(f"a name cannot contain {what}: {text!r}")
+    if text in (".", ".."):
+        raise LorahubError(f"{text!r} is not a name")
+    return text[:MAX_NAME]
+
+
+def sanitize_name(raw: str | None) -> str | None:
+    """A name taken from a file (its metadata, sidecars or stem) made acceptable to :func:`check_name`:
+    path separators become ``_``, control characters a space; None when nothing is left."""
+    if raw is None:
+        return None
+    text = _BAD_NAME.sub(lambda m: "_" if m.group() in "/\\" else " ", str(raw))
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text or text in (".", ".."):
+        return None
+    return text[:MAX_NAME]
+
+
+def clean_name(name: str) -> str:
+    """An entry name as stored (see :func:`check_name`)."""
+    return check_name(name)
 
 
 def dumps(value) -> str:
@@ -101,7 +131,7 @@ def update(conn: sqlite3.Connection, entry_id: str, fields: dict[str, Any]) -> N
     sets, args = [], []
     for k, v in fields.items():
         if k == "name":
-            v = clean_name(v)
+            v = check_name(v)
             other = conn.execute("SELECT id FROM entries WHERE name = ?", (v,)).fetchone()
             if other is not None and other["id"] != entry_id:
                 raise LorahubError(f"the name {v!r} is taken by entry {other['id']}")
