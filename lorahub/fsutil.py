@@ -82,14 +82,21 @@ def temp_name(suffix: str = "") -> str:
 
 def make_temp(folder: os.PathLike | str, suffix: str = "") -> Path:
     """Create a new empty temp file (mode 0600) in ``folder``; return its path."""
+    p, fd = open_temp(folder, suffix)
+    os.close(fd)
+    return p
+
+
+def open_temp(folder: os.PathLike | str, suffix: str = "", mode: int = 0o600) -> tuple[Path, int]:
+    """Create a new empty temp file in ``folder`` with permission bits ``mode`` (a 0444 file can still
+    be written through the returned descriptor); return (path, writable file descriptor)."""
     for _ in range(100):
         p = Path(folder) / temp_name(suffix)
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except FileExistsError:
             continue
-        os.close(fd)
-        return p
+        return p, fd
     raise FileExistsError(errno.EEXIST, "cannot create a unique temp file", str(folder))  # pragma: no cover
 
 

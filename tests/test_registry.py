@@ -218,10 +218,10 @@ def test_bad_input_writes_nothing(reg, bad_files, store_files):
 def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch, store_files):
     f = kohya_file(tmp_path / "a.safetensors")
 
-    def boom(conn, entry_id):
+    def boom(*args):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr("lorahub.registry.edits.fts_sync", boom)
+    monkeypatch.setattr("lorahub.registry.edits.fts_insert", boom)
     with pytest.raises(RuntimeError):
         reg.add_file(f, lineage=[{"relation": "converted-from", "parent": "x"}])
     assert reg.count() == 0

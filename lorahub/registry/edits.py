@@ -82,6 +82,13 @@ def _fts_text(name: str) -> str:
     return name if spaced == name else f"{name} {spaced}"
 
 
+def fts_insert(conn: sqlite3.Connection, entry_id: str, name: str, triggers: list[str], tags: list[str],
+               description: str | None) -> None:
+    """The full-text row of a new entry (an entry that has none yet)."""
+    conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
+                 (entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""))
+
+
 def fts_sync(conn: sqlite3.Connection, entry_id: str) -> None:
     """Rewrite the full-text row of an entry from its name, triggers, tags and description."""
     conn.execute("DELETE FROM entries_fts WHERE entry_id = ?", (entry_id,))

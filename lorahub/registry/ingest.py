@@ -164,7 +164,7 @@ class Prepared:
             "type": self.type, "triggers": edits.dumps(triggers),
             "tags": edits.dumps(dedupe(list(imp.tags) + list(self.tags or []))),
             "description": self.description or imp.description,
-            "source": self.source or imp.source or str(self.path.resolve()),
+            "source": self.source or imp.source or os.path.abspath(self.path),
             "created_at": imp.created_at or _iso(mtime),
             "added_at": now_iso(),
             "metadata": edits.dumps(_slim_meta(self.header)),
@@ -224,61 +224,57 @@ class _Sink:
 
 
 def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple["Hashes", Path, bool, os.stat_result]:
-    """Hash ``p`` in one pass while copying it to a temp blob (``copy=False``: hard-link it when the
-    store is on the same file system, else copy). Returns (hashes, temp blob, linked, stat)."""
+    """Hash ``p`` in one pass while copying it to a temp blob (created read-only, as blobs are;
+    ``copy=False``: hard-link it when the store is on the same file system, else copy). Returns
+    (hashes, temp blob, linked, stat of the source as hashed)."""
+    from lorahub.fsutil import temp_name
     from lorahub.hashing import hash_stream
 
     home = store.root.parent
     try:
-        tmp = store.temp()
+        src = open(p, "rb")
     except OSError as exc:
-        raise os_error(exc, home) from None
+        raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    tmp = None
     linked = False
     try:
-        try:
-            src = open(p, "rb")
-        except OSError as exc:
-            raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
         with src:
             st = os.fstat(src.fileno())
-            if copy:
+            if not copy:
+                tmp = store.root / temp_name()
                 try:
-                    out = open(tmp, "wb")
+                    os.link(p, tmp)
+                    linked = True
+                except OSError:
+                    tmp = None
+            if linked:
+                sink = None
+            else:
+                try:
+                    tmp, out = store.open_temp(read_only=True)
                 except OSError as exc:
                     raise os_error(exc, home) from None
-                with out:
-                    try:
-                        hashes = hash_stream(src, st.st_size, copy_to=_Sink(out, home))
-                    except OSError as exc:
-                        raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
+                sink = _Sink(out, home)
+            try:
+                try:
+                    hashes = hash_stream(src, st.st_size, copy_to=sink)
+                except OSError as exc:
+                    raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
+                if sink is not None:
                     try:
                         out.flush()
                         if durable:
                             os.fsync(out.fileno())
                     except OSError as exc:
                         raise os_error(exc, home) from None
-            else:
-                try:
-                    hashes = hash_stream(src, st.st_size)
-                except OSError as exc:
-                    raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
-                tmp.unlink()
-                try:
-                    os.link(p, tmp)
-                    linked = True
-                except OSError:
-                    import shutil
-
-                    try:
-                        shutil.copyfile(p, tmp)
-                        if durable:
-                            fsync_file(tmp)
-                    except OSError as exc:
-                        raise os_error(exc, home) from None
-        if hashes.size != p.stat().st_size:
+            finally:
+                if sink is not None:
+                    out.close()
+        if hashes.size != os.stat(p).st_size:
             raise FormatError(f"{p}: file changed while it was added")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return hashes, tmp, linked, st
 
@@ -364,14 +360,17 @@ def _unique_name(conn, name: str) -> str:
     return name
 
 
-def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> str:
+def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> dict:
     """Insert one prepared file's rows and rename its blobs into place (inside the caller's
-    transaction; the store folders touched are added to ``dirs`` for the caller to fsync)."""
+    transaction; the store folders touched are added to ``dirs`` for the caller to fsync).
+    Returns the new entry."""
     conn = reg.conn
     entry_id = _new_id(conn, prep.sha256)
     name, raw = prep.default_name()
     name = _unique_name(conn, name)
-    insert(conn, "entries", prep.entry_row(entry_id, name, raw))
+    row = prep.entry_row(entry_id, name, raw)
+    insert(conn, "entries", row)
+    entry = queries.decode(row)
     for item in prep.lineage or []:
         edits.insert_lineage(conn, entry_id, item)
     for pv in prep.previews:
@@ -382,14 +381,14 @@ def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> str:
     if prep.sidecar_files:
         from lorahub.metadata import webui_sidecar
 
-        view = edits.dumps(webui_sidecar(queries.get(conn, entry_id)))
+        view = edits.dumps(webui_sidecar(entry))
         for sc in prep.sidecar_files:
             insert(conn, "sidecars", {"entry_id": entry_id, "kind": sc.kind, "file_name": sc.file_name,
-                                      "data": sc.data, "sha256": sc.sha256,
-                                      "view": view if sc.kind == "json" else "{}"})
-    edits.fts_sync(conn, entry_id)
-    dirs.add(reg.store.place(prep.blob, prep.sha256, chmod=not prep.linked, durable=False).parent)
-    return entry_id
+                                      "data": sc.data, "sha256": sc.sha256, "view": view})
+    edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
+    # a copied blob was created read-only; a hard link keeps the source's own mode
+    dirs.add(reg.store.place(prep.blob, prep.sha256, chmod=False, durable=False).parent)
+    return entry
 
 
 Outcome = tuple["dict | None", bool, "LorahubError | None"]
@@ -404,7 +403,7 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
     error and the others are committed (each file has its own savepoint). The blobs' data must be
     on disk already (``prepare(durable=True)``, or fsynced by the caller); the store folders are
     fsynced before the transaction commits when ``durable``. ``remember``: also record each file's
-    path, size and mtime in the scan cache. A full disk raises :class:`~lorahub.fsutil.NoSpace`
+    absolute path, size and mtime in the scan cache. A full disk raises :class:`~lorahub.fsutil.NoSpace`
     with nothing committed. The temp files are gone afterwards either way.
     """
     conn = reg.conn
@@ -419,7 +418,7 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
                 else:
                     conn.execute("SAVEPOINT one")
                     try:
-                        entry_id = _insert(reg, prep, dirs)
+                        entry = _insert(reg, prep, dirs)
                     except LorahubError as exc:
                         conn.execute("ROLLBACK TO one")
                         conn.execute("RELEASE one")
@@ -434,9 +433,9 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
                         continue
                     conn.execute("RELEASE one")
                     reg.had_entries = True
-                    out.append((queries.get(conn, entry_id), True, None))
+                    out.append((entry, True, None))
                 if remember and prep.stat is not None:
-                    _remember(conn, [(prep.path.resolve(), prep.stat, prep.sha256)])
+                    _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)])
             if durable and dirs:
                 fsync_many(sorted(dirs), fsync_dir)  # the renames are on disk before the commit
     finally:
@@ -512,7 +511,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
 
     queue: deque = deque()
     items = iter(paths)
-    ahead = max(2 * workers, min(batch_files, 64))  # files being prepared while a batch commits
+    ahead = max(2 * workers, batch_files)  # files being prepared while a batch commits
     ex = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
 
     def submit() -> bool:

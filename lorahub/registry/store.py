@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lorahub.fsutil import TMP_PREFIX, fsync_path, make_temp, temp_in_progress
+from lorahub.fsutil import TMP_PREFIX, fsync_path, make_temp, open_temp, temp_in_progress
 
 OBJECTS = "objects"
 
@@ -58,6 +58,12 @@ class Store:
         """A new empty temp file inside the store (same file system as the blobs, so renames are atomic)."""
         return make_temp(self.root)
 
+    def open_temp(self, *, read_only: bool = False):
+        """(path, file opened for writing) of a new temp file in the store; ``read_only``: created
+        with mode 0444 as blobs are (writable through the returned file only)."""
+        path, fd = open_temp(self.root, mode=0o444 if read_only else 0o600)
+        return path, os.fdopen(fd, "wb")
+
     def write_temp(self, data: bytes, *, durable: bool = True) -> Path:
         """``data`` in a new temp file of the store (fsynced when ``durable``); nothing is left
         behind when the write fails."""
@@ -91,11 +97,15 @@ class Store:
         unreferenced blob whose data never reached the disk.
         """
         dest = self.path(sha256)
-        if not dest.parent.is_dir():
-            dest.parent.mkdir(exist_ok=True)
         if chmod:
             os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            if not Path(tmp).exists():
+                raise
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(tmp, dest)
         if durable:
             fsync_dir(dest.parent)
         return dest

@@ -69,6 +69,7 @@ def scan(reg: "Registry", folder: str | os.PathLike, *, exts: Iterable[str] | No
     folder = Path(folder)
     if not folder.is_dir():
         raise LorahubError(f"{folder}: not a folder")
+    folder = folder.resolve()  # once: the files found under it are absolute (the scan cache's keys)
     suffixes = tuple(("." + e.lstrip(".")).lower() for e in exts) if exts else SCAN_SUFFIXES
     files = list(iter_files(folder, suffixes, skip=reg.home))
     report = ScanReport(files=len(files))
@@ -87,7 +88,7 @@ def scan(reg: "Registry", folder: str | os.PathLike, *, exts: Iterable[str] | No
     for f in files:
         try:
             st = f.stat()
-            seen = cache.get(str(f.resolve()))
+            seen = cache.get(str(f))
         except OSError as exc:
             report.skipped.append({"path": str(f), "error": exc.strerror or str(exc)})
             step()
