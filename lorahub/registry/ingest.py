@@ -360,9 +360,10 @@ def _unique_name(conn, name: str) -> str:
     return name
 
 
-def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> dict:
-    """Insert one prepared file's rows and rename its blobs into place (inside the caller's
-    transaction; the store folders touched are added to ``dirs`` for the caller to fsync).
+def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> dict:
+    """Insert one prepared file's rows, then rename its blobs into place (inside the caller's
+    transaction). The store folders touched are added to ``dirs`` (for the caller to fsync), the
+    blobs that did not exist before to ``placed`` (for the caller to remove if it rolls back).
     Returns the new entry."""
     conn = reg.conn
     entry_id = _new_id(conn, prep.sha256)
@@ -374,7 +375,6 @@ def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> dict:
     for item in prep.lineage or []:
         edits.insert_lineage(conn, entry_id, item)
     for pv in prep.previews:
-        dirs.add(reg.store.place(pv.tmp, pv.sha256, durable=False).parent)
         insert(conn, "previews", {"entry_id": entry_id, "sha256": pv.sha256, "kind": pv.kind, "ext": pv.ext,
                                   "width": pv.width, "height": pv.height, "params": "{}",
                                   "added_at": now_iso()}, or_ignore=True)
@@ -386,8 +386,13 @@ def _insert(reg: "Registry", prep: Prepared, dirs: set[Path]) -> dict:
             insert(conn, "sidecars", {"entry_id": entry_id, "kind": sc.kind, "file_name": sc.file_name,
                                       "data": sc.data, "sha256": sc.sha256, "view": view})
     edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
-    # a copied blob was created read-only; a hard link keeps the source's own mode
-    dirs.add(reg.store.place(prep.blob, prep.sha256, chmod=False, durable=False).parent)
+    # the rows are in: now the files (a copied blob was created read-only; a link keeps the source's mode)
+    for tmp, sha, chmod in [(pv.tmp, pv.sha256, True) for pv in prep.previews] + [(prep.blob, prep.sha256, False)]:
+        new = not reg.store.path(sha).exists()
+        dest = reg.store.place(tmp, sha, chmod=chmod, durable=False)
+        dirs.add(dest.parent)
+        if new:
+            placed.append(dest)
     return entry
 
 
@@ -409,39 +414,50 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
     conn = reg.conn
     out: list[Outcome] = []
     dirs: set[Path] = set()
+    placed: list[Path] = []  # blobs this transaction created: removed again if it does not commit
+    def unplace() -> None:  # called under the write lock: nothing can refer to these blobs yet
+        for f in placed:
+            f.unlink(missing_ok=True)
+
     try:
-        with transaction(conn):
+        with transaction(conn, on_abort=unplace):
             for prep in preps:
-                existing = queries.find_sha256(conn, prep.sha256)
-                if existing is not None:
-                    out.append((existing, False, None))
-                else:
-                    conn.execute("SAVEPOINT one")
-                    try:
-                        entry = _insert(reg, prep, dirs)
-                    except LorahubError as exc:
-                        conn.execute("ROLLBACK TO one")
-                        conn.execute("RELEASE one")
-                        out.append((None, False, exc))
-                        continue
-                    except sqlite3.Error as exc:
-                        if is_disk_full(exc):
-                            raise no_space(conn) from None
-                        conn.execute("ROLLBACK TO one")
-                        conn.execute("RELEASE one")
-                        out.append((None, False, LorahubError(f"{prep.path}: cannot register ({exc})")))
-                        continue
-                    conn.execute("RELEASE one")
-                    reg.had_entries = True
-                    out.append((entry, True, None))
-                if remember and prep.stat is not None:
-                    _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)])
+                out.append(_commit_one(reg, prep, dirs, placed, remember))
             if durable and dirs:
                 fsync_many(sorted(dirs), fsync_dir)  # the renames are on disk before the commit
     finally:
         for prep in preps:
             prep.discard()
     return out
+
+
+def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path], remember: bool) -> Outcome:
+    conn = reg.conn
+    existing = queries.find_sha256(conn, prep.sha256)
+    if existing is not None:
+        outcome: Outcome = (existing, False, None)
+    else:
+        mark = len(placed)
+        conn.execute("SAVEPOINT one")
+        try:
+            entry = _insert(reg, prep, dirs, placed)
+        except (LorahubError, sqlite3.Error) as exc:
+            if is_disk_full(exc):
+                raise no_space(conn) from None
+            conn.execute("ROLLBACK TO one")
+            conn.execute("RELEASE one")
+            for f in placed[mark:]:
+                f.unlink(missing_ok=True)
+            del placed[mark:]
+            if not isinstance(exc, LorahubError):
+                exc = LorahubError(f"{prep.path}: cannot register ({exc})")
+            return None, False, exc
+        conn.execute("RELEASE one")
+        reg.had_entries = True
+        outcome = (entry, True, None)
+    if remember and prep.stat is not None:
+        _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)])
+    return outcome
 
 
 def commit(reg: "Registry", prep: Prepared, *, durable: bool = True) -> tuple[dict, bool]:

@@ -24,6 +24,7 @@ DB_NAME = "lorahub.db"
 # space (``rm``, ``gc``) can still open and change the catalogue (see :func:`ensure_reserve`).
 RESERVE = DB_NAME + "-reserve"
 RESERVE_BYTES = 1024 * 1024
+RESERVE_SPARE = 8 * 1024 * 1024
 _SQLITE_FULL = 13
 _SQLITE_IOERR_SHMSIZE = 4874  # the wal-index (-shm) could not be grown: the disk is full
 
@@ -50,7 +51,8 @@ def db_folder(conn: sqlite3.Connection) -> Path | None:
 
 def ensure_reserve(home: Path) -> bool:
     """Make sure the space reserve (``lorahub.db-reserve``, 1 MiB of allocated blocks) exists in
-    ``home``; returns whether it does. Never raises: on a full disk there is simply no reserve."""
+    ``home``; returns whether it does. It is made only while the disk has room to spare (8 MiB
+    besides it), so it never takes a nearly full disk's last space from the user. Never raises."""
     from lorahub.fsutil import make_temp
 
     target = Path(home) / RESERVE
@@ -58,6 +60,9 @@ def ensure_reserve(home: Path) -> bool:
         return True
     tmp = None
     try:
+        st = os.statvfs(home)
+        if st.f_bavail * st.f_frsize < RESERVE_BYTES + RESERVE_SPARE:
+            return False
         tmp = make_temp(home)
         with open(tmp, "r+b") as f:
             try:
@@ -136,9 +141,10 @@ def no_space(conn: sqlite3.Connection) -> NoSpace:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection, *, on_abort=None) -> Iterator[None]:
     """One short write transaction: ``BEGIN IMMEDIATE`` (the write lock, waiting up to the busy
-    timeout), ``COMMIT`` on success, ``ROLLBACK`` on any error. The only way lorahub writes.
+    timeout), ``COMMIT`` on success, ``ROLLBACK`` on any error (``on_abort()`` is called first, still
+    under the write lock, when the body or the commit fails). The only way lorahub writes.
     A full disk raises :class:`~lorahub.fsutil.NoSpace` (nothing was written)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -150,6 +156,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         yield
         conn.execute("COMMIT")
     except BaseException as exc:
+        if on_abort is not None:
+            on_abort()
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
