@@ -1,7 +1,8 @@
 """Crash-safe file writing: temp file in the target's folder, fsync, rename, fsync the folder.
 
 A reader never sees a partial file under its final name; a crash leaves at most a ``.lorahub-tmp-*``
-file that ``lorahub gc`` removes.
+file: ``lorahub gc`` removes those of the registry home, and the next write into the same folder
+removes those beside outputs (:func:`remove_dead_temps`).
 
 A temp file's name says who is writing it and since when (:func:`make_temp`)::
 
@@ -137,6 +138,28 @@ def writer_alive(w: TempWriter) -> bool:
     return True
 
 
+def remove_dead_temps(folder: os.PathLike | str) -> list[Path]:
+    """Remove the temp files in ``folder`` whose writer, a process of this machine, is gone (what a
+    killed write left beside its output); returns them. Other files are never touched."""
+    removed = []
+    host = host_id()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        w = temp_writer(name)
+        if w is None or w.host != host or writer_alive(w):
+            continue
+        p = Path(folder) / name
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def temp_in_progress(path: os.PathLike | str, *, min_age_s: float, now: float | None = None) -> bool:
     """True when the temp file ``path`` may still be written (so ``gc`` must keep it).
 
@@ -224,6 +247,7 @@ def atomic_path(dest: os.PathLike | str, *, mode: int | None = None) -> Iterator
         os.chmod(tmp_path, mode)
         os.replace(tmp_path, dest)
         _fsync_dir(folder)
+        remove_dead_temps(folder)  # what killed writes left here earlier
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
