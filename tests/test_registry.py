@@ -612,3 +612,36 @@ def test_check_files_before_a_batch(tmp_path, bad_files):
             check_files([good, path])
     with pytest.raises(LorahubError, match="not a regular file"):
         check_files([tmp_path])
+
+
+def test_scan_group_commits_and_reads_each_header_once(reg, tmp_path, monkeypatch):
+    import lorahub.formats.detect as det
+
+    lib = tmp_path / "lib"
+    for i in range(40):
+        kohya_file(lib / f"d{i % 3}" / f"s{i:02d}.safetensors", seed=300 + i)
+    headers, stmts, fsyncs = [], [], []
+    real_detect, real_fsync = det.detect, os.fsync
+    monkeypatch.setattr(det, "detect", lambda p: headers.append(p) or real_detect(p))
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    reg.conn.set_trace_callback(stmts.append)
+    res = reg.scan(lib)
+    reg.conn.set_trace_callback(None)
+    assert len(res.added) == 40 and len(headers) == 40  # one header read per file
+    # group commit: one transaction (entries, FTS rows and scan cache) for the 40 files, one fsync per
+    # blob and one per store folder touched
+    assert sum(s.startswith("BEGIN IMMEDIATE") for s in stmts) == 1
+    folders = {reg.object_path(e["sha256"]).parent for e in res.added}
+    assert len(fsyncs) == 40 + len(folders)
+    assert reg.check().problems == [] and reg.scan(lib).already == 40
+
+
+def test_add_command_reads_each_header_once(run, home, tmp_path, monkeypatch):
+    import lorahub.formats.detect as det
+
+    files = [kohya_file(tmp_path / f"h{i}.safetensors", seed=400 + i) for i in range(3)]
+    headers = []
+    real = det.detect
+    monkeypatch.setattr(det, "detect", lambda p: headers.append(p) or real(p))
+    assert run("add", *files)[0] == 0
+    assert sorted(headers) == sorted(files)  # checked all before adding any, without reading them twice

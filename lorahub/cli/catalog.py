@@ -222,6 +222,8 @@ def show(
             rows.append((k.replace("_", " "), str(extra[k])))
     if extra.get("sidecars"):
         rows.append(("sidecars", ", ".join(extra["sidecars"])))
+    if rec["sidecar_files"]:
+        rows.append(("kept for export", ", ".join(f"{s['file_name']} ({human(s['size'])})" for s in rec["sidecar_files"])))
     meta = e.get("metadata") or {}
     if meta:
         interesting = [k for k in ("ss_sd_model_name", "ss_network_module", "ss_network_dim", "ss_network_alpha",

@@ -299,7 +299,7 @@ class Registry:
 
     def record(self, ref: str | dict) -> dict:
         """Everything known about one entry (what ``lorahub show --json`` prints): the entry, ``blob``,
-        ``lineage`` (the ancestry tree), ``children``, ``previews``, ``remotes``."""
+        ``lineage`` (the ancestry tree), ``children``, ``previews``, ``remotes``, ``sidecar_files``."""
         from lorahub.registry import workflows
 
         return workflows.record(self, ref)
@@ -343,7 +343,7 @@ class Registry:
         return ingest.commit(self, prep)
 
     def add_many(self, paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
-                 batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int = 2,
+                 batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
                  copy: bool = True, remember: bool = False, callback=None) -> dict:
         """Add many files with group commit (see :func:`lorahub.registry.ingest.add_many`).
         ``callback(path, entry | None, created, error | None)`` is called per file."""

@@ -441,6 +441,8 @@ def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[P
         conn.execute("SAVEPOINT one")
         try:
             entry = _insert(reg, prep, dirs, placed)
+        except OSError as exc:  # a blob could not be renamed into the store: the whole batch stops
+            raise os_error(exc, reg.home) from None
         except (LorahubError, sqlite3.Error) as exc:
             if is_disk_full(exc):
                 raise no_space(conn) from None
@@ -476,9 +478,10 @@ AddCallback = Callable[[Path, "dict | None", bool, "LorahubError | None"], None]
 
 
 def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
-             batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int = 2, copy: bool = True,
-             remember: bool = False, callback: AddCallback | None = None) -> dict:
-    """Add many files with group commit: worker threads prepare files (detect, hash, copy) while the
+             batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
+             copy: bool = True, remember: bool = False, callback: AddCallback | None = None) -> dict:
+    """Add many files with group commit: ``workers`` threads (default: one per CPU, 2 to 4) prepare
+    files (detect, hash, copy) while the
     main thread commits the files prepared so far in batches of up to ``batch_files`` files /
     ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
     renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
@@ -492,6 +495,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    if workers is None:  # hashing, copying and fsyncs release the GIL: a few threads keep the disk busy
+        workers = min(4, max(2, os.cpu_count() or 2))
     counts = {"added": 0, "already": 0, "failed": 0}
     pending: list[Prepared] = []
     size = 0

@@ -284,10 +284,16 @@ def check(reg: "Registry", *, repair: bool = False, progress: Progress | None = 
 # --------------------------------------------------------------------------- show
 def record(reg: "Registry", ref: str | dict) -> dict:
     """Everything the catalogue knows about one entry: the entry, ``blob`` (its stored file),
-    ``lineage`` (the ancestry tree), ``children``, ``previews`` and ``remotes``."""
+    ``lineage`` (the ancestry tree), ``children``, ``previews``, ``remotes`` and ``sidecar_files`` (the
+    sidecars kept byte for byte: kind, file_name, size, sha256)."""
+    from lorahub.registry import queries
+
     e = reg.resolve(ref)
+    kept = [{"kind": s["kind"], "file_name": s["file_name"], "size": len(s["data"]), "sha256": s["sha256"]}
+            for s in queries.sidecars(reg.conn, e["id"])]
     return {**e, "blob": str(reg.object_path(e["sha256"])), "lineage": reg.ancestry(e["id"]),
-            "children": reg.children(e["id"]), "previews": reg.previews(e["id"]), "remotes": reg.remotes(e["id"])}
+            "children": reg.children(e["id"]), "previews": reg.previews(e["id"]), "remotes": reg.remotes(e["id"]),
+            "sidecar_files": kept}
 
 
 # --------------------------------------------------------------------------- add
