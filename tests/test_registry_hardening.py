@@ -330,7 +330,7 @@ def test_read_only_commands_create_no_home(tmp_path, cli):
     missing = tmp_path / "nonexistent" / "x"
     for args in (["gc", "--dry-run"], ["list"], ["search", "x"], ["show", "x"], ["verify"], ["dupes"],
                  ["sql", "SELECT 1"], ["export", "x", tmp_path / "out"], ["tag", "x", "+t"], ["rm", "x"],
-                 ["edit", "x", "--name", "y"], ["gc"]):
+                 ["edit", "x", "--name", "y"], ["gc"], ["verify", "--repair"]):
         r = cli(*args, "--home", missing)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, (args, r.stderr)
         assert not missing.exists() and not missing.parent.exists(), args

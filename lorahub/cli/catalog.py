@@ -442,7 +442,7 @@ def verify(json_out: JsonOpt = False, home: HomeOpt = None,
            ) -> None:
     """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any remain). With --repair,
     also re-register the stored files of a home whose catalogue database was lost."""
-    reg = _open(home, recover=True) if repair else _open(home, readonly=True)
+    reg = _open(home, recover=True, create=False) if repair else _open(home, readonly=True)
     with progress() as prog:
         res = reg.check(repair=repair, progress=progress_callback(prog, "verifying"))
     remaining = res.remaining

@@ -125,9 +125,10 @@ class Registry:
         home = Path(home).expanduser() if home else default_home()
         db = home / DB_NAME
         state = _db_state(db)
-        if state and not recover:
+        orphans = bool(state) and reg_has_blobs(home)
+        if orphans and not recover:
             _refuse_orphaned(home, state)
-        if state and (readonly or not create):
+        if state and (readonly or not create) and not (recover and orphans):
             raise NotFound(f"{home}: no lorahub registry here yet (nothing has been added)")
         if readonly:
             conn = connect_readonly(db, rows=True)

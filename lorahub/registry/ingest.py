@@ -20,6 +20,7 @@ sqlite-utils on this path measured ~0.1 s of import (it imports numpy) plus ~0.2
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import os
@@ -83,7 +84,7 @@ class Prepared:
 
     path: Path
     detection: "Detection"
-    header: dict[str, str]          # the safetensors header metadata ({} for pickles)
+    header: dict[str, str]          # the safetensors header metadata ({} for pickles), cover images elided
     imported: "Imported"            # metadata and sidecars (lorahub.metadata.collect)
     hashes: "Hashes"
     blob: Path                      # temp file in the store (a hard link to ``path`` when ``linked``)
@@ -167,7 +168,7 @@ class Prepared:
             "source": self.source or imp.source or os.path.abspath(self.path),
             "created_at": imp.created_at or _iso(mtime),
             "added_at": now_iso(),
-            "metadata": edits.dumps(_slim_meta(self.header)),
+            "metadata": edits.dumps(self.header),
             "extra": edits.dumps(extra),
             "blob_mode": "link" if self.linked else "copy",
         }
@@ -323,8 +324,9 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     edits.check_choice("type", type, LORA_TYPES)
     edits.check_choice("base", base, BASES)
     det = detection if detection is not None else detect(p)
-    header = dict(det.metadata)
-    imported = md.collect(p, header, sidecars=sidecars)
+    imported = md.collect(p, dict(det.metadata), sidecars=sidecars)
+    header = _slim_meta(dict(det.metadata))
+    det = dataclasses.replace(det, metadata={})  # held until commit: without the (maybe large) header copy
     kept = _sidecar_files(p, imported) if sidecars and imported.sidecars else []
     hashes, tmp, linked, st = _copy_and_hash(store, p, copy=copy, durable=durable)
     prep = Prepared(p, det, header, imported, hashes, tmp, linked, st, sidecar_files=kept, name=name, type=type,
@@ -338,6 +340,7 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
                 raise
             except (LorahubError, OSError):
                 imported.notes.append(f"{kind} preview is not a readable image, ignored")
+        imported.previews = []  # written to temp files: the image bytes need not stay in memory
     except BaseException:
         prep.discard()
         raise
