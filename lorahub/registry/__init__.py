@@ -345,13 +345,13 @@ class Registry:
 
     def add_many(self, paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
                  batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
-                 copy: bool = True, remember: bool = False, callback=None) -> dict:
+                 copy: bool = True, remember: bool = False, callback=None, sidecars=True) -> dict:
         """Add many files with group commit (see :func:`lorahub.registry.ingest.add_many`).
         ``callback(path, entry | None, created, error | None)`` is called per file."""
         from lorahub.registry import ingest
 
         return ingest.add_many(self, paths, tags=tags, batch_files=batch_files, batch_bytes=batch_bytes,
-                               workers=workers, copy=copy, remember=remember, callback=callback)
+                               workers=workers, copy=copy, remember=remember, callback=callback, sidecars=sidecars)
 
     def scan(self, folder: str | os.PathLike, *, exts: Iterable[str] | None = None, tags: list[str] | None = None,
              link: bool = False, progress=None) -> "ScanReport":

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from lorahub.errors import FormatError, LorahubError, NotFound
+from lorahub.errors import LorahubError, NotFound
 from lorahub.fsutil import NoSpace, os_error
 from lorahub.registry import edits, queries
 from lorahub.registry.schema import insert, is_disk_full, no_space, now_iso, transaction
-from lorahub.registry.store import Store, fsync_dir, fsync_file, fsync_many
+from lorahub.registry.store import Store, fsync_dir, fsync_many
 from lorahub.vocab import BASES, LORA_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,8 +271,6 @@ def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple
             finally:
                 if sink is not None:
                     out.close()
-        if hashes.size != os.stat(p).st_size:
-            raise FormatError(f"{p}: file changed while it was added")
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -314,10 +312,16 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     from lorahub import metadata as md
     from lorahub.formats.detect import detect
 
+    import stat as _stat
+
     p = Path(path)
-    if not p.exists():
-        raise NotFound(f"{path}: no such file")
-    if not p.is_file():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    except OSError as exc:
+        raise LorahubError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not _stat.S_ISREG(mode):
         raise LorahubError(f"{path}: not a regular file")
     if name is not None:
         name = edits.check_name(name)
@@ -482,7 +486,8 @@ AddCallback = Callable[[Path, "dict | None", bool, "LorahubError | None"], None]
 
 def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
              batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
-             copy: bool = True, remember: bool = False, callback: AddCallback | None = None) -> dict:
+             copy: bool = True, remember: bool = False, callback: AddCallback | None = None,
+             sidecars: bool | Callable[[Path], bool] = True) -> dict:
     """Add many files with group commit: ``workers`` threads (default: one per CPU, 2 to 4) prepare
     files (detect, hash, copy) while the
     main thread commits the files prepared so far in batches of up to ``batch_files`` files /
@@ -493,7 +498,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     file with the same content as another file of this call is reported, not created). A file that
     cannot be added is reported with its error and the others go on; a full disk stops the whole
     call with :class:`~lorahub.fsutil.NoSpace` (the current batch is not committed, no temp file is
-    left). ``remember``: record each file in the scan cache (``lorahub scan``).
+    left). ``remember``: record each file in the scan cache (``lorahub scan``). ``sidecars``: whether
+    to read the files beside each file (or a function of the path saying so).
     Returns ``{"added": n, "already": n, "failed": n}``.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -506,7 +512,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
 
     def prep_one(p):
         try:
-            return p, prepare(reg.store, p, tags=tags, copy=copy, durable=False), None
+            side = sidecars(Path(p)) if callable(sidecars) else sidecars
+            return p, prepare(reg.store, p, tags=tags, copy=copy, durable=False, sidecars=side), None
         except NoSpace:
             raise
         except LorahubError as exc:
