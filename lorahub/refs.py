@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lorahub.errors import LorahubError, NotFound
-from lorahub.vocab import TINY_MODELS, looks_like_path
+from lorahub.vocab import TINY_MODELS, has_separator, looks_like_path
 
 MODEL_HINT = "a diffusers folder, a .safetensors checkpoint, a registry checkpoint, tiny-sd1 or tiny-sdxl"
 
@@ -132,17 +132,13 @@ def resolve_lora(ref: str | os.PathLike, registry=None, *, folder: Path | None =
                 return out
             if c.exists():
                 raise LorahubError(f"{ref}: is a folder, not a LoRA file")
-        if _has_separator(ref):
+        if has_separator(ref):
             raise NotFound(f"{ref}: no such file")
         reg = _lookup_registry(regs, ref)
         entry = reg.resolve(ref)
         if entry.get("kind") == "checkpoint":
             raise LorahubError(f"{ref}: is a checkpoint, not a LoRA")
         return LoraRef(ref, Path(reg.blob_path(entry)), entry, list(entry.get("triggers") or []))
-
-
-def _has_separator(ref: str) -> bool:
-    return any(c in ref for c in "/\\")
 
 
 def _lookup_registry(regs: LazyRegistry, ref: str):
@@ -258,4 +254,4 @@ def needs_registry(ref: str | os.PathLike, *, folder: Path | None = None, model:
         return False
     if p.exists():
         return False
-    return not (looks_like_path(ref) if model else _has_separator(ref))
+    return not (looks_like_path(ref) if model else has_separator(ref))

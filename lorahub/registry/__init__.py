@@ -78,7 +78,7 @@ def _db_state(db: Path) -> str | None:
     return None
 
 
-def reg_has_blobs(home: Path) -> bool:
+def _has_blobs(home: Path) -> bool:
     return Store(home / OBJECTS).has_blobs()
 
 
@@ -125,7 +125,7 @@ class Registry:
         home = Path(home).expanduser() if home else default_home()
         db = home / DB_NAME
         state = _db_state(db)
-        orphans = bool(state) and reg_has_blobs(home)
+        orphans = bool(state) and _has_blobs(home)
         if orphans and not recover:
             _refuse_orphaned(home, state)
         if state and (readonly or not create) and not (recover and orphans):
@@ -147,8 +147,9 @@ class Registry:
         try:
             (home / OBJECTS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            if isinstance(os_error(exc, home), NoSpace):
-                raise NoSpace(home) from None
+            err = os_error(exc, home)
+            if isinstance(err, NoSpace):
+                raise err from None
             raise LorahubError(f"{home}: cannot create the registry home ({exc.strerror or exc})") from None
 
         def attempt() -> tuple[sqlite3.Connection, bool]:
@@ -177,7 +178,7 @@ class Registry:
             released = True
             conn, empty = attempt()
         reg = cls(home, conn, frees_space=frees_space,
-                  recovering=recover and (bool(state) or empty) and reg_has_blobs(home))
+                  recovering=recover and (bool(state) or empty) and _has_blobs(home))
         reg._released = released
         if not released:
             ensure_reserve(home)

@@ -101,7 +101,7 @@ def resolve(conn: sqlite3.Connection, ref: str) -> dict:
     name in any case. A prefix or file name matching several entries raises
     :class:`~lorahub.errors.Ambiguous`; a reference that looks like a path (a separator or a LoRA
     suffix) and matches nothing is reported as a missing file."""
-    from lorahub.vocab import looks_like_path
+    from lorahub.vocab import has_separator, looks_like_path
 
     ref = str(ref).strip()
     if not ref:
@@ -118,7 +118,7 @@ def resolve(conn: sqlite3.Connection, ref: str) -> dict:
             return decode(next(iter(rows.values())))
         if len(rows) > 1:
             raise _ambiguous(ref, rows.values(), "matches")
-    if not any(c in ref for c in "/\\"):
+    if not has_separator(ref):
         files = _by_file_name(conn, ref)
         if len(files) == 1:
             return decode(files[0])
