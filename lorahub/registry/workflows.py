@@ -219,7 +219,8 @@ def export(reg: "Registry", ref: str | dict, dest: str | os.PathLike, *, force: 
     stem = safe_filename(stem or e["name"])
     if stem.lower().endswith(suffix):
         stem = stem[: -len(suffix)] or "lora"
-    files: dict[Path, bytes | Path] = {dest / f"{stem}{suffix}": blob}
+    # target -> its content: bytes, or (stored blob, its sha256)
+    files: dict[Path, bytes | tuple[Path, str]] = {dest / f"{stem}{suffix}": (blob, e["sha256"])}
     for kind, data in sidecar_bytes(reg, e).items():
         files[dest / (stem + {"json": ".json", "civitai": ".civitai.info", "txt": ".txt"}[kind])] = data
     previews = sorted(reg.previews(e["id"]), key=lambda x: (_PREVIEW_ORDER.get(x["kind"], 2), x["id"]))
@@ -227,17 +228,18 @@ def export(reg: "Registry", ref: str | dict, dest: str | os.PathLike, *, force: 
         src = Path(previews[0]["path"])
         if not src.is_file():
             raise LorahubError(f"the preview blob {src} is missing; run `lorahub verify`")
-        files[dest / f"{stem}.preview.{safe_filename(previews[0]['ext'], 'png')}"] = src
+        files[dest / f"{stem}.preview.{safe_filename(previews[0]['ext'], 'png')}"] = (src, previews[0]["sha256"])
     for t in files:
         if not is_within(t, dest) or t.is_symlink():
             raise LorahubError(f"{t}: refusing to write outside {dest}")
 
-    def same(target: Path, content: bytes | Path) -> bool:
+    def same(target: Path, content: bytes | tuple[Path, str]) -> bool:
         if not target.is_file():
             return False
         if isinstance(content, bytes):
             return target.stat().st_size == len(content) and target.read_bytes() == content
-        return target.stat().st_size == content.stat().st_size and sha256_file(target) == sha256_file(content)
+        src, sha = content
+        return target.stat().st_size == src.stat().st_size and sha256_file(target) == sha
 
     todo = {}
     for target, content in files.items():
@@ -253,7 +255,7 @@ def export(reg: "Registry", ref: str | dict, dest: str | os.PathLike, *, force: 
             atomic_write_bytes(target, content, mode=0o644)
         else:
             with atomic_path(target, mode=0o644) as tmp:
-                shutil.copyfile(content, tmp)
+                shutil.copyfile(content[0], tmp)
     return ExportResult(e["id"], e["name"], dest, list(files))
 
 
