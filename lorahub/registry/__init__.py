@@ -3,14 +3,19 @@
 Layout of a home (``--home``, ``$LORAHUB_HOME``, else ``~/.lorahub``)::
 
     lorahub.db                     the catalogue (schema: registry/migrations/NNNN_*.sql)
+    lorahub.db-reserve             1 MiB kept free for ``rm`` and ``gc`` on a full disk
     objects/<sha[:2]>/<sha256>     read-only blobs (LoRA files and preview images), deduplicated
 
 ``lorahub.db`` is a plain SQLite file: ``sqlite3``, ``sqlite-utils`` and Datasette open it as is
-(``lorahub sql`` runs read-only queries on it).
+(``lorahub sql`` runs read-only queries on it). Commands that only read open it read-only and never
+create a home; a store whose database is missing or empty is refused (:class:`OrphanedStore`) rather
+than taken for a new registry.
 
-Every add is one short write transaction; blobs are written as ``.lorahub-tmp-*`` files, fsynced and
-renamed into place while the write lock is held, so a crash leaves at most an unreferenced blob or
-temp file (``gc`` removes both) and never a half entry.
+Every add is one short write transaction (a scan: one per batch of files); blobs are written as
+``.lorahub-tmp-*`` files named after their writer, fsynced and renamed into place while the write
+lock is held, so a crash leaves at most an unreferenced blob or temp file (``gc`` removes both, never
+one whose writer still runs) and never a half entry. A full disk is one error, ``no space left on
+<home>``, with nothing left behind.
 
 :class:`Registry` is a facade over one module per job:
 
