@@ -328,12 +328,14 @@ def test_restore_of_a_corrupt_database_exits_2_and_changes_nothing(tmp_path, cli
 # ----------------------------------------------------------------------------------------- read-only
 def test_read_only_commands_create_no_home(tmp_path, cli):
     missing = tmp_path / "nonexistent" / "x"
-    for args in (["gc", "--dry-run"], ["list"], ["search", "x"], ["show", "x"], ["verify"], ["dupes"],
-                 ["sql", "SELECT 1"], ["export", "x", tmp_path / "out"], ["tag", "x", "+t"], ["rm", "x"],
-                 ["edit", "x", "--name", "y"], ["gc"], ["verify", "--repair"]):
+    for args in (["list", "--json"], ["search", "x", "--json"], ["dupes", "--json"]):  # nothing there: no entries
         r = cli(*args, "--home", missing)
-        assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, (args, r.stderr)
-        assert not missing.exists() and not missing.parent.exists(), args
+        assert r.returncode == 0 and json.loads(r.stdout) == [], (args, r.stderr)
+    for args in (["gc", "--dry-run"], ["show", "x"], ["verify"], ["sql", "SELECT 1"], ["export", "x", tmp_path / "out"],
+                 ["tag", "x", "+t"], ["rm", "x"], ["edit", "x", "--name", "y"], ["gc"], ["verify", "--repair"]):
+        r = cli(*args, "--home", missing)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "no lorahub registry" in r.stderr, (args, r.stderr)
+    assert not missing.exists() and not missing.parent.exists()
     assert not (tmp_path / "out").exists()
 
 

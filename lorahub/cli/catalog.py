@@ -38,6 +38,18 @@ def _open(home: Optional[Path], **kw):
             f"--home {exc.path} --force`), or re-register the stored files (`lorahub verify --repair`)") from None
 
 
+def _entries(home: Optional[Path], query: str | None = None, **filters) -> list[dict]:
+    """Entries matching ``query`` and ``filters``, read-only; a home without a registry has none
+    (and is not created)."""
+    from lorahub.registry import NoRegistry
+
+    try:
+        reg = _open(home, readonly=True)
+    except NoRegistry:
+        return []
+    return reg.search(query, **filters)
+
+
 def print_table(con, table) -> None:
     if not con.is_terminal:
         con.width = max(con.width, 140)
@@ -154,7 +166,7 @@ def list_(
     home: HomeOpt = None,
 ) -> None:
     """List the registry's entries (optionally filtered)."""
-    entries = _open(home, readonly=True).search(None, type=type, base=base, tags=tag or (), kind=kind)
+    entries = _entries(home, None, type=type, base=base, tags=tag or (), kind=kind)
     _print_entries(entries, json_out, "the registry is empty" if not (type or base or tag or kind) else "no entries match")
 
 
@@ -171,8 +183,8 @@ def search(
     home: HomeOpt = None,
 ) -> None:
     """Full-text search (every word, as a prefix) with filters."""
-    entries = _open(home, readonly=True).search(query or None, type=type, base=base, tags=tag or (), kind=kind,
-                                         rank_min=rank_min, rank_max=rank_max)
+    entries = _entries(home, query or None, type=type, base=base, tags=tag or (), kind=kind,
+                       rank_min=rank_min, rank_max=rank_max)
     _print_entries(entries, json_out, "no entries match")
 
 
@@ -422,7 +434,12 @@ def export(
 @app.command()
 def dupes(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
     """Entries with the same tensors (same AutoV3) under other names or metadata."""
-    groups = _open(home, readonly=True).dupes()
+    from lorahub.registry import NoRegistry
+
+    try:
+        groups = _open(home, readonly=True).dupes()
+    except NoRegistry:
+        groups = []
     if json_out:
         print_json([{"autov3": g[0]["autov3"], "entries": [short(e) for e in g]} for g in groups])
         return

@@ -50,7 +50,7 @@ from lorahub.registry.store import OBJECTS, Store
 if TYPE_CHECKING:  # pragma: no cover
     from lorahub.registry.workflows import ExportResult, ScanReport, VerifyReport
 
-__all__ = ["Registry", "default_home", "DB_NAME", "OrphanedStore", "EmptyCatalogue"]
+__all__ = ["Registry", "default_home", "DB_NAME", "OrphanedStore", "EmptyCatalogue", "NoRegistry"]
 
 
 class OrphanedStore(LorahubError):
@@ -63,6 +63,14 @@ class OrphanedStore(LorahubError):
             "refusing to take it for a new registry. Restore the database from a backup (restore), or "
             "re-register the stored files (verify with repair)")
         self.path, self.blobs, self.state = home, blobs, state
+
+
+class NoRegistry(NotFound):
+    """A home without a registry, opened where nothing may be created (read-only, or ``create=False``)."""
+
+    def __init__(self, home: Path):
+        super().__init__(f"{home}: no lorahub registry here yet (nothing has been added)")
+        self.path = home
 
 
 class EmptyCatalogue(LorahubError):
@@ -119,8 +127,9 @@ class Registry:
         """Open the registry at ``home`` (default: :func:`default_home`), creating and migrating it as needed.
 
         ``readonly``: a read-only connection; nothing is created or changed, and a home without a
-        registry raises :class:`~lorahub.errors.NotFound` (``list``, ``search``, ``show``, ``export``,
-        ``verify``, ``sql``, ``gc`` in dry-run). ``create=False``: the same for a writable registry.
+        registry raises :class:`NoRegistry` (a :class:`~lorahub.errors.NotFound`; ``list``, ``search``,
+        ``show``, ``export``, ``verify``, ``sql``, ``gc`` in dry-run). ``create=False``: the same for a
+        writable registry.
         A home whose store holds blobs while its database is missing or empty raises
         :class:`OrphanedStore`, unless ``recover`` (then :meth:`check` with ``repair`` re-registers
         the stored files). ``frees_space``: the caller frees space (``rm``, ``gc``): on a full disk the
@@ -134,7 +143,7 @@ class Registry:
         if orphans and not recover:
             _refuse_orphaned(home, state)
         if state and (readonly or not create) and not (recover and orphans):
-            raise NotFound(f"{home}: no lorahub registry here yet (nothing has been added)")
+            raise NoRegistry(home)
         if readonly:
             conn = connect_readonly(db, rows=True)
             try:
