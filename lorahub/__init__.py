@@ -40,6 +40,7 @@ _API = {
     # references and lineage
     "resolve_lora": "lorahub.refs:resolve_lora",
     "resolve_model": "lorahub.refs:resolve_model",
+    "parse_weighted": "lorahub.refs:parse_weighted",
     "register_derived": "lorahub.lineage:register_derived",
     "Parent": "lorahub.lineage:Parent",
     # looking at LoRAs

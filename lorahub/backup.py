@@ -2,9 +2,11 @@
 
 The database is copied with SQLite's online backup API (consistent even while other processes
 write); every other file of the home (the content-addressed store, previews) is copied and listed in
-``manifest.json`` with its size and SHA-256. ``restore`` checks every file against the manifest
-before anything is written to the target, copies the files, and puts the database in place last,
-atomically, so an interrupted restore leaves no registry that points at missing blobs.
+``manifest.json`` with its size and SHA-256. ``restore`` checks every file against the manifest and
+the database with ``PRAGMA integrity_check`` before anything is written to the target, copies the
+files, and puts the database in place last, atomically: exactly the file the manifest verified,
+checked again (hash and integrity) as copied. An interrupted restore leaves no registry that points
+at missing blobs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorahub.errors import LorahubError
-from lorahub.fsutil import TMP_PREFIX, WouldOverwrite, atomic_path, atomic_write_text, os_error_message
+from lorahub.fsutil import TMP_PREFIX, WouldOverwrite, atomic_path, atomic_write_text, os_error
 from lorahub.hashing import sha256_file
 from lorahub.registry.schema import DB_NAME
 
@@ -61,20 +63,14 @@ def backup(home: Path, dest: Path, progress: Callable[[int, int], None] | None =
             if progress:
                 progress(len(files), total)
         with atomic_path(dest / DB_NAME) as tmp:
-            src_conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            src_conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
             dst_conn = sqlite3.connect(tmp)
             try:
                 src_conn.backup(dst_conn)
             finally:
                 dst_conn.close()
                 src_conn.close()
-        check = sqlite3.connect(dest / DB_NAME)
-        try:
-            ok = check.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            check.close()
-        if ok != "ok":
-            raise LorahubError(f"{home}: database failed its integrity check during backup: {ok}")
+        _integrity(dest / DB_NAME, f"{home} (backup)")
         if progress:
             progress(total, total)
         manifest = {
@@ -88,10 +84,28 @@ def backup(home: Path, dest: Path, progress: Callable[[int, int], None] | None =
         atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2))
         return manifest
     except OSError as exc:
-        raise LorahubError(os_error_message(exc, dest)) from None
+        raise os_error(exc, dest) from None
+
+
+def _integrity(db: Path, what: str) -> None:
+    """Raise unless the SQLite file ``db`` passes ``PRAGMA integrity_check`` (opened read-only,
+    immutable: nothing is created beside it)."""
+    try:
+        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro&immutable=1", uri=True)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            conn.execute("SELECT count(*) FROM entries").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise LorahubError(f"{what}: the database is corrupt ({exc})") from None
+    if rows != ["ok"]:
+        raise LorahubError(f"{what}: the database failed its integrity check ({'; '.join(rows[:3])})")
 
 
 def _load_manifest(src: Path) -> dict:
+    if not src.is_dir():
+        raise LorahubError(f"{src}: not a lorahub backup (a backup is a folder with {MANIFEST})")
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except FileNotFoundError:
@@ -129,10 +143,17 @@ def verify_backup(src: Path) -> dict:
 
 def restore(src: Path, home: Path, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Restore the backup ``src`` into ``home`` (empty, or replaced with ``force``); return its manifest.
-    Every file is checked against the manifest first; the database is put in place last, atomically.
-    ``progress(done, total)`` is called after each file."""
+
+    Every file is checked against the manifest, and the manifest's database with ``PRAGMA
+    integrity_check``, before anything is written; a corrupt backup raises with the target untouched.
+    The store's files are copied first; the database last: the very file the manifest names, copied
+    to a temp file that must hash as the manifest says and pass the integrity check again before it
+    is renamed over the target's database. ``progress(done, total)`` is called after each file."""
     src, home = Path(src), Path(home)
     manifest = verify_backup(src)
+    db_item = manifest["database"]
+    db_src = src / _safe_rel(db_item["path"], src)
+    _integrity(db_src, str(src))
     if (home / DB_NAME).exists() and not force:
         raise WouldOverwrite(f"{home}: a registry already exists here (restore with force=True to replace it)", home)
     try:
@@ -153,14 +174,17 @@ def restore(src: Path, home: Path, *, force: bool = False, progress: Callable[[i
                     shutil.copyfile(src / rel, tmp)
             if progress:
                 progress(done, total)
-        for suffix in ("-wal", "-shm"):
-            stale = home / (DB_NAME + suffix)
-            if stale.exists():
-                stale.unlink()
         with atomic_path(home / DB_NAME) as tmp:
-            shutil.copyfile(src / DB_NAME, tmp)
+            shutil.copyfile(db_src, tmp)
+            if sha256_file(tmp) != db_item["sha256"]:
+                raise LorahubError(f"{src}: {db_item['path']} changed while it was restored; nothing was replaced")
+            _integrity(tmp, str(src))
+            for suffix in ("-wal", "-shm"):  # the old database's log must not be replayed onto the new one
+                stale = home / (DB_NAME + suffix)
+                if stale.exists():
+                    stale.unlink()
         if progress:
             progress(total, total)
     except OSError as exc:
-        raise LorahubError(os_error_message(exc, home)) from None
+        raise os_error(exc, home) from None
     return manifest

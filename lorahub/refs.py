@@ -1,18 +1,26 @@
 """One resolver for "a registry reference or a file": LoRAs (:func:`resolve_lora`) and base models
 (:func:`resolve_model`).
 
-A reference that names an existing file (or folder, for a model) is that file. One that *looks like*
-a path (a separator, or a LoRA file suffix: :func:`lorahub.vocab.looks_like_path`) but names nothing is
-reported as a missing file. Anything else is a registry reference (id, name, hash prefix), resolved by
-:meth:`lorahub.registry.Registry.resolve`. The registry is opened only when a reference needs it
-(:class:`LazyRegistry`), so work on plain files never creates a registry home.
+A reference that names an existing file (or folder, for a model) is that file. One with a path
+separator that names nothing is reported as a missing file. Anything else is a registry reference
+(id, name, original file name or stem, hash prefix), resolved by
+:meth:`lorahub.registry.Registry.resolve`; one that looks like a file name (a LoRA suffix:
+:func:`lorahub.vocab.looks_like_path`) and matches no entry is reported as a missing file too. The
+registry is opened only when a reference needs it (:class:`LazyRegistry`), and never created to look
+a reference up, so work on plain files never creates a registry home.
+
+:func:`parse_weighted` is the one parser of a reference with a strength: ``REF``, ``REF:0.8`` and the
+webui prompt tokens ``<lora:NAME:0.8>`` / ``<lyco:NAME:0.8>``, so a prompt's LoRA list can be pasted
+as is.
 
 Standard library only at module level.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lorahub.errors import LorahubError, NotFound
-from lorahub.vocab import TINY_MODELS, looks_like_path
+from lorahub.vocab import TINY_MODELS, has_separator, looks_like_path
 
 MODEL_HINT = "a diffusers folder, a .safetensors checkpoint, a registry checkpoint, tiny-sd1 or tiny-sdxl"
 
@@ -53,12 +61,13 @@ class LazyRegistry:
     def is_open(self) -> bool:
         return self._reg is not None
 
-    def get(self):
-        """The registry (opened now if needed)."""
+    def get(self, *, create: bool = True):
+        """The registry (opened now if needed). ``create=False``: a home without a registry raises
+        :class:`~lorahub.errors.NotFound` instead of being created (looking a reference up)."""
         if self._reg is None:
             from lorahub.registry import Registry
 
-            self._reg = Registry.open(self._home)
+            self._reg = Registry.open(self._home, create=create)
             self._owned = True
         return self._reg
 
@@ -123,13 +132,76 @@ def resolve_lora(ref: str | os.PathLike, registry=None, *, folder: Path | None =
                 return out
             if c.exists():
                 raise LorahubError(f"{ref}: is a folder, not a LoRA file")
-        if looks_like_path(ref):
+        if has_separator(ref):
             raise NotFound(f"{ref}: no such file")
-        reg = regs.get()
+        reg = _lookup_registry(regs, ref)
         entry = reg.resolve(ref)
         if entry.get("kind") == "checkpoint":
             raise LorahubError(f"{ref}: is a checkpoint, not a LoRA")
         return LoraRef(ref, Path(reg.blob_path(entry)), entry, list(entry.get("triggers") or []))
+
+
+def _lookup_registry(regs: LazyRegistry, ref: str):
+    """The registry to look ``ref`` up in; when there is none, say what ``ref`` was not found as."""
+    try:
+        return regs.get(create=False)
+    except NotFound:
+        if looks_like_path(ref):
+            raise NotFound(f"{ref}: no such file") from None
+        raise NotFound(f"no registry entry matches {ref!r} (there is no registry yet)") from None
+
+
+@dataclass
+class WeightedRef:
+    """A reference with a strength (:func:`parse_weighted`)."""
+
+    ref: str
+    weight: float = 1.0
+
+
+_PROMPT_TOKEN = re.compile(r"^<\s*(lora|lyco)\s*:(.*)>$", re.IGNORECASE | re.DOTALL)
+
+
+def _weight(text: str, spec: str) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        raise LorahubError(f"{spec!r}: weight {text!r} is not a number") from None
+    if not math.isfinite(w):
+        raise LorahubError(f"{spec!r}: weight {text!r} is not a finite number")
+    return w
+
+
+def parse_weighted(spec: str) -> WeightedRef:
+    """``REF`` (weight 1), ``REF:WEIGHT`` (the weight after the last colon; a file path that holds a
+    colon is taken whole), or a webui prompt token ``<lora:NAME>``, ``<lora:NAME:WEIGHT>``,
+    ``<lyco:NAME:WEIGHT>`` (NAME is usually the file stem, which :func:`resolve_lora` accepts).
+    Tokens with a separate text-encoder weight or named arguments are refused: lorahub applies one
+    strength per LoRA."""
+    text = str(spec).strip()
+    m = _PROMPT_TOKEN.match(text)
+    if m is not None:
+        fields = [f.strip() for f in m.group(2).split(":")]
+        name = fields[0]
+        if not name:
+            raise LorahubError(f"{spec!r}: the token names no LoRA")
+        if len(fields) == 1:
+            return WeightedRef(name)
+        if len(fields) > 2 or "=" in fields[1]:
+            raise LorahubError(f"{spec!r}: give one strength (<{m.group(1)}:NAME:0.8>); separate text-encoder "
+                               "and UNet strengths are not supported")
+        return WeightedRef(name, _weight(fields[1], spec))
+    ref, sep, w = text.rpartition(":")
+    if not sep:
+        return WeightedRef(text)
+    if not ref:
+        raise LorahubError(f"{spec!r}: give REF:WEIGHT, e.g. miku:0.8")
+    try:
+        return WeightedRef(ref, _weight(w, spec))
+    except LorahubError:
+        if Path(text).exists():  # a path that happens to contain a colon
+            return WeightedRef(text)
+        raise
 
 
 @dataclass
@@ -161,7 +233,10 @@ def resolve_model(ref: str | os.PathLike, registry=None) -> ModelRef:
     if looks_like_path(ref):
         raise NotFound(f"{ref}: no such model file or folder (give {MODEL_HINT})")
     with LazyRegistry.using(registry) as regs:
-        reg = regs.get()
+        try:
+            reg = regs.get(create=False)
+        except NotFound:
+            raise NotFound(f"{ref}: no such model file or folder, and no registry yet (give {MODEL_HINT})") from None
         entry = reg.resolve(ref)
         if entry.get("kind") not in (None, "checkpoint"):
             raise LorahubError(f"{ref}: registry entry {entry['id']} is a {entry.get('kind')}, not a checkpoint")
@@ -169,11 +244,14 @@ def resolve_model(ref: str | os.PathLike, registry=None) -> ModelRef:
 
 
 def needs_registry(ref: str | os.PathLike, *, folder: Path | None = None, model: bool = False) -> bool:
-    """True when resolving ``ref`` would look in the registry (it names no file, folder or tiny model)."""
+    """True when resolving ``ref`` would look in the registry (it names no file, folder or tiny model;
+    a LoRA file name without a folder may be a registered file's name)."""
     ref = str(ref)
     if model and ref in TINY_MODELS:
         return False
     p = Path(ref).expanduser()
     if folder is not None and not p.is_absolute() and (folder / p).exists():
         return False
-    return not p.exists() and not looks_like_path(ref)
+    if p.exists():
+        return False
+    return not (looks_like_path(ref) if model else has_separator(ref))

@@ -57,10 +57,15 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 
 
+def has_separator(ref: str) -> bool:
+    """True when a reference holds a path separator: it can only be a path (names never hold one)."""
+    return "/" in ref or "\\" in ref
+
+
 def looks_like_path(ref: str) -> bool:
     """True when a reference is meant as a file path (a separator, or a LoRA file suffix), so a
     missing file is reported as such rather than as an unknown registry entry."""
-    return any(c in ref for c in "/\\") or ref.lower().endswith(LORA_SUFFIXES)
+    return has_separator(ref) or ref.lower().endswith(LORA_SUFFIXES)
 
 
 def safe_filename(name: str, default: str = "lora", *, max_len: int = 150) -> str:

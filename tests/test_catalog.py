@@ -54,8 +54,8 @@ def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkey
     import lorahub.hashing as hashing
 
     calls = []
-    real = hashing.hash_file
-    monkeypatch.setattr(hashing, "hash_file", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = hashing.hash_stream
+    monkeypatch.setattr(hashing, "hash_stream", lambda *a, **k: calls.append(a) or real(*a, **k))
     res = jrun(run, "scan", root)
     assert res["added"] == [] and res["already"] == 5 and calls == []
     os.utime(root / "sub1" / "l1.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: re-hashed
@@ -139,7 +139,7 @@ def test_rm_gc_verify(run, home, tmp_path):
     fa = kohya_file(tmp_path / "a.safetensors", seed=1)
     fb = kohya_file(tmp_path / "b.safetensors", seed=2)
     run("add", fa, fb)
-    assert jrun(run, "verify") == {"checked": 2, "problems": [], "remaining": 0}
+    assert jrun(run, "verify") == {"checked": 2, "problems": [], "remaining": 0, "recovered": []}
     sha_a = hashlib.sha256(fa.read_bytes()).hexdigest()
     blob_a = home / "objects" / sha_a[:2] / sha_a
     assert run("rm", "a")[0] == 0
@@ -160,22 +160,26 @@ def test_rm_gc_verify(run, home, tmp_path):
     assert code == 1 and "missing" in out
 
 
-def test_export_readable_name_sidecar_preview_inside_dest(run, home, tmp_path, png_bytes):
+def test_export_original_name_sidecar_preview_inside_dest(run, home, tmp_path, png_bytes):
     f = kohya_file(tmp_path / "x.safetensors")
     (tmp_path / "x.preview.png").write_bytes(png_bytes((1, 2, 3)))
     assert run("add", f, "--trigger", "zkz", "--trigger", "blue hair", "--base", "sd1")[0] == 0
-    assert run("edit", "x", "--name", "../../evil/My LoRA: v2", "--description", "desc")[0] == 0
+    code, _, err = run("edit", "x", "--name", "../../evil/My LoRA: v2")
+    assert code == 2 and "path separators" in err
+    assert run("edit", "x", "--name", "My LoRA: v2", "--description", "desc")[0] == 0
     dest = tmp_path / "out"
-    res = jrun(run, "export", "../../evil/My LoRA: v2", dest)
+    res = jrun(run, "export", "My LoRA: v2", dest)
     written = [Path(p) for p in res["written"]]
     assert all(p.parent == dest for p in written), written
-    assert not (tmp_path / "evil").exists()
     lora = next(p for p in written if p.suffix == ".safetensors")
+    assert lora.name == "x.safetensors"  # the original file name: the LoRA's handle in prompts
     assert lora.read_bytes() == f.read_bytes() and lora.stat().st_mode & 0o200
-    stem = lora.name[: -len(".safetensors")]
-    side = json.loads((dest / f"{stem}.json").read_text())
+    side = json.loads((dest / "x.json").read_text())
     assert side["activation text"] == "zkz, blue hair" and side["sd version"] == "SD1" and side["description"] == "desc"
-    assert (dest / f"{stem}.preview.png").read_bytes() == (tmp_path / "x.preview.png").read_bytes()
+    assert (dest / "x.preview.png").read_bytes() == (tmp_path / "x.preview.png").read_bytes()
+    # --stem chooses the name, made safe: nothing lands outside the destination
+    res2 = jrun(run, "export", "x", dest, "--stem", "../../evil/My LoRA: v2")
+    assert [Path(p).parent for p in res2["written"]] == [dest] * 3 and not (tmp_path / "evil").exists()
     # again: same content is fine; other content needs --force
     assert run("export", res["id"], dest)[0] == 0
     os.chmod(lora, 0o644)

@@ -218,10 +218,10 @@ def test_bad_input_writes_nothing(reg, bad_files, store_files):
 def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch, store_files):
     f = kohya_file(tmp_path / "a.safetensors")
 
-    def boom(conn, entry_id):
+    def boom(*args):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr("lorahub.registry.edits.fts_sync", boom)
+    monkeypatch.setattr("lorahub.registry.edits.fts_insert", boom)
     with pytest.raises(RuntimeError):
         reg.add_file(f, lineage=[{"relation": "converted-from", "parent": "x"}])
     assert reg.count() == 0
@@ -233,15 +233,22 @@ def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch, store_fi
 
 
 def test_migrations_upgrade_older_and_refuse_newer(home, tmp_path):
+    # a version-1 catalogue holding one entry, written with version 1's columns only
+    with Registry.open(tmp_path / "scratch") as scratch:
+        e, _ = scratch.add_file(kohya_file(tmp_path / "old.safetensors"))
     r = Registry.open(home, migrate_to=1)
-    e, _ = r.add_file(kohya_file(tmp_path / "old.safetensors"))
+    v1 = [c[1] for c in r.conn.execute("PRAGMA table_info(entries)")]
+    row = {c: e[c] if c not in ("parts", "tokens", "triggers", "tags", "metadata", "extra") else json.dumps(e[c])
+           for c in v1 if c in e}
+    r.conn.execute(f"INSERT INTO entries ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    r.conn.commit()
     tables = {x[0] for x in r.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "scan_cache" not in tables and r.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     r.close()
-    r = Registry.open(home)
     from lorahub.registry.schema import migrations
 
-    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0]
+    r = Registry.open(home)
+    assert r.conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1][0] >= 3
     assert r.resolve("old")["sha256"] == e["sha256"]
     r.conn.execute("SELECT count(*) FROM scan_cache").fetchone()
     r.conn.execute("PRAGMA user_version = 99")
@@ -416,7 +423,9 @@ Registry.open({str(home)!r}).add_file({str(f)!r})
     assert reg.count() == 0 and reg.conn.execute("SELECT count(*) FROM entries_fts").fetchone()[0] == 0
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     assert [p.name for p in store_files(home)] == [sha]  # an unreferenced blob, no entry
-    assert reg.gc()["blobs"] == [sha]
+    with pytest.raises(LorahubError, match="no entries"):  # a catalogue without entries deletes no blob ...
+        reg.gc()
+    assert reg.gc(force=True)["blobs"] == [sha]  # ... unless forced
     e, created = reg.add_file(f)
     assert created and reg.blob_path(e).read_bytes() == f.read_bytes()
 
@@ -505,12 +514,16 @@ def test_export_writes_webui_files_inside_dest_and_refuses_to_clobber(reg, tmp_p
     f = kohya_file(tmp_path / "e.safetensors")
     (tmp_path / "e.preview.png").write_bytes(png_bytes((9, 9, 9)))
     e, _ = reg.add_file(f, triggers=["zkz", "blue hair"], base="sd1", description="d")
-    e = reg.update(e["id"], name="../../up/Name: v1")
+    with pytest.raises(LorahubError, match="path separators"):
+        reg.update(e["id"], name="../../up/Name: v1")
+    e = reg.update(e["id"], name="Name: v1")
     dest = tmp_path / "out"
     res = reg.export(e["name"], dest)
     assert res.id == e["id"] and [p.parent for p in res.written] == [dest] * 3
     lora, side, preview = res.written
-    assert lora.name == "up_Name_ v1.safetensors" and lora.read_bytes() == f.read_bytes()
+    assert lora.name == "e.safetensors" and lora.read_bytes() == f.read_bytes()  # the original file's name
+    other = reg.export(e["id"], tmp_path / "out2", stem="../../up/Name: v1")  # a chosen stem is made safe
+    assert other.written[0].name == "up_Name_ v1.safetensors" and other.written[0].parent == tmp_path / "out2"
     assert json.loads(side.read_text()) == webui_sidecar(e) and json.loads(side.read_text())["activation text"] == "zkz, blue hair"
     assert preview.read_bytes() == (tmp_path / "e.preview.png").read_bytes()
     assert not (tmp_path / "up").exists()
@@ -599,9 +612,43 @@ def test_check_files_before_a_batch(tmp_path, bad_files):
     from lorahub.registry.workflows import check_files
 
     good = kohya_file(tmp_path / "ok.safetensors")
-    assert check_files([good]) == [good]
+    checked = check_files([good])
+    assert [c.path for c in checked] == [good] and checked[0].detection.format == "kohya"
     for label, path in bad_files.items():
         with pytest.raises(LorahubError):
             check_files([good, path])
     with pytest.raises(LorahubError, match="not a regular file"):
         check_files([tmp_path])
+
+
+def test_scan_group_commits_and_reads_each_header_once(reg, tmp_path, monkeypatch):
+    import lorahub.formats.detect as det
+
+    lib = tmp_path / "lib"
+    for i in range(40):
+        kohya_file(lib / f"d{i % 3}" / f"s{i:02d}.safetensors", seed=300 + i)
+    headers, stmts, fsyncs = [], [], []
+    real_detect, real_fsync = det.detect, os.fsync
+    monkeypatch.setattr(det, "detect", lambda p: headers.append(p) or real_detect(p))
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    reg.conn.set_trace_callback(stmts.append)
+    res = reg.scan(lib)
+    reg.conn.set_trace_callback(None)
+    assert len(res.added) == 40 and len(headers) == 40  # one header read per file
+    # group commit: one transaction (entries, FTS rows and scan cache) for the 40 files, one fsync per
+    # blob and one per store folder touched
+    assert sum(s.startswith("BEGIN IMMEDIATE") for s in stmts) == 1
+    folders = {reg.object_path(e["sha256"]).parent for e in res.added}
+    assert len(fsyncs) == 40 + len(folders)
+    assert reg.check().problems == [] and reg.scan(lib).already == 40
+
+
+def test_add_command_reads_each_header_once(run, home, tmp_path, monkeypatch):
+    import lorahub.formats.detect as det
+
+    files = [kohya_file(tmp_path / f"h{i}.safetensors", seed=400 + i) for i in range(3)]
+    headers = []
+    real = det.detect
+    monkeypatch.setattr(det, "detect", lambda p: headers.append(p) or real(p))
+    assert run("add", *files)[0] == 0
+    assert sorted(headers) == sorted(files)  # checked all before adding any, without reading them twice

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json, progress, progress_callback
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, progress, progress_callback
 
 
 @app.command()
@@ -16,8 +16,9 @@ def backup(dest: Annotated[Path, typer.Argument(help="New (or empty) folder to w
            home: HomeOpt = None, json: JsonOpt = False) -> None:
     """Back up the registry: an online SQLite copy plus the store, with a checksummed manifest."""
     from lorahub import backup as bk
+    from lorahub.registry.schema import default_home
 
-    h = open_registry(home).home
+    h = Path(home).expanduser() if home else default_home()
     with progress() as prog:
         manifest = bk.backup(h, dest, progress=progress_callback(prog, "backup"))
     summary = {"dest": str(dest), "files": len(manifest["files"]),

@@ -13,8 +13,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from lorahub.cli.app import app
-from lorahub.cli.common import (HomeOpt, JsonOpt, console, open_registry, print_json, progress, progress_callback,
-                                styled)
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, progress, progress_callback, styled
 from lorahub.registry.queries import rank_text, short
 from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
@@ -25,6 +24,32 @@ BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model", help="Base 
 TagOpt = Annotated[Optional[List[str]], typer.Option("--tag", help="A tag (repeat for several).")]
 TriggerOpt = Annotated[Optional[List[str]], typer.Option("--trigger", help="A trigger token (repeat for several).")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", help=f"{'|'.join(KINDS)}.")]
+
+
+def _open(home: Optional[Path], **kw):
+    """Open the registry (``Registry.open`` keywords), with errors worded for the command line."""
+    from lorahub.errors import LorahubError
+    from lorahub.registry import OrphanedStore, Registry
+
+    try:
+        return Registry.open(home, **kw)
+    except OrphanedStore as exc:
+        raise LorahubError(
+            f"{exc.path}: the store holds {exc.blobs} blob(s) but the catalogue database is {exc.state}; refusing "
+            f"to take it for a new registry. Restore the database from a backup (`lorahub restore BACKUP "
+            f"--home {exc.path} --force`), or re-register the stored files (`lorahub verify --repair`)") from None
+
+
+def _entries(home: Optional[Path], query: str | None = None, **filters) -> list[dict]:
+    """Entries matching ``query`` and ``filters``, read-only; a home without a registry has none
+    (and is not created)."""
+    from lorahub.registry import NoRegistry
+
+    try:
+        reg = _open(home, readonly=True)
+    except NoRegistry:
+        return []
+    return reg.search(query, **filters)
 
 
 def print_table(con, table) -> None:
@@ -83,13 +108,15 @@ def add(
 
     if name and len(files) > 1:
         raise LorahubError("--name needs exactly one file")
-    check_files(files)  # every file before writing anything
-    reg = open_registry(home)
+    checked = check_files(files)  # every file before writing anything
+    reg = _open(home)
     results = []
     con = console()
-    for f in files:
+    for c in checked:
+        f = c.path
         entry, created = reg.add_file(f, name=name, type=type, triggers=trigger or None, tags=tag or None,
-                                      base=base, description=description, source=source, sidecars=not no_sidecars)
+                                      base=base, description=description, source=source, sidecars=not no_sidecars,
+                                      detection=c.detection)
         results.append({"created": created, **short(entry)})
         if not json_out:
             if created:
@@ -113,7 +140,7 @@ def scan(
     home: HomeOpt = None,
 ) -> None:
     """Add every LoRA file under FOLDER (recursive, idempotent: files seen before are not re-hashed)."""
-    reg = open_registry(home)
+    reg = _open(home)
     with progress() as prog:
         res = reg.scan(folder, exts=ext or None, tags=tag or None, link=link, progress=progress_callback(prog, "scanning"))
     if json_out:
@@ -151,7 +178,7 @@ def list_(
     home: HomeOpt = None,
 ) -> None:
     """List the registry's entries (optionally filtered)."""
-    entries = open_registry(home).search(None, type=type, base=base, tags=tag or (), kind=kind, base_model=base_model)
+    entries = _entries(home, None, type=type, base=base, tags=tag or (), kind=kind, base_model=base_model)
     _print_entries(entries, json_out, "the registry is empty" if not (type or base or base_model or tag or kind)
                    else "no entries match")
 
@@ -170,21 +197,22 @@ def search(
     home: HomeOpt = None,
 ) -> None:
     """Full-text search (every word, as a prefix) with filters."""
-    entries = open_registry(home).search(query or None, type=type, base=base, tags=tag or (), kind=kind,
-                                         rank_min=rank_min, rank_max=rank_max, base_model=base_model)
+    entries = _entries(home, query or None, type=type, base=base, tags=tag or (), kind=kind,
+                       rank_min=rank_min, rank_max=rank_max, base_model=base_model)
     _print_entries(entries, json_out, "no entries match")
 
 
 @app.command()
 def show(
-    ref: Annotated[str, typer.Argument(help="Entry id, name, or any hash / hash prefix (6+ hex).")],
+    ref: Annotated[str, typer.Argument(help="Entry id, name, file name or stem (as in <lora:STEM:0.8>), "
+                                       "or any hash / hash prefix (6+ hex).")],
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Show one entry: hashes, detection, metadata summary, lineage tree, previews, remotes."""
     from lorahub.hashing import display
 
-    rec = open_registry(home).record(ref)
+    rec = _open(home, readonly=True).record(ref)
     if json_out:
         print_json(rec)
         return
@@ -216,13 +244,15 @@ def show(
         ("blob", rec["blob"]),
     ]
     extra = e.get("extra") or {}
-    for k in ("author", "preferred_weight", "negative_text", "civitai_base_model", "base_conflict"):
+    for k in ("display_name", "author", "preferred_weight", "negative_text", "civitai_base_model", "base_conflict"):
         if extra.get(k) not in (None, ""):
             rows.append((k.replace("_", " "), str(extra[k])))
     if extra.get("base_evidence"):
         rows.append(("base evidence", "; ".join(str(x) for x in extra["base_evidence"])))
     if extra.get("sidecars"):
         rows.append(("sidecars", ", ".join(extra["sidecars"])))
+    if rec["sidecar_files"]:
+        rows.append(("kept for export", ", ".join(f"{s['file_name']} ({human(s['size'])})" for s in rec["sidecar_files"])))
     meta = e.get("metadata") or {}
     if meta:
         interesting = [k for k in ("ss_sd_model_name", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -292,7 +322,7 @@ def tag(
         if not t:
             raise LorahubError(f"empty tag in {ch!r}")
         (remove if ch.startswith("-") else add).append(t)
-    reg = open_registry(home)
+    reg = _open(home, create=False)
     e = reg.change_tags(reg.resolve(ref)["id"], add=add, remove=remove)
     if json_out:
         print_json({"id": e["id"], "tags": e["tags"]})
@@ -339,7 +369,7 @@ def edit(
         fields["source"] = source
     if not fields:
         raise LorahubError("nothing to change: give --name, --type, --base, --trigger, --description or --source")
-    reg = open_registry(home)
+    reg = _open(home, create=False)
     e = reg.update(reg.resolve(ref)["id"], **fields)
     if json_out:
         print_json(short(e))
@@ -353,8 +383,8 @@ def rm(
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Remove an entry from the catalogue (its stored file stays until `lorahub gc`)."""
-    reg = open_registry(home)
+    """Remove an entry from the catalogue (its stored file stays until `lorahub gc`). Works on a full disk."""
+    reg = _open(home, create=False, frees_space=True)
     e = reg.remove(reg.resolve(ref)["id"])
     if json_out:
         print_json({"removed": short(e)})
@@ -365,12 +395,22 @@ def rm(
 @app.command()
 def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete unreferenced blobs even when the catalogue has "
+                                        "no entries (a lost or emptied database would otherwise cost every blob).")] = False,
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Delete stored blobs no entry refers to, and .lorahub-tmp-* leftovers of interrupted writes."""
-    reg = open_registry(home)
-    res = reg.gc(dry_run=dry_run)
+    """Delete stored blobs no entry refers to, and .lorahub-tmp-* leftovers of interrupted writes (never a
+    file a running lorahub is still writing). Works on a full disk."""
+    from lorahub.errors import LorahubError
+    from lorahub.registry import EmptyCatalogue
+
+    reg = _open(home, readonly=True) if dry_run else _open(home, create=False, frees_space=True)
+    try:
+        res = reg.gc(dry_run=dry_run, force=force)
+    except EmptyCatalogue as exc:
+        raise LorahubError(f"{exc.path}: the catalogue has no entries, so all {exc.blobs} stored blob(s) look "
+                           "unreferenced; refusing to delete them (use --force to delete them anyway)") from None
     if json_out:
         print_json(res)
         return
@@ -382,19 +422,22 @@ def gc(
 # --------------------------------------------------------------------------- export / dupes / verify / sql
 @app.command()
 def export(
-    ref: Annotated[str, typer.Argument(help="Entry id, name or hash prefix.")],
+    ref: Annotated[str, typer.Argument(help="Entry id, name, file name or stem, or hash prefix.")],
     dest: Annotated[Path, typer.Argument(help="Destination folder (created if missing).")],
+    stem: Annotated[Optional[str], typer.Option("--stem", help="File name to export as, without suffix (default: "
+                                                "the original file's, the LoRA's handle in webui prompts).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite different files of the same name.")] = False,
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Copy an entry out under a readable name, with a webui .json sidecar and its preview."""
+    """Copy an entry out as a webui folder holds it: the file under its original name, the webui .json,
+    the .civitai.info and .txt it came with (byte for byte where unchanged) and its preview."""
     from lorahub.errors import LorahubError
     from lorahub.fsutil import WouldOverwrite
 
-    reg = open_registry(home)
+    reg = _open(home, readonly=True)
     try:
-        res = reg.export(ref, dest, force=force)
+        res = reg.export(ref, dest, force=force, stem=stem)
     except WouldOverwrite as exc:
         raise LorahubError(f"{exc.path} exists with other content; use --force to overwrite") from None
     if json_out:
@@ -409,7 +452,12 @@ def export(
 @app.command()
 def dupes(json_out: JsonOpt = False, home: HomeOpt = None) -> None:
     """Entries with the same tensors (same AutoV3) under other names or metadata."""
-    groups = open_registry(home).dupes()
+    from lorahub.registry import NoRegistry
+
+    try:
+        groups = _open(home, readonly=True).dupes()
+    except NoRegistry:
+        groups = []
     if json_out:
         print_json([{"autov3": g[0]["autov3"], "entries": [short(e) for e in g]} for g in groups])
         return
@@ -427,15 +475,19 @@ def verify(json_out: JsonOpt = False, home: HomeOpt = None,
            repair: Annotated[bool, typer.Option("--repair", help="Re-fetch missing or corrupt blobs from the "
                                                 "entry's recorded source file or Hub remote when possible.")] = False,
            ) -> None:
-    """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any remain)."""
-    reg = open_registry(home)
+    """Re-hash every stored blob; report missing or corrupt ones (exit 1 if any remain). With --repair,
+    also re-register the stored files of a home whose catalogue database was lost."""
+    reg = _open(home, recover=True, create=False) if repair else _open(home, readonly=True)
     with progress() as prog:
         res = reg.check(repair=repair, progress=progress_callback(prog, "verifying"))
     remaining = res.remaining
     if json_out:
-        print_json({"checked": res.checked, "problems": res.problems, "remaining": len(remaining)})
+        print_json({"checked": res.checked, "problems": res.problems, "remaining": len(remaining),
+                    "recovered": [short(e) for e in res.recovered]})
     else:
         con = console()
+        for e in res.recovered:
+            con.print(f"re-registered {e['name']} ({e['id']}) from the store")
         for p in res.problems:
             fixed = f" -> repaired from {p['from']}" if p.get("repaired") else (
                 " -> no source could restore it" if repair else "")

@@ -27,12 +27,42 @@ def check_choice(what: str, value, choices) -> None:
         raise LorahubError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def clean_name(name: str) -> str:
-    """An entry name without control characters or surrounding blanks, at most 200 characters."""
-    name = re.sub(r"[\x00-\x1f\x7f]", "", str(name)).strip()
-    if not name:
+MAX_NAME = 200
+# what an entry name may not hold: path separators and control characters (C0, DEL, C1, and the
+# Unicode line/paragraph separators and bidirectional overrides that make text lie about itself)
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def check_name(name: str) -> str:
+    """A name a user gave (``add``/``edit``/``update``): surrounding blanks stripped, at most 200
+    characters. Path separators, control characters, ``.`` and ``..`` are refused."""
+    text = str(name).strip()
+    if not text:
         raise LorahubError("a name cannot be empty")
-    return name[:200]
+    bad = _BAD_NAME.search(text)
+    if bad is not None:
+        what = "path separators" if bad.group() in "/\\" else "control characters"
+        raise LorahubError(f"a name cannot contain {what}: {text!r}")
+    if text in (".", ".."):
+        raise LorahubError(f"{text!r} is not a name")
+    return text[:MAX_NAME]
+
+
+def sanitize_name(raw: str | None) -> str | None:
+    """A name taken from a file (its metadata, sidecars or stem) made acceptable to :func:`check_name`:
+    path separators become ``_``, control characters a space; None when nothing is left."""
+    if raw is None:
+        return None
+    text = _BAD_NAME.sub(lambda m: "_" if m.group() in "/\\" else " ", str(raw))
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text or text in (".", ".."):
+        return None
+    return text[:MAX_NAME]
+
+
+def clean_name(name: str) -> str:
+    """An entry name as stored (see :func:`check_name`)."""
+    return check_name(name)
 
 
 def dumps(value) -> str:
@@ -51,6 +81,13 @@ def _fts_text(name: str) -> str:
     # index "my_lora-v2" also as "my lora v2" so word searches find it
     spaced = re.sub(r"[_\-.]+", " ", name)
     return name if spaced == name else f"{name} {spaced}"
+
+
+def fts_insert(conn: sqlite3.Connection, entry_id: str, name: str, triggers: list[str], tags: list[str],
+               description: str | None) -> None:
+    """The full-text row of a new entry (an entry that has none yet)."""
+    conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
+                 (entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""))
 
 
 def fts_sync(conn: sqlite3.Connection, entry_id: str) -> None:
@@ -104,7 +141,7 @@ def update(conn: sqlite3.Connection, entry_id: str, fields: dict[str, Any]) -> N
     sets, args = [], []
     for k, v in fields.items():
         if k == "name":
-            v = clean_name(v)
+            v = check_name(v)
             other = conn.execute("SELECT id FROM entries WHERE name = ?", (v,)).fetchone()
             if other is not None and other["id"] != entry_id:
                 raise LorahubError(f"the name {v!r} is taken by entry {other['id']}")

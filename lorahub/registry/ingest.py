@@ -1,10 +1,17 @@
 """Adding files to the catalogue: prepare (read, hash, copy; no database) then commit (one transaction).
 
-:func:`prepare` detects the file's format from its header, collects header metadata and sidecars,
-hashes the file in one pass while copying it into a temp blob of the store, and checks any preview
-images; it returns a typed :class:`Prepared`. :func:`commit` then inserts the entry, its lineage,
-previews and full-text row and renames the blobs into place in one write transaction.
-:func:`add_many` runs the slow half on worker threads and batches the fsyncs (``lorahub scan``).
+:func:`prepare` detects the file's format from its header, collects header metadata and sidecars
+(keeping the sidecar files' bytes), hashes the file in one pass while copying it into a temp blob of
+the store, and checks any preview images; it returns a typed :class:`Prepared`. :func:`commit_batch`
+then inserts the entries, their lineage, previews, sidecars and full-text rows and renames the blobs
+into place in one write transaction. :func:`add_many` (``lorahub scan``) overlaps the two: worker
+threads prepare the next files while the main thread commits a batch (group commit: one transaction,
+one fsync per blob and one per store folder for many files).
+
+Crash guarantees (the same for one file and for a batch): a blob's data is fsynced before it is
+renamed to its final name, the renames happen under the write lock, the store folders are fsynced
+before the transaction commits. A crash leaves at most unreferenced blobs and temp files (``gc``
+removes them), never an entry without its blob and never a half entry.
 
 Rows are written with the standard library's sqlite3 (:func:`~lorahub.registry.schema.insert`):
 sqlite-utils on this path measured ~0.1 s of import (it imports numpy) plus ~0.25 ms per row,
@@ -13,17 +20,22 @@ sqlite-utils on this path measured ~0.1 s of import (it imports numpy) plus ~0.2
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
 import os
+import sqlite3
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from lorahub.errors import FormatError, LorahubError, NotFound
+from lorahub.errors import LorahubError, NotFound
+from lorahub.fsutil import NoSpace, os_error
 from lorahub.registry import edits, queries
-from lorahub.registry.schema import insert, now_iso, transaction
-from lorahub.registry.store import Store, fsync_dir, fsync_file, fsync_many
 from lorahub.formats.families import check_base
+from lorahub.registry.schema import insert, is_disk_full, no_space, now_iso, transaction
+from lorahub.registry.store import Store, fsync_dir, fsync_many
 from lorahub.vocab import LORA_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from lorahub.hashing import Hashes
     from lorahub.metadata import Imported
     from lorahub.registry import Registry
+
+# the sidecar files whose bytes are kept (``export`` writes them back): kind -> file-name suffix
+KEPT_SIDECARS = {"json": ".json", "civitai": ".civitai.info", "txt": ".txt"}
+MAX_SIDECAR_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -46,6 +62,19 @@ class ImageBlob:
 
 
 @dataclass
+class SidecarFile:
+    """A sidecar file imported with an entry, byte for byte (``kind``: json | civitai | txt)."""
+
+    kind: str
+    file_name: str
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
 class Prepared:
     """A file read, detected, hashed and copied into a temp blob: everything :func:`commit` needs.
 
@@ -56,12 +85,14 @@ class Prepared:
 
     path: Path
     detection: "Detection"
-    header: dict[str, str]          # the safetensors header metadata ({} for pickles)
+    header: dict[str, str]          # the safetensors header metadata ({} for pickles), cover images elided
     imported: "Imported"            # metadata and sidecars (lorahub.metadata.collect)
     hashes: "Hashes"
     blob: Path                      # temp file in the store (a hard link to ``path`` when ``linked``)
     linked: bool
+    stat: os.stat_result | None = None          # the source file as it was hashed
     previews: list[ImageBlob] = field(default_factory=list)
+    sidecar_files: list[SidecarFile] = field(default_factory=list)
 
     name: str | None = None
     type: str | None = None
@@ -73,6 +104,7 @@ class Prepared:
     lineage: list[dict] | None = None
     extra: dict | None = None
     base_model: str | None = None
+    file_name: str | None = None    # the entry's file name (default: the source file's)
 
     @property
     def sha256(self) -> str:
@@ -86,7 +118,21 @@ class Prepared:
         for t in self.temp_files():
             t.unlink(missing_ok=True)
 
-    def entry_row(self, entry_id: str, name: str) -> dict:
+    def default_name(self) -> tuple[str, str | None]:
+        """(the entry name, the raw name it was made from when that had to be changed): the name
+        asked for, else the one the metadata or sidecars give, else the file's stem; names taken
+        from files lose path separators and control characters (:func:`edits.sanitize_name`)."""
+        if self.name:
+            return edits.check_name(self.name), None
+        fname = self.file_name or self.path.name
+        stem = os.path.splitext(fname)[0] or fname
+        for raw in (self.imported.name, stem):
+            clean = edits.sanitize_name(raw)
+            if clean:
+                return clean, (str(raw) if clean != str(raw).strip() else None)
+        return "lora", None
+
+    def entry_row(self, entry_id: str, name: str, raw_name: str | None = None) -> dict:
         """The ``entries`` row this file becomes (JSON columns as JSON text)."""
         det, imp, h = self.detection, self.imported, self.hashes
         from lorahub.formats.families import from_text
@@ -113,14 +159,17 @@ class Prepared:
         if settled.evidence:
             extra["base_evidence"] = settled.evidence
         base_model = self.base_model or (settled.base_model if base == settled.base else None)
+        if raw_name is not None:
+            extra["display_name"] = raw_name  # the name as the file gave it, before it was made safe
         if self.extra:
             extra.update(self.extra)
         from lorahub.metadata import dedupe
 
         # explicit triggers, else those from metadata/sidecars, else the file's embedding tokens
         triggers = dedupe(self.triggers) if self.triggers else (imp.triggers or list(det.tokens))
+        mtime = self.stat.st_mtime if self.stat is not None else self.path.stat().st_mtime
         return {
-            "id": entry_id, "sha256": h.sha256, "name": name, "file_name": self.path.name,
+            "id": entry_id, "sha256": h.sha256, "name": name, "file_name": self.file_name or self.path.name,
             "autov1": h.autov1, "autov2": h.autov2, "autov3": h.autov3, "crc32": h.crc32, "blake3": h.blake3,
             "size": h.size, "format": det.format, "base": base, "kind": det.kind,
             "rank": det.rank, "rank_min": det.rank_min, "rank_max": det.rank_max, "alpha": det.alpha,
@@ -128,13 +177,13 @@ class Prepared:
             "type": self.type or imp.type, "triggers": edits.dumps(triggers),
             "tags": edits.dumps(dedupe(list(imp.tags) + list(self.tags or []))),
             "description": self.description or imp.description,
-            "source": self.source or imp.source or str(self.path.resolve()),
-            "created_at": imp.created_at or _mtime_iso(self.path),
+            "source": self.source or imp.source or os.path.abspath(self.path),
+            "created_at": imp.created_at or _iso(mtime),
             "added_at": now_iso(),
-            "metadata": edits.dumps(_slim_meta(self.header)),
+            "metadata": edits.dumps(self.header),
             "extra": edits.dumps(extra),
             "blob_mode": "link" if self.linked else "copy",
-            **({"base_model": base_model} if base_model else {}),
+            "base_model": base_model,
         }
 
 
@@ -147,91 +196,159 @@ def _slim_meta(meta: dict) -> dict:
     return meta
 
 
-def _mtime_iso(p: Path) -> str:
-    ts = p.stat().st_mtime
+def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def image_blob(store: Store, data_or_path: bytes | Path, kind: str, *, durable: bool = True) -> ImageBlob:
-    """Check an image (:func:`lorahub.metadata.read_image`) and write it as a temp file of the store."""
-    import hashlib
+    """Check an image (:func:`lorahub.metadata.read_image`) and write it as a temp file of the store (a
+    full disk raises :class:`~lorahub.fsutil.NoSpace`)."""
 
     from lorahub.metadata import read_image
 
     img = read_image(data_or_path)
-    return ImageBlob(kind, store.write_temp(img.data, durable=durable), hashlib.sha256(img.data).hexdigest(),
-                     img.ext, img.width, img.height)
+    try:
+        tmp = store.write_temp(img.data, durable=durable)
+    except OSError as exc:
+        raise os_error(exc, store.root.parent) from None
+    return ImageBlob(kind, tmp, hashlib.sha256(img.data).hexdigest(), img.ext, img.width, img.height)
 
 
-def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple["Hashes", Path, bool]:
-    """Hash ``p`` in one pass while copying it to a temp blob (``copy=False``: hard-link it when the
-    store is on the same file system, else copy). Returns (hashes, temp blob, linked)."""
-    from lorahub.hashing import hash_file
+class _Sink:
+    """The temp blob a file is copied into while it is hashed: a failed write (a full disk) raises
+    the one-line error naming the registry, not "cannot read" the input."""
 
-    tmp = store.temp()
+    def __init__(self, f, where: Path):
+        self.f, self.where = f, where
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            raise os_error(exc, self.where) from None
+
+
+def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple["Hashes", Path, bool, os.stat_result]:
+    """Hash ``p`` in one pass while copying it to a temp blob (created read-only, as blobs are;
+    ``copy=False``: hard-link it when the store is on the same file system, else copy). Returns
+    (hashes, temp blob, linked, stat of the source as hashed)."""
+    from lorahub.fsutil import temp_name
+    from lorahub.hashing import hash_stream
+
+    home = store.root.parent
+    try:
+        src = open(p, "rb")
+    except OSError as exc:
+        raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    tmp = None
     linked = False
     try:
-        if copy:
-            with open(tmp, "wb") as out:
+        with src:
+            st = os.fstat(src.fileno())
+            if not copy:
+                tmp = store.root / temp_name()
                 try:
-                    hashes = hash_file(p, copy_to=out)
+                    os.link(p, tmp)
+                    linked = True
+                except OSError:
+                    tmp = None
+            if linked:
+                sink = None
+            else:
+                try:
+                    tmp, out = store.open_temp(read_only=True)
+                except OSError as exc:
+                    raise os_error(exc, home) from None
+                sink = _Sink(out, home)
+            try:
+                try:
+                    hashes = hash_stream(src, st.st_size, copy_to=sink)
                 except OSError as exc:
                     raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
-                out.flush()
-                if durable:
-                    os.fsync(out.fileno())
-        else:
-            hashes = hash_file(p)
-            tmp.unlink()
-            try:
-                os.link(p, tmp)
-                linked = True
-            except OSError:
-                import shutil
-
-                shutil.copyfile(p, tmp)
-                if durable:
-                    fsync_file(tmp)
-        if hashes.size != p.stat().st_size:
-            raise FormatError(f"{p}: file changed while it was added")
+                if sink is not None:
+                    try:
+                        out.flush()
+                        if durable:
+                            os.fsync(out.fileno())
+                    except OSError as exc:
+                        raise os_error(exc, home) from None
+            finally:
+                if sink is not None:
+                    out.close()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
-    return hashes, tmp, linked
+    return hashes, tmp, linked, st
+
+
+def _sidecar_files(path: Path, imported: "Imported") -> list[SidecarFile]:
+    """The bytes of the sidecar files :func:`lorahub.metadata.collect` read (json, civitai, txt)."""
+    out = []
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    for kind, suffix in KEPT_SIDECARS.items():
+        name = stem + suffix
+        if name not in imported.sidecars:
+            continue
+        try:
+            with open(path.parent / name, "rb") as f:
+                data = f.read(MAX_SIDECAR_BYTES + 1)
+        except OSError:
+            continue
+        if len(data) <= MAX_SIDECAR_BYTES:
+            out.append(SidecarFile(kind, name, data))
+    return out
 
 
 def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, type: str | None = None,
             triggers: list[str] | None = None, tags: list[str] | None = None, base: str | None = None,
             description: str | None = None, source: str | None = None, lineage: list[dict] | None = None,
-            extra: dict | None = None, copy: bool = True, sidecars: bool = True, durable: bool = True) -> Prepared:
+            extra: dict | None = None, copy: bool = True, sidecars: bool = True, durable: bool = True,
+            detection: "Detection | None" = None) -> Prepared:
     """Read, detect, hash and copy ``path`` into the store's temp files. No database access.
 
-    Bad input (missing file, unknown format, hostile header, bad ``type``/``base``) raises
-    :class:`~lorahub.errors.LorahubError` and leaves nothing behind. Unreadable preview images are
-    skipped with a note.
+    Bad input (missing file, unknown format, hostile header, bad ``name``/``type``/``base``) raises
+    :class:`~lorahub.errors.LorahubError` and leaves nothing behind; a full disk raises
+    :class:`~lorahub.fsutil.NoSpace`. Unreadable preview images are skipped with a note.
+    ``detection``: the file's :func:`~lorahub.formats.detect.detect` result when the caller has it
+    already (its header is not read again).
     """
     from lorahub import metadata as md
     from lorahub.formats.detect import detect
 
+    import stat as _stat
+
     p = Path(path)
-    if not p.exists():
-        raise NotFound(f"{path}: no such file")
-    if not p.is_file():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    except OSError as exc:
+        raise LorahubError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not _stat.S_ISREG(mode):
         raise LorahubError(f"{path}: not a regular file")
+    if name is not None:
+        name = edits.check_name(name)
     edits.check_choice("type", type, LORA_TYPES)
     check_base(base)
-    det = detect(p)
-    header = dict(det.metadata)
-    imported = md.collect(p, header, sidecars=sidecars)
-    hashes, tmp, linked = _copy_and_hash(store, p, copy=copy, durable=durable)
-    prep = Prepared(p, det, header, imported, hashes, tmp, linked, name=name, type=type, triggers=triggers,
-                    tags=tags, base=base, description=description, source=source, lineage=lineage, extra=extra)
+    det = detection if detection is not None else detect(p)
+    imported = md.collect(p, dict(det.metadata), sidecars=sidecars)
+    header = _slim_meta(dict(det.metadata))
+    det = dataclasses.replace(det, metadata={})  # held until commit: without the (maybe large) header copy
+    kept = _sidecar_files(p, imported) if sidecars and imported.sidecars else []
+    hashes, tmp, linked, st = _copy_and_hash(store, p, copy=copy, durable=durable)
+    prep = Prepared(p, det, header, imported, hashes, tmp, linked, st, sidecar_files=kept, name=name, type=type,
+                    triggers=triggers, tags=tags, base=base, description=description, source=source,
+                    lineage=lineage, extra=extra)
     try:
         for kind, src in imported.previews:
             try:
                 prep.previews.append(image_blob(store, src, kind, durable=durable))
+            except NoSpace:
+                raise
             except (LorahubError, OSError):
                 imported.notes.append(f"{kind} preview is not a readable image, ignored")
+        imported.previews = []  # written to temp files: the image bytes need not stay in memory
     except BaseException:
         prep.discard()
         raise
@@ -254,80 +371,155 @@ def _unique_name(conn, name: str) -> str:
     return name
 
 
+def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> dict:
+    """Insert one prepared file's rows, then rename its blobs into place (inside the caller's
+    transaction). The store folders touched are added to ``dirs`` (for the caller to fsync), the
+    blobs that did not exist before to ``placed`` (for the caller to remove if it rolls back).
+    Returns the new entry."""
+    conn = reg.conn
+    entry_id = _new_id(conn, prep.sha256)
+    name, raw = prep.default_name()
+    name = _unique_name(conn, name)
+    row = prep.entry_row(entry_id, name, raw)
+    insert(conn, "entries", row)
+    entry = queries.decode(row)
+    for item in prep.lineage or []:
+        edits.insert_lineage(conn, entry_id, item)
+    for pv in prep.previews:
+        insert(conn, "previews", {"entry_id": entry_id, "sha256": pv.sha256, "kind": pv.kind, "ext": pv.ext,
+                                  "width": pv.width, "height": pv.height, "params": "{}",
+                                  "added_at": now_iso()}, or_ignore=True)
+    if prep.sidecar_files:
+        from lorahub.metadata import webui_sidecar
+
+        view = edits.dumps(webui_sidecar(entry))
+        for sc in prep.sidecar_files:
+            insert(conn, "sidecars", {"entry_id": entry_id, "kind": sc.kind, "file_name": sc.file_name,
+                                      "data": sc.data, "sha256": sc.sha256, "view": view})
+    edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
+    # the rows are in: now the files (a copied blob was created read-only; a link keeps the source's mode)
+    for tmp, sha, chmod in [(pv.tmp, pv.sha256, True) for pv in prep.previews] + [(prep.blob, prep.sha256, False)]:
+        new = not reg.store.path(sha).exists()
+        dest = reg.store.place(tmp, sha, chmod=chmod, durable=False)
+        dirs.add(dest.parent)
+        if new:
+            placed.append(dest)
+    return entry
+
+
+Outcome = tuple["dict | None", bool, "LorahubError | None"]
+
+
+def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True,
+                 remember: bool = False) -> list[Outcome]:
+    """Commit prepared files in ONE write transaction; returns ``(entry, created, error)`` per file.
+
+    A file already registered (by another process meanwhile, or earlier in this batch) gives its
+    entry with ``created`` False and changes nothing; a file whose rows cannot be written gives its
+    error and the others are committed (each file has its own savepoint). The blobs' data must be
+    on disk already (``prepare(durable=True)``, or fsynced by the caller); the store folders are
+    fsynced before the transaction commits when ``durable``. ``remember``: also record each file's
+    absolute path, size and mtime in the scan cache. A full disk raises :class:`~lorahub.fsutil.NoSpace`
+    with nothing committed. The temp files are gone afterwards either way.
+    """
+    conn = reg.conn
+    out: list[Outcome] = []
+    dirs: set[Path] = set()
+    placed: list[Path] = []  # blobs this transaction created: removed again if it does not commit
+    def unplace() -> None:  # called under the write lock: nothing can refer to these blobs yet
+        for f in placed:
+            f.unlink(missing_ok=True)
+
+    try:
+        with transaction(conn, on_abort=unplace):
+            for prep in preps:
+                out.append(_commit_one(reg, prep, dirs, placed, remember))
+            if durable and dirs:
+                fsync_many(sorted(dirs), fsync_dir)  # the renames are on disk before the commit
+    finally:
+        for prep in preps:
+            prep.discard()
+    return out
+
+
+def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path], remember: bool) -> Outcome:
+    conn = reg.conn
+    existing = queries.find_sha256(conn, prep.sha256)
+    if existing is not None:
+        outcome: Outcome = (existing, False, None)
+    else:
+        mark = len(placed)
+        conn.execute("SAVEPOINT one")
+        try:
+            entry = _insert(reg, prep, dirs, placed)
+        except OSError as exc:  # a blob could not be renamed into the store: the whole batch stops
+            raise os_error(exc, reg.home) from None
+        except (LorahubError, sqlite3.Error) as exc:
+            if is_disk_full(exc):
+                raise no_space(conn) from None
+            conn.execute("ROLLBACK TO one")
+            conn.execute("RELEASE one")
+            for f in placed[mark:]:
+                f.unlink(missing_ok=True)
+            del placed[mark:]
+            if not isinstance(exc, LorahubError):
+                exc = LorahubError(f"{prep.path}: cannot register ({exc})")
+            return None, False, exc
+        conn.execute("RELEASE one")
+        reg.had_entries = True
+        outcome = (entry, True, None)
+    if remember and prep.stat is not None:
+        _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)])
+    return outcome
+
+
 def commit(reg: "Registry", prep: Prepared, *, durable: bool = True) -> tuple[dict, bool]:
-    """One transaction: insert the entry, its lineage, previews and FTS row; rename the blobs in.
+    """One transaction: insert the entry, its lineage, previews, sidecars and FTS row; rename the blobs in.
 
     Returns ``(entry, created)``; ``created`` is False (and nothing changes) when another process
     registered the same SHA-256 meanwhile. The temp files are gone afterwards either way.
     """
-    conn = reg.conn
-    try:
-        with transaction(conn):
-            existing = queries.find_sha256(conn, prep.sha256)
-            if existing is not None:
-                return existing, False
-            entry_id = _new_id(conn, prep.sha256)
-            stem = prep.path.name[: -len(prep.path.suffix)] if prep.path.suffix else prep.path.name
-            name = _unique_name(conn, edits.clean_name(prep.name or prep.imported.name or stem))
-            insert(conn, "entries", prep.entry_row(entry_id, name))
-            for item in prep.lineage or []:
-                edits.insert_lineage(conn, entry_id, item)
-            for pv in prep.previews:
-                reg.store.place(pv.tmp, pv.sha256, durable=durable)
-                insert(conn, "previews", {"entry_id": entry_id, "sha256": pv.sha256, "kind": pv.kind, "ext": pv.ext,
-                                          "width": pv.width, "height": pv.height, "params": "{}",
-                                          "added_at": now_iso()}, or_ignore=True)
-            edits.fts_sync(conn, entry_id)
-            reg.store.place(prep.blob, prep.sha256, chmod=not prep.linked, durable=durable)
-    finally:
-        prep.discard()
-    return queries.get(conn, entry_id), True
-
-
-def _windows(items, n: int, max_bytes: int):
-    """Groups of at most ``n`` paths and (roughly) ``max_bytes`` of file data."""
-    buf, size = [], 0
-    for it in items:
-        try:
-            sz = os.stat(it).st_size
-        except OSError:
-            sz = 0
-        if buf and size + sz > max_bytes:
-            yield buf
-            buf, size = [], 0
-        buf.append(it)
-        size += sz
-        if len(buf) >= n:
-            yield buf
-            buf, size = [], 0
-    if buf:
-        yield buf
+    entry, created, err = commit_batch(reg, [prep], durable=durable)[0]
+    if err is not None:
+        raise err
+    return entry, created
 
 
 AddCallback = Callable[[Path, "dict | None", bool, "LorahubError | None"], None]
 
 
 def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
-             batch_files: int = 64, batch_bytes: int = 256 * 1024 * 1024, workers: int = 2, copy: bool = True,
-             callback: AddCallback | None = None) -> dict:
-    """Add many files: one transaction per file, with the fsyncs of a batch issued together.
+             batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
+             copy: bool = True, remember: bool = False, callback: AddCallback | None = None,
+             sidecars: bool | Callable[[Path], bool] = True) -> dict:
+    """Add many files with group commit: ``workers`` threads (default: one per CPU, 2 to 4) prepare
+    files (detect, hash, copy) while the
+    main thread commits the files prepared so far in batches of up to ``batch_files`` files /
+    ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
+    renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
 
-    Blobs stay temp files until their data is synced; each entry is then committed (and its blob
-    renamed into place) in its own transaction; the store folders are synced at the end of the batch.
-    ``callback(path, entry | None, created, error | None)`` is called once per file (a file with the
-    same content as another file of this call is reported, not created, once that one is committed).
+    ``callback(path, entry | None, created, error | None)`` is called once per file, in order (a
+    file with the same content as another file of this call is reported, not created). A file that
+    cannot be added is reported with its error and the others go on; a full disk stops the whole
+    call with :class:`~lorahub.fsutil.NoSpace` (the current batch is not committed, no temp file is
+    left). ``remember``: record each file in the scan cache (``lorahub scan``). ``sidecars``: whether
+    to read the files beside each file (or a function of the path saying so).
     Returns ``{"added": n, "already": n, "failed": n}``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    if workers is None:  # hashing, copying and fsyncs release the GIL: a few threads keep the disk busy
+        workers = min(4, max(2, os.cpu_count() or 2))
     counts = {"added": 0, "already": 0, "failed": 0}
     pending: list[Prepared] = []
-    twins: dict[str, list] = {}  # sha256 of a pending file -> other paths with the same bytes
     size = 0
 
     def prep_one(p):
         try:
-            return p, prepare(reg.store, p, tags=tags, copy=copy, durable=False), None
+            side = sidecars(Path(p)) if callable(sidecars) else sidecars
+            return p, prepare(reg.store, p, tags=tags, copy=copy, durable=False, sidecars=side), None
+        except NoSpace:
+            raise
         except LorahubError as exc:
             return p, None, exc
         except OSError as exc:
@@ -340,66 +532,88 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
 
     def flush():
         nonlocal pending, size
-        if not pending:
+        batch, pending, size = pending, [], 0
+        if not batch:
             return
-        fsync_many([t for prep in pending for t in prep.temp_files() if not (prep.linked and t == prep.blob)])
-        dirs = set()
         try:
-            for prep in pending:
-                try:
-                    entry, created = commit(reg, prep, durable=False)
-                except LorahubError as exc:
-                    for p in [prep.path] + twins.pop(prep.sha256, []):
-                        report(p, None, False, exc)
-                    continue
-                if created:
-                    dirs.add(reg.store.path(entry["sha256"]).parent)
-                    dirs.update(reg.store.path(pv.sha256).parent for pv in prep.previews)
-                report(prep.path, entry, created, None)
-                for p in twins.pop(prep.sha256, []):
-                    report(p, entry, False, None)
-        finally:
-            for prep in pending:
+            fsync_many([t for prep in batch for t in prep.temp_files() if not (prep.linked and t == prep.blob)])
+        except OSError as exc:
+            for prep in batch:
                 prep.discard()
-            fsync_many(sorted(dirs), fsync_dir)
-            pending, size = [], 0
+            raise os_error(exc, reg.home) from None
+        for prep, (entry, created, err) in zip(batch, commit_batch(reg, batch, durable=True, remember=remember)):
+            report(prep.path, entry, created, err)
+
+    queue: deque = deque()
+    items = iter(paths)
+    ahead = max(2 * workers, batch_files)  # files being prepared while a batch commits
+    ex = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
+
+    def submit() -> bool:
+        p = next(items, None)
+        if p is None:
+            return False
+        queue.append(ex.submit(prep_one, p) if ex else _Done(prep_one, p))
+        return True
 
     try:
-        for window in _windows(paths, batch_files, batch_bytes):
-            # detection + hashing + copying of a window run on worker threads (hashlib and file
-            # I/O release the GIL); database work stays on this thread
-            if workers > 1 and len(window) > 1:
-                with ThreadPoolExecutor(min(workers, len(window))) as ex:
-                    results = list(ex.map(prep_one, window))
-            else:
-                results = [prep_one(p) for p in window]
-            for p, prep, err in results:
-                if err is not None:
-                    report(p, None, False, err)
-                    continue
-                existing = queries.find_sha256(reg.conn, prep.sha256)
-                if existing is not None or any(x.sha256 == prep.sha256 for x in pending):
-                    prep.discard()
-                    if existing is not None:
-                        report(p, existing, False, None)
-                    else:  # reported once the first file with these bytes is committed
-                        twins.setdefault(prep.sha256, []).append(p)
-                    continue
-                pending.append(prep)
-                size += prep.hashes.size
-                if len(pending) >= batch_files or size >= batch_bytes:
-                    flush()
-    finally:
+        while len(queue) < ahead and submit():
+            pass
+        while queue:
+            p, prep, err = queue.popleft().result()
+            submit()
+            if err is not None:
+                report(p, None, False, err)
+                continue
+            pending.append(prep)
+            size += prep.hashes.size
+            if len(pending) >= batch_files or size >= batch_bytes:
+                flush()
         flush()
+    except BaseException:
+        for prep in pending:
+            prep.discard()
+        for fut in queue:  # files still being prepared: wait, then remove their temp files
+            try:
+                _, prep, _ = fut.result()
+            except BaseException:
+                continue
+            if prep is not None:
+                prep.discard()
+        raise
+    finally:
+        if ex is not None:
+            ex.shutdown(wait=True)
     return counts
+
+
+class _Done:
+    """A call run at once, with the interface of a finished future (no worker threads)."""
+
+    def __init__(self, fn, *args):
+        try:
+            self._value, self._exc = fn(*args), None
+        except BaseException as exc:  # re-raised by result(), as a future would
+            self._value, self._exc = None, exc
+
+    def result(self):
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+
+def _remember(conn, seen: Iterable[tuple[Path, os.stat_result, str]]) -> None:
+    rows = [(str(p), st.st_size, st.st_mtime_ns, sha, now_iso()) for p, st, sha in seen]
+    if rows:
+        conn.executemany(
+            "INSERT INTO scan_cache(path, size, mtime_ns, sha256, seen_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+            "sha256 = excluded.sha256, seen_at = excluded.seen_at", rows)
 
 
 def remember_scanned(reg: "Registry", seen: Iterable[tuple[Path, os.stat_result, str]]) -> None:
     """Record ``(resolved path, stat, sha256)`` of scanned files, so the next scan need not re-hash them."""
-    rows = [(str(p), st.st_size, st.st_mtime_ns, sha, now_iso()) for p, st, sha in seen]
-    if rows:
+    seen = list(seen)
+    if seen:
         with transaction(reg.conn):
-            reg.conn.executemany(
-                "INSERT INTO scan_cache(path, size, mtime_ns, sha256, seen_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                "sha256 = excluded.sha256, seen_at = excluded.seen_at", rows)
+            _remember(reg.conn, seen)

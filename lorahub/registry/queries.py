@@ -8,6 +8,7 @@ library only: this is the path of ``lorahub list``, ``search`` and ``show``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from typing import Iterable
@@ -79,8 +80,29 @@ def _hash_prefix_matches(conn: sqlite3.Connection, prefix: str) -> dict[str, sql
     return rows
 
 
+def _by_file_name(conn: sqlite3.Connection, ref: str) -> list[sqlite3.Row]:
+    """Entries whose original file name is ``ref``, or whose file stem (the name without its last
+    suffix, the webui's handle: ``aqua_v2`` for ``aqua_v2.safetensors``) is ``ref``."""
+    rows = {r["id"]: r for r in conn.execute("SELECT * FROM entries WHERE file_name = ?", (ref,))}
+    for r in conn.execute("SELECT * FROM entries WHERE file_name >= ? AND file_name < ?", (ref + ".", ref + "/")):
+        if os.path.splitext(r["file_name"])[0] == ref:
+            rows.setdefault(r["id"], r)
+    return list(rows.values())
+
+
+def _ambiguous(ref: str, rows, what: str) -> Ambiguous:
+    names = ", ".join(f"{r['id']} ({r['name']})" for r in list(rows)[:5])
+    return Ambiguous(f"{ref!r} {what} {len(rows)} entries: {names}; give the id or more characters")
+
+
 def resolve(conn: sqlite3.Connection, ref: str) -> dict:
-    """An entry by id, exact name, or any hash (SHA256, AutoV1/2/3, CRC32, BLAKE3) or hash prefix (>= 6 hex)."""
+    """An entry by id, exact name, any hash (SHA256, AutoV1/2/3, CRC32, BLAKE3) or hash prefix (>= 6
+    hex), the original file name or its stem (``aqua_v2``, as in ``<lora:aqua_v2:0.7>``), or the
+    name in any case. A prefix or file name matching several entries raises
+    :class:`~lorahub.errors.Ambiguous`; a reference that looks like a path (a separator or a LoRA
+    suffix) and matches nothing is reported as a missing file."""
+    from lorahub.vocab import has_separator, looks_like_path
+
     ref = str(ref).strip()
     if not ref:
         raise NotFound("empty registry reference")
@@ -95,12 +117,19 @@ def resolve(conn: sqlite3.Connection, ref: str) -> dict:
         if len(rows) == 1:
             return decode(next(iter(rows.values())))
         if len(rows) > 1:
-            names = ", ".join(f"{r['id']} ({r['name']})" for r in list(rows.values())[:5])
-            raise Ambiguous(f"{ref!r} matches {len(rows)} entries: {names}; give more characters")
+            raise _ambiguous(ref, rows.values(), "matches")
+    if not has_separator(ref):
+        files = _by_file_name(conn, ref)
+        if len(files) == 1:
+            return decode(files[0])
+        if len(files) > 1:
+            raise _ambiguous(ref, files, "is the file name of")
     rows = conn.execute("SELECT * FROM entries WHERE name = ? COLLATE NOCASE", (ref,)).fetchall()
     if len(rows) == 1:
         return decode(rows[0])
-    raise NotFound(f"no registry entry matches {ref!r} (id, name or hash prefix of 6+ hex)")
+    if looks_like_path(ref):
+        raise NotFound(f"{ref}: no such file (and no registry entry has this file name)")
+    raise NotFound(f"no registry entry matches {ref!r} (id, name, file name or stem, or hash prefix of 6+ hex)")
 
 
 def entries(conn: sqlite3.Connection, *, order: str = "name") -> list[dict]:
@@ -300,6 +329,12 @@ def remotes(conn: sqlite3.Connection, entry_id: str) -> list[dict]:
         d.pop("seq", None)
         out.append(d)
     return out
+
+
+def sidecars(conn: sqlite3.Connection, entry_id: str) -> list[dict]:
+    """The sidecar files an entry was imported with: kind, file_name, data (bytes), sha256, view."""
+    return [dict(r) for r in conn.execute(
+        "SELECT kind, file_name, data, sha256, view FROM sidecars WHERE entry_id = ? ORDER BY kind", (entry_id,))]
 
 
 def scanned_sha256(conn: sqlite3.Connection, path: str, size: int, mtime_ns: int) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import re
 import sqlite3
@@ -16,8 +17,77 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lorahub.errors import LorahubError
+from lorahub.fsutil import NoSpace
 
 DB_NAME = "lorahub.db"
+# A preallocated file beside the database, given up when a disk is full so that commands that free
+# space (``rm``, ``gc``) can still open and change the catalogue (see :func:`ensure_reserve`).
+RESERVE = DB_NAME + "-reserve"
+RESERVE_BYTES = 1024 * 1024
+RESERVE_SPARE = 8 * 1024 * 1024
+_SQLITE_FULL = 13
+_SQLITE_IOERR_SHMSIZE = 4874  # the wal-index (-shm) could not be grown: the disk is full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when a sqlite3 error means the disk (or quota) is full."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    # sqlite_errorcode: set by the sqlite3 module on errors SQLite reported (absent on its own errors)
+    code = getattr(exc, "sqlite_errorcode", None) or 0
+    return (code & 0xFF) == _SQLITE_FULL or code == _SQLITE_IOERR_SHMSIZE or "database or disk is full" in str(exc)
+
+
+def db_folder(conn: sqlite3.Connection) -> Path | None:
+    """The folder of the connection's main database file (None for an in-memory database)."""
+    try:
+        for row in conn.execute("PRAGMA database_list"):
+            if row[1] == "main" and row[2]:
+                return Path(row[2]).parent
+    except sqlite3.Error:
+        pass
+    return None
+
+
+def ensure_reserve(home: Path) -> bool:
+    """Make sure the space reserve (``lorahub.db-reserve``, 1 MiB of allocated blocks) exists in
+    ``home``; returns whether it does. It is made only while the disk has room to spare (8 MiB
+    besides it), so it never takes a nearly full disk's last space from the user. Never raises."""
+    from lorahub.fsutil import make_temp
+
+    target = Path(home) / RESERVE
+    if target.exists():
+        return True
+    tmp = None
+    try:
+        st = os.statvfs(home)
+        if st.f_bavail * st.f_frsize < RESERVE_BYTES + RESERVE_SPARE:
+            return False
+        tmp = make_temp(home)
+        with open(tmp, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                f.write(b"\0" * RESERVE_BYTES)
+                f.flush()
+        os.replace(tmp, target)
+        return True
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return False
+
+
+def release_reserve(home: Path) -> bool:
+    """Give the reserve's space back to the file system; True when there was one."""
+    try:
+        (Path(home) / RESERVE).unlink()
+        return True
+    except OSError:
+        return False
 
 
 def now_iso() -> str:
@@ -34,7 +104,8 @@ def default_home() -> Path:
 
 
 def migrations() -> list[tuple[int, Path]]:
-    """The numbered migration files, in order: ``[(1, .../0001_init.sql), (2, ...), ...]``."""
+    """The numbered migration files, in order: ``[(1, .../0001_init.sql), (2, ...), ...]``. Numbers may
+    have gaps; each file stands alone, and a database records the highest number it has applied."""
     from lorahub.resources import migrations_dir
 
     out = []
@@ -43,8 +114,8 @@ def migrations() -> list[tuple[int, Path]]:
         if m:
             out.append((int(m.group(1)), p))
     nums = [n for n, _ in out]
-    if not nums or nums[0] != 1 or len(set(nums)) != len(nums):  # gaps allowed: each migration stands alone
-        raise LorahubError(f"registry migrations are not numbered 1, ... without repeats: {nums}")
+    if len(set(nums)) != len(nums) or (nums and nums[0] < 1):
+        raise LorahubError(f"registry migrations are not numbered 1, 2, ... (gaps allowed): {nums}")
     return out
 
 
@@ -64,20 +135,34 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
+def no_space(conn: sqlite3.Connection) -> NoSpace:
+    """The error for a write that found the disk full (names the catalogue's folder)."""
+    return NoSpace(db_folder(conn) or "the registry's disk")
+
+
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection, *, on_abort=None) -> Iterator[None]:
     """One short write transaction: ``BEGIN IMMEDIATE`` (the write lock, waiting up to the busy
-    timeout), ``COMMIT`` on success, ``ROLLBACK`` on any error. The only way lorahub writes."""
+    timeout), ``COMMIT`` on success, ``ROLLBACK`` on any error (``on_abort()`` is called first, still
+    under the write lock, when the body or the commit fails). The only way lorahub writes.
+    A full disk raises :class:`~lorahub.fsutil.NoSpace` (nothing was written)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
+        if is_disk_full(exc):
+            raise no_space(conn) from None
         raise LorahubError(f"the registry database is busy or read-only ({exc})") from None
     try:
         yield
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
+        if on_abort is not None:
+            on_abort()
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if is_disk_full(exc):
+            raise no_space(conn) from None
         raise
 
 
@@ -113,7 +198,9 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
 
 def connect(db: Path) -> sqlite3.Connection:
     """A connection to the catalogue at ``db`` in autocommit mode (writes go through
-    :func:`transaction`), WAL journal, rows as :class:`sqlite3.Row`, foreign keys on."""
+    :func:`transaction`), WAL journal, rows as :class:`sqlite3.Row`, foreign keys on.
+    A full disk raises :class:`~lorahub.fsutil.NoSpace`."""
+    conn = None
     try:
         conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
@@ -124,20 +211,48 @@ def connect(db: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        if is_disk_full(exc):
+            raise NoSpace(Path(db).parent) from None
         raise LorahubError(f"{db}: cannot open the registry database ({exc})") from None
     return conn
 
 
-def connect_readonly(db: Path) -> sqlite3.Connection:
-    """A read-only connection (``mode=ro``, ``query_only``): no statement can change the catalogue."""
+def connect_readonly(db: Path, *, rows: bool = False) -> sqlite3.Connection:
+    """A read-only connection (``mode=ro``, ``query_only``): no statement can change the catalogue,
+    and nothing is created. ``rows``: rows as :class:`sqlite3.Row`.
+
+    On a full disk, where SQLite cannot create the shared-memory index of the WAL, the database is
+    opened as an immutable file instead (when no write-ahead log holds unmerged changes), so the
+    catalogue stays readable."""
     db = Path(db)
     if not db.is_file():
         raise LorahubError(f"{db.parent}: no lorahub registry here (no {DB_NAME})")
+    uri = db.resolve().as_uri() + "?mode=ro"
     try:
-        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+        return _open_ro(uri, rows)
+    except sqlite3.DatabaseError as exc:
+        wal = db.with_name(db.name + "-wal")
+        if is_disk_full(exc) and (not wal.exists() or wal.stat().st_size == 0):
+            try:
+                return _open_ro(uri + "&immutable=1", rows)
+            except sqlite3.DatabaseError:
+                pass
+        if is_disk_full(exc):
+            raise NoSpace(db.parent) from None
+        raise LorahubError(f"{db}: cannot open the registry database ({exc})") from None
+
+
+def _open_ro(uri: str, rows: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+    try:
+        if rows:
+            conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA query_only = ON")
         schema_version(conn)
-    except sqlite3.DatabaseError as exc:
-        raise LorahubError(f"{db}: cannot open the registry database ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
     return conn

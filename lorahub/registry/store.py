@@ -2,18 +2,20 @@
 
 A blob is written as a ``.lorahub-tmp-*`` file in ``objects/``, fsynced, and renamed to its final
 name while the catalogue's write lock is held (the caller's transaction), so a crash leaves at most
-an unreferenced blob or a temp file; :meth:`Store.sweep` (``gc``) removes both. Standard library only.
+an unreferenced blob or a temp file; :meth:`Store.sweep` (``gc``) removes both. A temp file's name
+records its writer and creation time (:func:`lorahub.fsutil.make_temp`): ``gc`` never removes one
+whose writer is still running, however old its mtime (``scan --link`` hard-links files that keep the
+source's mtime). Standard library only.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from lorahub.fsutil import TMP_PREFIX, fsync_path
+from lorahub.fsutil import TMP_PREFIX, fsync_path, make_temp, open_temp, temp_in_progress
 
 OBJECTS = "objects"
 
@@ -54,18 +56,27 @@ class Store:
 
     def temp(self) -> Path:
         """A new empty temp file inside the store (same file system as the blobs, so renames are atomic)."""
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
-        os.close(fd)
-        return Path(tmp)
+        return make_temp(self.root)
+
+    def open_temp(self, *, read_only: bool = False):
+        """(path, file opened for writing) of a new temp file in the store; ``read_only``: created
+        with mode 0444 as blobs are (writable through the returned file only)."""
+        path, fd = open_temp(self.root, mode=0o444 if read_only else 0o600)
+        return path, os.fdopen(fd, "wb")
 
     def write_temp(self, data: bytes, *, durable: bool = True) -> Path:
-        """``data`` in a new temp file of the store (fsynced when ``durable``)."""
+        """``data`` in a new temp file of the store (fsynced when ``durable``); nothing is left
+        behind when the write fails."""
         tmp = self.temp()
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def copy_temp(self, src: str | os.PathLike) -> Path:
@@ -86,11 +97,15 @@ class Store:
         unreferenced blob whose data never reached the disk.
         """
         dest = self.path(sha256)
-        if not dest.parent.is_dir():
-            dest.parent.mkdir(exist_ok=True)
         if chmod:
             os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            if not Path(tmp).exists():
+                raise
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(tmp, dest)
         if durable:
             fsync_dir(dest.parent)
         return dest
@@ -106,12 +121,27 @@ class Store:
             return "corrupt"
         return None
 
-    def sweep(self, refs: set[str], home: Path, *, dry_run: bool = False, tmp_age_s: float = 300.0) -> dict:
-        """Remove blobs not in ``refs`` and temp files older than ``tmp_age_s`` (in the store and
-        beside the database in ``home``). Call while holding the write lock, so no blob being added
-        is taken for garbage. Returns ``{"blobs": [sha...], "temp_files": [path...], "bytes": n}``."""
+    def blobs(self):
+        """Every blob file of the store (``objects/<xx>/<sha256>``), temp files left out."""
+        for sub in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if sub.is_dir() and not sub.name.startswith("."):
+                for f in sorted(sub.iterdir()):
+                    if not f.name.startswith(".") and f.is_file():
+                        yield f
+
+    def has_blobs(self) -> bool:
+        """True when the store holds at least one blob."""
+        return next(iter(self.blobs()), None) is not None
+
+    def sweep(self, refs: set[str], home: Path, *, dry_run: bool = False, tmp_age_s: float = 300.0,
+              blobs: bool = True) -> dict:
+        """Remove blobs not in ``refs`` (unless ``blobs`` is False) and leftover temp files (in the
+        store and beside the database in ``home``): a temp file whose writer still runs is kept
+        whatever its age; others once their creation time is ``tmp_age_s`` old
+        (:func:`lorahub.fsutil.temp_in_progress`). Call while holding the write lock, so no blob
+        being added is taken for garbage. Returns ``{"blobs": [sha...], "temp_files": [path...], "bytes": n}``."""
         removed, tmps, freed = [], [], 0
-        limit = time.time() - tmp_age_s
+        now = time.time()
         files = []  # temp files and blobs of the store, then interrupted writes beside the database
         for sub in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             files += [sub] if sub.is_file() else sorted(sub.iterdir()) if sub.is_dir() else []
@@ -122,10 +152,10 @@ class Store:
             except OSError:
                 continue
             if f.name.startswith(TMP_PREFIX):
-                if st.st_mtime > limit:
+                if temp_in_progress(f, min_age_s=tmp_age_s, now=now):
                     continue
                 tmps.append(str(f))
-            elif f.name not in refs and f.parent.parent == self.root:
+            elif blobs and f.name not in refs and f.parent.parent == self.root:
                 removed.append(f.name)
             else:
                 continue

@@ -7,8 +7,11 @@ Each trial starts one command in a child process against a shared registry home 
 random delay. After every kill: PRAGMA integrity_check is ok; every entry's blob exists and hashes to
 its sha256 (`verify`); no blob in the store has content that differs from its name (no partial file
 under a final name); the output file of convert/merge/extract, if present under its final name, is a
-complete safetensors file. At the end `gc` removes every leftover temp file and unreferenced blob.
-Prints a JSON report; exits 1 when it lists problems.
+complete safetensors file. Then the killed command is run again (outputs with --force) and must
+succeed; after it: the store checks again, every file the command was given is registered, no temp
+file is left beside the outputs (the re-run removes what the killed writer left), and every temp file
+in the store belongs to a killed process (`gc` removes those). At the end `gc` removes every leftover
+temp file and unreferenced blob. Prints a JSON report; exits 1 when it lists problems.
 """
 
 from __future__ import annotations
@@ -82,18 +85,33 @@ def _tuned_tiny(dest: Path) -> Path:
     return dest
 
 
+def _temps(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(".lorahub-tmp-*") if p.is_file())
+
+
+def _registered(home: Path, paths: list[str]) -> list[str]:
+    """The paths among ``paths`` whose bytes are not registered in ``home``."""
+    conn = sqlite3.connect(home / "lorahub.db")
+    shas = {r[0] for r in conn.execute("SELECT sha256 FROM entries")}
+    conn.close()
+    return [p for p in paths if hashlib.sha256(Path(p).read_bytes()).hexdigest() not in shas]
+
+
 def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: float = 2.5) -> dict:
+    from lorahub.fsutil import temp_writer
+
     rng = random.Random(seed)
     home = workdir / "home"
     src = workdir / "src"
     src.mkdir(parents=True, exist_ok=True)
     files = [kohya_file(src / f"f{k:03d}.safetensors", seed=1000 + k) for k in range(60)]
     env = dict(os.environ, LORAHUB_HOME=str(home), HF_HUB_OFFLINE="1")
-    problems, kills, outputs = [], 0, 0
+    problems, kills, outputs, reruns, dead_temps = [], 0, 0, 0, 0
     # one registered entry so convert/merge have something to work on
     subprocess.run([sys.executable, "-m", "lorahub", "add", str(files[0])], env=env, capture_output=True)
     tuned = _tuned_tiny(workdir / "tuned-sd1") if "extract" in ops else None
     durations: dict[str, float] = {}
+    killed_pids: set[int] = set()
     for t in range(trials):
         op = ops[t % len(ops)]
         out = workdir / f"out_{t}.safetensors"
@@ -123,6 +141,7 @@ def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: fl
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
+            killed_pids.add(proc.pid)
         proc.wait()
         for p in _check_store(home):
             problems.append(f"trial {t} ({op}): {p}")
@@ -130,18 +149,42 @@ def run(trials: int, ops: list[str], workdir: Path, seed: int = 0, max_delay: fl
             outputs += 1
             if not _complete_safetensors(out):
                 problems.append(f"trial {t} ({op}): partial output under its final name")
-        leftovers = [p for p in workdir.glob(".lorahub-tmp-*")]
-        _ = leftovers  # temp files beside outputs are allowed until gc; outputs are checked above
+        # the same command again: it must finish, and leave nothing behind
+        again = cmd + (["--force"] if op in ("convert", "merge", "extract") else [])
+        r = subprocess.run([sys.executable, "-m", "lorahub", *again], env=env, capture_output=True, text=True)
+        reruns += 1
+        if r.returncode != 0:
+            problems.append(f"trial {t} ({op}): re-run failed: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+        for p in _check_store(home):
+            problems.append(f"trial {t} ({op}) after the re-run: {p}")
+        given = pick if op == "add" else [str(f) for f in files] if op == "scan" else []
+        missing = _registered(home, given)
+        if missing:
+            problems.append(f"trial {t} ({op}): {len(missing)} file(s) not registered after the re-run")
+        if op in ("convert", "merge", "extract") and not (out.exists() and _complete_safetensors(out)):
+            problems.append(f"trial {t} ({op}): no complete output after the re-run")
+        beside = _temps(workdir)
+        if beside:
+            problems.append(f"trial {t} ({op}): {len(beside)} temp file(s) left beside the outputs: "
+                            f"{[p.name for p in beside][:3]}")
+        for p in _temps(home / "objects") + _temps(home):
+            w = temp_writer(p.name)
+            if w is None or w.pid not in killed_pids:
+                problems.append(f"trial {t} ({op}): temp file {p.name} of a process that was not killed")
+            else:
+                dead_temps += 1
     from lorahub.registry import Registry
 
     reg = Registry.open(home)
     reg.gc(tmp_age_s=0)
-    left = [p for p in (home / "objects").rglob(".lorahub-tmp-*")]
+    reg.close()
+    left = _temps(home / "objects") + _temps(home)
     if left:
         problems.append(f"gc left {len(left)} temp files")
     problems += _check_store(home)
     return {"trials": trials, "ops": ops, "durations_s": {k: round(v, 2) for k, v in durations.items()},
-            "killed": kills, "outputs_seen": outputs, "problems": problems}
+            "killed": kills, "outputs_seen": outputs, "reruns": reruns, "temp_files_of_killed_writers": dead_temps,
+            "problems": problems}
 
 
 def main() -> None:
