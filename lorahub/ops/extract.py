@@ -8,7 +8,9 @@ factors checked against the exact truncated-SVD optimum with an exact-SVD fallba
 non-convergence. √S goes into both factors (up = U·√S, down = √S·Vh, alpha = rank: scale 1).
 
 The reported Frobenius retained is measured on the factors *as saved* (after the dtype cast and any
-clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (energy-weighted).
+clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (energy-weighted), in float64, next to the
+float64 Eckart–Young optimum √(Σ_{i<k} σᵢ²/‖ΔW‖²) (singular values of a float64 Gram matrix).
+``clamp_quantile`` applies kohya's rule (:func:`lorahub.linalg.lowrank.kohya_clamp`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorahub.errors import LorahubError
-from lorahub.linalg.rank import RankCriteria
+from lorahub.linalg.rank import RankCriteria, finite, whole
 from lorahub.outputs import Written
 from lorahub.vocab import DTYPE_NAMES, DTYPES
 
@@ -178,17 +180,13 @@ def file_blake3(paths: list[Path]) -> str:
     return blake3.blake3("".join(digests).encode()).hexdigest()
 
 
-def _clamp(up, down, q: float):
-    import torch
-
-    dist = torch.cat([up.reshape(-1), down.reshape(-1)]).abs().float()
-    k = max(1, min(dist.numel(), int(math.ceil(q * dist.numel()))))
-    hi = float(torch.kthvalue(dist, k).values)
-    return up.clamp(-hi, hi), down.clamp(-hi, hi)
-
-
 def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
-    """Factor one difference tensor (out, in[, kh, kw]) -> (up, down, LayerReport) in the saved dtype."""
+    """Factor one difference tensor (out, in[, kh, kw]) -> (up, down, LayerReport) in the saved dtype.
+
+    Without a clamp √S goes into both factors; with ``clamp_quantile`` the factors are kohya's
+    (up = U·S, down = Vh) clipped by :func:`lorahub.linalg.lowrank.kohya_clamp`. The reported retained
+    (of the factors as saved) and optimum are computed in float64.
+    """
     import torch
 
     from lorahub.linalg import lowrank
@@ -206,38 +204,35 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     except (torch.linalg.LinAlgError, RuntimeError) as exc:
         raise LorahubError(f"{name}: SVD did not converge even in float64 ({exc})") from None
     k = ap.k
-    up, down = lowrank.split(ap.spectrum, k)
-    up = up.to(torch.float32)
-    down = down.to(torch.float32)
+    sp = ap.spectrum
     if opts.clamp_quantile is not None:
-        up, down = _clamp(up, down, opts.clamp_quantile)
+        up, down, _ = lowrank.kohya_clamp((sp.U[:, :k] * sp.S[:k]).to(torch.float32),
+                                          sp.Vh[:k].to(torch.float32), opts.clamp_quantile)
+    else:
+        up, down = lowrank.split(sp, k)
     save_dtype = getattr(torch, DTYPE_NAMES[opts.dtype])
     up = up.to(save_dtype).cpu()
     down = down.to(save_dtype).cpu()
-    # retained measured on what is saved
-    total = float(torch.linalg.vector_norm(A))
-    if total == 0:
-        ret = 1.0
-    else:
-        res = A - up.to(A.device, torch.float32) @ down.to(A.device, torch.float32)
-        err = float(torch.linalg.vector_norm(res))
-        ret = math.sqrt(max(0.0, 1.0 - (err / total) ** 2))
-        del res
+    ret = lowrank.residual_retained(A, up, down, ap.norm2)  # of what is saved, in float64
     if len(shape) == 4:
         down = down.reshape(k, shape[1], shape[2], shape[3])
         up = up.reshape(shape[0], k, 1, 1)
     rep = LayerReport(name=name, shape=shape, kind=kind, rank=k, retained=ret, optimum=ap.optimum,
-                      method=ap.method, float64_retry=ap.float64_retry, norm=total,
+                      method=ap.method, float64_retry=ap.float64_retry, norm=math.sqrt(ap.norm2),
                       seconds=time.perf_counter() - t0)
     return up.contiguous(), down.contiguous(), rep
 
 
 def validate(opts: ExtractOptions) -> None:
     opts.validate()
-    if opts.conv_rank is not None and opts.conv_rank < 0:
-        raise LorahubError("conv_rank must be 0 (off) or more")
-    if opts.clamp_quantile is not None and not 0 < opts.clamp_quantile <= 1:
-        raise LorahubError("clamp_quantile must be in (0, 1]")
+    if opts.conv_rank is not None:
+        whole(opts.conv_rank, "conv_rank", minimum=0)
+    if opts.clamp_quantile is not None and not 0.5 < finite(opts.clamp_quantile, "clamp_quantile") <= 1:
+        raise LorahubError(f"clamp_quantile must be in (0.5, 1], got {opts.clamp_quantile!r}")
+    if finite(opts.min_diff, "min_diff") < 0:
+        raise LorahubError(f"min_diff must be 0 or more, got {opts.min_diff!r}")
+    if not 0 < finite(opts.tol, "tol") < 1:
+        raise LorahubError(f"tol must be in (0, 1), got {opts.tol!r}")
     if opts.dtype not in DTYPES:
         raise LorahubError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
     if opts.method not in SVD_METHODS:
