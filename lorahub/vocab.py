@@ -25,6 +25,12 @@ TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
 # Architectures whose module lists lorahub knows (layer names are matched against them).
 ARCHS = FAMILIES + tuple(TINY_MODELS)
 
+# How kohya's ``ss_base_model_version`` and Stability's ModelSpec ``modelspec.architecture`` (LoRA
+# adapters add ``/lora``) name each family, as lorahub writes them.
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                           "sdxl": "stable-diffusion-xl-v1-base"}
+
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
 NETWORK_KINDS = KINDS[:5]  # the LoRA / LyCORIS adapters (not embeddings, not full models)

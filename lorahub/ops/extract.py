@@ -258,9 +258,12 @@ def _te_max_diff(base, tuned, names: list[str], device: str) -> float:
 
 def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             on_layer: Callable[[int, int, str], None] | None = None,
-            base_name: str | None = None, tuned_name: str | None = None,
+            base_name: str | None = None, tuned_name: str | None = None, title: str | None = None,
             hashes: bool = True) -> ExtractResult:
-    """Extract tuned − base as a LoRA (canonical :class:`LoraModel`, factors in the saved dtype)."""
+    """Extract tuned − base as a LoRA (canonical :class:`LoraModel`, factors in the saved dtype).
+
+    ``base_name`` / ``tuned_name``: how the models are recorded in the metadata (default: their file or
+    folder names, see :func:`public_name`); ``title``: the ModelSpec title (default ``<tuned>-extract``)."""
     import torch
 
     from lorahub.formats.canonical import LoraLayer, LoraModel
@@ -317,27 +320,35 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             notes.append(f"{unchanged} layer(s) identical in both models: not included")
         if not reports:
             raise LorahubError("nothing to extract: the models are identical in every adaptable layer")
+        tuned_name = tuned_name or public_name(tuned_path)
         info = {
-            "base": {"name": base_name or str(base_path),
+            "base": {"name": base_name or public_name(base_path),
                      "blake3": file_blake3(base.files()) if hashes else None},
-            "tuned": {"name": tuned_name or str(tuned_path),
-                      "blake3": file_blake3(tuned.files()) if hashes else None},
+            "tuned": {"name": tuned_name, "blake3": file_blake3(tuned.files()) if hashes else None},
         }
     res = ExtractResult(model=model, layers=reports, notes=notes, family=family,
                         seconds=time.perf_counter() - t0)
-    model.metadata.update(extract_metadata(res, opts, info))
+    model.metadata.update(extract_metadata(res, opts, info, title or f"{tuned_name}-extract"))
     return res
 
 
-def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict) -> dict[str, str]:
+def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict, title: str) -> dict[str, str]:
+    """What kohya's extract_lora_from_models.py writes (:func:`lorahub.formats.kohya.derived_metadata`:
+    ``ss_network_dim`` / ``ss_network_alpha``, ``Dynamic`` where the ranks differ, ``conv_dim`` for
+    LoCon, ModelSpec), plus the operation (``lorahub_extract``: the models by name and BLAKE3, never by
+    path) and the per-layer report (``lorahub_extract_layers``)."""
+    from lorahub.formats import kohya
+
     ranks = [r.rank for r in res.layers]
-    lin = [r.rank for r in res.layers if r.kind == "linear"]
-    conv = [r.rank for r in res.layers if r.kind == "conv"]
+    if opts.clamp_quantile is not None:
+        split = f"U·S and Vh clamped at their joint {opts.clamp_quantile:g} quantile (kohya's rule)"
+    else:
+        split = "sqrt(S) split"
     summary = {
         "tool": "lorahub extract",
         "base": info["base"], "tuned": info["tuned"],
         "method": f"svd ({'dynamic ' + opts.dynamic if opts.dynamic else 'fixed rank'}; randomized "
-                  f"with exact check tol {opts.tol:g}, exact fallback; sqrt(S) split)",
+                  f"with exact check tol {opts.tol:g}, exact fallback; {split})",
         "criterion": opts.describe(),
         "clamp_quantile": opts.clamp_quantile,
         "dtype": opts.dtype,
@@ -345,19 +356,23 @@ def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict) -> di
         "frobenius_retained": round(res.retained, 6),
         "notes": res.notes,
     }
-    meta = {
-        "lorahub_extract": json.dumps(summary, sort_keys=True),
-        "lorahub_extract_layers": json.dumps(
-            {r.name: {"rank": r.rank, "retained": round(r.retained, 6), "method": r.method}
-             for r in res.layers}, sort_keys=True),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(lin) if lin else max(ranks)),
-        "ss_network_alpha": str(max(lin) if lin else max(ranks)),
-        "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(res.family, "unknown"),
-    }
-    if conv:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(conv)), "conv_alpha": str(max(conv))})
+    meta = kohya.derived_metadata(res.model, title=title)
+    meta["lorahub_extract"] = json.dumps(summary, sort_keys=True)
+    meta["lorahub_extract_layers"] = json.dumps(
+        {r.name: {"rank": r.rank, "retained": round(r.retained, 6), "optimum": round(r.optimum, 6),
+                  "method": r.method} for r in res.layers}, sort_keys=True)
     return meta
+
+
+def public_name(ref, entry: dict | None = None) -> str:
+    """How a model is named in anything that may leave this machine: its registry entry's name, a
+    tiny model's name, else the file or folder name (never its path)."""
+    from lorahub.vocab import TINY_MODELS
+
+    if entry is not None:
+        return entry["name"]
+    text = str(ref)
+    return text if text in TINY_MODELS else (Path(text.replace("\\", "/")).name or text)
 
 
 def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -395,7 +410,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str 
             out = default_output(f"{t.entry['name'] if t.entry else t.path.name.split('.')[0]}-extract-{opts.tag()}",
                                  ".safetensors")
         out = check_output(out, force=force, inputs=[b.path, t.path], suffixes=(".safetensors",))
-        res = extract(b.path, t.path, opts, on_layer=on_layer, base_name=b.name, tuned_name=t.name)
+        res = extract(b.path, t.path, opts, on_layer=on_layer, base_name=public_name(b.ref, b.entry),
+                      tuned_name=public_name(t.ref, t.entry), title=name or Path(out).stem)
         save_lora(res.model, out, dialect=dialect)
         res.out, res.dialect = out, dialect
         if register:
@@ -407,5 +423,6 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str 
                 regs.get(), out, relation="extracted-from", parents=parents,
                 detail={"criterion": opts.describe(), "frobenius_retained": round(res.retained, 6)},
                 name=name, type=type, triggers=triggers, base=res.family,
-                description=f"extracted from {tuned} (base {base})", source="lorahub")
+                description=f"extracted from {meta['tuned']['name']} (base {meta['base']['name']})",
+                source="lorahub")
     return res
