@@ -246,3 +246,19 @@ def test_no_local_path_in_registered_outputs_and_lineage(tiny_sd1, tuned_folder,
             assert not any(s in lin for s in secrets), res.entry["name"]
             desc = reg.get(res.entry["id"]).get("description") or ""
             assert not any(s in desc for s in secrets)
+
+
+@pytest.mark.parametrize("given,family,expected", [
+    ("stable-diffusion-v2-768-v/lora", "sd2", "stable-diffusion-v2-768-v/lora"),
+    ("stable-diffusion-v1", "sd1", "stable-diffusion-v1/lora"),
+    ("stable-diffusion-xl-v1-base/lora", "sd1", "stable-diffusion-v1/lora"),  # wrong family: replaced
+    (None, "sdxl", "stable-diffusion-xl-v1-base/lora"),
+])
+def test_modelspec_architecture_keeps_the_inputs_when_it_fits(given, family, expected):
+    from lorahub.formats import kohya
+    from lorahub.tiny_loras import random_lora
+
+    model = random_lora({"unet.down_blocks.0.attentions.0.proj_in": (8, 8)}, rank=2, base=family)
+    meta = kohya.derived_metadata(model, title="t", inherited={"modelspec.architecture": given} if given else {})
+    assert meta["modelspec.architecture"] == expected
+    assert meta["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]

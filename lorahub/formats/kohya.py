@@ -332,8 +332,10 @@ def derived_metadata(model: LoraModel, *, title: str, inherited: dict[str, str] 
     if family in KOHYA_BASE_VERSIONS:
         meta.setdefault("ss_base_model_version", KOHYA_BASE_VERSIONS[family])
         meta.setdefault("ss_v2", str(family == "sd2"))
+        from lorahub.metadata import base_hint
+
         arch = inherited.get("modelspec.architecture", "").split("/")[0]
-        if not arch.startswith(MODELSPEC_ARCHITECTURES[family]):
+        if base_hint(arch) != family:  # the input's own (e.g. stable-diffusion-v2-768-v) when it fits
             arch = MODELSPEC_ARCHITECTURES[family]
         meta["modelspec.architecture"] = f"{arch}/lora"
         meta.setdefault("modelspec.sai_model_spec", "1.0.1")
