@@ -342,24 +342,25 @@ def report(results: list[dict], fid: dict, args, peers: dict, started: str, load
     by_op: dict[str, list[dict]] = {}
     for r in results:
         by_op.setdefault(r["op"], []).append(r)
-    lines = ["| operation | tool | wall | peak RSS | Frobenius retained (rel. error) | optimum at its ranks | "
-             "worst layer below optimum | ranks | time vs lorahub |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| operation | tool | started (load avg) | wall | peak RSS | Frobenius retained (rel. error) | optimum at its ranks | "
+             "worst layer below optimum | ranks | time vs lorahub |", "|---|---|---|---|---|---|---|---|---|---|"]
     for op, rs in by_op.items():
-        ref = next(r for r in rs if r["tool"] == "lorahub")
+        ref = next((r for r in rs if r["tool"] == "lorahub"), None)
         for r in rs:
             f = fid[r["name"]]
+            ratio = f"{r['wall_s'] / ref['wall_s']:.1f}×" if ref else "–"
             lines.append(
-                f"| {op} | {r['tool']} | {r['wall_s']:.1f} s | {r['peak_rss_gb']:.2f} GB | "
+                f"| {op} | {r['tool']} | {r['started'][11:]} ({r['load_avg_1min']:.1f}) | {r['wall_s']:.1f} s | "
+                f"{r['peak_rss_gb']:.2f} GB | "
                 f"{f['retained']:.4f} ({f['rel_error']:.3f}) | {f['optimum']:.4f} ({f['optimum_rel_error']:.3f}) | "
-                f"{f['max_shortfall']:.4f} | {f['rank_min']}–{f['rank_max']} (Σ {f['rank_sum']}) | "
-                f"{r['wall_s'] / ref['wall_s']:.1f}× |")
+                f"{f['max_shortfall']:.4f} | {f['rank_min']}–{f['rank_max']} (Σ {f['rank_sum']}) | {ratio} |")
     cmds = "\n".join(f"    # {r['op']} — {r['tool']}\n    {r['cmd']}" for r in results)
     la = ", ".join(f"{a:.1f}" for a in loads)
     shared = ("the machine was shared with other engineers' jobs, so wall times are inflated (ratios taken pair "
               "by pair, back to back, are the steadier figure)" if max(loads) >= 1.0 else "a quiet machine")
     return f"""## Against the peers' own tools (kohya-ss/sd-scripts, LyCORIS), side by side
 
-Command: `python benchmarks/peers.py --kohya-dir {args.kohya_dir} --peer-python {args.peer_python}` — {started},
+Command: `python benchmarks/peers.py {' '.join(sys.argv[1:])}` — report written {started} (each run's start is in the table),
 {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, CPU only: **no GPU was
 available in this session**, every tool ran with `--device cpu` (no GPU figure is reported or implied).
 Peers: sd-scripts {peers['kohya']}; LyCORIS {peers['lycoris']} (its venv: {peers['stack']}).
@@ -395,7 +396,12 @@ def main() -> None:
     ap.add_argument("--kohya-dir", type=Path, required=True, help="a checkout of kohya-ss/sd-scripts")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter of the peers' throwaway venv")
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "peers")
-    ap.add_argument("--only", help="comma-separated operations to run: resize,dynamic,svd,concat,extract")
+    ap.add_argument("--only", help="comma-separated operations, in the order to run them "
+                                   "(default resize,dynamic,svd,concat,extract)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already recorded in the work folder (their outputs and figures)")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: report the runs already recorded")
+    ap.add_argument("--skip-tools", help="comma-separated tools not to run, e.g. 'lorahub (clamp 0.99)'")
     ap.add_argument("--quick", action="store_true", help="smoke test: LoRAs with a few modules only (not a result)")
     ap.add_argument("--out", type=Path, help="write the Markdown section here (and the figures as JSON beside it)")
     args = ap.parse_args()
@@ -432,21 +438,34 @@ def main() -> None:
                                      capture_output=True, text=True, env=peer_env).stdout.strip()}
     p = make_inputs(work, peer_env, args.peer_python)
     lh = [sys.executable, "-m", "lorahub"]
-    wanted = set((args.only or "resize,dynamic,svd,concat,extract").split(","))
     key_of = {"resize r128→32": "resize", "dynamic resize sv_fro 0.9": "dynamic", "svd merge 3×r32→64": "svd",
               "concat merge 2×r32": "concat", "extract r64": "extract"}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    results, loads = [], []
-    for op, tool, cmd, out in plan(p, outdir, args.kohya_dir, args.peer_python, lh):
-        if key_of[op] not in wanted:
-            continue
-        loads.append(os.getloadavg()[0])
-        env = lh_env if tool.startswith("lorahub") else peer_env
-        print(f"{op} — {tool} ...", file=sys.stderr, flush=True)
-        r = run_child(cmd, env, outdir / f"{out.stem}.log", cwd=args.kohya_dir if tool.startswith("kohya") else None)
-        r.update(op=op, tool=tool, name=out.stem, out=str(out))
-        print(f"  {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
-        results.append(r)
+    results = []
+    order = [k for k in (args.only or "resize,dynamic,svd,concat,extract").split(",") if k]
+    steps = plan(p, outdir, args.kohya_dir, args.peer_python, lh)
+    skip = set((args.skip_tools or "").split(",")) - {""}
+    for want in order:
+        for op, tool, cmd, out in steps:
+            if key_of[op] != want or tool in skip:
+                continue
+            rec = outdir / f"{out.stem}.json"  # one record per run, so that --resume can continue a session
+            if args.report_only and not (rec.exists() and out.exists()):
+                continue
+            if (args.resume or args.report_only) and rec.exists() and out.exists():
+                r = json.loads(rec.read_text())
+                print(f"{op} — {tool}: kept from {r['started']}", file=sys.stderr, flush=True)
+            else:
+                load = os.getloadavg()[0]
+                env = lh_env if tool.startswith("lorahub") else peer_env
+                print(f"{op} — {tool} ...", file=sys.stderr, flush=True)
+                started_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                r = run_child(cmd, env, outdir / f"{out.stem}.log", cwd=args.kohya_dir if tool.startswith("kohya") else None)
+                r.update(op=op, tool=tool, name=out.stem, out=str(out), load_avg_1min=load, started=started_at)
+                rec.write_text(json.dumps(r, indent=1))
+                print(f"  {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+            results.append(r)
+    loads = [r["load_avg_1min"] for r in results]
 
     from lorahub.formats.io import load_lora
 
