@@ -338,6 +338,10 @@ def fidelity_extract(base: Path, tuned: Path, outs: dict[str, Path]) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------- report
+def _short(x: float) -> str:
+    return f"{x:.4f}" if abs(x) >= 1e-4 else f"{x:.1e}"
+
+
 def report(results: list[dict], fid: dict, args, peers: dict, started: str, loads: list) -> str:
     by_op: dict[str, list[dict]] = {}
     for r in results:
@@ -353,11 +357,22 @@ def report(results: list[dict], fid: dict, args, peers: dict, started: str, load
                 f"| {op} | {r['tool']} | {r['started'][11:]} ({r['load_avg_1min']:.1f}) | {r['wall_s']:.1f} s | "
                 f"{r['peak_rss_gb']:.2f} GB | "
                 f"{f['retained']:.4f} ({f['rel_error']:.3f}) | {f['optimum']:.4f} ({f['optimum_rel_error']:.3f}) | "
-                f"{f['max_shortfall']:.4f} | {f['rank_min']}–{f['rank_max']} (Σ {f['rank_sum']}) | {ratio} |")
-    cmds = "\n".join(f"    # {r['op']} — {r['tool']}\n    {r['cmd']}" for r in results)
+                f"{_short(f['max_shortfall'])} | {f['rank_min']}–{f['rank_max']} (Σ {f['rank_sum']}) | {ratio} |")
+    cmds = "\n".join(f"    # {r['op']} — {r['tool']}\n    "
+                     + r["cmd"].replace(LYCORIS, '"$LYCORIS"  # the LYCORIS script in benchmarks/peers.py,') for r in results)
     la = ", ".join(f"{a:.1f}" for a in loads)
-    shared = ("the machine was shared with other engineers' jobs, so wall times are inflated (ratios taken pair "
-              "by pair, back to back, are the steadier figure)" if max(loads) >= 1.0 else "a quiet machine")
+    shared = ("other jobs were running besides this benchmark (whose own previous run accounts for up to about 2), "
+              "so wall times are inflated; ratios taken pair by pair, back to back, are the steadier figure"
+              if max(loads) > 2.5 else "besides this benchmark's own previous run (up to about 2) the machine was "
+              "nearly quiet for these runs")
+    earlier = ""
+    if args.earlier:
+        rows = [f"| {r['op']} | {r['tool']} | {r['started'][11:]} ({r['load_avg_1min']:.1f}) | {r['wall_s']:.1f} s | "
+                f"{r['peak_rss_gb']:.2f} GB |" for r in args.earlier]
+        earlier = ("\nEarlier attempts of the same commands in this session, while other engineers' test suites "
+                   "loaded the machine (their outputs were replaced by the runs above):\n\n"
+                   "| operation | tool | started (load avg) | wall | peak RSS |\n|---|---|---|---|---|\n"
+                   + "\n".join(rows) + "\n")
     return f"""## Against the peers' own tools (kohya-ss/sd-scripts, LyCORIS), side by side
 
 Command: `python benchmarks/peers.py {' '.join(sys.argv[1:])}` — report written {started} (each run's start is in the table),
@@ -388,10 +403,13 @@ Notes:
   ranks, so each input's strength is divided (its error against the exact weighted sum); lorahub's
   concat is exact.
 * Peak RSS is the child process's own maximum resident set (wait4), interpreter and libraries included.
-"""
+* "worst layer below optimum" is the largest per-layer shortfall (optimum − retained); values near 1e-8
+  are the fp16 rounding of the saved factors, near 1e-16 float64 round-off.
+{earlier}"""
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))  # this checkout's lorahub, in this process and (PYTHONPATH) in the children
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kohya-dir", type=Path, required=True, help="a checkout of kohya-ss/sd-scripts")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter of the peers' throwaway venv")
@@ -466,6 +484,7 @@ def main() -> None:
                 print(f"  {r['wall_s']:.1f} s, {r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
             results.append(r)
     loads = [r["load_avg_1min"] for r in results]
+    args.earlier = [json.loads(f.read_text()) for f in sorted(outdir.glob("*/*.json"))]
 
     from lorahub.formats.io import load_lora
 
