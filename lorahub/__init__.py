@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import importlib
 
-from lorahub.errors import Ambiguous, FormatError, LorahubError, NotFound, OutputExists, UnsafeFile
+from lorahub.errors import (  # noqa: F401  (re-exported)
+    Ambiguous, FormatError, LorahubError, NotFound, OutputExists, UnsafeFile)
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,6 @@ tokens, with no merges: every word is spelled out character by character. Nothin
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path

@@ -34,6 +34,12 @@ TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
 # Any other model's module list is derived from its own config when it is given.
 ARCHS = ("sd1", "sd2", "sdxl") + tuple(TINY_MODELS) + ("flux", "sd3", "sd3.5-large")
 
+# How kohya's ``ss_base_model_version`` and Stability's ModelSpec ``modelspec.architecture`` (LoRA
+# adapters add ``/lora``) name each family, as lorahub writes them.
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                           "sdxl": "stable-diffusion-xl-v1-base"}
+
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
 NETWORK_KINDS = KINDS[:5]  # the LoRA / LyCORIS adapters (not embeddings, not full models)

@@ -165,3 +165,10 @@ def test_loha_layer_is_materialised_exactly():
     assert res.layers[0].materialised
     torch.testing.assert_close(res.model.layers[key].delta(torch.float64), exact_delta(inputs, key),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [float("nan"), float("inf"), 0, 2.5])
+def test_merge_refuses_a_rank_that_is_not_a_whole_number(rank):
+    model = random_lora({"unet.down_blocks.0.attentions.0.proj_in": (8, 8)}, rank=2)
+    with pytest.raises(LorahubError, match="rank"):
+        merge([MergeInput(model, 1.0)], method="svd", rank=rank)

@@ -4,6 +4,7 @@ bake from a recipe, one-line refusals."""
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_inline_svd_merge_register_lineage_and_rerun(cli, home, tmp_path, two_lo
     assert rep["method"] == "svd" and rep["rank_max"] == 3 and 0 < rep["retained"] < 1
     assert rep["created"] is True and rep["entry_name"] == "miku-minus-b"
     merged = load_lora(out)
-    assert merged.metadata["lorahub.recipe"].count("[[lora]]") == 2
+    assert len(tomllib.loads(merged.metadata["lorahub.recipe"])["lora"]) == 2
     for key in SD1_LAYERS:
         ref = weighted_sum([(a, 0.8), (b, -0.6)], key)
         ref2 = ref.reshape(ref.shape[0], -1)
@@ -73,8 +74,16 @@ def test_inline_svd_merge_register_lineage_and_rerun(cli, home, tmp_path, two_lo
         parents = {x["parent_id"] or x["parent_sha256"]: x["detail"]["weight"] for x in lin}
         assert parents[ea["id"]] == 0.8
         assert -0.6 in parents.values()
-        assert all("[[lora]]" in x["detail"]["recipe"] for x in lin)
+        assert all(len(tomllib.loads(x["detail"]["recipe"])["lora"]) == 2 for x in lin)
 
+    # no local path is stored (lineage details reach model cards): b is not registered and not in the
+    # current folder, so a re-run cannot find it and says so
+    assert str(tmp_path) not in json.dumps(lin) and str(tmp_path) not in json.dumps(merged.metadata)
+    r2 = cli("merge", "--from", rep["entry"], "--out", tmp_path / "again.safetensors", "--json", home=home)
+    assert r2.returncode == 2 and "b.safetensors" in r2.stderr and "register" in r2.stderr
+    # once registered, b is found by the sha256 the lineage recorded
+    with Registry.open(home) as reg:
+        reg.add_file(b, name="bee")
     # re-running the stored recipe reproduces the same bytes
     r2 = cli("merge", "--from", rep["entry"], "--out", tmp_path / "again.safetensors", "--json", home=home)
     assert r2.returncode == 0, r2.stderr
@@ -113,7 +122,9 @@ def test_recipe_concat_and_bake_checkpoint(cli, home, tmp_path, two_loras, tiny_
         w0 = b0.get(key + ".weight")
         ref = w0 + weighted_sum([(a, 0.7)], key).float().reshape(w0.shape)
         torch.testing.assert_close(o.get(key + ".weight"), ref, rtol=1e-5, atol=1e-6)
-    assert "[[lora]]" in (baked / "lorahub_recipe.toml").read_text()
+    stored = (baked / "lorahub_recipe.toml").read_text()
+    assert tomllib.loads(stored)["lora"] == [{"ref": "a.safetensors", "weight": 0.7}]  # a name, not the path
+    assert str(tmp_path) not in stored
 
 
 @pytest.mark.parametrize("args, message", [

@@ -45,7 +45,7 @@ def extract(
     sv_fro: SvFroOpt = None,
     conv_rank: Annotated[Optional[int], typer.Option("--conv-rank", help="Also extract 3×3 conv layers (LoCon) at this rank (cap in dynamic mode).")] = None,
     text_encoder: Annotated[bool, typer.Option("--text-encoder/--no-text-encoder", help="Extract text encoder layers when they differ by more than --min-diff.")] = True,
-    clamp_quantile: Annotated[Optional[float], typer.Option("--clamp-quantile", help="Clamp factor values at this quantile of |values| (off by default).")] = None,
+    clamp_quantile: Annotated[Optional[float], typer.Option("--clamp-quantile", help="Clamp as kohya's extract_lora_from_models.py does: up = U·S and down = Vh clipped to ± their joint Q-quantile (e.g. 0.99; in (0.5, 1]). Off by default.")] = None,
     min_diff: Annotated[float, typer.Option("--min-diff", help="A text encoder whose largest weight difference is at most this is skipped.")] = 1e-4,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="Saved dtype: fp16 | bf16 | fp32.")] = "fp16",

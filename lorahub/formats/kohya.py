@@ -1,5 +1,9 @@
 """kohya / webui dialect (also LyCORIS LoHa/LoKr/full/DoRA, which use the same module naming).
 
+Metadata: :func:`derived_metadata` is what kohya's own tools (train_network, resize_lora, svd_merge_lora,
+extract_lora_from_models) write, for a LoRA lorahub made; :func:`write` recomputes the hash fields
+(:data:`HASH_KEYS`) the way kohya does, so they are never stale.
+
 Keys: ``<kohya module>.<factor>`` with the kohya module name from :mod:`lorahub.formats.names`
 (``lora_unet_…``, ``lora_te_…``/``lora_te1_…``/``lora_te2_…``; SDXL UNet in the SGM layout) and
 factors ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``, ``dora_scale``,
@@ -9,6 +13,7 @@ factors ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -16,6 +21,7 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats import names
 from lorahub.formats.canonical import LoraLayer, LoraModel
+from lorahub.vocab import KOHYA_BASE_VERSIONS, MODELSPEC_ARCHITECTURES
 
 # file factor suffix -> (layer kind, canonical factor name)
 FACTORS = {
@@ -217,6 +223,8 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
                 inner = slot if (model.base == "sdxl" or "clip_g" in slots) else "string_to_param.*"
             out[f"bundle_emb.{tok}.{inner}"] = _cast(t, dtype)
     meta = dict(model.metadata)
+    if model.extra.get("kohya_hashes") or any(k in meta for k in HASH_KEYS):
+        meta.update(kohya_hashes(out, meta))
     # diffusers' LoraConfig JSON must not reach a kohya file (diffusers refuses "network_alphas and
     # metadata" together): stash it in lorahub's own field so a later conversion to diffusers restores it.
     from lorahub.formats.diffusers_fmt import LOREHUB_KEY, META_KEY
@@ -229,3 +237,121 @@ def write(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str,
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+# ----- metadata ------------------------------------------------------------------------------------
+NETWORK_MODULE = "networks.lora"  # kohya's module for plain LoRA / LoCon (what lorahub's outputs are)
+# Hash fields: kohya's sd-webui-additional-networks hashes and ModelSpec's hash. Recomputed by
+# :func:`write` whenever present (or when ``model.extra["kohya_hashes"]`` asks for them).
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+# fields :func:`derived_metadata` recomputes (an input's values would be stale)
+RECOMPUTED = HASH_KEYS + ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                          "modelspec.architecture", "modelspec.title", "modelspec.merged_from")
+# ss_network_args entries that describe ranks or the network structure (stale after a rank change)
+STRUCTURE_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
+                  "conv_block_alphas", "algo", "preset", "factor", "use_tucker", "use_scalar",
+                  "decompose_both", "full_matrix")
+DYNAMIC = "Dynamic"  # kohya's ss_network_dim / ss_network_alpha when layers differ
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The hash fields of a kohya file holding ``tensors`` (as saved), computed as kohya does
+    (sd-scripts ``train_util.precalculate_safetensors_hashes``): the tensors are serialised by the
+    safetensors library with only the ``ss_*`` metadata; ``sshs_model_hash`` is the SHA-256 of the bytes
+    after the header (the tensor data), ``sshs_legacy_hash`` the first 8 hex digits of the SHA-256 of the
+    64 KiB at offset 1 MiB. ``modelspec.hash_sha256`` is ``0x`` + the SHA-256 over the tensors' bytes in
+    saved order (ModelSpec / kohya's ``sai_model_spec``), which is the same digest."""
+    from safetensors.torch import save
+
+    blob = save({k: t.contiguous() for k, t in tensors.items()},
+                {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = int.from_bytes(blob[:8], "little")
+    data = hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest()
+    legacy = hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": data, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + data}
+
+
+def _number(x: float) -> str:
+    return str(float(x))
+
+
+def _one(values: set, fmt) -> str:
+    return fmt(next(iter(values))) if len(values) == 1 else DYNAMIC
+
+
+def _json_dict(text) -> dict:
+    try:
+        d = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    return dict(d) if isinstance(d, dict) else {}
+
+
+def derived_metadata(model: LoraModel, *, title: str, inherited: dict[str, str] | None = None,
+                     merged_from: str | None = None) -> dict[str, str]:
+    """Header metadata for a LoRA lorahub made (resize, merge, extract), as kohya's own tools write it.
+
+    ``model``: the result, plain LoRA / LoCon layers with their alphas. ``inherited``: the input's
+    metadata that still describes the result (training metadata; the caller chooses); the fields
+    computed here (:data:`RECOMPUTED`) are replaced. Written: ``ss_network_module`` (``networks.lora``,
+    or the input's for DoRA layers), ``ss_network_dim`` / ``ss_network_alpha`` of the linear layers
+    (``Dynamic`` when they differ, as kohya writes them), ``ss_network_args`` with ``conv_dim`` /
+    ``conv_alpha`` of the 3×3 conv layers, ``ss_base_model_version`` / ``ss_v2`` when missing, and the
+    ModelSpec fields (``modelspec.sai_model_spec``, ``architecture``, ``implementation``, ``title``,
+    ``resolution``, ``merged_from``). The hash fields are filled in by :func:`write` from the tensors as
+    saved (``model.extra["kohya_hashes"]`` is set here).
+    """
+    inherited = dict(inherited or {})
+    meta = {k: v for k, v in inherited.items() if k not in RECOMPUTED}
+    layers = list(model.layers.values())
+    dora = any(layer.dora_scale is not None for layer in layers)
+    old_module = inherited.get("ss_network_module")
+    module = old_module if dora and old_module else NETWORK_MODULE
+    args = _json_dict(inherited.get("ss_network_args")) if old_module == module else {}
+    for k in STRUCTURE_ARGS:
+        args.pop(k, None)
+
+    def is_conv(layer) -> bool:
+        shape = tuple(layer.shape)
+        return len(shape) == 4 and shape[2:] != (1, 1)
+
+    lin = [layer for layer in layers if not is_conv(layer)] or layers
+    conv = [layer for layer in layers if is_conv(layer) and lin is not layers]
+
+    def alpha(layer) -> float:
+        return float(layer.rank) if layer.alpha is None else float(layer.alpha)
+
+    meta["ss_network_module"] = module
+    meta["ss_network_dim"] = _one({int(layer.rank) for layer in lin}, str)
+    meta["ss_network_alpha"] = _one({alpha(layer) for layer in lin}, _number)
+    if conv:
+        args["conv_dim"] = _one({int(layer.rank) for layer in conv}, str)
+        args["conv_alpha"] = _one({alpha(layer) for layer in conv}, _number)
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    family = model.base
+    if family in KOHYA_BASE_VERSIONS:
+        meta.setdefault("ss_base_model_version", KOHYA_BASE_VERSIONS[family])
+        meta.setdefault("ss_v2", str(family == "sd2"))
+        from lorahub.metadata import base_hint
+
+        arch = inherited.get("modelspec.architecture", "").split("/")[0]
+        if base_hint(arch) != family:  # the input's own (e.g. stable-diffusion-v2-768-v) when it fits
+            arch = MODELSPEC_ARCHITECTURES[family]
+        meta["modelspec.architecture"] = f"{arch}/lora"
+        meta.setdefault("modelspec.sai_model_spec", "1.0.1")
+        # kohya's sai_model_spec.determine_implementation for a LoRA
+        meta.setdefault("modelspec.implementation", "https://github.com/Stability-AI/generative-models"
+                        if family == "sdxl" else "diffusers")
+        meta.setdefault("modelspec.resolution", "1024x1024" if family == "sdxl" else "512x512")
+    meta["modelspec.title"] = title
+    if merged_from:
+        meta["modelspec.merged_from"] = merged_from
+    model.extra["kohya_hashes"] = True
+    return meta
+
+
+def training_comment(inherited: dict[str, str], note: str) -> str:
+    """kohya's ``ss_training_comment`` after an operation: ``note; <the input's comment>``."""
+    old = inherited.get("ss_training_comment", "")
+    return f"{note}; {old}" if old else note

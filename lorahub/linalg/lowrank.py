@@ -235,7 +235,7 @@ def randomized_svd_gram(X: torch.Tensor, G: torch.Tensor, k: int, *, oversample:
     omega_cpu = torch.randn(m, l, generator=gen, dtype=torch.float32)
 
     def go(Y):
-        Gd = G if G.dtype == Y.dtype else Y @ Y.T
+        Gd = G.to(Y.dtype)
         Q, _ = torch.linalg.qr(Gd @ omega_cpu.to(device=Y.device, dtype=Y.dtype))
         for _ in range(power_iters):
             Q, _ = torch.linalg.qr(Gd @ Q)
@@ -290,11 +290,12 @@ class Approximation:
 
     spectrum: Spectrum       # top-k: ΔW ≈ U·diag(S)·Vh
     k: int
-    S_all: torch.Tensor      # every singular value of A (exact, descending, float64)
-    retained: float          # Frobenius fraction kept by the returned factors
-    optimum: float           # Eckart–Young optimum for this k (exact truncated SVD)
+    S_all: torch.Tensor      # every singular value of A (descending, float64 from a float64 Gram matrix)
+    retained: float          # Frobenius fraction kept by the returned factors (before any cast)
+    optimum: float           # Eckart–Young optimum for this k, in float64: √(Σ_{i<k} σᵢ² / ‖A‖²_F)
     method: str              # "exact" | "randomized" | "exact-fallback"
     float64_retry: bool
+    norm2: float = 0.0       # ‖A‖²_F in float64 (the trace of the Gram matrix)
 
 
 def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
@@ -303,11 +304,13 @@ def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float |
                     small: int = 256, seed: int = 0, power_iters: int = 2) -> Approximation:
     """Best rank-k approximation of a dense matrix A (out, in), k chosen by :func:`choose_rank`.
 
-    method "exact": thin SVD. "randomized"/"auto": the exact singular values come from the Gram
-    matrix (cheap, no vectors), k is chosen on them, the factors from :func:`randomized_svd`; their
-    Frobenius retained is compared with the exact optimum √(Σ_{i<k} Sᵢ²/Σ Sᵢ²) and, when it falls
-    short by more than ``tol`` (relative), the exact SVD is used instead ("exact-fallback").
-    "auto" also goes exact for small matrices (min side ≤ ``small``) or when k is over a third of it.
+    Every singular value comes from the eigenvalues of the smaller Gram matrix formed in float64
+    (A's entries are exact in float64, so the optimum √(Σ_{i<k} σᵢ²/‖A‖²) and the rank decision are
+    float64-accurate; ‖A‖² is the Gram's trace). method "exact": thin SVD of A for the factors.
+    "randomized"/"auto": the factors from :func:`randomized_svd_gram` (in A's dtype, on the Gram); their
+    Frobenius retained is compared with the optimum and, when it falls short by more than ``tol``
+    (relative), the exact SVD is used instead ("exact-fallback"). "auto" also goes exact for small
+    matrices (min side ≤ ``small``) or when k is over a third of it.
     """
     if A.dim() != 2:
         raise ValueError("low_rank_approx needs a matrix")
@@ -315,35 +318,67 @@ def low_rank_approx(A: torch.Tensor, *, rank: int | None = None, energy: float |
         raise ValueError("matrix has NaN or infinite entries")
     m, n = A.shape
     crit = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
-    total = float(torch.linalg.vector_norm(A)) ** 2  # float32 reduction: ample for a 1e-3 check
-    go_exact = method == "exact" or (method == "auto" and min(m, n) <= small)
     transpose = m > n
     X = A.T if transpose else A
-    if not go_exact:
-        G, S_all, r64 = _gram_spectrum(X)
-        k = choose_rank(S_all, **crit)
-        if method == "auto" and 3 * k > min(m, n):
-            go_exact = True
-    if go_exact:
-        sp, r64 = exact_svd(A)
-        S_all = sp.S.to(torch.float64)
-        k = choose_rank(S_all, **crit)
-        opt = retained(S_all, k)
-        top = Spectrum(U=sp.U[:, :k], S=sp.S[:k], Vh=sp.Vh[:k])
-        return Approximation(top, k, S_all, opt, opt, "exact", r64)
+    G, S_all, _ = _gram_spectrum(X.to(torch.float64))
+    total = float(torch.trace(G))
+    k = choose_rank(S_all, **crit)
     opt = _retained_of(S_all, k, total)
+    go_exact = method == "exact" or (method == "auto" and (min(m, n) <= small or 3 * k > min(m, n)))
+    if go_exact:
+        del G
+        sp, r64 = exact_svd(A, k)
+        got = _retained_of(sp.S, k, total)
+        return Approximation(sp, k, S_all, got, opt, "exact", r64, total)
     sp, r2 = randomized_svd_gram(X, G, k, seed=seed, power_iters=power_iters)
     del G
     if transpose:
         sp = Spectrum(U=sp.Vh.T, S=sp.S, Vh=sp.U.T)
-    got = math.sqrt(min(1.0, float((sp.S.to(torch.float64) ** 2).sum()) / total)) if total > 0 else 1.0
+    got = _retained_of(sp.S, k, total)
     if opt - got > tol * opt:
         ex, r3 = exact_svd(A, k)
-        return Approximation(ex, k, S_all, opt, opt, "exact-fallback", r64 or r2 or r3)
-    return Approximation(sp, k, S_all, got, opt, "randomized", r64 or r2)
+        return Approximation(ex, k, S_all, _retained_of(ex.S, k, total), opt, "exact-fallback", r2 or r3, total)
+    return Approximation(sp, k, S_all, got, opt, "randomized", r2, total)
 
 
 def _retained_of(S: torch.Tensor, k: int, total: float) -> float:
+    """√(Σ_{i<k} Sᵢ² / total) in float64, at most 1 (1 for a zero matrix)."""
     if total <= 0:
         return 1.0
     return math.sqrt(min(1.0, float((S[:k].to(torch.float64) ** 2).sum()) / total))
+
+
+def residual_retained(A: torch.Tensor, up: torch.Tensor, down: torch.Tensor, norm2: float | None = None) -> float:
+    """Frobenius fraction of A kept by up·down, √(1 − ‖A − up·down‖²/‖A‖²), computed in float64
+    (A and the factors as given, e.g. after a cast to the saved dtype): never above the optimum
+    beyond float64 round-off."""
+    A64 = A.to(torch.float64)
+    tot = float(torch.sum(A64 * A64)) if norm2 is None else norm2
+    if tot <= 0:
+        return 1.0
+    res = A64 - up.to(device=A.device, dtype=torch.float64) @ down.to(device=A.device, dtype=torch.float64)
+    err = float(torch.sum(res * res))
+    return math.sqrt(max(0.0, 1.0 - err / tot))
+
+
+def quantile(x: torch.Tensor, q: float) -> float:
+    """The q-quantile of the values of x with linear interpolation (what ``torch.quantile`` returns),
+    by two k-th value selections: no size limit."""
+    v = x.reshape(-1).to(torch.float64)
+    n = v.numel()
+    if n == 0:
+        raise ValueError("quantile of an empty tensor")
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    a = float(torch.kthvalue(v, lo + 1).values)
+    b = float(torch.kthvalue(v, hi + 1).values) if hi != lo else a
+    return a + (pos - lo) * (b - a)
+
+
+def kohya_clamp(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """kohya's clamp (sd-scripts networks/extract_lora_from_models.py): with up = U·diag(S) and down = Vh,
+    hi = the q-quantile of the values of both factors together (signed, linear interpolation), and both
+    factors are clipped to [−hi, hi]. Returns (up, down, hi)."""
+    hi = quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), q)
+    return up.clamp(-hi, hi), down.clamp(-hi, hi), hi

@@ -9,12 +9,36 @@ torch is imported only by :func:`choose_rank`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lorahub.errors import LorahubError
 
 DYNAMIC = ("energy", "sv_ratio", "sv_fro")
 ROUND_OFF = 1e-12  # relative slack for a criterion met exactly in real numbers
+
+
+def finite(value, what: str) -> float:
+    """``value`` as a float; LorahubError when it is not a real number or is NaN / infinite."""
+    if isinstance(value, bool):
+        raise LorahubError(f"{what} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise LorahubError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise LorahubError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
+def whole(value, what: str, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum``; LorahubError for NaN, inf, fractions, booleans."""
+    v = finite(value, what)
+    if v != int(v):
+        raise LorahubError(f"{what} must be a whole number, got {value!r}")
+    if v < minimum:
+        raise LorahubError(f"{what} must be at least {minimum}, got {value!r}")
+    return int(v)
 
 
 @dataclass
@@ -37,13 +61,17 @@ class RankCriteria:
         return next((k for k in DYNAMIC if getattr(self, k) is not None), None)
 
     def validate(self) -> None:
+        """One clear LorahubError for a bad request (NaN and infinities included)."""
+        for k in DYNAMIC:
+            if getattr(self, k) is not None:
+                finite(getattr(self, k), k)
         dyn = [k for k in DYNAMIC if getattr(self, k) is not None]
         if len(dyn) > 1:
             raise LorahubError("give at most one of energy, sv_ratio, sv_fro")
         if not dyn and self.rank is None:
             raise LorahubError("give a rank, or a dynamic criterion (energy, sv_ratio or sv_fro)")
-        if self.rank is not None and self.rank < 1:
-            raise LorahubError("rank must be at least 1")
+        if self.rank is not None:
+            whole(self.rank, "rank")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise LorahubError("energy must be in (0, 1]")
         if self.sv_fro is not None and not 0 < self.sv_fro <= 1:
@@ -80,6 +108,8 @@ def choose_rank(S, *, rank: int | None = None, energy: float | None = None, sv_r
     cap = n if max_rank is None else max(1, min(n, max_rank))
     if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
         raise ValueError("exactly one of rank, energy, sv_ratio, sv_fro must be given")
+    if any(x is not None and not math.isfinite(x) for x in (rank, energy, sv_ratio, sv_fro)):
+        raise ValueError("the rank criterion must be a finite number")
     if rank is not None:
         if rank < 1:
             raise ValueError("rank must be at least 1")

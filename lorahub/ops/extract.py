@@ -8,7 +8,9 @@ factors checked against the exact truncated-SVD optimum with an exact-SVD fallba
 non-convergence. √S goes into both factors (up = U·√S, down = √S·Vh, alpha = rank: scale 1).
 
 The reported Frobenius retained is measured on the factors *as saved* (after the dtype cast and any
-clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (energy-weighted).
+clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (energy-weighted), in float64, next to the
+float64 Eckart–Young optimum √(Σ_{i<k} σᵢ²/‖ΔW‖²) (singular values of a float64 Gram matrix).
+``clamp_quantile`` applies kohya's rule (:func:`lorahub.linalg.lowrank.kohya_clamp`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorahub.errors import LorahubError
-from lorahub.linalg.rank import RankCriteria
+from lorahub.linalg.rank import RankCriteria, finite, whole
 from lorahub.outputs import Written
 from lorahub.vocab import DTYPE_NAMES, DTYPES
 
@@ -178,17 +180,13 @@ def file_blake3(paths: list[Path]) -> str:
     return blake3.blake3("".join(digests).encode()).hexdigest()
 
 
-def _clamp(up, down, q: float):
-    import torch
-
-    dist = torch.cat([up.reshape(-1), down.reshape(-1)]).abs().float()
-    k = max(1, min(dist.numel(), int(math.ceil(q * dist.numel()))))
-    hi = float(torch.kthvalue(dist, k).values)
-    return up.clamp(-hi, hi), down.clamp(-hi, hi)
-
-
 def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
-    """Factor one difference tensor (out, in[, kh, kw]) -> (up, down, LayerReport) in the saved dtype."""
+    """Factor one difference tensor (out, in[, kh, kw]) -> (up, down, LayerReport) in the saved dtype.
+
+    Without a clamp √S goes into both factors; with ``clamp_quantile`` the factors are kohya's
+    (up = U·S, down = Vh) clipped by :func:`lorahub.linalg.lowrank.kohya_clamp`. The reported retained
+    (of the factors as saved) and optimum are computed in float64.
+    """
     import torch
 
     from lorahub.linalg import lowrank
@@ -206,38 +204,35 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     except (torch.linalg.LinAlgError, RuntimeError) as exc:
         raise LorahubError(f"{name}: SVD did not converge even in float64 ({exc})") from None
     k = ap.k
-    up, down = lowrank.split(ap.spectrum, k)
-    up = up.to(torch.float32)
-    down = down.to(torch.float32)
+    sp = ap.spectrum
     if opts.clamp_quantile is not None:
-        up, down = _clamp(up, down, opts.clamp_quantile)
+        up, down, _ = lowrank.kohya_clamp((sp.U[:, :k] * sp.S[:k]).to(torch.float32),
+                                          sp.Vh[:k].to(torch.float32), opts.clamp_quantile)
+    else:
+        up, down = lowrank.split(sp, k)
     save_dtype = getattr(torch, DTYPE_NAMES[opts.dtype])
     up = up.to(save_dtype).cpu()
     down = down.to(save_dtype).cpu()
-    # retained measured on what is saved
-    total = float(torch.linalg.vector_norm(A))
-    if total == 0:
-        ret = 1.0
-    else:
-        res = A - up.to(A.device, torch.float32) @ down.to(A.device, torch.float32)
-        err = float(torch.linalg.vector_norm(res))
-        ret = math.sqrt(max(0.0, 1.0 - (err / total) ** 2))
-        del res
+    ret = lowrank.residual_retained(A, up, down, ap.norm2)  # of what is saved, in float64
     if len(shape) == 4:
         down = down.reshape(k, shape[1], shape[2], shape[3])
         up = up.reshape(shape[0], k, 1, 1)
     rep = LayerReport(name=name, shape=shape, kind=kind, rank=k, retained=ret, optimum=ap.optimum,
-                      method=ap.method, float64_retry=ap.float64_retry, norm=total,
+                      method=ap.method, float64_retry=ap.float64_retry, norm=math.sqrt(ap.norm2),
                       seconds=time.perf_counter() - t0)
     return up.contiguous(), down.contiguous(), rep
 
 
 def validate(opts: ExtractOptions) -> None:
     opts.validate()
-    if opts.conv_rank is not None and opts.conv_rank < 0:
-        raise LorahubError("conv_rank must be 0 (off) or more")
-    if opts.clamp_quantile is not None and not 0 < opts.clamp_quantile <= 1:
-        raise LorahubError("clamp_quantile must be in (0, 1]")
+    if opts.conv_rank is not None:
+        whole(opts.conv_rank, "conv_rank", minimum=0)
+    if opts.clamp_quantile is not None and not 0.5 < finite(opts.clamp_quantile, "clamp_quantile") <= 1:
+        raise LorahubError(f"clamp_quantile must be in (0.5, 1], got {opts.clamp_quantile!r}")
+    if finite(opts.min_diff, "min_diff") < 0:
+        raise LorahubError(f"min_diff must be 0 or more, got {opts.min_diff!r}")
+    if not 0 < finite(opts.tol, "tol") < 1:
+        raise LorahubError(f"tol must be in (0, 1), got {opts.tol!r}")
     if opts.dtype not in DTYPES:
         raise LorahubError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype!r}")
     if opts.method not in SVD_METHODS:
@@ -263,9 +258,12 @@ def _te_max_diff(base, tuned, names: list[str], device: str) -> float:
 
 def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             on_layer: Callable[[int, int, str], None] | None = None,
-            base_name: str | None = None, tuned_name: str | None = None,
+            base_name: str | None = None, tuned_name: str | None = None, title: str | None = None,
             hashes: bool = True) -> ExtractResult:
-    """Extract tuned − base as a LoRA (canonical :class:`LoraModel`, factors in the saved dtype)."""
+    """Extract tuned − base as a LoRA (canonical :class:`LoraModel`, factors in the saved dtype).
+
+    ``base_name`` / ``tuned_name``: how the models are recorded in the metadata (default: their file or
+    folder names, see :func:`public_name`); ``title``: the ModelSpec title (default ``<tuned>-extract``)."""
     import torch
 
     from lorahub.formats.canonical import LoraLayer, LoraModel
@@ -322,27 +320,35 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             notes.append(f"{unchanged} layer(s) identical in both models: not included")
         if not reports:
             raise LorahubError("nothing to extract: the models are identical in every adaptable layer")
+        tuned_name = tuned_name or public_name(tuned_path)
         info = {
-            "base": {"name": base_name or str(base_path),
+            "base": {"name": base_name or public_name(base_path),
                      "blake3": file_blake3(base.files()) if hashes else None},
-            "tuned": {"name": tuned_name or str(tuned_path),
-                      "blake3": file_blake3(tuned.files()) if hashes else None},
+            "tuned": {"name": tuned_name, "blake3": file_blake3(tuned.files()) if hashes else None},
         }
     res = ExtractResult(model=model, layers=reports, notes=notes, family=family,
                         seconds=time.perf_counter() - t0)
-    model.metadata.update(extract_metadata(res, opts, info))
+    model.metadata.update(extract_metadata(res, opts, info, title or f"{tuned_name}-extract"))
     return res
 
 
-def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict) -> dict[str, str]:
+def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict, title: str) -> dict[str, str]:
+    """What kohya's extract_lora_from_models.py writes (:func:`lorahub.formats.kohya.derived_metadata`:
+    ``ss_network_dim`` / ``ss_network_alpha``, ``Dynamic`` where the ranks differ, ``conv_dim`` for
+    LoCon, ModelSpec), plus the operation (``lorahub_extract``: the models by name and BLAKE3, never by
+    path) and the per-layer report (``lorahub_extract_layers``)."""
+    from lorahub.formats import kohya
+
     ranks = [r.rank for r in res.layers]
-    lin = [r.rank for r in res.layers if r.kind == "linear"]
-    conv = [r.rank for r in res.layers if r.kind == "conv"]
+    if opts.clamp_quantile is not None:
+        split = f"U·S and Vh clamped at their joint {opts.clamp_quantile:g} quantile (kohya's rule)"
+    else:
+        split = "sqrt(S) split"
     summary = {
         "tool": "lorahub extract",
         "base": info["base"], "tuned": info["tuned"],
         "method": f"svd ({'dynamic ' + opts.dynamic if opts.dynamic else 'fixed rank'}; randomized "
-                  f"with exact check tol {opts.tol:g}, exact fallback; sqrt(S) split)",
+                  f"with exact check tol {opts.tol:g}, exact fallback; {split})",
         "criterion": opts.describe(),
         "clamp_quantile": opts.clamp_quantile,
         "dtype": opts.dtype,
@@ -350,19 +356,23 @@ def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict) -> di
         "frobenius_retained": round(res.retained, 6),
         "notes": res.notes,
     }
-    meta = {
-        "lorahub_extract": json.dumps(summary, sort_keys=True),
-        "lorahub_extract_layers": json.dumps(
-            {r.name: {"rank": r.rank, "retained": round(r.retained, 6), "method": r.method}
-             for r in res.layers}, sort_keys=True),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(lin) if lin else max(ranks)),
-        "ss_network_alpha": str(max(lin) if lin else max(ranks)),
-        "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(res.family, "unknown"),
-    }
-    if conv:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(conv)), "conv_alpha": str(max(conv))})
+    meta = kohya.derived_metadata(res.model, title=title)
+    meta["lorahub_extract"] = json.dumps(summary, sort_keys=True)
+    meta["lorahub_extract_layers"] = json.dumps(
+        {r.name: {"rank": r.rank, "retained": round(r.retained, 6), "optimum": round(r.optimum, 6),
+                  "method": r.method} for r in res.layers}, sort_keys=True)
     return meta
+
+
+def public_name(ref, entry: dict | None = None) -> str:
+    """How a model is named in anything that may leave this machine: its registry entry's name, a
+    tiny model's name, else the file or folder name (never its path)."""
+    from lorahub.vocab import TINY_MODELS
+
+    if entry is not None:
+        return entry["name"]
+    text = str(ref)
+    return text if text in TINY_MODELS else (Path(text.replace("\\", "/")).name or text)
 
 
 def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -400,7 +410,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str 
             out = default_output(f"{t.entry['name'] if t.entry else t.path.name.split('.')[0]}-extract-{opts.tag()}",
                                  ".safetensors")
         out = check_output(out, force=force, inputs=[b.path, t.path], suffixes=(".safetensors",))
-        res = extract(b.path, t.path, opts, on_layer=on_layer, base_name=b.name, tuned_name=t.name)
+        res = extract(b.path, t.path, opts, on_layer=on_layer, base_name=public_name(b.ref, b.entry),
+                      tuned_name=public_name(t.ref, t.entry), title=name or Path(out).stem)
         save_lora(res.model, out, dialect=dialect)
         res.out, res.dialect = out, dialect
         if register:
@@ -412,5 +423,6 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str 
                 regs.get(), out, relation="extracted-from", parents=parents,
                 detail={"criterion": opts.describe(), "frobenius_retained": round(res.retained, 6)},
                 name=name, type=type, triggers=triggers, base=res.family,
-                description=f"extracted from {tuned} (base {base})", source="lorahub")
+                description=f"extracted from {meta['tuned']['name']} (base {meta['base']['name']})",
+                source="lorahub")
     return res

@@ -29,6 +29,7 @@ import torch
 from lorahub.errors import LorahubError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.linalg import lowrank
+from lorahub.linalg.rank import whole
 from lorahub.vocab import PARTS
 
 METHODS = ("svd", "concat", "sum")
@@ -286,8 +287,7 @@ def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None 
     if method == "svd":
         if rank is None:
             raise LorahubError("method 'svd' needs a rank (e.g. rank 64)")
-        if int(rank) < 1:
-            raise LorahubError(f"rank must be at least 1, got {rank}")
+        whole(rank, "rank")
     family = check_families(inputs, base)
     terms = collect_terms(inputs, compute_dtype)
     if not terms:

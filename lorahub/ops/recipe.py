@@ -203,21 +203,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def parse_inline(spec: str) -> RecipeLora:
-    """``REF:WEIGHT`` (or just ``REF``, weight 1). The weight is after the last colon."""
-    ref, sep, w = spec.rpartition(":")
-    if not sep:
-        return RecipeLora(ref=spec, weight=1.0)
-    if not ref:
-        raise LorahubError(f"{spec!r}: give REF:WEIGHT, e.g. miku:0.8")
-    try:
-        weight = float(w)
-    except ValueError:
-        if Path(spec).exists():  # a path that happens to contain a colon
-            return RecipeLora(ref=spec, weight=1.0)
-        raise LorahubError(f"{spec!r}: weight {w!r} is not a number") from None
-    if not math.isfinite(weight):
-        raise LorahubError(f"{spec!r}: weight {w!r} is not a finite number")
-    return RecipeLora(ref=ref, weight=weight)
+    """``REF:WEIGHT``, ``REF`` (weight 1) or a pasted webui token ``<lora:NAME:WEIGHT>`` /
+    ``<lyco:NAME:WEIGHT>`` (:func:`lorahub.refs.parse_weighted`)."""
+    from lorahub.refs import parse_weighted
+
+    w = parse_weighted(spec)
+    return RecipeLora(ref=w.ref, weight=w.weight)
 
 
 def inline_recipe(specs: list[str], *, rank: int | None = None, method: str | None = None,
@@ -281,16 +272,21 @@ def resolve_recipe(recipe: Recipe, *, registry=None) -> list[ResolvedLora]:
     from lorahub.refs import LazyRegistry, needs_registry
 
     with LazyRegistry.using(registry) as regs:
-        if any(needs_registry(lo.ref, folder=recipe.folder) for lo in recipe.loras):
-            regs.get()
+        needing = [(i, lo) for i, lo in enumerate(recipe.loras, 1) if needs_registry(lo.ref, folder=recipe.folder)]
+        if needing:
+            try:
+                regs.get(create=False)
+            except LorahubError as exc:
+                i, lo = needing[0]
+                raise LorahubError(f"{recipe.source}: lora #{i}: ref {lo.ref!r} does not resolve: {exc}") from None
         return [resolve_lora(lo, registry=regs, folder=recipe.folder, where=f"{recipe.source}: lora #{i}: ")
                 for i, lo in enumerate(recipe.loras, 1)]
 
 
 def stored_recipe(registry, ref: str) -> tuple[dict, Recipe, list[ResolvedLora]]:
     """(entry, recipe, resolved inputs) of the merged entry ``ref``, from its lineage: each input is
-    the recorded parent entry, else the recorded file, else the recipe's reference -- and must be the
-    same bytes as when it was merged."""
+    the recorded parent entry (or the entry with the recorded sha256), else the recipe's reference (a
+    file by its name, from the current folder) -- and must be the same bytes as when it was merged."""
     from lorahub.refs import LoraRef
 
     entry = registry.resolve(ref)
@@ -322,13 +318,12 @@ def stored_recipe(registry, ref: str) -> tuple[dict, Recipe, list[ResolvedLora]]
             resolved.append(ResolvedLora(lo, LoraRef(lo.ref, registry.blob_path(parent), parent,
                                                      list(parent.get("triggers") or []))))
             continue
-        where = f"{recipe.source}: lora #{i + 1}: "
-        if detail.get("path") and Path(detail["path"]).is_file():
-            r = resolve_lora(RecipeLora(ref=detail["path"], weight=lo.weight, parts=lo.parts),
-                             registry=registry, where=where)
-            r.spec = lo  # keep the recipe's own ref (it is part of the merged file's metadata)
-        else:
-            r = resolve_lora(lo, registry=registry, where=where)
+        # not registered: the recipe's reference (a file is recorded by its name, see public_ref)
+        try:
+            r = resolve_lora(lo, registry=registry, where=f"{recipe.source}: lora #{i + 1}: ")
+        except LorahubError as exc:
+            raise LorahubError(f"{exc} (an input that is not registered is looked for by its file name in the "
+                               "current folder; register it to re-run from anywhere)") from None
         if want and r.sha256 != want:
             raise LorahubError(f"{recipe.source}: lora #{i + 1} ({lo.ref}) now resolves to a different file "
                                f"(sha256 {r.sha256[:12]}, the merge used {want[:12]})")
@@ -473,24 +468,64 @@ def _lineage(res: RecipeResult) -> list:
 
     parents = []
     for i, r in enumerate(res.inputs):
-        detail = {"weight": r.spec.weight, "ref": r.spec.ref}
+        detail = {"weight": r.spec.weight, "ref": public_ref(r.spec.ref)}
         if r.spec.parts:
             detail["parts"] = r.spec.parts
-        # short facts first (`lorahub show` prints the first few), the recipe text (shared) last
+        # short facts first (`lorahub show` prints the first few), the recipe text (shared) last.
+        # No local path: lineage details reach model cards; a re-run finds the input by its sha256.
         detail.update({"index": i, "sha256": r.sha256})
-        if r.entry is None:
-            detail["path"] = str(Path(r.path).resolve())  # for a re-run when the ref was relative
         parents.append(Parent(r.parent, detail))
     return parents
+
+
+def public_ref(ref: str) -> str:
+    """A reference as it may leave this machine (file metadata, lineage, model cards): a file or
+    folder path becomes its name; registry references (ids, names, hash prefixes) are kept."""
+    from lorahub.vocab import looks_like_path
+
+    if looks_like_path(ref) or Path(ref).expanduser().is_absolute():
+        return Path(ref.replace("\\", "/")).name or ref
+    return ref
+
+
+def public_text(recipe: Recipe) -> str:
+    """The recipe's TOML as it may leave this machine: its own text when no reference (nor the base)
+    is a path, else the recipe re-written with :func:`public_ref` names."""
+    refs = [lo.ref for lo in recipe.loras] + ([recipe.base] if recipe.base else [])
+    if all(public_ref(r) == r for r in refs):
+        return recipe.text or recipe.to_toml()
+    loras = [RecipeLora(ref=public_ref(lo.ref), weight=lo.weight, parts=lo.parts) for lo in recipe.loras]
+    return dataclasses.replace(recipe, loras=loras, base=public_ref(recipe.base) if recipe.base else None,
+                               text=None).to_toml()
 
 
 def _register(res: RecipeResult, regs, path: Path, base: str | None) -> None:
     from lorahub.lineage import register_derived
 
     res.entry, res.created = register_derived(regs.get(), path, relation="merged-from", parents=_lineage(res),
-                                              detail={"recipe": res.recipe.text}, name=res.recipe.name,
+                                              detail={"recipe": public_text(res.recipe)}, name=res.recipe.name,
                                               base=base, source="lorahub merge")
     res.sha256 = res.entry["sha256"]
+
+
+# fields that describe one input file, never a merge of several (besides those kohya.derived_metadata recomputes)
+PER_FILE = ("ss_output_name", "ss_session_id", "ss_training_comment", "modelspec.date", "modelspec.description",
+            "modelspec.thumbnail", "modelspec.trigger_phrase", "modelspec.usage_hint", "modelspec.tags",
+            "ssmd_cover_images", "ssmd_display_name", "ssmd_description", "ssmd_keywords", "ssmd_version")
+
+
+def shared_metadata(metadatas: list[dict[str, str]]) -> dict[str, str]:
+    """The training metadata every input of a merge agrees on (same key, same value: the base model,
+    clip skip, resolution, ...), which therefore still describes the merged file; lorahub's own records
+    and per-file fields (:data:`PER_FILE`) excluded. Model paths are reduced to file names."""
+    from lorahub.ops.resize import kept_metadata
+
+    if not metadatas:
+        return {}
+    first = kept_metadata(metadatas[0])
+    others = [kept_metadata(m) for m in metadatas[1:]]
+    return {k: v for k, v in first.items()
+            if not k.startswith("lorahub") and k not in PER_FILE and all(o.get(k) == v for o in others)}
 
 
 def _bake(res: RecipeResult, inputs: list, regs, *, register: bool, force: bool, on_layer) -> None:
@@ -512,7 +547,7 @@ def _bake(res: RecipeResult, inputs: list, regs, *, register: bool, force: bool,
     bk.check(base, merged, res.out, force=force)
     n = len(merged.layers)
     done = iter(range(1, n + 1))
-    res.bake = bk.bake(base, merged, res.out, recipe_text=recipe.text, force=force,
+    res.bake = bk.bake(base, merged, res.out, recipe_text=public_text(recipe), force=force,
                        on_tensor=(lambda name: on_layer(next(done), n, name)) if on_layer else None)
     res.base = str(base)
     if register:
@@ -523,6 +558,7 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     import shutil
     import tempfile
 
+    from lorahub.formats import kohya
     from lorahub.formats.io import dtype_name, parse_dtype, save_lora
     from lorahub.formats.names import default_dialect
     from lorahub.hashing import sha256_file
@@ -540,15 +576,19 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     res.merge = merged
     summ = merged.summary()
     model = merged.model
-    model.metadata = {
-        "lorahub.recipe": recipe.text,
+    # kohya's build_merged_from: each input's modelspec.title, else its name (stable across re-runs)
+    merged_from = ", ".join(m.metadata.get("modelspec.title") or Path(public_ref(r.spec.ref)).stem
+                            for m, r in zip(models, res.inputs))
+    # what kohya's svd_merge_lora.py / merge_lora.py write, the inputs' shared training metadata, the operation
+    model.metadata = kohya.derived_metadata(model, title=recipe.name or f"merge of {merged_from}",
+                                            inherited=shared_metadata([m.metadata for m in models]),
+                                            merged_from=merged_from)
+    model.metadata.update({
+        "lorahub.recipe": public_text(recipe),
         "lorahub.merge": json.dumps({"method": recipe.method, "rank": recipe.rank, "retained": round(summ["retained"], 6),
-                                     "inputs": [{"ref": r.spec.ref, "weight": r.spec.weight, "sha256": r.sha256}
-                                                for r in res.inputs]}, separators=(",", ":")),
-        "modelspec.merged_from": ", ".join(r.label for r in res.inputs),
-    }
-    if recipe.name:
-        model.metadata["modelspec.title"] = recipe.name
+                                     "inputs": [{"ref": public_ref(r.spec.ref), "weight": r.spec.weight,
+                                                 "sha256": r.sha256} for r in res.inputs]}, separators=(",", ":")),
+    })
     res.dialect = recipe.dialect or default_dialect(model)
     res.base = model.base
     tmpdir = None

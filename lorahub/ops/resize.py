@@ -17,6 +17,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lorahub.errors import LorahubError
 from lorahub.linalg.rank import RankCriteria
@@ -105,8 +106,15 @@ def resize_layer(layer, opts: ResizeOptions):
                             norm=norm, how=how)
 
 
-def resize(model, opts: ResizeOptions, *, on_layer=None) -> ResizeResult:
-    """Resize every layer of a canonical :class:`LoraModel`; embeddings are carried over unchanged."""
+def resize(model, opts: ResizeOptions, *, on_layer=None, title: str | None = None) -> ResizeResult:
+    """Resize every layer of a canonical :class:`LoraModel`; embeddings are carried over unchanged.
+
+    The result's metadata is what kohya's resize_lora.py writes (:func:`lorahub.formats.kohya.derived_metadata`:
+    the new ``ss_network_dim`` / ``ss_network_alpha``, ``Dynamic`` where layers differ, the training
+    comment, ModelSpec with ``title`` (default: the input's)), the input's training metadata
+    (:func:`kept_metadata`) and the operation (``lorahub_resize``).
+    """
+    from lorahub.formats import kohya
     from lorahub.formats.canonical import LoraModel
 
     opts.validate()
@@ -138,19 +146,43 @@ def resize(model, opts: ResizeOptions, *, on_layer=None) -> ResizeResult:
             notes.append(f"{below} layer(s) have fewer than {opts.rank} singular values: kept at their size")
     res = ResizeResult(model=out, layers=reports, notes=notes, criterion=opts.describe())
     ranks = [r.new_rank for r in reports]
-    out.metadata["lorahub_resize"] = json.dumps({
+    old_max = max(r.old_rank for r in reports)
+    inherited = kept_metadata(model.metadata)
+    dyn = opts.dynamic
+    # kohya's resize_lora.py wording for the training comment
+    note = (f"Dynamic resize with {dyn}: {getattr(opts, dyn)} from {old_max}" if dyn
+            else f"dimension is resized from {old_max} to {opts.rank}")
+    meta = kohya.derived_metadata(out, title=title or inherited.get("modelspec.title") or "LoRA", inherited=inherited)
+    meta["ss_training_comment"] = kohya.training_comment(inherited, note)
+    meta["lorahub_resize"] = json.dumps({
         "tool": "lorahub resize", "criterion": opts.describe(),
         "method": "QR of both factors + SVD of the r×r core; sqrt(S) split; alpha = old scale × new rank",
         "rank_min": min(ranks), "rank_max": max(ranks),
-        "old_rank_max": max(r.old_rank for r in reports),
+        "old_rank_max": old_max,
         "frobenius_retained": round(res.retained, 6),
         "layers": {r.name: {"rank": r.new_rank, "retained": round(r.retained, 6)} for r in reports},
     }, sort_keys=True)
-    for key in ("ss_network_dim", "ss_network_alpha"):
-        out.metadata.pop(key, None)
-    if not opts.dynamic:
-        out.metadata["ss_network_dim"] = str(max(ranks))
+    out.metadata = meta
     return res
+
+
+# lorahub's per-layer records of an earlier operation: they describe the input's layers, not the result's
+STALE_RECORDS = ("lorahub_resize", "lorahub_extract_layers")
+# kohya fields naming a model file: kohya records the file name, never a local path
+FILE_NAME_FIELDS = ("ss_sd_model_name", "ss_vae_name")
+
+
+def kept_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The input's metadata that still describes a result made from it (kohya's training metadata,
+    ModelSpec, lorahub's extract record), without lorahub's per-layer records of earlier operations;
+    model paths in kohya's fields are reduced to file names (as kohya writes them)."""
+    import ntpath
+
+    out = {k: v for k, v in metadata.items() if k not in STALE_RECORDS}
+    for k in FILE_NAME_FIELDS:
+        if isinstance(out.get(k), str):
+            out[k] = ntpath.basename(out[k])  # either separator
+    return out
 
 
 def resize_lora(lora: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
@@ -185,7 +217,7 @@ def resize_lora(lora: str | os.PathLike, *, rank: int | None = None, energy: flo
             dialect = model.source_format if model.source_format in DIALECTS else "kohya"
         out = check_output(out if out is not None else default_output(f"{src.name}-{opts.tag()}", ".safetensors"),
                            force=force, inputs=[src.path], suffixes=(".safetensors",))
-        res = resize(model, opts, on_layer=on_layer)
+        res = resize(model, opts, on_layer=on_layer, title=name or Path(out).stem)
         save_lora(res.model, out, dialect=dialect)
         res.out, res.dialect = out, dialect
         if register:
@@ -193,7 +225,7 @@ def resize_lora(lora: str | os.PathLike, *, rank: int | None = None, energy: flo
             res.entry, res.created = register_derived(
                 regs.get(), out, relation="resized-from", parents=[Parent(src.parent)],
                 detail={"criterion": res.criterion, "frobenius_retained": round(res.retained, 6),
-                        "source": str(lora)},
+                        "source": src.name},
                 name=name, type=type or entry.get("type"), triggers=triggers or entry.get("triggers"),
-                base=model.base, description=f"resized from {lora} ({res.criterion})", source="lorahub")
+                base=model.base, description=f"resized from {src.name} ({res.criterion})", source="lorahub")
     return res
