@@ -134,6 +134,23 @@ def loads_json(text: str | bytes, what: str = "JSON"):
         raise too_deep from None
     if deep:  # valid JSON, but deeper than lorahub's readers go
         raise too_deep
+    if _SURROGATE_ESCAPE.search(text):  # "\\udc80" alone is valid JSON but not text UTF-8 can hold
+        obj = _replace_lone_surrogates(obj)
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(obj):
+    """``obj`` with each lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(obj, str):
+        return _LONE_SURROGATE.sub("\ufffd", obj)  # json joins valid pairs: what is left is alone
+    if isinstance(obj, list):
+        return [_replace_lone_surrogates(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in obj.items()}
     return obj
 
 

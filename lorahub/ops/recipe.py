@@ -580,7 +580,9 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     merged_from = ", ".join(m.metadata.get("modelspec.title") or Path(public_ref(r.spec.ref)).stem
                             for m, r in zip(models, res.inputs))
     # what kohya's svd_merge_lora.py / merge_lora.py write, the inputs' shared training metadata, the operation
-    model.metadata = kohya.derived_metadata(model, title=recipe.name or f"merge of {merged_from}",
+    # kohya's svd_merge_lora.py titles the result by its output file's name
+    title = recipe.name or (Path(res.out).stem if res.out is not None else f"merge of {merged_from}")
+    model.metadata = kohya.derived_metadata(model, title=title,
                                             inherited=shared_metadata([m.metadata for m in models]),
                                             merged_from=merged_from)
     model.metadata.update({
