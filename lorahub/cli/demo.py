@@ -16,12 +16,11 @@ from lorahub.cli.common import HomeOpt, console, open_registry, styled
 def demo(ctx: typer.Context, home: HomeOpt = None) -> None:
     """Build the tiny fixtures, add them to a registry (default: a fresh temp home, even when
     LORAHUB_HOME is set; give --home to use another), search and show one."""
-    from click.core import ParameterSource
-
     from lorahub import demo as dm
     from lorahub.cli.catalog import entries_table, print_table, rank_text, show
 
-    if ctx.get_parameter_source("home") == ParameterSource.ENVIRONMENT:
+    source = ctx.get_parameter_source("home")  # typer vendors its own click: compare by name
+    if source is not None and source.name == "ENVIRONMENT":
         home = None  # never fill a real registry with demo entries by accident
     t0 = time.perf_counter()
     con = console()

@@ -1,6 +1,6 @@
 """Base-model families: which family a LoRA or model belongs to, and why (standard library only).
 
-The catalogue, ``lorahub detect`` and the architecture layer all name families the same way:
+The catalogue, ``lorahub inspect`` and the architecture layer all name families the same way:
 ``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux`` (:data:`lorahub.vocab.FAMILIES`), ``other:<name>`` for every
 other family (``other:qwen-image``, ``other:wan``, …) and ``unknown`` only when nothing says anything.
 A *base model* is the named model inside a family a file was made for (``pony``, ``illustrious``,
