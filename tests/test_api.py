@@ -45,6 +45,19 @@ def test_docs_example_runs_and_its_results_hold(tmp_path, monkeypatch, home):
     assert (tmp_path / "lorahub-home" / "lorahub.db").is_file() and not home.exists()
 
 
+def test_readme_python_example_runs(tmp_path, monkeypatch, home, capsys):
+    """The README's Python example (extract, merge with lineage, inspect) runs as printed."""
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S))
+    assert "lorahub.extract(" in code and "lorahub.merge(" in code and "lorahub.inspect(" in code
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out
+    assert "['merged-from', 'merged-from']" in printed
+    mix = lorahub.load_lora("mix.safetensors")
+    assert max(layer.rank for layer in mix.layers.values()) == 6
+    assert (tmp_path / "lorahub-home" / "lorahub.db").is_file() and not home.exists()
+
+
 def test_import_lorahub_is_light():
     code = ("import sys, lorahub; lorahub.Recipe; lorahub.RankCriteria; lorahub.resolve_lora; "
             "print(sorted(m for m in ('torch', 'numpy', 'pydantic', 'diffusers', 'transformers', 'safetensors') "
