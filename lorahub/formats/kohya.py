@@ -121,9 +121,11 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
     raw = metadata.pop(LOREHUB_KEY, None)
     if raw:
         try:
-            metadata.update(json.loads(raw).get("stash", {}))
-        except (ValueError, AttributeError):
-            pass
+            stash = json.loads(raw).get("stash", {})
+        except (ValueError, AttributeError, RecursionError):
+            stash = {}
+        if isinstance(stash, dict):  # only an object of strings is ours; anything else is ignored
+            metadata.update({k: v for k, v in stash.items() if isinstance(v, str)})
     known = a is not None and a.family != "unknown"
     model = LoraModel(metadata=metadata, source_format="kohya", base=a.family if known else (base_hint or "unknown"),
                       arch=a.name if a else "unknown", notes=list(km.notes))
