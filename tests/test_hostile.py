@@ -325,6 +325,24 @@ def test_every_int_option_refuses_values_beyond_64_bits(run, home):
         assert code == 2 and flag in err and "internal error" not in err, (name, flag, err)
 
 
+@pytest.mark.parametrize("setting", ["lr = nan", "prior_loss_weight = inf", "rank = -inf", "alpha = +nan"])
+def test_train_config_refuses_nan_and_infinity(run, home, tmp_path, setting):
+    """TOML has nan/inf literals: a train.toml carrying one is refused with one error naming the setting."""
+    from lorahub.errors import LorahubError
+    from lorahub.train.config import TrainConfig, build_config
+
+    (tmp_path / "data").mkdir()
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'data_dir = "data"\n{setting}\n')
+    key = setting.split()[0]
+    with pytest.raises(LorahubError, match=f"'{key}'.*not a finite number"):
+        build_config(cfg)
+    line = _one_error(*run("train", "--config", cfg, "--no-register"))
+    assert key in line and "finite" in line
+    with pytest.raises(LorahubError, match="'weight_decay'.*not a finite number"):
+        TrainConfig(data_dir="x", weight_decay=float("inf")).validate()
+
+
 def test_numbers_inside_the_range_still_work(run, home, tmp_path):
     p = kohya_file(tmp_path / "k.safetensors", rank=8)
     assert run("add", p)[0] == 0
