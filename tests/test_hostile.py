@@ -126,6 +126,24 @@ def test_safetensors_itself_refuses_what_lorahub_refuses(hostile):
             safetensors.deserialize(hostile[label][0].read_bytes())
 
 
+def test_zip_magic_is_the_four_bytes_torch_checks(run, home, tmp_path):
+    """A safetensors file saved with a pickle suffix whose header length happens to start with the bytes
+    "PK" (0x4B50 = 19280) is not a zip archive: torch.load would not take it as one, and neither do detect,
+    load_lora nor add (they read it as safetensors)."""
+    from lorahub.formats.detect import detect
+    from lorahub.formats.io import load_lora
+
+    src = kohya_file(tmp_path / "src.safetensors")
+    h, data = _split(src)
+    raw = json.dumps(h).encode()
+    raw += b" " * (0x4B50 - len(raw))  # safetensors pads headers with spaces
+    p = _write(tmp_path / "padded.pt", raw, data)
+    assert p.read_bytes()[:4] == b"PK\0\0"
+    assert detect(p).format == "kohya"
+    assert sorted(load_lora(p).layers) == sorted(load_lora(src).layers)
+    assert run("add", p, "--name", "padded")[0] == 0
+
+
 def test_zero_size_tensor_is_accepted(run, home, tmp_path):
     t = kohya_tensors({SD1_CROSS_K: (320, 768)}, rank=4, alpha=2.0)
     import numpy as np
