@@ -185,10 +185,11 @@ def test_bad_sidecars_and_image_bombs_are_ignored_with_a_note(run, home, tmp_pat
         assert code == 0, (p.name, err)
         e = json.loads(run("show", json.loads(out)[0]["id"], "--json")[1])
         notes = " ".join(e["extra"].get("notes_detect", []))
-        if p.stem == "cover_bomb":  # the bomb is left out, the good cover kept
-            assert "not a readable image" in notes and [pv["width"] for pv in e["previews"]] == [8]
+        if p.stem == "cover_bomb":  # the bomb is left out (the note says why), the good cover kept
+            assert "cover preview ignored: image" in notes and "pixel limit" in notes, notes
+            assert [pv["width"] for pv in e["previews"]] == [8]
         elif p.stem == "preview_bomb":
-            assert "not a readable image" in notes and e["previews"] == []
+            assert "sidecar preview ignored: image" in notes and "pixel limit" in notes and e["previews"] == []
         else:
             assert "ignored" in notes, (p.name, notes)
             assert e["triggers"] == []

@@ -358,3 +358,27 @@ def test_read_only_commands_open_read_only(tmp_path, cli):
     assert db.read_bytes() == before
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ----------------------------------------------------------------------------------------- one bad file
+def test_a_reader_bug_on_one_file_never_aborts_a_scan(reg, tmp_path, monkeypatch, store_files):
+    """Whatever a reader raises on one file (here a RuntimeError injected into metadata collection for
+    one file), scan reports that file with the reason, registers the others and leaves no temp file."""
+    import lorahub.metadata as md
+
+    root = tmp_path / "lib"
+    for i in range(4):
+        kohya_file(root / f"f{i}.safetensors", seed=300 + i)
+    real = md.collect
+
+    def collect(path, *a, **k):
+        if Path(path).name == "f2.safetensors":
+            raise RuntimeError("reader bug")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(md, "collect", collect)
+    rep = reg.scan(root)
+    assert sorted(e["name"] for e in rep.added) == ["f0", "f1", "f3"]
+    assert [Path(s["path"]).name for s in rep.skipped] == ["f2.safetensors"]
+    assert "RuntimeError" in rep.skipped[0]["error"] and "reader bug" in rep.skipped[0]["error"]
+    assert len(store_files(reg.home)) == 3 and _temps(reg.home) == []

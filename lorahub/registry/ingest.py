@@ -309,7 +309,7 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
 
     Bad input (missing file, unknown format, hostile header, bad ``name``/``type``/``base``) raises
     :class:`~lorahub.errors.LorahubError` and leaves nothing behind; a full disk raises
-    :class:`~lorahub.fsutil.NoSpace`. Unreadable preview images are skipped with a note.
+    :class:`~lorahub.fsutil.NoSpace`. Unreadable preview images are skipped with a note giving the reason.
     ``detection``: the file's :func:`~lorahub.formats.detect.detect` result when the caller has it
     already (its header is not read again).
     """
@@ -346,8 +346,9 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
                 prep.previews.append(image_blob(store, src, kind, durable=durable))
             except NoSpace:
                 raise
-            except (LorahubError, OSError):
-                imported.notes.append(f"{kind} preview is not a readable image, ignored")
+            except (LorahubError, OSError) as exc:
+                reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+                imported.notes.append(f"{kind} preview ignored: {reason}")
         imported.previews = []  # written to temp files: the image bytes need not stay in memory
     except BaseException:
         prep.discard()
@@ -524,6 +525,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             return p, None, exc
         except OSError as exc:
             return p, None, LorahubError(f"{p}: {exc.strerror or exc}")
+        except Exception as exc:  # one file that breaks a reader never aborts the others: report it
+            return p, None, LorahubError(f"{p}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
 
     def report(p, entry, created, err):
         counts["failed" if err else "added" if created else "already"] += 1
