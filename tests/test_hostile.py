@@ -288,11 +288,17 @@ def test_export_onto_a_folder_and_restore_of_a_tar_are_errors(run, home, tmp_pat
     assert run("add", p, "--name", "kay")[0] == 0
     dest = tmp_path / "out"
     (dest / "k.safetensors").mkdir(parents=True)  # export names the file after its stem
-    _one_error(*run("export", "kay", dest))
+    for force in ((), ("--force",)):  # not even --force replaces a folder by a file (and says so)
+        line = _one_error(*run("export", "kay", dest, *force))
+        assert "k.safetensors: is a folder, not a file" in line and "--force" not in line, line
+    assert (dest / "k.safetensors").is_dir()
     tar = tmp_path / "backup.tar"
     with tarfile.open(tar, "w") as tf:
         tf.add(p, arcname="k.safetensors")
-    _one_error(*run("restore", tar, "--home", tmp_path / "newhome"))
+    line = _one_error(*run("restore", tar, "--home", tmp_path / "newhome"))
+    assert "backup.tar: not a lorahub backup: a file, and a backup is a folder with manifest.json" in line, line
+    assert "(no such folder)" in _one_error(*run("restore", tmp_path / "nothing", "--home", tmp_path / "nh"))
+    assert not (tmp_path / "newhome").exists() and not (tmp_path / "nh").exists()
 
 
 def test_out_of_range_integers_are_refused(run, home):
