@@ -59,6 +59,9 @@ DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16",
                "fp32": "float32", "float32": "float32", "float": "float32"}
 
 # File suffixes: what may hold a LoRA / embedding, and which of them are pickles (never unpickled).
+# the largest integer lorahub takes anywhere (SQLite's INTEGER): every count, rank, size or seed fits
+INT_LIMIT = 2**63 - 1
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 

@@ -306,6 +306,34 @@ def test_out_of_range_integers_are_refused(run, home):
     assert "--rank-max" in line and "range" in line
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"rank_max": 10**20}, "rank_max: 100000000000000000000 is out of range"),
+    ({"rank_min": -10**20}, "rank_min: -100000000000000000000 is out of range"),
+    ({"rank_max": "8"}, "rank_max: '8' is not an integer"),
+    ({"rank_min": 4.5}, "rank_min: 4.5 is not an integer"),
+    ({"rank_max": True}, "rank_max: True is not an integer"),
+    ({"limit": -1}, "limit: -1 is below 0"),
+    ({"offset": 2**64}, "offset: 18446744073709551616 is out of range"),
+    ({"tags": "style"}, "tags: 'style' is not a list of strings"),
+    ({"tags": ["a", 3]}, "tags: ['a', 3] is not a list of strings"),
+    ({"type": 5}, "type: 5 is not text"),
+])
+def test_library_search_checks_its_arguments(home, tmp_path, kwargs, words):
+    """Registry.search / search_count refuse what the CLI refuses, with one LorahubError (never an
+    OverflowError or a wrong answer)."""
+    from lorahub.errors import LorahubError
+    from lorahub.registry import Registry
+
+    with Registry.open(home) as reg:
+        reg.add_file(kohya_file(tmp_path / "k.safetensors", rank=8))
+        with pytest.raises(LorahubError, match=words.replace("[", r"\[").replace("(", r"\(")):
+            reg.search(**kwargs)
+        if not {"limit", "offset"} & set(kwargs):
+            with pytest.raises(LorahubError, match=words.replace("[", r"\[")):
+                reg.search_count(**kwargs)
+        assert [e["rank"] for e in reg.search(rank_max=8, tags=iter(()))] == [8]  # an iterable of tags is fine
+
+
 # ------------------------------------------------------------------------------------- numbers
 def _option_params(annotation_wanted):
     """(command name, option flag) of every option of every command whose type is ``annotation_wanted``

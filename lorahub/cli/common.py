@@ -21,6 +21,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lorahub.vocab import INT_LIMIT
+
 HomeOpt = Annotated[
     Optional[Path],
     typer.Option("--home", envvar="LORAHUB_HOME", show_envvar=True,
@@ -113,7 +115,7 @@ def open_registry(home: Optional[Path]):
 
 
 # ------------------------------------------------------------------------------------------ numbers
-INT_LIMIT = 2**63 - 1  # SQLite's INTEGER; every count, rank, size or seed lorahub takes fits
+# INT_LIMIT (lorahub.vocab): SQLite's INTEGER; every count, rank, size or seed lorahub takes fits
 
 
 def _check_number(param, value) -> None:
