@@ -42,6 +42,7 @@ def decode(row: sqlite3.Row | None) -> dict | None:
             except ValueError:
                 d[col] = typ()
     d.pop("blob_mode", None)
+    d.pop("fts_rowid", None)
     return d
 
 
