@@ -133,7 +133,8 @@ def test_a_store_without_its_database_is_refused_not_taken_for_new(tmp_path, cli
     with pytest.raises(OrphanedStore, match=f"holds 2 blob.*{state}"):
         Registry.open(home)
     for args in (["list"], ["gc"], ["gc", "--dry-run"], ["gc", "--force"], ["search", "x"],
-                 ["add", tmp_path / "p0.safetensors"], ["scan", tmp_path]):
+                 ["add", tmp_path / "p0.safetensors"], ["scan", tmp_path], ["verify"], ["serve", "--port", "0"],
+                 ["extract", "p0", "p1"]):  # catalogue commands and others that open the registry
         r = cli(*args, home=home)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert "lorahub restore" in r.stderr and "lorahub verify --repair" in r.stderr, r.stderr

@@ -27,17 +27,10 @@ KindOpt = Annotated[Optional[str], typer.Option("--kind", help=f"{'|'.join(KINDS
 
 
 def _open(home: Optional[Path], **kw):
-    """Open the registry (``Registry.open`` keywords), with errors worded for the command line."""
-    from lorahub.errors import LorahubError
-    from lorahub.registry import OrphanedStore, Registry
+    """Open the registry (``Registry.open`` keywords; lorahub.cli.app words its errors for the command line)."""
+    from lorahub.registry import Registry
 
-    try:
-        return Registry.open(home, **kw)
-    except OrphanedStore as exc:
-        raise LorahubError(
-            f"{exc.path}: the store holds {exc.blobs} blob(s) but the catalogue database is {exc.state}; refusing "
-            f"to take it for a new registry. Restore the database from a backup (`lorahub restore BACKUP "
-            f"--home {exc.path} --force`), or re-register the stored files (`lorahub verify --repair`)") from None
+    return Registry.open(home, **kw)
 
 
 def _entries(home: Optional[Path], query: str | None = None, **filters) -> list[dict]:
