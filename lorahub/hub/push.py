@@ -273,7 +273,7 @@ def push(refs: list[str], *, repo: str, registry=None, private: bool = False, re
     from lorahub.refs import LazyRegistry
 
     with LazyRegistry.using(registry) as regs:
-        return _push(regs.get(), refs, repo=repo, private=private, revision=revision, message=message,
+        return _push(regs.get(create=False), refs, repo=repo, private=private, revision=revision, message=message,
                      endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha, create_pr=create_pr)
 
 
