@@ -617,3 +617,15 @@ def test_push_of_a_home_without_a_registry_creates_nothing(cli, tmp_path):
     res = cli("push", "some-entry", "--repo", "u/r", "--home", nowhere)
     fail(res, "no lorahub registry")
     assert not nowhere.exists()
+
+
+def test_tiny_lora_files_are_deterministic(tmp_path):
+    """The test LoRAs are written byte for byte the same every time (and in every process): their
+    SHA-256s, AutoV2s and the cards and repos made from them do not change from run to run."""
+    cached = tiny_loras.ensure()   # written once per machine, maybe by another process
+    again = tiny_loras.write_all(tmp_path / "again")
+    assert sorted(again) == sorted(cached)
+    assert [k for k in again if again[k].read_bytes() != cached[k].read_bytes()] == []
+    meta = {f"key{i}": str(i) for i in range(20)}
+    one = tiny_loras.kohya_file(tmp_path / "one.safetensors", meta=meta).read_bytes()
+    assert tiny_loras.kohya_file(tmp_path / "two.safetensors", meta=dict(reversed(meta.items()))).read_bytes() == one

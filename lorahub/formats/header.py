@@ -296,3 +296,14 @@ def read_header(path: str | os.PathLike) -> Header:
     except PermissionError:
         raise FormatError(f"{path}: permission denied") from None
     return parse_header_bytes(first + rest, size, name)
+
+
+def canonical_bytes(data: bytes) -> bytes:
+    """The same safetensors file with its header written in sorted key order (compact JSON, padded to 8
+    bytes); the tensor data is kept as it is. The safetensors library writes ``__metadata__`` in
+    hash-map order, random per process: this makes the same content give the same bytes (and SHA-256)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
