@@ -629,3 +629,24 @@ def test_tiny_lora_files_are_deterministic(tmp_path):
     meta = {f"key{i}": str(i) for i in range(20)}
     one = tiny_loras.kohya_file(tmp_path / "one.safetensors", meta=meta).read_bytes()
     assert tiny_loras.kohya_file(tmp_path / "two.safetensors", meta=dict(reversed(meta.items()))).read_bytes() == one
+
+
+@pytest.mark.parametrize("base, version, arch, impl, reso", [
+    ("flux", "flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux", "1024x1024"),
+    ("sd3", "medium", "stable-diffusion-3-medium/lora", "diffusers", "1024x1024"),
+    ("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+     "1024x1024"),
+    ("sd1", "sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512"),
+])
+def test_derived_kohya_metadata_names_every_family_as_kohya_does(base, version, arch, impl, reso):
+    """What an extract/resize/merge writes (kohya.derived_metadata) names DiT families the way kohya
+    sd-scripts does (flux_utils.MODEL_VERSION_FLUX_V1, sai_model_spec's architectures and defaults), and
+    lorahub reads its own words back as the family."""
+    from lorahub.formats.families import from_text
+    from lorahub.formats.kohya import derived_metadata
+
+    model = tiny_loras.random_lora({"some.module": (16, 8)}, base=base)
+    meta = derived_metadata(model, title="t")
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"],
+            meta["modelspec.resolution"]) == (version, arch, impl, reso)
+    assert from_text(meta["modelspec.architecture"], "x").base == base
