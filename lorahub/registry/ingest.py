@@ -397,7 +397,8 @@ def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]
         for sc in prep.sidecar_files:
             insert(conn, "sidecars", {"entry_id": entry_id, "kind": sc.kind, "file_name": sc.file_name,
                                       "data": sc.data, "sha256": sc.sha256, "view": view})
-    edits.fts_sync(conn, entry_id)
+    rowid = edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
+    conn.execute("UPDATE entries SET fts_rowid = ? WHERE id = ?", (rowid, entry_id))
     # the rows are in: now the files (a copied blob was created read-only; a link keeps the source's mode)
     for tmp, sha, chmod in [(pv.tmp, pv.sha256, True) for pv in prep.previews] + [(prep.blob, prep.sha256, False)]:
         new = not reg.store.path(sha).exists()
