@@ -495,9 +495,11 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
              copy: bool = True, remember: bool = False, callback: AddCallback | None = None,
              sidecars: bool | Callable[[Path], bool] = True) -> dict:
     """Add many files with group commit: ``workers`` threads (default: one per CPU, 2 to 4) prepare
-    files (detect, hash, copy) while the
-    main thread commits the files prepared so far in batches of up to ``batch_files`` files /
-    ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
+    the files of :data:`THREAD_MIN_BYTES` or more (detect, hash, copy: hashing and copying release the
+    GIL) while the main thread prepares the smaller ones itself (on threads, their Python work would
+    only contend for the GIL: 1,000 files of 175 KB took 2.1 s of wall and 2.7 s of CPU on 2 threads,
+    1.7 s and 1.7 s on one) and commits the files prepared so far in batches of up to ``batch_files``
+    files / ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
     renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
 
     ``callback(path, entry | None, created, error | None)`` is called once per file, in order (a
@@ -553,11 +555,17 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     ahead = max(2 * workers, batch_files)  # files being prepared while a batch commits
     ex = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
 
+    def threaded(p) -> bool:
+        try:
+            return os.stat(p).st_size >= THREAD_MIN_BYTES
+        except (OSError, ValueError):
+            return False  # prepared here, where prepare() says what is wrong
+
     def submit() -> bool:
         p = next(items, None)
         if p is None:
             return False
-        queue.append(ex.submit(prep_one, p) if ex else _Done(prep_one, p))
+        queue.append(ex.submit(prep_one, p) if ex is not None and threaded(p) else _Later(prep_one, p))
         return True
 
     try:
@@ -578,6 +586,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
         for prep in pending:
             prep.discard()
         for fut in queue:  # files still being prepared: wait, then remove their temp files
+            if isinstance(fut, _Later) and not fut.ran:
+                continue  # never started: nothing to remove
             try:
                 _, prep, _ = fut.result()
             except BaseException:
@@ -591,16 +601,25 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     return counts
 
 
-class _Done:
-    """A call run at once, with the interface of a finished future (no worker threads)."""
+# Files at least this large are prepared on worker threads (their hashing and copying, which release
+# the GIL, outweigh the Python work of detection); smaller ones by the committing thread.
+THREAD_MIN_BYTES = 2 * 1024 * 1024
+
+
+class _Later:
+    """A call run by the thread that asks for its result, with the interface of a future."""
 
     def __init__(self, fn, *args):
-        try:
-            self._value, self._exc = fn(*args), None
-        except BaseException as exc:  # re-raised by result(), as a future would
-            self._value, self._exc = None, exc
+        self._fn, self._args = fn, args
+        self.ran = False
 
     def result(self):
+        if not self.ran:
+            self.ran = True
+            try:
+                self._value, self._exc = self._fn(*self._args), None
+            except BaseException as exc:  # re-raised below, as a future would
+                self._value, self._exc = None, exc
         if self._exc is not None:
             raise self._exc
         return self._value
