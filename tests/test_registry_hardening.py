@@ -456,3 +456,33 @@ def test_migration_links_existing_full_text_rows(home, tmp_path):
         assert "fts_rowid" not in r.get(src["id"])
     finally:
         r.close()
+
+
+def test_each_batch_commits_only_after_its_blobs_are_fsynced(reg, tmp_path, monkeypatch):
+    """add_many fsyncs a batch's blobs on a background thread while it prepares the next batch; a batch
+    commits only when every one of its blobs was fsynced (the crash guarantee of one file at a time)."""
+    files = [kohya_file(tmp_path / "lib" / f"b{i:02d}.safetensors", seed=600 + i) for i in range(20)]
+    synced: set[str] = set()
+    real_fsync_many = ingest.fsync_many
+
+    def fsync_many(paths, *a, **k):  # records the blobs once their fsyncs have returned (slowly: a
+        paths = list(paths)           # commit that did not wait for them would come first)
+        real_fsync_many(paths, *a, **k)
+        time.sleep(0.05)
+        synced.update(Path(p).name for p in paths)
+
+    monkeypatch.setattr(ingest, "fsync_many", fsync_many)
+    committed = []
+    real_commit = ingest.commit_batch
+
+    def commit_batch(r, preps, **kw):
+        assert all(p.blob.name in synced for p in preps), "a batch committed before its blobs were fsynced"
+        committed.append(len(preps))
+        return real_commit(r, preps, **kw)
+
+    monkeypatch.setattr(ingest, "commit_batch", commit_batch)
+    seen = []
+    counts = reg.add_many(files, batch_files=8, callback=lambda p, e, created, err: seen.append(Path(p).name))
+    assert counts == {"added": 20, "already": 0, "failed": 0} and committed == [8, 8, 4]
+    assert seen == [f.name for f in files]  # reported in order, every one
+    assert reg.check().problems == [] and _temps(reg.home) == []

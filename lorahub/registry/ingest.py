@@ -500,7 +500,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     only contend for the GIL: 1,000 files of 175 KB took 2.1 s of wall and 2.7 s of CPU on 2 threads,
     1.7 s and 1.7 s on one) and commits the files prepared so far in batches of up to ``batch_files``
     files / ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
-    renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
+    renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`). A batch's
+    blob fsyncs run on a background thread while the next batch is prepared.
 
     ``callback(path, entry | None, created, error | None)`` is called once per file, in order (a
     file with the same content as another file of this call is reported, not created). A file that
@@ -536,19 +537,32 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
         if callback:
             callback(p, entry, created, err)
 
-    def flush():
-        nonlocal pending, size
-        batch, pending, size = pending, [], 0
-        if not batch:
-            return
+    # A batch's blob fsyncs run on a background thread while the next batch is prepared; the batch
+    # commits once they are done (the crash guarantees are unchanged: no entry before its blob's data).
+    syncing: list[tuple[list[Prepared], object]] = []   # at most one (batch, future of its fsyncs)
+    syncer = ThreadPoolExecutor(1)
+
+    def commit_synced() -> None:
+        batch, fut = syncing.pop()
         try:
-            fsync_many([t for prep in batch for t in prep.temp_files() if not (prep.linked and t == prep.blob)])
+            fut.result()
         except OSError as exc:
             for prep in batch:
                 prep.discard()
             raise os_error(exc, reg.home) from None
         for prep, (entry, created, err) in zip(batch, commit_batch(reg, batch, durable=True, remember=remember)):
             report(prep.path, entry, created, err)
+
+    def flush(last: bool = False):
+        nonlocal pending, size
+        batch, pending, size = pending, [], 0
+        if syncing:
+            commit_synced()
+        if batch:
+            blobs = [t for prep in batch for t in prep.temp_files() if not (prep.linked and t == prep.blob)]
+            syncing.append((batch, syncer.submit(fsync_many, blobs)))
+        if last and syncing:
+            commit_synced()
 
     queue: deque = deque()
     items = iter(paths)
@@ -581,10 +595,17 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             size += prep.hashes.size
             if len(pending) >= batch_files or size >= batch_bytes:
                 flush()
-        flush()
+        flush(last=True)
     except BaseException:
         for prep in pending:
             prep.discard()
+        for batch, fut in syncing:  # fsynced or not, never committed: remove its temp files
+            try:
+                fut.result()
+            except BaseException:
+                pass
+            for prep in batch:
+                prep.discard()
         for fut in queue:  # files still being prepared: wait, then remove their temp files
             if isinstance(fut, _Later) and not fut.ran:
                 continue  # never started: nothing to remove
@@ -596,6 +617,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 prep.discard()
         raise
     finally:
+        syncer.shutdown(wait=True)
         if ex is not None:
             ex.shutdown(wait=True)
     return counts
