@@ -543,13 +543,15 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     syncer = ThreadPoolExecutor(1)
 
     def commit_synced() -> None:
-        batch, fut = syncing.pop()
+        batch, fut = syncing[0]
         try:
-            fut.result()
+            fut.result()  # anything else raised here leaves the batch to the cleanup below
         except OSError as exc:
+            syncing.clear()
             for prep in batch:
                 prep.discard()
             raise os_error(exc, reg.home) from None
+        syncing.clear()  # commit_batch removes the temp files whatever happens
         for prep, (entry, created, err) in zip(batch, commit_batch(reg, batch, durable=True, remember=remember)):
             report(prep.path, entry, created, err)
 
