@@ -632,8 +632,8 @@ def test_tiny_lora_files_are_deterministic(tmp_path):
 
 
 @pytest.mark.parametrize("base, version, arch, impl, reso", [
-    ("flux", "flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux", "1024x1024"),
-    ("sd3", "medium", "stable-diffusion-3-medium/lora", "diffusers", "1024x1024"),
+    ("flux", "flux1", "flux-1/lora", "https://github.com/black-forest-labs/flux", "1024x1024"),
+    ("sd3", "sd3", "stable-diffusion-3/lora", "diffusers", "1024x1024"),
     ("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
      "1024x1024"),
     ("sd1", "sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512"),
@@ -650,3 +650,9 @@ def test_derived_kohya_metadata_names_every_family_as_kohya_does(base, version, 
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"],
             meta["modelspec.resolution"]) == (version, arch, impl, reso)
     assert from_text(meta["modelspec.architecture"], "x").base == base
+    assert from_text(meta["ss_base_model_version"], "x").base == base
+    # an input's own architecture (its variant) is kept when it names the same family
+    if base in ("flux", "sd3"):
+        own = {"flux": "flux-1-schnell", "sd3": "stable-diffusion-3-5-large"}[base]
+        kept = derived_metadata(model, title="t", inherited={"modelspec.architecture": f"{own}/lora"})
+        assert kept["modelspec.architecture"] == f"{own}/lora"
