@@ -105,7 +105,10 @@ def _integrity(db: Path, what: str) -> None:
 
 def _load_manifest(src: Path) -> dict:
     if not src.is_dir():
-        raise LorahubError(f"{src}: not a lorahub backup (a backup is a folder with {MANIFEST})")
+        if src.is_file():
+            raise LorahubError(f"{src}: not a lorahub backup: a file, and a backup is a folder with {MANIFEST} "
+                               "(unpack an archive of one first, then restore the folder)")
+        raise LorahubError(f"{src}: not a lorahub backup (no such folder)")
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except FileNotFoundError:

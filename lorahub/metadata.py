@@ -128,28 +128,14 @@ def _json_field(raw, what: str):
         return None
 
 
-BASE_HINTS = (
-    (re.compile(r"sdxl|pony|illustrious|noobai|\bxl\b", re.I), "sdxl"),
-    (re.compile(r"sd[ _-]?2|sd_v2|v2[-.]", re.I), "sd2"),
-    (re.compile(r"sd[ _-]?1|sd_v1|v1[-.]", re.I), "sd1"),
-)
-
-
 def base_hint(text: str | None) -> str | None:
-    """sd1/sd2/sdxl from free text such as "SD 1.5", "SDXL 1.0", "sd_v2", "stable-diffusion-xl-v1-base/lora"."""
-    if not text or not isinstance(text, str):
-        return None
-    t = text.strip()
-    if re.search(r"stable-diffusion-xl", t, re.I):
-        return "sdxl"
-    if re.search(r"stable-diffusion-v2", t, re.I):
-        return "sd2"
-    if re.search(r"stable-diffusion-v1", t, re.I):
-        return "sd1"
-    for rx, base in BASE_HINTS:
-        if rx.search(t):
-            return base
-    return None
+    """The base family free text names -- sd1, sd2, sdxl, sd3, flux or other:<name> -- from text such as
+    "SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D", "SD 3.5 Large", "sd_v2", "stable-diffusion-xl-v1-base/lora"
+    (:func:`lorahub.formats.families.from_text`); None when it names none."""
+    from lorahub.formats.families import from_text
+
+    ev = from_text(text, "text") if isinstance(text, str) else None
+    return ev.base if ev is not None else None
 
 
 def _read_sidecar(path: Path, notes: list[str]) -> bytes | None:

@@ -69,6 +69,7 @@ def recover_entries(reg) -> list[dict]:
     reads (hard-linked, not copied); blobs that are not (preview images) are left for ``gc``, and a
     blob whose bytes no longer match its name is left alone. Returns the new entries."""
     from lorahub.errors import LorahubError
+    from lorahub.formats.pickle_safe import ZIP_MAGIC
     from lorahub.fsutil import temp_name
     from lorahub.registry import ingest
 
@@ -78,9 +79,9 @@ def recover_entries(reg) -> list[dict]:
         if blob.name in refs:
             continue
         with open(blob, "rb") as f:
-            magic = f.read(2)
+            magic = f.read(len(ZIP_MAGIC))
         # detection reads pickles by their suffix: give the blob one through a hard link
-        link = reg.store.root / temp_name(".pt" if magic == b"PK" else ".safetensors")
+        link = reg.store.root / temp_name(".pt" if magic == ZIP_MAGIC else ".safetensors")
         try:
             os.link(blob, link)
         except OSError:

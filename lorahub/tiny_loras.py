@@ -44,7 +44,7 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-VERSION = "1"
+VERSION = "2"  # 2: deterministic bytes (sorted headers)
 RANK = 4
 ALPHA = 2.0
 TRIGGERS = {"sd1": "tinychar", "sdxl": "tinystyle"}
@@ -196,11 +196,13 @@ def embedding_tensors(keys: Sequence[str] = ("emb_params",), vectors: int = 2, w
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """Write numpy ``tensors`` to ``path`` as safetensors (parent folders created); returns the path."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from lorahub.formats.header import canonical_bytes
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(p), metadata=metadata)
+    p.write_bytes(canonical_bytes(save(tensors, metadata=metadata)))  # the same bytes every time
     return p
 
 
@@ -422,17 +424,17 @@ def kohya_dict(kind: str, seed: int = 0, conv: bool = False) -> dict:
 def write_all(dest_dir: str | os.PathLike) -> dict[str, Path]:
     """Write every tiny LoRA file into ``dest_dir``; returns ``{name: path}``."""
     import torch
-    from safetensors.torch import save_file
+
+    from lorahub.formats.io import safetensors_bytes
+    from lorahub.fsutil import atomic_write_bytes
 
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
 
-    def save(name, sd, meta=None):
+    def save(name, sd, meta=None):  # deterministic bytes: two calls write identical files
         p = dest / f"tiny-{name}.safetensors"
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, p)
+        atomic_write_bytes(p, safetensors_bytes(sd, meta))
         out[name] = p
 
     # --- SD1 -------------------------------------------------------------------------------

@@ -35,10 +35,15 @@ TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
 ARCHS = ("sd1", "sd2", "sdxl") + tuple(TINY_MODELS) + ("flux", "sd3", "sd3.5-large")
 
 # How kohya's ``ss_base_model_version`` and Stability's ModelSpec ``modelspec.architecture`` (LoRA
-# adapters add ``/lora``) name each family, as lorahub writes them.
-KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# adapters add ``/lora``) name each family, as lorahub writes them. For the DiT families these are
+# the family-level words, which claim no variant: kohya sd-scripts writes "flux1" for FLUX.1
+# (library/flux_utils.MODEL_VERSION_FLUX_V1) and, for SD3, the MMDiT's model type ("medium",
+# "5-medium", "5-large"), where lorahub, not knowing which, writes "sd3"; the architectures are
+# sai_model_spec's ARCH_SD3_M ("stable-diffusion-3", kohya appends "-<model type>") and
+# ARCH_FLUX_1_UNKNOWN ("flux-1"; "flux-1-dev" / "flux-1-schnell" when known).
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                           "sdxl": "stable-diffusion-xl-v1-base"}
+                           "sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-3", "flux": "flux-1"}
 
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
@@ -59,6 +64,9 @@ DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16",
                "fp32": "float32", "float32": "float32", "float": "float32"}
 
 # File suffixes: what may hold a LoRA / embedding, and which of them are pickles (never unpickled).
+# the largest integer lorahub takes anywhere (SQLite's INTEGER): every count, rank, size or seed fits
+INT_LIMIT = 2**63 - 1
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 

@@ -266,3 +266,56 @@ def test_sql_command_prints_json_csv_table_and_refuses_writes(run, home, tmp_pat
     assert [e["name"] for e in jrun(run, "list")] == ["one", "two"]
     code, _, err = run("sql", "SELECT * FROM nope")
     assert code == 2 and "no such table" in err
+
+
+# ---------------------------------------------------------------------------------------- list output
+def test_list_and_search_print_tab_separated_lines_when_not_a_terminal(run, home, tmp_path):
+    """Piped (not a terminal), list and search print like `ls`: a header line, then one line per entry
+    with tab-separated fields, nothing cut, escapes applied; the same entries --json gives."""
+    kohya_file(tmp_path / "one.safetensors", seed=1)
+    kohya_file(tmp_path / "two.safetensors", seed=2)
+    long_tags = [f"tag{i:02d}_{'x' * 10}" for i in range(8)]  # joined: longer than a table cell's 60
+    assert run("add", tmp_path / "one.safetensors", "--trigger", "zq\tperson", "--type", "style")[0] == 0
+    assert run("add", tmp_path / "two.safetensors", *[a for t in long_tags for a in ("--tag", t)])[0] == 0
+    code, out, _ = run("list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["id", "name", "kind", "base", "rank", "type", "triggers", "tags"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == 8 for r in rows)
+    by_name = {r[1]: r for r in rows}
+    want = {e["name"]: e for e in jrun(run, "list")}
+    assert set(by_name) == set(want) == {"one", "two"}
+    for name, r in by_name.items():
+        e = want[name]
+        assert (r[0], r[2], r[4], r[5]) == (e["id"], e["kind"], str(e["rank"]), e["type"] or "")
+    assert by_name["one"][6] == "zq person" and by_name["two"][7] == ", ".join(long_tags)
+    code, out, _ = run("search", "zq")
+    assert [line.split("\t")[1] for line in out.splitlines()[1:]] == ["one"]
+
+
+def test_terminal_table_fits_the_width_and_escapes(monkeypatch, capsys):
+    """On a terminal the rows are aligned columns, fitted to its width with '…' where a value is cut;
+    wide characters count two cells; control characters are shown escaped."""
+    import io
+    import sys
+
+    from lorahub.cli.common import _cell_width, print_rows
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setenv("NO_COLOR", "1")
+    print_rows(["id", "name", "tags"], [["a1", "日本語の名前", "x" * 50], ["b2", "\x1b[31mred", "short"]])
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["id", "name", "tags"]
+    assert all(_cell_width(line) <= 40 for line in lines), lines
+    assert lines[1].startswith("a1  日本語の名前") and lines[1].endswith("…")
+    assert "\\x1b[31mred" in lines[2] and "\x1b" not in out.getvalue()
+    # the columns line up: every row's third field starts at the same cell
+    starts = {_cell_width(line[: line.index(field)]) for line, field in ((lines[1], "x"), (lines[2], "short"))}
+    assert len(starts) == 1

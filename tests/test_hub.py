@@ -345,7 +345,8 @@ def test_card_parse_rejects_bad_front_matter():
     meta = parse_card(b"---\nbase_model: [stabilityai/stable-diffusion-2-1]\ninstance_prompt: sks dog\n"
                       b"tags: lora\nlicense: openrail++\n---\n# body\n")
     f = card_fields(meta)
-    assert f == {"base_model": "stabilityai/stable-diffusion-2-1", "family": "sd2", "triggers": ["sks dog"],
+    assert f == {"base_model": "stabilityai/stable-diffusion-2-1", "family": "sd2", "base_model_name": None,
+                 "triggers": ["sks dog"],
                  "tags": [], "type": None, "license": "openrail++", "license_name": None, "license_link": None,
                  "widget": []}
     f = card_fields(parse_card(b"---\ntags: [lora, style, anime, base_model:x/y]\nlicense: other\n"
@@ -545,3 +546,113 @@ def test_plan_for_diffusers_original_and_name_collisions(home, tmp_path):
     with pytest.raises(LorahubError, match="at least one"):
         plan_push(reg, [], repo="u/r", workdir=tmp_path)
     reg.close()
+
+
+# ---------------------------------------------------------------------------------------- families
+@pytest.mark.parametrize("base, base_model, repo, pipe, family_tags", [
+    ("flux", "flux-1-schnell", "black-forest-labs/FLUX.1-schnell", "FluxPipeline", ["flux", "flux-diffusers"]),
+    ("flux", None, "black-forest-labs/FLUX.1-dev", "FluxPipeline", ["flux", "flux-diffusers"]),
+    ("sd3", "sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline",
+     ["sd3", "sd3-diffusers"]),
+    ("sd3", None, "stabilityai/stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline",
+     ["sd3", "sd3-diffusers"]),
+    ("sdxl", "pony", "stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline",
+     ["stable-diffusion", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"]),
+    ("sd1", "flux-1-dev", "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline",
+     ["stable-diffusion", "stable-diffusion-diffusers"]),  # a base model of another family is not named
+    ("other:qwen-image", None, None, "DiffusionPipeline", []),
+])
+def test_card_names_the_base_model_of_every_family(home, tmp_path, base, base_model, repo, pipe, family_tags):
+    from lorahub.errors import LorahubError
+    from lorahub.hub.card import card_fields, parse_card
+    from lorahub.hub.push import plan_push
+
+    def no_copies(*_a):
+        raise LorahubError("not converted in this test")
+
+    reg = open_reg(home)
+    e, _ = reg.add_file(kohya_lora(tmp_path / "fam.safetensors"), triggers=["zq"])
+    e = reg.update(e["id"], base=base, base_model=base_model)
+    plan = plan_push(reg, [e], repo="u/fam", workdir=tmp_path / "w", converter=no_copies)
+    meta = parse_card(plan["readme"].encode())
+    assert meta.get("base_model") == repo
+    assert meta["tags"][: 1 + len(family_tags)] == ["text-to-image", *family_tags]
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("diffusers", "text-to-image")
+    assert f"from diffusers import {pipe}" in plan["readme"]
+    assert ("joint_attention_kwargs" in plan["readme"]) == (base in ("sd3", "flux"))
+    assert "license" not in meta or base in ("sd1", "sdxl")
+    if base_model:
+        assert base_model in plan["readme"].split("## Trigger words")[0]
+    if base.startswith("other:"):
+        assert "LoRA adapter for qwen-image." in plan["readme"]
+    # the marker carries the base model as the entry's own field, and a pull reads the family back
+    rec = meta["lorahub"]["files"][0]["entry"]
+    assert rec.get("base_model") == base_model and "base_model_name" not in rec.get("extra", {})
+    if repo:
+        assert card_fields(meta)["family"] == base
+    reg.close()
+
+
+def test_cards_before_the_base_model_field_still_read():
+    """A card written before the base_model column kept the name in extra.base_model_name: it is read
+    as the entry's base model; another card's base_model repo id gives the family and base model."""
+    from lorahub.hub.card import base_family, card_fields, read_marker
+
+    sha = "a" * 64
+    marker = read_marker({"lorahub": {"files": [{"path": "x.safetensors", "role": "original", "sha256": sha,
+                                                 "entry": {"name": "x", "base": "sdxl",
+                                                           "extra": {"base_model_name": "Pony"}}}]}})
+    entry = marker["x.safetensors"].entry
+    assert entry["base_model"] == "pony" and "base_model_name" not in entry["extra"] and entry["base"] == "sdxl"
+    assert (card_fields({"base_model": "black-forest-labs/FLUX.1-dev"})["family"],
+            card_fields({"base_model": "black-forest-labs/FLUX.1-dev"})["base_model_name"]) == ("flux", "flux-1-dev")
+    assert [base_family(b) for b in ("stabilityai/stable-diffusion-3.5-large", "runwayml/stable-diffusion-v1-5",
+                                     "stabilityai/stable-diffusion-2-1", "Qwen/Qwen-Image", "someone/thing")] == \
+        ["sd3", "sd1", "sd2", "other:qwen-image", None]
+    assert card_fields({"tags": ["flux", "sd3-diffusers", "style"]})["tags"] == ["style"]
+
+
+def test_push_of_a_home_without_a_registry_creates_nothing(cli, tmp_path):
+    nowhere = tmp_path / "no-home"
+    res = cli("push", "some-entry", "--repo", "u/r", "--home", nowhere)
+    fail(res, "no lorahub registry")
+    assert not nowhere.exists()
+
+
+def test_tiny_lora_files_are_deterministic(tmp_path):
+    """The test LoRAs are written byte for byte the same every time (and in every process): their
+    SHA-256s, AutoV2s and the cards and repos made from them do not change from run to run."""
+    cached = tiny_loras.ensure()   # written once per machine, maybe by another process
+    again = tiny_loras.write_all(tmp_path / "again")
+    assert sorted(again) == sorted(cached)
+    assert [k for k in again if again[k].read_bytes() != cached[k].read_bytes()] == []
+    meta = {f"key{i}": str(i) for i in range(20)}
+    one = tiny_loras.kohya_file(tmp_path / "one.safetensors", meta=meta).read_bytes()
+    assert tiny_loras.kohya_file(tmp_path / "two.safetensors", meta=dict(reversed(meta.items()))).read_bytes() == one
+
+
+@pytest.mark.parametrize("base, version, arch, impl, reso", [
+    ("flux", "flux1", "flux-1/lora", "https://github.com/black-forest-labs/flux", "1024x1024"),
+    ("sd3", "sd3", "stable-diffusion-3/lora", "diffusers", "1024x1024"),
+    ("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+     "1024x1024"),
+    ("sd1", "sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512"),
+])
+def test_derived_kohya_metadata_names_every_family_as_kohya_does(base, version, arch, impl, reso):
+    """What an extract/resize/merge writes (kohya.derived_metadata) names DiT families the way kohya
+    sd-scripts does (flux_utils.MODEL_VERSION_FLUX_V1, sai_model_spec's architectures and defaults), and
+    lorahub reads its own words back as the family."""
+    from lorahub.formats.families import from_text
+    from lorahub.formats.kohya import derived_metadata
+
+    model = tiny_loras.random_lora({"some.module": (16, 8)}, base=base)
+    meta = derived_metadata(model, title="t")
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"],
+            meta["modelspec.resolution"]) == (version, arch, impl, reso)
+    assert from_text(meta["modelspec.architecture"], "x").base == base
+    assert from_text(meta["ss_base_model_version"], "x").base == base
+    # an input's own architecture (its variant) is kept when it names the same family
+    if base in ("flux", "sd3"):
+        own = {"flux": "flux-1-schnell", "sd3": "stable-diffusion-3-5-large"}[base]
+        kept = derived_metadata(model, title="t", inherited={"modelspec.architecture": f"{own}/lora"})
+        assert kept["modelspec.architecture"] == f"{own}/lora"

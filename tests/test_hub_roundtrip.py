@@ -32,7 +32,8 @@ def test_push_then_pull_gives_the_same_entry(kind, home, hub, hub_online, tmp_pa
     with lorahub.open_registry(home) as reg:
         e, _ = reg.add_file(src, name=f"my-{kind}", type="character", triggers=["zx person", "red coat"],
                             tags=["portrait", "v2"], description="A test entry.\n\nSecond paragraph: *markdown*.",
-                            extra={"preferred_weight": 0.7, "base_model_name": "pony", "negative_text": "blurry"})
+                            extra={"preferred_weight": 0.7, "negative_text": "blurry"})
+        reg.update(e["id"], base_model="pony")
         reg.add_preview(e["id"], image, params={"prompt": "zx person, a castle", "alphas": [0.5, 1.0],
                                                 "recommended_alpha": 0.8, "loras": [{"id": e["id"]}]})
         e = reg.get(e["id"])
@@ -49,8 +50,9 @@ def test_push_then_pull_gives_the_same_entry(kind, home, hub, hub_online, tmp_pa
     with lorahub.open_registry(home2) as reg2:
         got = reg2.get(res.entries[0]["id"])
         assert {k: got[k] for k in CARRIED} == {k: e[k] for k in CARRIED}
-        assert {k: got["extra"][k] for k in ("preferred_weight", "base_model_name", "negative_text")} == \
-            {"preferred_weight": 0.7, "base_model_name": "pony", "negative_text": "blurry"}
+        assert {k: got["extra"][k] for k in ("preferred_weight", "negative_text")} == \
+            {"preferred_weight": 0.7, "negative_text": "blurry"}
+        assert got["base_model"] == "pony" and "base_model_name" not in got["extra"]
         assert reg2.blob_path(got).read_bytes() == src.read_bytes()
         pv = reg2.previews(got["id"])
         assert [p["sha256"] for p in pv] == [hashlib.sha256(image.read_bytes()).hexdigest()]

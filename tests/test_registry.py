@@ -443,9 +443,10 @@ def test_stale_blob_under_the_final_name_is_replaced(reg, tmp_path):
 
 @pytest.mark.parametrize("text,base", [
     ("SD 1.5", "sd1"), ("SDXL 1.0", "sdxl"), ("Pony", "sdxl"), ("Illustrious", "sdxl"), ("SD 2.1", "sd2"),
-    ("Flux.1 D", None), ("sd_v1", "sd1"), ("sdxl_base_v1-0", "sdxl"), ("sd_v2_v", "sd2"),
+    ("Flux.1 D", "flux"), ("sd_v1", "sd1"), ("sdxl_base_v1-0", "sdxl"), ("sd_v2_v", "sd2"),
     ("stable-diffusion-xl-v1-base/lora", "sdxl"), ("stable-diffusion-v1/lora", "sd1"), ("pixel art", None),
-    ("SD3", None), ("Unknown", None), ("SD1", "sd1"), ("SD2", "sd2")])
+    ("SD3", "sd3"), ("SD 3.5 Large", "sd3"), ("stable-diffusion-v3-medium", "sd3"), ("flux1", "flux"),
+    ("Qwen-Image", "other:qwen-image"), ("Unknown", None), ("SD1", "sd1"), ("SD2", "sd2"), (None, None), (3, None)])
 def test_base_hints(text, base):
     from lorahub.metadata import base_hint
 

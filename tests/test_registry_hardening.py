@@ -133,7 +133,8 @@ def test_a_store_without_its_database_is_refused_not_taken_for_new(tmp_path, cli
     with pytest.raises(OrphanedStore, match=f"holds 2 blob.*{state}"):
         Registry.open(home)
     for args in (["list"], ["gc"], ["gc", "--dry-run"], ["gc", "--force"], ["search", "x"],
-                 ["add", tmp_path / "p0.safetensors"], ["scan", tmp_path]):
+                 ["add", tmp_path / "p0.safetensors"], ["scan", tmp_path], ["verify"], ["serve", "--port", "0"],
+                 ["extract", "p0", "p1"]):  # catalogue commands and others that open the registry
         r = cli(*args, home=home)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert "lorahub restore" in r.stderr and "lorahub verify --repair" in r.stderr, r.stderr
@@ -358,3 +359,130 @@ def test_read_only_commands_open_read_only(tmp_path, cli):
     assert db.read_bytes() == before
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ----------------------------------------------------------------------------------------- one bad file
+def test_a_reader_bug_on_one_file_never_aborts_a_scan(reg, tmp_path, monkeypatch, store_files):
+    """Whatever a reader raises on one file (here a RuntimeError injected into metadata collection for
+    one file), scan reports that file with the reason, registers the others and leaves no temp file."""
+    import lorahub.metadata as md
+
+    root = tmp_path / "lib"
+    for i in range(4):
+        kohya_file(root / f"f{i}.safetensors", seed=300 + i)
+    real = md.collect
+
+    def collect(path, *a, **k):
+        if Path(path).name == "f2.safetensors":
+            raise RuntimeError("reader bug")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(md, "collect", collect)
+    rep = reg.scan(root)
+    assert sorted(e["name"] for e in rep.added) == ["f0", "f1", "f3"]
+    assert [Path(s["path"]).name for s in rep.skipped] == ["f2.safetensors"]
+    assert "RuntimeError" in rep.skipped[0]["error"] and "reader bug" in rep.skipped[0]["error"]
+    assert len(store_files(reg.home)) == 3 and _temps(reg.home) == []
+
+
+# ----------------------------------------------------------------------------------------- full-text rows
+def _vm_steps(conn, fn) -> int:
+    """How many SQLite virtual-machine instructions ``fn()`` runs on ``conn`` (a measure of work, not time)."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    try:
+        fn()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps[0]
+
+
+def test_retagging_does_not_scan_the_full_text_index(reg, tmp_path):
+    """Tagging, editing or removing one entry touches its own full-text row only: the work does not
+    grow with the catalogue: 5,000 more full-text rows leave the instruction count under twice what it
+    was (a scan of the index's unindexed entry_id column made it ~140 times larger)."""
+    ids = [reg.add_file(kohya_file(tmp_path / f"e{i}.safetensors", seed=400 + i), name=f"e{i}")[0]["id"]
+           for i in range(3)]
+
+    def work():
+        reg.change_tags(ids[0], add=["blue"])
+        reg.change_tags(ids[0], remove=["blue"])
+        reg.update(ids[1], description="a new description")
+
+    small = _vm_steps(reg.conn, work)
+    with reg.conn:  # the rows a large catalogue's index holds (other entries' rows)
+        reg.conn.executemany("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) "
+                             "VALUES (?, ?, '', 'x ; y', 'filler text')", [(f"f{i:06d}", f"n{i}") for i in range(5000)])
+    large = _vm_steps(reg.conn, work)
+    assert large < small * 2, (small, large)
+    # and the index says what the entries say
+    assert [e["id"] for e in reg.search("new description")] == [ids[1]]
+    reg.change_tags(ids[2], add=["crimson"])
+    assert [e["id"] for e in reg.search("crimson")] == [ids[2]]
+    reg.remove(ids[2])
+    assert reg.search("crimson") == []
+    rows = reg.conn.execute("SELECT entry_id, count(*) FROM entries_fts WHERE entry_id LIKE 'e%' OR entry_id IN "
+                            f"({','.join('?' * len(ids))}) GROUP BY entry_id", ids).fetchall()
+    assert sorted(tuple(r) for r in rows) == sorted((i, 1) for i in ids[:2])
+
+
+def test_migration_links_existing_full_text_rows(home, tmp_path):
+    """A catalogue written before schema 8 gets each entry's full-text rowid; tagging it afterwards
+    replaces the old row (no duplicate, no stale words)."""
+    with Registry.open(tmp_path / "scratch") as scratch:
+        src, _ = scratch.add_file(kohya_file(tmp_path / "old.safetensors"), name="old", tags=["stale"])
+    r = Registry.open(home, migrate_to=4)  # rows as version-4 code wrote them: no fts_rowid column
+    cols = [c[1] for c in r.conn.execute("PRAGMA table_info(entries)")]
+    assert "fts_rowid" not in cols
+    row = {c: json.dumps(src[c]) if isinstance(src[c], (list, dict)) else src[c] for c in cols if c in src}
+    with r.conn:
+        r.conn.execute(f"INSERT INTO entries ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       list(row.values()))
+        r.conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, 'old', '', "
+                       "'stale', '')", (src["id"],))
+    r.close()
+    r = Registry.open(home)
+    try:
+        assert r.conn.execute("SELECT fts_rowid FROM entries").fetchone()[0] is not None
+        assert [x["id"] for x in r.search("stale")] == [src["id"]]
+        r.change_tags(src["id"], add=["fresh"], remove=["stale"])
+        assert r.search("stale") == [] and [x["id"] for x in r.search("fresh")] == [src["id"]]
+        assert r.conn.execute("SELECT count(*) FROM entries_fts").fetchone()[0] == 1
+        assert "fts_rowid" not in r.get(src["id"])
+    finally:
+        r.close()
+
+
+def test_each_batch_commits_only_after_its_blobs_are_fsynced(reg, tmp_path, monkeypatch):
+    """add_many fsyncs a batch's blobs on a background thread while it prepares the next batch; a batch
+    commits only when every one of its blobs was fsynced (the crash guarantee of one file at a time)."""
+    files = [kohya_file(tmp_path / "lib" / f"b{i:02d}.safetensors", seed=600 + i) for i in range(20)]
+    synced: set[str] = set()
+    real_fsync_many = ingest.fsync_many
+
+    def fsync_many(paths, *a, **k):  # records the blobs once their fsyncs have returned (slowly: a
+        paths = list(paths)           # commit that did not wait for them would come first)
+        real_fsync_many(paths, *a, **k)
+        time.sleep(0.05)
+        synced.update(Path(p).name for p in paths)
+
+    monkeypatch.setattr(ingest, "fsync_many", fsync_many)
+    committed = []
+    real_commit = ingest.commit_batch
+
+    def commit_batch(r, preps, **kw):
+        assert all(p.blob.name in synced for p in preps), "a batch committed before its blobs were fsynced"
+        committed.append(len(preps))
+        return real_commit(r, preps, **kw)
+
+    monkeypatch.setattr(ingest, "commit_batch", commit_batch)
+    seen = []
+    counts = reg.add_many(files, batch_files=8, callback=lambda p, e, created, err: seen.append(Path(p).name))
+    assert counts == {"added": 20, "already": 0, "failed": 0} and committed == [8, 8, 4]
+    assert seen == [f.name for f in files]  # reported in order, every one
+    assert reg.check().problems == [] and _temps(reg.home) == []

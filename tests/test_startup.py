@@ -71,6 +71,15 @@ def test_catalogue_command_imports_no_ml_stack(args, catalogue_home, tmp_path):
     assert sorted(set(FORBIDDEN) & set(got["modules"])) == []
 
 
+@pytest.mark.parametrize("args", [["list"], ["search", "startup"], ["list", "--json"]])
+def test_listing_commands_print_without_rich(args, catalogue_home, tmp_path):
+    """list and search print their rows as plain text (a rich table costs ~1 ms a row: 0.3 s for 300
+    entries), so their processes never import rich."""
+    got = _imports(args, catalogue_home, tmp_path)
+    assert got["code"] == 0 and "lorahub" in got["modules"], got
+    assert "rich" not in got["modules"]
+
+
 def test_the_check_sees_a_heavy_import(catalogue_home, tmp_path):
     # the probe itself can fail: a command that needs torch shows it in the child's modules
     f = kohya_file(tmp_path / "probe.safetensors")

@@ -80,9 +80,24 @@ def _load_commands(only: str | None = None) -> None:
         importlib.import_module(f"lorahub.cli.{name}")
 
 
+def cli_message(exc) -> str:
+    """A library error worded for the command line: where the library names an argument or a
+    workflow in API terms (``force``, restore, verify with repair), name the command and option."""
+    from lorahub.errors import OutputExists
+    from lorahub.registry import OrphanedStore
+
+    if isinstance(exc, OutputExists):  # the library's `force` is the command's --force
+        return f"{exc.path}: already exists (choose another output, or use --force to overwrite)"
+    if isinstance(exc, OrphanedStore):
+        return (f"{exc.path}: the store holds {exc.blobs} blob(s) but the catalogue database is {exc.state}; "
+                f"refusing to take it for a new registry. Restore the database from a backup (`lorahub restore "
+                f"BACKUP --home {exc.path} --force`), or re-register the stored files (`lorahub verify --repair`)")
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     from lorahub.cli.common import check_numbers, safe_text
-    from lorahub.errors import LorahubError, OutputExists
+    from lorahub.errors import LorahubError
 
     args = sys.argv[1:] if argv is None else list(argv)
     _load_commands(COMMAND_INDEX.get(args[0]) if args else None)
@@ -91,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         check_numbers(command)  # NaN, infinities, out-of-range integers: refused for every option
         command(args=args, prog_name="lorahub")
     except LorahubError as exc:
-        msg = str(exc).replace("\n", " ")
-        if isinstance(exc, OutputExists):  # the library's `force` is the command's --force
-            msg = f"{exc.path}: already exists (choose another output, or use --force to overwrite)"
+        msg = cli_message(exc).replace("\n", " ")
         sys.stderr.write(f"error: {safe_text(msg)}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

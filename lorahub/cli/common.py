@@ -21,6 +21,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lorahub.vocab import INT_LIMIT
+
 HomeOpt = Annotated[
     Optional[Path],
     typer.Option("--home", envvar="LORAHUB_HOME", show_envvar=True,
@@ -85,6 +87,66 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
+def _cell_width(text: str) -> int:
+    """Terminal cells ``text`` takes (wide East Asian characters take two, combining marks none)."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells, with '…' where it was cut."""
+    if _cell_width(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = _cell_width(c)
+        if used + w > width - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + "…"
+
+
+def print_rows(headers: list[str], rows: list[list[str]]) -> None:
+    """A table of plain text on stdout, without rich (``list`` and ``search`` print hundreds of rows: a
+    rich table costs about 1 ms a row). On a terminal: aligned columns with a bold header, fitted to
+    its width (the widest columns are cut, with '…'). Anywhere else (a pipe, a file), like ``ls``: one
+    line per row, fields separated by tabs, a header line first, nothing cut -- for ``cut``/``awk``.
+    Every value is escaped with :func:`safe_text` (and tabs/newlines inside a value become spaces)."""
+    import os
+    import shutil
+
+    def clean(v) -> str:
+        return safe_text(" ".join(str(v).replace("\t", " ").splitlines()))
+
+    body = [[clean(v) for v in row] for row in rows]
+    out = sys.stdout
+    if not out.isatty():
+        out.write("\t".join(headers) + "\n")
+        out.write("".join("\t".join(r) + "\n" for r in body))
+        return
+    total = shutil.get_terminal_size((120, 24)).columns
+    widths = [max([_cell_width(h)] + [_cell_width(r[i]) for r in body]) for i, h in enumerate(headers)]
+    gap = 2
+    while sum(widths) + gap * (len(widths) - 1) > total and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1  # cut the widest column, one cell at a time
+    bold = not os.environ.get("NO_COLOR")
+
+    def line(cells: list[str]) -> str:
+        parts = []
+        for c, w in zip(cells, widths):
+            c = _clip(c, w)
+            parts.append(c + " " * (w - _cell_width(c)))
+        return (" " * gap).join(parts).rstrip()
+
+    head = line(headers)
+    out.write((f"\x1b[1m{head}\x1b[0m" if bold else head) + "\n")
+    out.write("".join(line(r) + "\n" for r in body))
+
+
 def progress(transient: bool = True):
     """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
@@ -113,7 +175,7 @@ def open_registry(home: Optional[Path]):
 
 
 # ------------------------------------------------------------------------------------------ numbers
-INT_LIMIT = 2**63 - 1  # SQLite's INTEGER; every count, rank, size or seed lorahub takes fits
+# INT_LIMIT (lorahub.vocab): SQLite's INTEGER; every count, rank, size or seed lorahub takes fits
 
 
 def _check_number(param, value) -> None:

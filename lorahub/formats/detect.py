@@ -37,6 +37,7 @@ from lorahub.errors import FormatError
 from lorahub.formats import families
 from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, read_header
 from lorahub.formats.names import KOHYA_PREFIXES
+from lorahub.formats.pickle_safe import ZIP_MAGIC
 from lorahub.vocab import PARTS, PICKLE_SUFFIXES
 
 # per-module suffixes of the kohya/LyCORIS naming, longest first
@@ -511,8 +512,8 @@ def detect(path: str | Path) -> Detection:
         raise FormatError(f"{path}: is a directory, not a file")
     if p.suffix.lower() in PICKLE_SUFFIXES:
         with open(p, "rb") as f:
-            magic = f.read(8)
-        if not magic.startswith(b"PK"):
+            magic = f.read(len(ZIP_MAGIC))
+        if magic != ZIP_MAGIC:
             # maybe a safetensors file with a pickle suffix
             try:
                 header = read_header(p)

@@ -244,6 +244,27 @@ def _is_int(x) -> bool:
 
 
 def _check_tensor(key: str, info, data_size: int, name: str) -> TensorInfo:
+    # the common case in few steps (a scan reads thousands of headers of dozens of tensors each);
+    # anything unusual goes through the checks below, which say what is wrong
+    if type(info) is dict:
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+        if bits is not None and type(shape) is list and len(shape) <= MAX_DIMS and type(offs) is list \
+                and len(offs) == 2 and key.isascii():
+            b, e = offs
+            count = 1
+            for s in shape:
+                if type(s) is not int or s < 0:
+                    break
+                count *= s
+            else:
+                if type(b) is int and type(e) is int and 0 <= b <= e <= data_size \
+                        and count * bits <= 8 * data_size and not count * bits % 8 and e - b == count * bits // 8:
+                    return TensorInfo(dtype, tuple(shape), b, e)
+    return _check_tensor_slow(key, info, data_size, name)
+
+
+def _check_tensor_slow(key: str, info, data_size: int, name: str) -> TensorInfo:
     shown = repr(key[:80]) if _valid_text(key) else ascii(key[:80])
     if not _valid_text(key):
         raise FormatError(f"{name}: tensor name {shown} is not valid Unicode")
@@ -276,6 +297,10 @@ def _check_tensor(key: str, info, data_size: int, name: str) -> TensorInfo:
 
 def _check_layout(tensors: dict[str, TensorInfo], data_size: int, name: str) -> None:
     """The tensors, in (start, end) order, must tile the data area exactly (safetensors' own rule)."""
+    spans = sorted((t.start, t.end) for t in tensors.values())
+    if all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and (not spans or spans[0][0] == 0) \
+            and (spans[-1][1] if spans else 0) == data_size:
+        return  # the data area is tiled exactly (the common case, checked without naming anything)
     pos = 0
     prev = None
     for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
@@ -313,3 +338,14 @@ def read_header(path: str | os.PathLike) -> Header:
     except PermissionError:
         raise FormatError(f"{path}: permission denied") from None
     return parse_header_bytes(first + rest, size, name)
+
+
+def canonical_bytes(data: bytes) -> bytes:
+    """The same safetensors file with its header written in sorted key order (compact JSON, padded to 8
+    bytes); the tensor data is kept as it is. The safetensors library writes ``__metadata__`` in
+    hash-map order, random per process: this makes the same content give the same bytes (and SHA-256)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]

@@ -44,11 +44,11 @@ def check_dialect(dialect: str) -> str:
 
 
 def _read_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
-    from lorahub.formats.pickle_safe import load_tensors
+    from lorahub.formats.pickle_safe import ZIP_MAGIC, load_tensors
 
     if p.suffix.lower() in PICKLE_SUFFIXES:
         with open(p, "rb") as f:
-            if f.read(2) == b"PK":
+            if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
                 tensors, strings = load_tensors(p)
                 return tensors, {}, strings
     from safetensors.torch import load_file

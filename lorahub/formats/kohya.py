@@ -121,9 +121,11 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
     raw = metadata.pop(LOREHUB_KEY, None)
     if raw:
         try:
-            metadata.update(json.loads(raw).get("stash", {}))
-        except (ValueError, AttributeError):
-            pass
+            stash = json.loads(raw).get("stash", {})
+        except (ValueError, AttributeError, RecursionError):
+            stash = {}
+        if isinstance(stash, dict):  # only an object of strings is ours; anything else is ignored
+            metadata.update({k: v for k, v in stash.items() if isinstance(v, str)})
     known = a is not None and a.family != "unknown"
     model = LoraModel(metadata=metadata, source_format="kohya", base=a.family if known else (base_hint or "unknown"),
                       arch=a.name if a else "unknown", notes=list(km.notes))
@@ -341,9 +343,10 @@ def derived_metadata(model: LoraModel, *, title: str, inherited: dict[str, str] 
         meta["modelspec.architecture"] = f"{arch}/lora"
         meta.setdefault("modelspec.sai_model_spec", "1.0.1")
         # kohya's sai_model_spec.determine_implementation for a LoRA
-        meta.setdefault("modelspec.implementation", "https://github.com/Stability-AI/generative-models"
-                        if family == "sdxl" else "diffusers")
-        meta.setdefault("modelspec.resolution", "1024x1024" if family == "sdxl" else "512x512")
+        meta.setdefault("modelspec.implementation", {"sdxl": "https://github.com/Stability-AI/generative-models",
+                                                     "flux": "https://github.com/black-forest-labs/flux"}
+                        .get(family, "diffusers"))
+        meta.setdefault("modelspec.resolution", "1024x1024" if family in ("sdxl", "sd3", "flux") else "512x512")
     meta["modelspec.title"] = title
     if merged_from:
         meta["modelspec.merged_from"] = merged_from

@@ -24,30 +24,54 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorahub.errors import LorahubError
-from lorahub.vocab import BASES, KINDS, LORA_TYPES
+from lorahub.formats.families import check_base_model, from_text, is_base
+from lorahub.vocab import KINDS, LORA_TYPES, OTHER_BASE
 
-# Default base-model repo per family (what a card's `base_model` names when the entry doesn't say).
+# Default base-model repo per family (what a card's `base_model` names when the entry doesn't say):
+# each family's reference model (FLUX.1 LoRAs are trained on FLUX.1-dev; SD3's first release is medium).
 BASE_MODEL_IDS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "flux": "black-forest-labs/FLUX.1-dev",
+}
+# The Hub repo of a base model inside a family (the registry's ``base_model`` column), when there is one.
+BASE_MODEL_REPOS = {
+    "flux-1-dev": "black-forest-labs/FLUX.1-dev", "flux-1-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-1-kontext": "black-forest-labs/FLUX.1-Kontext-dev", "flux-1-krea": "black-forest-labs/FLUX.1-Krea-dev",
+    "flux-1-fill": "black-forest-labs/FLUX.1-Fill-dev",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large", "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
+    "playground": "playgroundai/playground-v2.5-1024px-aesthetic",
 }
 LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
-                "unknown": "an unknown Stable Diffusion base"}
+                "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "unknown": "an unknown Stable Diffusion base"}
+# The Hub's filter tags per family (what diffusers' training scripts write), and the pipeline class
+# the card's diffusers example loads; other:<name> families get DiffusionPipeline and no family tag.
+FAMILY_TAGS = {"sd1": ("stable-diffusion", "stable-diffusion-diffusers"),
+               "sd2": ("stable-diffusion", "stable-diffusion-diffusers"),
+               "sdxl": ("stable-diffusion", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+               "sd3": ("sd3", "sd3-diffusers"), "flux": ("flux", "flux-diffusers"),
+               "unknown": ("stable-diffusion", "stable-diffusion-diffusers")}
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "unknown": "StableDiffusionPipeline"}
 
 # Tags that say what a repo is for the Hub's filters, not what the LoRA depicts: not entry tags.
-HUB_TAGS = {"text-to-image", "stable-diffusion", "stable-diffusion-diffusers", "stable-diffusion-xl",
-            "stable-diffusion-xl-diffusers", "lora", "diffusers", "diffusers-training", "template:sd-lora",
+HUB_TAGS = {"text-to-image", "lora", "diffusers", "diffusers-training", "template:sd-lora",
             "textual_inversion", "textual-inversion", "safetensors", "region:us", "endpoints_compatible",
-            *KINDS}
+            *(t for tags in FAMILY_TAGS.values() for t in tags), *KINDS}
 # Hub tags that mark a textual-inversion repo (diffusers' textual_inversion script writes the first).
 TI_TAGS = ("textual_inversion", "textual-inversion")
 
 # The entry ``extra`` fields a card carries (the rest is local: detection notes, sidecars, provenance).
-# ``base_model_name``: the base model's short name (``pony``); ``base_model``: the Hub id a card named.
-ENTRY_EXTRA = ("preferred_weight", "negative_text", "notes", "author", "base_model_name", "civitai_base_model",
+# ``base_model``: the Hub id a card named. (The base model's short name, ``pony``, is the entry's
+# ``base_model`` column, carried as the record's own field; cards before it carried ``base_model_name``.)
+ENTRY_EXTRA = ("preferred_weight", "negative_text", "notes", "author", "civitai_base_model",
                "base_model", "license", "license_name", "license_link")
+LEGACY_BASE_MODEL = "base_model_name"
 # Preview ``params`` a card carries (what a sweep recorded; entry ids are local and left out).
 PREVIEW_PARAMS = ("prompt", "prompts", "negative_prompt", "alphas", "recommended_alpha", "seed", "seeds",
                   "steps", "guidance")
@@ -62,23 +86,35 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
 
 def base_family(base_model: Any) -> str | None:
-    """sd1 / sd2 / sdxl from a card's ``base_model`` (a repo id, or a list of them)."""
-    if isinstance(base_model, list):
-        for b in base_model:
-            fam = base_family(b)
-            if fam:
-                return fam
-        return None
-    if not isinstance(base_model, str):
-        return None
-    t = base_model.lower()
-    if re.search(r"xl|sdxl|pony|illustrious|playground-v2", t):
-        return "sdxl"
-    if re.search(r"stable-diffusion-2|sd-?2|sd_v2|v2-1|2-base", t):
-        return "sd2"
-    if re.search(r"stable-diffusion-v1|sd-?1|v1-[45]|sd15|1-5|compvis|runwayml", t):
-        return "sd1"
+    """The family (sd1 / sd2 / sdxl / sd3 / flux / other:<name>) a card's ``base_model`` names (a repo id,
+    or a list of them), read by :func:`lorahub.formats.families.from_text`."""
+    ev = _base_evidence(base_model)
+    return ev.base if ev is not None else None
+
+
+def _base_evidence(base_model: Any):
+    for b in base_model if isinstance(base_model, list) else [base_model]:
+        ev = from_text(b, "card base_model") if isinstance(b, str) else None
+        if ev is not None:
+            return ev
     return None
+
+
+def family_name(base: str) -> str:
+    """A family as a card's prose names it (``FLUX.1``; ``qwen-image`` for other:qwen-image)."""
+    return FAMILY_NAMES.get(base) or base.removeprefix(OTHER_BASE)
+
+
+def entry_base_model(entry: dict) -> str | None:
+    """The entry's base model inside its family (``pony``, ``flux-1-dev``): the registry's ``base_model``
+    column, else the ``base_model_name`` an entry pulled from an older lorahub card keeps in ``extra``."""
+    bm = entry.get("base_model") or (entry.get("extra") or {}).get(LEGACY_BASE_MODEL)
+    if not isinstance(bm, str):
+        return None
+    try:
+        return check_base_model(bm)
+    except LorahubError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -191,7 +227,7 @@ def _clean_entry(raw: Any) -> dict | None:
         out["name"] = name
     if raw.get("type") in LORA_TYPES:
         out["type"] = raw["type"]
-    if raw.get("base") in BASES:
+    if isinstance(raw.get("base"), str) and is_base(raw["base"]):
         out["base"] = raw["base"]
     if raw.get("kind") in KINDS:
         out["kind"] = raw["kind"]
@@ -202,6 +238,14 @@ def _clean_entry(raw: Any) -> dict | None:
         out["description"] = desc.strip()[:20000]
     extra = raw.get("extra")
     out["extra"] = {}
+    bm = raw.get("base_model")
+    if bm is None and isinstance(extra, dict):
+        bm = extra.get(LEGACY_BASE_MODEL)   # cards written before the base_model field
+    if isinstance(bm, str):
+        try:
+            out["base_model"] = check_base_model(bm)
+        except LorahubError:
+            pass
     if isinstance(extra, dict):
         for k in ENTRY_EXTRA:
             v = extra.get(k)
@@ -263,10 +307,12 @@ def read_marker(meta: dict, text: str = "") -> dict[str, MarkedFile]:
 
 
 def card_fields(meta: dict) -> dict:
-    """What a pull takes from any card: base_model, family, triggers, tags (without the Hub's own
+    """What a pull takes from any card: base_model (the Hub id), family and base_model_name (the base
+    model inside the family that id names: ``flux-1-dev``), triggers, tags (without the Hub's own
     filter tags), the type when one of its tags names exactly one, license (with license_name/link)
     and the widget's images (``[(prompt, url)]``)."""
     base_models = _str_list(meta.get("base_model"), limit=4)
+    ev = _base_evidence(base_models)
     prompt = meta.get("instance_prompt")
     triggers: list[str] = []
     if isinstance(prompt, str):
@@ -280,7 +326,8 @@ def card_fields(meta: dict) -> dict:
     lic = meta.get("license")
     return {
         "base_model": base_models[0] if base_models else None,
-        "family": base_family(base_models),
+        "family": ev.base if ev is not None else None,
+        "base_model_name": ev.base_model if ev is not None else None,
         "triggers": triggers,
         "tags": [t for t in tags if t not in HUB_TAGS and not t.startswith(("base_model:", "license:"))],
         "type": types[0] if len(types) == 1 else None,
@@ -352,13 +399,19 @@ def _license_name(text: str) -> str:
 
 def card_base_model(entry: dict, override: str | None = None) -> str | None:
     """The Hub id a card names as ``base_model``: the one given, else the one the entry came with
-    (a pulled card's), else the family's reference model; None for an unknown base."""
+    (a pulled card's), else the repo of the entry's base model (``flux-1-schnell`` ->
+    black-forest-labs/FLUX.1-schnell) when it belongs to the entry's family, else the family's
+    reference model; None for an unknown base or a family without one (other:<name>)."""
     if override:
         return override
     bm = (entry.get("extra") or {}).get("base_model")
     if isinstance(bm, str) and _HUB_ID.fullmatch(bm.strip()):
         return bm.strip()
-    return BASE_MODEL_IDS.get(entry.get("base") or "unknown")
+    base = entry.get("base") or "unknown"
+    repo = BASE_MODEL_REPOS.get(entry_base_model(entry) or "")
+    if repo is not None and base_family(repo) == base:
+        return repo
+    return BASE_MODEL_IDS.get(base)
 
 
 def entry_record(entry: dict, *, preferred_weight: float | None = None) -> dict:
@@ -368,6 +421,8 @@ def entry_record(entry: dict, *, preferred_weight: float | None = None) -> dict:
     for k in ("type", "base"):
         if entry.get(k):
             rec[k] = entry[k]
+    if entry_base_model(entry):
+        rec["base_model"] = entry_base_model(entry)
     rec["triggers"] = list(entry.get("triggers") or [])
     rec["tags"] = list(entry.get("tags") or [])
     if entry.get("description"):
@@ -405,9 +460,7 @@ def front_matter(plan: dict) -> dict:
     entry = plan["main"]["entry"]
     base = entry.get("base") or "unknown"
     kind = entry.get("kind") or "lora"
-    tags = ["text-to-image", "stable-diffusion"]
-    tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if base == "sdxl" else \
-        ["stable-diffusion-diffusers"]
+    tags = ["text-to-image", *FAMILY_TAGS.get(base, ())]
     tags += ["textual_inversion", "diffusers"] if kind == "textual-inversion" else \
         ["lora", "diffusers", "template:sd-lora"]
     for t in [kind, entry.get("type"), *(entry.get("tags") or []), *plan.get("tags", [])]:
@@ -423,6 +476,7 @@ def front_matter(plan: dict) -> dict:
     if plan["widget"]:
         fm["widget"] = plan["widget"]
     fm["library_name"] = "diffusers"
+    fm["pipeline_tag"] = "text-to-image"
     fm["lorahub"] = marker(plan)
     return fm
 
@@ -445,8 +499,8 @@ def render(plan: dict) -> str:
     kind = entry.get("kind") or "lora"
     what = "Textual-inversion embedding" if kind == "textual-inversion" else f"{kind.upper() if kind != 'lora' else 'LoRA'} adapter"
     rank = entry.get("rank")
-    bits = [f"{what} for {FAMILY_NAMES.get(base, base)}"]
-    name = (entry.get("extra") or {}).get("base_model_name")
+    bits = [f"{what} for {family_name(base)}"]
+    name = entry_base_model(entry)
     if plan["base_model"]:
         bits.append(f"(base model `{plan['base_model']}`" + (f", {name})" if name else ")"))
     elif name:
@@ -492,19 +546,22 @@ def render(plan: dict) -> str:
         L.append(f"| `{f['path']}` | {f['form']} | {f['for']} |")
 
     alpha = _fmt_alpha(rec if rec is not None else 1.0)
-    pipe_cls = "StableDiffusionXLPipeline" if base == "sdxl" else "StableDiffusionPipeline"
+    pipe_cls = PIPELINES.get(base, "DiffusionPipeline")
+    dtype = "torch.bfloat16" if base == "flux" else "torch.float16"
+    scale_kw = {"sd3": "joint_attention_kwargs", "flux": "joint_attention_kwargs"}.get(
+        base, "cross_attention_kwargs" if base in PIPELINES else None)
     repo = plan["repo"]
     prompt = (", ".join(triggers) + ", " if triggers else "") + "a photo"
     L += ["", "## Use with diffusers", "", "```python", "import torch",
           f"from diffusers import {pipe_cls}", "",
-          f"pipe = {pipe_cls}.from_pretrained(\"{plan['base_model'] or 'BASE_MODEL'}\", torch_dtype=torch.float16).to(\"cuda\")"]
+          f"pipe = {pipe_cls}.from_pretrained(\"{plan['base_model'] or 'BASE_MODEL'}\", torch_dtype={dtype}).to(\"cuda\")"]
     diff = plan.get("diffusers_file")
     if diff:
         L.append(f"pipe.load_lora_weights(\"{repo}\", weight_name=\"{diff}\")")
     for emb in plan.get("embeddings", []):
         tok = emb["token"]
         L.append(f"pipe.load_textual_inversion(\"{repo}\", weight_name=\"{emb['path']}\", token=\"{tok}\")")
-    scale = f", cross_attention_kwargs={{\"scale\": {alpha}}}" if diff else ""
+    scale = f", {scale_kw}={{\"scale\": {alpha}}}" if diff and scale_kw else ""
     L += [f"image = pipe(\"{prompt}\"{scale}).images[0]", "```"]
     if not diff and kind != "textual-inversion":
         L += ["", f"diffusers cannot load this {kind} adapter directly; use the webui file below."]

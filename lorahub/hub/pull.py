@@ -231,6 +231,7 @@ def _pull(regs, src: RepoSource, *, file, include, type, tags, max_bytes, max_si
         extra = {"hub": {"repo": repo, "revision": rev, "commit": commit, "endpoint": ep, "file": p}}
         if rec is not None:   # a lorahub card: the entry as it was pushed
             extra.update(rec["extra"])
+            base_model = rec.get("base_model")
             name = rec.get("name")
             triggers, tags_ = rec["triggers"] or None, rec["tags"]
             etype, base, desc = type or rec.get("type"), rec.get("base"), rec.get("description")
@@ -243,11 +244,17 @@ def _pull(regs, src: RepoSource, *, file, include, type, tags, max_bytes, max_si
             tags_ = fields["tags"]
             etype, desc = type or fields["type"], None
             base = fields["family"] if det.base == "unknown" else None
+            base_model = fields["base_model_name"] if fields["family"] in (base, det.base) else None
         entry, created = register_derived(
             reg, lp, relation="pulled-from", parents=[f"{repo}@{commit}"],
             detail={"repo": repo, "revision": rev, "commit": commit, "file": p, "endpoint": ep},
             name=name, type=etype, triggers=triggers, tags=list(tags_) + [t for t in (tags or []) if t],
             base=base, description=desc, source=f"{repo}@{commit}", sidecars=False, extra=extra)
+        # the base model the card names: a lorahub card's is the pushed entry's own; another card's
+        # repo id only fills what the file does not say
+        if created and base_model and base_model != entry.get("base_model") \
+                and (rec is not None or not entry.get("base_model")):
+            entry = reg.update(entry["id"], base_model=base_model)
         if created or not any(r.get("repo") == repo and r.get("commit") == commit and r.get("endpoint") == ep
                               for r in reg.remotes(entry["id"])):
             reg.set_remote(entry["id"], repo=repo, revision=rev, commit=commit, endpoint=ep)

@@ -67,17 +67,10 @@ def git_blob_id(data: bytes) -> str:
 def canonical_safetensors(path: Path) -> Path:
     """Rewrite a safetensors header with sorted keys (metadata order is otherwise random per process),
     so the same weights always give the same bytes -- and the same LFS oid on the Hub."""
-    import json
-    import struct
-
+    from lorahub.formats.header import canonical_bytes
     from lorahub.fsutil import atomic_write_bytes
 
-    data = Path(path).read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    atomic_write_bytes(path, struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    atomic_write_bytes(path, canonical_bytes(Path(path).read_bytes()))
     return Path(path)
 
 
@@ -273,7 +266,7 @@ def push(refs: list[str], *, repo: str, registry=None, private: bool = False, re
     from lorahub.refs import LazyRegistry
 
     with LazyRegistry.using(registry) as regs:
-        return _push(regs.get(), refs, repo=repo, private=private, revision=revision, message=message,
+        return _push(regs.get(create=False), refs, repo=repo, private=private, revision=revision, message=message,
                      endpoint=endpoint, token_env=token_env, base_model=base_model, alpha=alpha, create_pr=create_pr)
 
 

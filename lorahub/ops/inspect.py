@@ -375,7 +375,8 @@ def dataset_dirs(meta: dict[str, str]) -> list[dict]:
         ds = _loads(meta.get("ss_datasets"))
         if isinstance(ds, list):
             for d in ds:
-                for sub in (d.get("subsets") or []) if isinstance(d, dict) else []:
+                subs = d.get("subsets") if isinstance(d, dict) else None
+                for sub in subs if isinstance(subs, list) else []:
                     if isinstance(sub, dict) and sub.get("image_dir"):
                         out.append({"dir": str(sub.get("image_dir")), "repeats": sub.get("num_repeats"),
                                     "images": sub.get("img_count")})

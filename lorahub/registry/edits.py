@@ -84,22 +84,29 @@ def _fts_text(name: str) -> str:
 
 
 def fts_insert(conn: sqlite3.Connection, entry_id: str, name: str, triggers: list[str], tags: list[str],
-               description: str | None) -> None:
-    """The full-text row of a new entry (an entry that has none yet)."""
-    conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
-                 (entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""))
+               description: str | None) -> int:
+    """Write the full-text row of an entry that has none (yet); returns its rowid, which the caller
+    stores in the entry's ``fts_rowid`` column."""
+    cur = conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
+                       (entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""))
+    return cur.lastrowid
+
+
+def _fts_delete(conn: sqlite3.Connection, fts_rowid: int | None) -> None:
+    if fts_rowid is not None:
+        conn.execute("DELETE FROM entries_fts WHERE rowid = ?", (fts_rowid,))
 
 
 def fts_sync(conn: sqlite3.Connection, entry_id: str) -> None:
-    """Rewrite the full-text row of an entry from its name, triggers, tags and description."""
-    conn.execute("DELETE FROM entries_fts WHERE entry_id = ?", (entry_id,))
-    r = conn.execute("SELECT id, name, triggers, tags, description FROM entries WHERE id = ?",
+    """Rewrite the full-text row of an entry from its name, triggers, tags and description (the old
+    row is found by the rowid the entry records: O(1), however large the catalogue)."""
+    r = conn.execute("SELECT id, name, triggers, tags, description, fts_rowid FROM entries WHERE id = ?",
                      (entry_id,)).fetchone()
-    if r is not None:
-        conn.execute(
-            "INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
-            (r["id"], _fts_text(r["name"]), " ; ".join(json.loads(r["triggers"])),
-             " ; ".join(json.loads(r["tags"])), r["description"] or ""))
+    if r is None:
+        return
+    _fts_delete(conn, r["fts_rowid"])
+    rowid = fts_insert(conn, r["id"], r["name"], json.loads(r["triggers"]), json.loads(r["tags"]), r["description"])
+    conn.execute("UPDATE entries SET fts_rowid = ? WHERE id = ?", (rowid, entry_id))
 
 
 def insert_lineage(conn: sqlite3.Connection, entry_id: str, item: dict) -> None:
@@ -172,9 +179,11 @@ def change_tags(conn: sqlite3.Connection, entry_id: str, add: Iterable[str] = ()
 
 def remove(conn: sqlite3.Connection, entry_id: str) -> None:
     """Delete an entry; its children keep their lineage as text."""
+    row = conn.execute("SELECT fts_rowid FROM entries WHERE id = ?", (entry_id,)).fetchone()
     conn.execute("UPDATE lineage SET parent_id = NULL WHERE parent_id = ?", (entry_id,))
     conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-    conn.execute("DELETE FROM entries_fts WHERE entry_id = ?", (entry_id,))
+    if row is not None:
+        _fts_delete(conn, row["fts_rowid"])
 
 
 def set_remote(conn: sqlite3.Connection, entry_id: str, *, repo: str, revision: str | None, commit: str | None,

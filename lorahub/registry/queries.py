@@ -14,6 +14,7 @@ import sqlite3
 from typing import Iterable
 
 from lorahub.errors import Ambiguous, LorahubError, NotFound
+from lorahub.vocab import INT_LIMIT
 
 HASH_COLUMNS = ("sha256", "autov3", "blake3", "autov2", "autov1", "crc32")
 JSON_COLUMNS = {"parts": list, "tokens": list, "triggers": list, "tags": list, "metadata": dict, "extra": dict}
@@ -41,6 +42,7 @@ def decode(row: sqlite3.Row | None) -> dict | None:
             except ValueError:
                 d[col] = typ()
     d.pop("blob_mode", None)
+    d.pop("fts_rowid", None)
     return d
 
 
@@ -165,11 +167,35 @@ SEARCH_ORDERS = {
 }
 
 
+def _check_int(name: str, value, *, minimum: int | None = None) -> None:
+    """``value`` is None or an integer SQLite can hold (and at least ``minimum``), else a LorahubError."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise LorahubError(f"{name}: {value!r} is not an integer")
+    if abs(value) > INT_LIMIT:
+        raise LorahubError(f"{name}: {value} is out of range (at most {INT_LIMIT} in magnitude)")
+    if minimum is not None and value < minimum:
+        raise LorahubError(f"{name}: {value} is below {minimum}")
+
+
 def _matching(query: str | None, *, type: str | None, base: str | None, tags: Iterable[str], kind: str | None,
               rank_min: int | None, rank_max: int | None, format: str | None,
               base_model: str | None = None) -> tuple[str, list, str] | None:
     """``FROM ... WHERE ...`` of the entries a search matches, its arguments and its best-match order;
-    None when the query has no word to look for (nothing matches)."""
+    None when the query has no word to look for (nothing matches). Bad arguments raise a LorahubError."""
+    _check_int("rank_min", rank_min)
+    _check_int("rank_max", rank_max)
+    if query is not None and not isinstance(query, str):
+        raise LorahubError(f"query: {query!r} is not text")
+    tag_list = None if isinstance(tags, str) else list(tags)
+    if tag_list is None or not all(isinstance(t, str) for t in tag_list):
+        raise LorahubError(f"tags: {tags!r} is not a list of strings")
+    tags = tag_list
+    for label, value in (("type", type), ("base", base), ("kind", kind), ("format", format),
+                         ("base_model", base_model)):
+        if value is not None and not isinstance(value, str):
+            raise LorahubError(f"{label}: {value!r} is not text")
     where, args = [], []
     join = ""
     order = "e.name COLLATE NOCASE"
@@ -223,6 +249,8 @@ def search(conn: sqlite3.Connection, query: str | None = None, *, type: str | No
     query), or in one of the ``SEARCH_ORDERS``; ``limit`` entries from the ``offset``-th on."""
     if order is not None and order not in SEARCH_ORDERS:
         raise LorahubError(f"unknown order {order!r}; choose one of {', '.join(SEARCH_ORDERS)}")
+    _check_int("limit", limit, minimum=0)
+    _check_int("offset", offset, minimum=0)
     found = _matching(query, type=type, base=base, tags=tags, kind=kind, rank_min=rank_min, rank_max=rank_max,
                       format=format, base_model=base_model)
     if found is None:

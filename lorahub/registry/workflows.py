@@ -243,6 +243,8 @@ def export(reg: "Registry", ref: str | dict, dest: str | os.PathLike, *, force: 
 
     todo = {}
     for target, content in files.items():
+        if target.is_dir():  # not even force replaces a folder by a file
+            raise LorahubError(f"{target}: is a folder, not a file; export to another destination")
         if same(target, content):
             continue
         if target.exists() and not force:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,10 @@ class TrainConfig:
         return [t.strip() for t in (self.trigger or "sks").split("|") if t.strip()]
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise LorahubError(f"setting {f.name!r}: {v!r} is not a finite number")
         if self.method not in METHODS:
             raise LorahubError(f"unknown method {self.method!r} (one of {', '.join(METHODS)})")
         if self.type is not None and self.type not in LORA_TYPES:
@@ -213,6 +218,8 @@ def build_config(toml_path=None, *, check_data: bool = False, **cli) -> TrainCon
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for k, v in list(values.items()):
         t = str(types[k])
+        if isinstance(v, float) and not math.isfinite(v):
+            raise LorahubError(f"setting {k!r}: {v!r} is not a finite number")
         try:
             if t.startswith("int") and not isinstance(v, bool):
                 values[k] = int(v)
