@@ -80,8 +80,9 @@ _API = {
     "RepoListing": "lorahub.hub.pull:RepoListing",
 }
 
-__all__ = sorted(["open_registry", "__version__", "LorahubError", "NotFound", "Ambiguous", "FormatError",
-                  "UnsafeFile", "OutputExists", *_API])
+__all__ = ["open_registry", "__version__", "LorahubError", "NotFound", "Ambiguous", "FormatError",
+           "UnsafeFile", "OutputExists"]
+__all__ += sorted(_API)
 
 
 def open_registry(home=None):

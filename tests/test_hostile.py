@@ -79,7 +79,6 @@ def _hostile_files(d: Path) -> dict[str, tuple[Path, str]]:
     out["dtype_list"] = (_write(d / "dtype_list.safetensors", bad, data), "dtype")
     out["trailing_bytes"] = (_write(d / "trailing.safetensors", h, data + b"\0" * 16), "trailing")
     # a gap: the first tensor moved 4 bytes on (the file grows by 4, every other tensor keeps its place)
-    first = min((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
     gap = json.loads(json.dumps(h))
     for k in gap:
         if k != "__metadata__":
