@@ -27,7 +27,7 @@ OTHER_FAMILIES = ("flux2", "chroma", "qwen-image", "wan", "hunyuan-dit", "hunyua
                   "mochi", "cogvideox")
 
 # The built-in tiny fixture pipelines (``lorahub.tiny``) and the family each belongs to.
-TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 # Architectures whose module lists ship with lorahub, as a cache of their derivation from published
 # configs (lorahub.formats.names): layer names are matched against them when no model is at hand.

@@ -60,6 +60,13 @@ _BUILTIN: dict[str, dict[str, tuple[str, str, str | None]]] = {
     "tiny-sd1": {"unet": ("tiny", "sd1_unet", None), "text_encoder": ("tiny", "clip_text", "CLIPTextModel")},
     "tiny-sdxl": {"unet": ("tiny", "sdxl_unet", None), "text_encoder": ("tiny", "clip_text", "CLIPTextModel"),
                   "text_encoder_2": ("tiny", "clip_text", "CLIPTextModelWithProjection")},
+    "tiny-flux": {"transformer": ("tiny", "flux_transformer", None),
+                  "text_encoder": ("tiny", "clip_text", "CLIPTextModel"),
+                  "text_encoder_2": ("tiny", "t5_encoder", None)},
+    "tiny-sd3": {"transformer": ("tiny", "sd3_transformer", None),
+                 "text_encoder": ("tiny", "clip_text", "CLIPTextModelWithProjection"),
+                 "text_encoder_2": ("tiny", "clip_text", "CLIPTextModelWithProjection"),
+                 "text_encoder_3": ("tiny", "t5_encoder", None)},
     "flux": {"transformer": ("real", "flux1_dev_transformer", None),
              "text_encoder": ("real", "clip_vit_l14_text", None),
              "text_encoder_2": ("real", "t5_v1_1_xxl_encoder", None)},
@@ -245,8 +252,8 @@ def _family_of_specs(specs: dict[str, PartSpec]) -> str:
         if spec.cls == "UNet2DConditionModel":
             fam = families.family_of_unet_config(spec.config)
             if fam == "unknown":  # the tiny fixtures' UNets are catalogued under their family
-                fam = next((_BUILTIN_FAMILY[a] for a in TINY_MODELS
-                            if _same_config(_builtin_specs(a)["unet"].config, spec.config)), "unknown")
+                fam = next((_BUILTIN_FAMILY[a] for a in TINY_MODELS if "unet" in _BUILTIN[a]
+                            and _same_config(_builtin_specs(a)["unet"].config, spec.config)), "unknown")
             return fam
         return families.family_of_class(spec.cls) or "unknown"
     return "unknown"
