@@ -1,6 +1,7 @@
 """Load diffusers pipelines offline from a model reference (:func:`lorahub.refs.resolve_model`).
 
-MODEL is one of: ``tiny-sd1`` / ``tiny-sdxl`` (the built-in tiny fixture pipelines), a diffusers
+MODEL is one of: ``tiny-sd1`` / ``tiny-sdxl`` / ``tiny-flux`` / ``tiny-sd3`` (the built-in tiny fixture
+pipelines), a diffusers
 folder, a single-file checkpoint (``.safetensors``), or a registry reference (id, name, hash prefix)
 of a checkpoint entry. Nothing is ever downloaded.
 """
@@ -20,9 +21,21 @@ def resolve_model_ref(ref: str, registry=None) -> Path:
 
 
 def family_of_pipeline(pipe) -> str:
-    """The pipeline's shape: ``sdxl`` with two text encoders, else ``sd1`` (its base family is
+    """The pipeline's shape: ``flux`` / ``sd3`` (or another DiT family) for a pipeline with a
+    transformer, ``sdxl`` for a UNet with two text encoders, else ``sd1`` (its base family is
     ``lorahub.formats.names.arch_of_pipeline(pipe).family``)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        from lorahub.formats.families import family_of_class
+
+        return family_of_class(type(transformer).__name__) or "unknown"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+
+
+def denoiser(pipe):
+    """The pipeline's denoising model: its ``transformer`` (Flux, SD3, …) or its ``unet``."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else pipe.unet
 
 
 def arch_of_model(ref: str, registry=None, *, config=None):
@@ -203,6 +216,9 @@ def to_inpaint(pipe):
 
     if isinstance(pipe, (diffusers.StableDiffusionInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline)):
         return pipe
+    if getattr(pipe, "transformer", None) is not None:
+        raise LorahubError("inpainting works with SD1/SD2/SDXL models; this model is "
+                           f"{family_of_pipeline(pipe)} (a transformer)")
     if family_of_pipeline(pipe) == "sdxl":
         return diffusers.StableDiffusionXLInpaintPipeline.from_pipe(pipe)
     return diffusers.StableDiffusionInpaintPipeline.from_pipe(pipe)
