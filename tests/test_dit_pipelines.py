@@ -150,17 +150,17 @@ def test_previews_export_keeps_existing_files_and_creates_no_registry(run, home,
     code, _, err = run("previews", "anything")
     assert code == 2 and "no lorahub registry" in err and not (home / "registry.db").exists()
     assert not home.exists() or not any(home.iterdir())
-    lora = tiny_loras.lora_file(tmp_path / "x.safetensors", tiny_loras.TINY_SD1_KOHYA)
+    lora = tiny_loras.save_tensors(tmp_path / "x.safetensors", tiny_loras.kohya_tensors(tiny_loras.TINY_SD1_KOHYA))
     img = tmp_path / "p.png"
     img.write_bytes(png_bytes())
     reg = Registry.open(home)
-    entry, _ = reg.add_file(lora, name="../x")
+    entry, _ = reg.add_file(lora, name="x")
     reg.add_preview(entry["id"], img, kind="grid")
     out = tmp_path / "out"
     code, text, err = run("previews", entry["id"], "--export", out, "--json")
     assert code == 0, err
     (dest,) = [p for p in out.iterdir()]
-    assert dest.read_bytes() == img.read_bytes() and ".." not in dest.name
+    assert dest.read_bytes() == img.read_bytes() and dest.name.startswith("x-")
     dest.write_bytes(b"mine")
     code, _, err = run("previews", entry["id"], "--export", out)
     assert code == 2 and "exists" in err and dest.read_bytes() == b"mine"  # not overwritten without --force
