@@ -90,6 +90,14 @@ def load_lora(path: str | os.PathLike, *, arch=None) -> LoraModel:
             model = cloneofsimo.read_pt_list(tensors, name=name, arch=arch)
         else:
             model = cloneofsimo.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
+    elif det.format == "xlabs":
+        from lorahub.formats.dit import flux
+
+        model = flux.read_xlabs(tensors, metadata, name=name)
+    elif det.format in ("bfl", "comfyui"):
+        from lorahub.formats.dit import flux
+
+        model = flux.read_bfl(tensors, metadata, name=name)
     elif det.format == "embedding":
         model = embeddings.read(tensors, metadata, strings=strings, stem=p.stem, name=name)
         if model.base == "unknown":

@@ -25,6 +25,8 @@ import torch
 from lorahub.errors import FormatError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.formats.dit.fused import Fused, qkv_mlp, thirds
+from lorahub.formats.dit.common import (KOHYA_SUFFIXES, PEFT_SUFFIXES, arch_name, clean_meta, groups_of, kohya_name,
+                                        plain_layer, read_kohya_layout, write_kohya_layout)
 from lorahub.formats.dit.layout import Block, Layout
 
 def _one(path: str, swap: bool = False) -> Fused:
@@ -108,10 +110,10 @@ def from_bfl_layers(layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
 def fusion_notes(model: LoraModel) -> list[str]:
     """What writing ``model`` in BFL layout does to its q/k/v: one line per kind of block-diagonal
     fusion (``exact, rank 3r``), empty when every fused group shared its ``lora_A``."""
-    return _fusion_notes(to_bfl_layers(model))
+    return block_diagonal_notes(to_bfl_layers(model))
 
 
-def _fusion_notes(bfl: dict[str, LoraLayer]) -> list[str]:
+def block_diagonal_notes(bfl: dict[str, LoraLayer]) -> list[str]:
     diag = {k: v for k, v in bfl.items() if v.extra.get("fusion") == "block-diagonal"}
     if not diag:
         return []
@@ -126,44 +128,6 @@ def _fusion_notes(bfl: dict[str, LoraLayer]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # reading
 
-def _quiet():
-    lg = logging.getLogger("diffusers.loaders.lora_conversion_utils")
-    return lg, lg.level
-
-
-def _groups(tensors: dict[str, torch.Tensor], suffixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for k, t in tensors.items():
-        for s, fac in suffixes.items():
-            if k.endswith(s):
-                out.setdefault(k[: -len(s)], {})[fac] = t
-                break
-        else:
-            raise FormatError(f"key {k!r} is not a LoRA factor")
-    return out
-
-
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-_PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
-
-
-def _layer(mod: str, f: dict[str, torch.Tensor], name: str) -> LoraLayer:
-    if "down" not in f or "up" not in f:
-        raise FormatError(f"{name}: layer {mod} lacks its " + ("up" if "down" in f else "down") + " factor")
-    if f["down"].dim() != 2 or f["up"].dim() != 2 or f["down"].shape[0] != f["up"].shape[1] or f["down"].shape[0] == 0:
-        raise FormatError(f"{name}: layer {mod}: up {tuple(f['up'].shape)} and down {tuple(f['down'].shape)} "
-                          "do not make a LoRA pair")
-    layer = LoraLayer("lora", {"down": f["down"], "up": f["up"]})
-    if "alpha" in f:
-        a = f["alpha"]
-        if a.numel() != 1:
-            raise FormatError(f"{name}: alpha of {mod} is not a scalar")
-        layer.alpha = float(a.reshape(()).item())
-        layer.extra["alpha_dtype"] = str(a.dtype).replace("torch.", "")
-        layer.extra["alpha_shape"] = list(a.shape)
-    return layer
-
-
 def _with_diffusers(kohya_layers: dict[str, LoraLayer]) -> dict[str, LoraLayer] | None:
     """Canonical layers of kohya Flux layers (kohya name -> layer) through diffusers' converter, alpha
     held back (so the converter multiplies by 1.0: the bits stay) and set per layer so alpha/rank is the
@@ -174,7 +138,8 @@ def _with_diffusers(kohya_layers: dict[str, LoraLayer]) -> dict[str, LoraLayer] 
     for k, layer in kohya_layers.items():
         sd[f"{k}.lora_down.weight"] = layer.down
         sd[f"{k}.lora_up.weight"] = layer.up
-    lg, level = _quiet()
+    lg = logging.getLogger("diffusers.loaders.lora_conversion_utils")
+    level = lg.level
     lg.setLevel(logging.ERROR)
     try:
         conv = _convert_kohya_flux_lora_to_diffusers(sd)
@@ -182,7 +147,7 @@ def _with_diffusers(kohya_layers: dict[str, LoraLayer]) -> dict[str, LoraLayer] 
         return None
     finally:
         lg.setLevel(level)
-    groups = _groups(conv, _PEFT_SUFFIXES)
+    groups = groups_of(conv, PEFT_SUFFIXES)
     out = {}
     taken = set()
     for mod, f in groups.items():
@@ -208,72 +173,18 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
     encoders ``lora_te1_`` CLIP-L, ``lora_te3_`` T5) in canonical form. Plain LoRA transformer layers
     become diffusers modules (through diffusers' converter, or the BFL map where it refuses the file);
     text encoders are mapped as kohya maps them; LyCORIS/DoRA transformer layers keep their kohya names."""
-    from lorahub.formats import kohya
+    def convert(kl):
+        canon = _with_diffusers(kl)
+        if canon is None:
+            canon = from_bfl_layers({FLUX.from_kohya(k): v for k, v in kl.items()})
+            notes.append("read through lorahub's BFL map (diffusers' converter knows only FLUX.1's width "
+                         "and block counts)")
+        return canon
 
-    plain: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for k, t in tensors.items():
-        sk = kohya.split_key(k)
-        if sk is not None and sk[0].startswith("lora_unet_") and sk[1] in ("lora_down.weight", "lora_up.weight",
-                                                                          "alpha"):
-            plain.setdefault(sk[0], {})[sk[1]] = t
-        else:
-            rest[k] = t
-    # only whole plain, linear layers of the BFL layout go through the map
-    other = {sk[0] for sk in map(kohya.split_key, rest) if sk is not None}  # DoRA / LyCORIS factors
-    kl: dict[str, LoraLayer] = {}
-    for mod, fs in list(plain.items()):
-        if (FLUX.from_kohya(mod) is None or mod in other or set(fs) - {"alpha"} != {"lora_down.weight",
-                                                                                    "lora_up.weight"}
-                or fs["lora_down.weight"].dim() != 2):
-            for s, t in fs.items():
-                rest[f"{mod}.{s}"] = t
-            continue
-        kl[mod] = _layer(mod, {_KOHYA_SUFFIXES["." + s]: t for s, t in fs.items()}, name)
-    if rest:
-        model = kohya.read(rest, metadata, arch="flux", base_hint=None, name=name)
-    else:
-        model = LoraModel(metadata=_clean_meta(metadata))
-    canon = _with_diffusers(kl) if kl else {}
-    if canon is None:
-        canon = from_bfl_layers({FLUX.from_kohya(k): v for k, v in kl.items()})
-        model.notes.append("read through lorahub's BFL map (diffusers' converter knows only FLUX.1's width "
-                           "and block counts)")
-    model.layers = {**canon, **model.layers}
-    model.base, model.arch, model.source_format = "flux", _arch_name(model), "kohya"
+    notes: list[str] = []
+    model = read_kohya_layout(tensors, metadata, name, layout=FLUX, arch="flux", convert=convert)
+    model.notes += notes
     return model
-
-
-def _clean_meta(metadata: dict[str, str]) -> dict[str, str]:
-    import json
-
-    from lorahub.formats.diffusers_fmt import LOREHUB_KEY
-
-    meta = dict(metadata)
-    raw = meta.pop(LOREHUB_KEY, None)
-    if raw:
-        try:
-            meta.update(json.loads(raw).get("stash", {}))
-        except (ValueError, AttributeError):
-            pass
-    return meta
-
-
-def _arch_name(model: LoraModel) -> str:
-    """``flux`` when every mapped layer is a module of FLUX.1-dev with its shape, else unknown."""
-    from lorahub.formats.names import get_arch, is_unmapped
-
-    arch = get_arch("flux")
-    for k, layer in model.layers.items():
-        if is_unmapped(k):
-            continue
-        shape = arch.modules.get(k)
-        try:
-            if shape is None or tuple(shape) != tuple(layer.shape):
-                return "unknown"
-        except (ValueError, KeyError):
-            return "unknown"
-    return "flux"
 
 
 def read_xlabs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = "file") -> LoraModel:
@@ -289,12 +200,12 @@ def read_xlabs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
 
 
 def _from_peft_keys(conv: dict[str, torch.Tensor], metadata, name: str, fmt: str) -> LoraModel:
-    model = LoraModel(metadata=_clean_meta(metadata), base="flux", source_format=fmt)
-    for mod, f in _groups(conv, _PEFT_SUFFIXES).items():
+    model = LoraModel(metadata=clean_meta(metadata), base="flux", source_format=fmt)
+    for mod, f in groups_of(conv, PEFT_SUFFIXES).items():
         if not mod.startswith("transformer."):
             raise FormatError(f"{name}: key {mod!r} is not a Flux transformer module")
-        model.layers[mod] = _layer(mod, f, name)
-    model.arch = _arch_name(model)
+        model.layers[mod] = plain_layer(mod, f, name)
+    model.arch = arch_name(model, "flux")
     return model
 
 
@@ -313,20 +224,20 @@ def read_bfl(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: s
     for k, t in tensors.items():
         p = next((p for p in _BFL_PREFIXES if k.startswith(p)), "")
         stripped[k[len(p):]] = t
-    groups = _groups(stripped, _KOHYA_SUFFIXES if kohya_like else _PEFT_SUFFIXES)
+    groups = groups_of(stripped, KOHYA_SUFFIXES if kohya_like else PEFT_SUFFIXES)
     layers = {}
     for orig, f in groups.items():
         if FLUX.spec(orig) is None:
             raise FormatError(f"{name}: {orig} is not a module of the Flux.1 BFL layout")
-        layers[orig] = _layer(orig, f, name)
+        layers[orig] = plain_layer(orig, f, name)
     if kohya_like:
         model = read_kohya({f"lora_unet_{o.replace('.', '_')}.{s}": t for o, f in groups.items()
                             for s, t in (("lora_down.weight", f["down"]), ("lora_up.weight", f["up"]),
                                          *((("alpha", f["alpha"]),) if "alpha" in f else ()))},
                            metadata, name)
     else:
-        model = LoraModel(metadata=_clean_meta(metadata), layers=from_bfl_layers(layers), base="flux")
-        model.arch = _arch_name(model)
+        model = LoraModel(metadata=clean_meta(metadata), layers=from_bfl_layers(layers), base="flux")
+        model.arch = arch_name(model, "flux")
     model.source_format = fmt
     return model
 
@@ -334,21 +245,6 @@ def read_bfl(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: s
 # ----------------------------------------------------------------------------------------------
 # writing
 
-def kohya_name(orig: str) -> str:
-    """kohya's name of BFL module ``orig``: ``lora_unet_`` + the path with dots as underscores."""
-    return "lora_unet_" + orig.replace(".", "_")
-
-
 def write_kohya(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of Flux LoRA ``model`` in kohya sd-scripts' naming (BFL layout, fused q/k/v)."""
-    from lorahub.formats import kohya
-    from lorahub.formats.names import unmapped_key
-
-    bfl = to_bfl_layers(model)
-    layers = {unmapped_key("transformer", kohya_name(o)): layer for o, layer in bfl.items()}
-    for k, layer in model.layers.items():
-        if not k.startswith("transformer."):
-            layers[k] = layer
-    tmp = LoraModel(layers=layers, embeddings=model.embeddings, metadata=model.metadata, base="unknown",
-                    source_format=model.source_format, arch="flux", extra=model.extra)
-    return kohya.write(tmp, dtype)
+    return write_kohya_layout(model, to_bfl_layers(model), dtype, arch="flux")
