@@ -5,12 +5,12 @@ canonical form (diffusers module paths, ``transformer.transformer_blocks.3.attn.
   (``double_blocks.3.img_attn.qkv``, ``single_blocks.7.linear1``, ``final_layer.linear``), exact: q/k/v
   (and the single blocks' MLP input) sharing one ``lora_A`` fuse into one layer of the same rank; with
   different ``lora_A`` into one layer of rank Σr with a block-diagonal up (:mod:`lorahub.formats.dit.fused`).
-* Reading: kohya files go through diffusers' own converter
-  (``lora_conversion_utils._convert_kohya_flux_lora_to_diffusers``) with alpha held back, so the tensors
-  keep their bits and alpha/rank stays a per-layer number (the converter folds it into the factors);
-  where the converter refuses a file (it knows only FLUX.1's width 3072 and 19 + 38 blocks: tiny and
-  other-width Flux models), :func:`from_bfl_layers` reads it the same way. XLabs files go through
-  ``_convert_xlabs_flux_lora_to_diffusers``. ComfyUI/ai-toolkit files (``diffusion_model.`` prefix)
+* Reading: kohya files through :func:`from_bfl_layers`, which gives the modules, factors and ΔW of
+  diffusers' own converter (``lora_conversion_utils._convert_kohya_flux_lora_to_diffusers``; the tests
+  compare them module by module) where that converter cannot serve: it folds alpha into the factors
+  (the bits change, so no bit-exact way back), knows only FLUX.1's width 3072 and 19 + 38 blocks,
+  ignores ``final_layer`` alphas, and importing diffusers costs seconds an ``inspect`` cannot spend.
+  XLabs files go through ``_convert_xlabs_flux_lora_to_diffusers``. ComfyUI/ai-toolkit files (``diffusion_model.`` prefix)
   and BFL-named PEFT files (``double_blocks.N.img_attn.qkv.lora_A.weight``) through the BFL map.
 * Writing kohya: :func:`write_kohya` (BFL names, fused q/k/v; text encoders as ``lora_te1_`` CLIP-L and
   ``lora_te3_`` T5, kohya's rule). kohya -> diffusers -> kohya is bit-exact.
@@ -18,14 +18,12 @@ canonical form (diffusers module paths, ``transformer.transformer_blocks.3.attn.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from lorahub.errors import FormatError
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.formats.dit.fused import Fused, qkv_mlp, thirds
-from lorahub.formats.dit.common import (KOHYA_SUFFIXES, PEFT_SUFFIXES, arch_name, clean_meta, groups_of, kohya_name,
+from lorahub.formats.dit.common import (KOHYA_SUFFIXES, PEFT_SUFFIXES, arch_name, clean_meta, groups_of,
                                         plain_layer, read_kohya_layout, write_kohya_layout)
 from lorahub.formats.dit.layout import Block, Layout
 
@@ -128,63 +126,14 @@ def block_diagonal_notes(bfl: dict[str, LoraLayer]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # reading
 
-def _with_diffusers(kohya_layers: dict[str, LoraLayer]) -> dict[str, LoraLayer] | None:
-    """Canonical layers of kohya Flux layers (kohya name -> layer) through diffusers' converter, alpha
-    held back (so the converter multiplies by 1.0: the bits stay) and set per layer so alpha/rank is the
-    source's. None when the converter refuses them (widths or block counts it does not know)."""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-
-    sd = {}
-    for k, layer in kohya_layers.items():
-        sd[f"{k}.lora_down.weight"] = layer.down
-        sd[f"{k}.lora_up.weight"] = layer.up
-    lg = logging.getLogger("diffusers.loaders.lora_conversion_utils")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        conv = _convert_kohya_flux_lora_to_diffusers(sd)
-    except (ValueError, AssertionError, RuntimeError, KeyError, IndexError):
-        return None
-    finally:
-        lg.setLevel(level)
-    groups = groups_of(conv, PEFT_SUFFIXES)
-    out = {}
-    taken = set()
-    for mod, f in groups.items():
-        if not mod.startswith("transformer."):  # the converter leaves the top-level modules unprefixed
-            mod = "transformer." + mod
-        hit = FLUX.original_of(mod)
-        if hit is None:
-            return None
-        src = kohya_layers.get(kohya_name(hit[0]))
-        if src is None:
-            return None
-        taken.add(kohya_name(hit[0]))
-        layer = LoraLayer("lora", {"down": f["down"], "up": f["up"]},
-                          extra={k: v for k, v in src.extra.items() if k in ("alpha_dtype", "alpha_shape")})
-        r = int(f["down"].shape[0])
-        layer.alpha = None if src.alpha is None else (src.alpha if r == src.rank else src.alpha * r / src.rank)
-        out[mod] = layer  # (the converter swaps final_layer's adaLN halves itself, as the BFL map does)
-    return out if taken == set(kohya_layers) else None
-
-
 def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = "file") -> LoraModel:
     """A kohya sd-scripts Flux.1 LoRA (BFL names, ``lora_unet_double_blocks_N_img_attn_qkv``, …; text
     encoders ``lora_te1_`` CLIP-L, ``lora_te3_`` T5) in canonical form. Plain LoRA transformer layers
-    become diffusers modules (through diffusers' converter, or the BFL map where it refuses the file);
-    text encoders are mapped as kohya maps them; LyCORIS/DoRA transformer layers keep their kohya names."""
-    def convert(kl):
-        canon = _with_diffusers(kl)
-        if canon is None:
-            canon = from_bfl_layers({FLUX.from_kohya(k): v for k, v in kl.items()})
-            notes.append("read through lorahub's BFL map (diffusers' converter knows only FLUX.1's width "
-                         "and block counts)")
-        return canon
-
-    notes: list[str] = []
-    model = read_kohya_layout(tensors, metadata, name, layout=FLUX, arch="flux", convert=convert)
-    model.notes += notes
-    return model
+    become diffusers modules through :func:`from_bfl_layers` (the same modules, factors and ΔW as
+    diffusers' ``_convert_kohya_flux_lora_to_diffusers``, but with the tensors' bits and alpha kept, at
+    any width and block count, and without importing diffusers); text encoders are mapped as kohya maps
+    them; LyCORIS/DoRA transformer layers keep their kohya names."""
+    return read_kohya_layout(tensors, metadata, name, layout=FLUX, arch="flux")
 
 
 def read_xlabs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = "file") -> LoraModel:
