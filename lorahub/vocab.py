@@ -45,7 +45,8 @@ KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoi
 NETWORK_KINDS = KINDS[:5]  # the LoRA / LyCORIS adapters (not embeddings, not full models)
 
 # File dialects lorahub reads (``FORMATS``) and writes (``DIALECTS``).
-FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint",
+           "xlabs", "bfl", "comfyui")  # the last three: Flux.1 LoRAs keyed by BFL module paths (read only)
 DIALECTS = ("kohya", "diffusers", "peft")
 
 # How an entry came from another (the ``lineage.relation`` column).

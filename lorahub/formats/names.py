@@ -634,11 +634,20 @@ class FamilyDialect:
 
 
 _FAMILY_DIALECTS: dict[str, FamilyDialect] = {}
+_BUILTIN_DIALECTS: list[bool] = []  # set once lorahub.formats.dit registered Flux.1's and SD3's
+
+
+def _load_builtin_dialects() -> None:
+    if not _BUILTIN_DIALECTS:
+        _BUILTIN_DIALECTS.append(True)
+        import lorahub.formats.dit  # noqa: F401 - registers the built-in family dialects
 
 
 def register_family_dialect(family: str, dialect: FamilyDialect | None) -> None:
     """Install ``dialect`` for LoRAs of ``family`` (sd3, flux, other:…); None removes it. kohya files
-    detected as ``family`` are then read, and LoRAs of ``family`` written, through it."""
+    detected as ``family`` are then read, and LoRAs of ``family`` written, through it. The built-in
+    ones (:mod:`lorahub.formats.dit`: flux, sd3) are registered first, so a later call replaces them."""
+    _load_builtin_dialects()
     if dialect is None:
         _FAMILY_DIALECTS.pop(family, None)
     else:
@@ -646,7 +655,8 @@ def register_family_dialect(family: str, dialect: FamilyDialect | None) -> None:
 
 
 def family_dialect(family: str | None) -> FamilyDialect | None:
-    """The dialect registered for ``family``, if any."""
+    """The dialect registered for ``family``, if any (the built-in ones: flux, sd3)."""
+    _load_builtin_dialects()
     return _FAMILY_DIALECTS.get(family or "")
 
 
