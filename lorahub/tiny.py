@@ -253,3 +253,48 @@ def ensure(kind: str = "sd1") -> Path:
     if not (folder / "model_index.json").exists():
         build(kind, folder, replace=False)
     return folder
+
+
+# BFL names of the Flux.1 transformer's RMSNorm scales (the only weights outside the LoRA-able modules
+# whose names differ); every other weight follows lorahub.formats.dit.flux.FLUX's module map.
+_BFL_NORMS = {"img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+              "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+              "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+              "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+_BFL_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def flux_to_bfl(state_dict: dict) -> dict:
+    """A diffusers ``FluxTransformer2DModel`` state dict in the original BFL layout
+    (``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``, …), fused where BFL
+    fuses: the single-file form diffusers' ``from_single_file`` reads back (tests of single-file Flux
+    extract and bake)."""
+    import torch
+
+    from lorahub.formats.dit.flux import FLUX
+    from lorahub.formats.dit.fused import swap_halves
+
+    out = {}
+    n_double = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")), default=-1)
+    n_single = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("single_transformer_blocks.")),
+                       default=-1)
+    modules = dict(FLUX.top)
+    for b, n in zip(FLUX.blocks, (n_double, n_single)):
+        for i in range(n):
+            for suffix, f in b.modules.items():
+                modules[f"{b.orig}.{i}.{suffix}"] = type(f)(tuple(f"{b.canon}.{i}.{p}" for p in f.parts), f.dims,
+                                                            f.swap)
+    for orig, f in modules.items():
+        for kind in ("weight", "bias"):
+            parts = [state_dict.get(f"{p}.{kind}") for p in f.parts]
+            if any(t is None for t in parts):
+                continue
+            t = torch.cat(parts, 0)
+            out[f"{orig}.{kind}"] = swap_halves(t) if f.swap else t
+    for i in range(n_double):
+        for bfl, d in _BFL_NORMS.items():
+            out[f"double_blocks.{i}.{bfl}"] = state_dict[f"transformer_blocks.{i}.{d}"]
+    for i in range(n_single):
+        for bfl, d in _BFL_SINGLE_NORMS.items():
+            out[f"single_blocks.{i}.{bfl}"] = state_dict[f"single_transformer_blocks.{i}.{d}"]
+    return {k: v.contiguous() for k, v in out.items()}

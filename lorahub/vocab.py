@@ -39,6 +39,9 @@ ARCHS = ("sd1", "sd2", "sdxl") + tuple(TINY_MODELS) + ("flux", "sd3", "sd3.5-lar
 KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                            "sdxl": "stable-diffusion-xl-v1-base"}
+# kohya sd-scripts' ``ss_base_model_version`` of the DiT families (what lorahub's extract and train
+# write for them; the SD table above also drives ModelSpec defaults that do not fit these families).
+KOHYA_DIT_BASE_VERSIONS = {"flux": "flux1", "sd3": "sd3"}
 
 # Network kinds, as the registry stores them.
 KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoint")
