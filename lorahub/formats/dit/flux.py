@@ -111,16 +111,20 @@ def fusion_notes(model: LoraModel) -> list[str]:
     return block_diagonal_notes(to_bfl_layers(model))
 
 
-def block_diagonal_notes(bfl: dict[str, LoraLayer]) -> list[str]:
-    diag = {k: v for k, v in bfl.items() if v.extra.get("fusion") == "block-diagonal"}
+def block_diagonal_notes(layers: dict[str, LoraLayer]) -> list[str]:
+    """One line about the fused layers (original path -> layer) that :func:`~lorahub.formats.dit.fused.fuse_layers`
+    made block-diagonal, e.g. ``… exact, rank 3r (double_blocks.0.img_attn.qkv: rank 12)``; [] when none."""
+    diag = {k: v for k, v in layers.items() if v.extra.get("fusion") == "block-diagonal"}
     if not diag:
         return []
-    ex_key, ex = next(iter(diag.items()))
-    ranks = [r for r in ex.extra["fused_ranks"] if r]
-    same = len(set(ranks)) == 1
-    rank_txt = f"rank {len(ranks)}r" if same else "rank " + "+".join(str(r) for r in ranks)
-    return [f"{len(diag)} fused layer(s) had parts with different lora_A (trained separately): written as one "
-            f"layer with a block-diagonal up, exact, {rank_txt} (e.g. {ex_key}: rank {ex.rank})"]
+    kinds: dict[str, tuple[str, LoraLayer]] = {}
+    for key, layer in diag.items():
+        ranks = [r for r in layer.extra["fused_ranks"] if r]
+        label = f"rank {len(ranks)}r" if len(set(ranks)) == 1 else "rank " + "+".join(str(r) for r in ranks)
+        kinds.setdefault(label, (key, layer))
+    said = "; ".join(f"{label} ({key}: rank {layer.rank})" for label, (key, layer) in sorted(kinds.items()))
+    return [f"{len(diag)} fused layer(s) had parts with different lora_A (trained separately): each written as one "
+            f"layer with a block-diagonal up (zero blocks), exact, {said}"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,8 +96,10 @@ def _block_columns(ups: list[torch.Tensor], rank: int) -> list[tuple[int, int]] 
     return ranges
 
 
-def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer]:
-    """The parts of a fused layer (see the module docstring), in ``spec.parts`` order."""
+def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer | None]:
+    """The parts of a fused layer (see the module docstring), in ``spec.parts`` order; None for a part
+    whose rows of ``up`` are all zero while others are not (it adapts nothing: the fused module of a
+    LoRA without that part)."""
     if len(spec.parts) == 1:
         return [single(layer, spec.swap)]
     _plain(layer, where)
@@ -107,15 +109,22 @@ def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer]:
         raise FormatError(f"{where}: up has {up.shape[0]} rows, which do not split into "
                           f"{'/'.join(p.rsplit('.', 1)[-1] for p in spec.parts)}")
     ups = list(torch.split(up, dims, dim=0))
+    used = [bool(u.ne(0).any()) for u in ups]
+    if not any(used):  # an all-zero layer (a fresh LoRA): every part, as stored
+        used = [True] * len(ups)
+    live = [u for u, keep in zip(ups, used) if keep]
     r = int(down.shape[0])
-    cols = _block_columns(ups, r) if r >= len(ups) else None
-    out = []
-    if cols is not None:
-        for u, (a, b) in zip(ups, cols):
+    cols = _block_columns(live, r) if len(live) > 1 and r >= len(live) else None
+    out: list[LoraLayer | None] = []
+    it = iter(cols or [])
+    for u, keep in zip(ups, used):
+        if not keep:
+            out.append(None)
+        elif cols is not None:
+            a, b = next(it)
             alpha = None if layer.alpha is None else layer.alpha * (b - a) / r
             out.append(_copy(layer, {"down": down[a:b].contiguous(), "up": u[:, a:b].contiguous()}, alpha))
-    else:
-        for u in ups:
+        else:
             out.append(_copy(layer, {"down": down, "up": u.contiguous()}, layer.alpha))
     return out
 

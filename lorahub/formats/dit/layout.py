@@ -135,5 +135,6 @@ class Layout:
             if f is None:
                 raise FormatError(f"{orig}: not a module of the {self.name} layout")
             for key, part in zip(self.canonical_parts(orig), split_layer(layer, f, orig)):
-                out[key] = part
+                if part is not None:
+                    out[key] = part
         return out
