@@ -177,7 +177,8 @@ def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, c
                   inpaint: bool = False):
     """Load a text-to-image (or, with ``inpaint``, inpainting) pipeline from MODEL, offline.
 
-    MODEL: tiny-sd1 / tiny-sdxl, a diffusers folder, a single-file ``.safetensors`` checkpoint (with
+    MODEL: tiny-sd1 / tiny-sdxl / tiny-flux / tiny-sd3, a diffusers folder (any pipeline diffusers
+    loads: SD1/SD2/SDXL, Flux.1, SD3, …), a single-file SD ``.safetensors`` checkpoint (with
     ``config``: a local diffusers folder of the same architecture) or a registry checkpoint entry.
     ``registry``: a Registry, a LazyRegistry, a home folder or None (the default home, opened only when
     ``ref`` is a registry reference). ``dtype``: a torch dtype or fp32 | fp16 | bf16; None keeps the

@@ -368,8 +368,10 @@ def sweep(loras: list, base: str, prompts: list[str], *, alphas=(0, 0.25, 0.5, 0
     labelled grid; α=0 is the base model, α=1 the full LoRA.
 
     ``loras``: one or two references (files or registry entries). ``base``: the model (tiny-sd1,
-    tiny-sdxl, a diffusers folder, a single-file checkpoint with ``config`` = a local diffusers folder
-    of the same architecture, or a registry checkpoint). ``alphas2`` defaults to ``alphas`` for two
+    tiny-sdxl, tiny-flux, tiny-sd3, a diffusers folder — SD1/SD2/SDXL, Flux.1 or SD3 —, a single-file
+    SD checkpoint with ``config`` = a local diffusers folder of the same architecture, or a registry
+    checkpoint). Flux.1 takes ``guidance`` as its distilled guidance (no negative prompt); inpainting
+    is for the SD UNet families. ``alphas2`` defaults to ``alphas`` for two
     LoRAs. Every image of a row shares its seed, initial noise and scheduler; all strengths (and
     classifier-free guidance) run in one batched UNet call per step. ``animation``: also write a .gif or
     .webp cycling α. ``add_triggers`` prepends the entries' trigger words (and embedding tokens);
