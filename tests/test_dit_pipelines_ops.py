@@ -168,3 +168,41 @@ def test_bake_flux_into_folder_and_bfl_file(tmp_path):
     with pytest.raises(LorahubError, match="holds only the transformer"):
         bake(tmp_path / "base.safetensors", model, tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_cli_bakes_into_a_bfl_file(run, tmp_path):
+    """`lorahub merge LORA:0.5 --checkpoint --base BFL.safetensors`: the fused qkv / linear1 weights gain
+    0.5 · the stacked ΔW of their parts (q, k, v, then the MLP input), computed here from the LoRA."""
+    import json
+
+    from lorahub.formats.io import save_lora
+
+    folder = tiny.ensure("flux")
+    model, _raw = _flux_lora()
+    lora = save_lora(model, tmp_path / "x.safetensors", dialect="diffusers")
+    base_sd = tiny.flux_to_bfl(st.load_file(folder / WEIGHTS))
+    st.save_file(base_sd, tmp_path / "base.safetensors")
+    code, out, err = run("merge", f"{lora}:0.5", "--checkpoint", "--base", tmp_path / "base.safetensors",
+                         "--out", tmp_path / "baked.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["layout"] == "bfl"
+    got = st.load_file(tmp_path / "baked.safetensors")
+
+    def d(key):
+        return model.layers[f"transformer.{key}"].delta(torch.float32)
+
+    qkv = torch.cat([d(f"transformer_blocks.0.attn.to_{x}") for x in "qkv"])
+    torch.testing.assert_close(got["double_blocks.0.img_attn.qkv.weight"],
+                               base_sd["double_blocks.0.img_attn.qkv.weight"] + 0.5 * qkv, rtol=0, atol=1e-6)
+    lin1 = torch.cat([d(f"single_transformer_blocks.0.attn.to_{x}") for x in "qkv"]
+                     + [d("single_transformer_blocks.0.proj_mlp")])
+    torch.testing.assert_close(got["single_blocks.0.linear1.weight"],
+                               base_sd["single_blocks.0.linear1.weight"] + 0.5 * lin1, rtol=0, atol=1e-6)
+    # the final adaLN modulation: BFL stores (shift, scale), diffusers (scale, shift)
+    ada = d("norm_out.linear")
+    ada = torch.cat([ada[ada.shape[0] // 2:], ada[: ada.shape[0] // 2]])
+    torch.testing.assert_close(got["final_layer.adaLN_modulation.1.weight"],
+                               base_sd["final_layer.adaLN_modulation.1.weight"] + 0.5 * ada, rtol=0, atol=1e-6)
+    # weights no layer adapts are copied bit for bit
+    assert torch.equal(got["double_blocks.0.img_attn.norm.query_norm.scale"],
+                       base_sd["double_blocks.0.img_attn.norm.query_norm.scale"])
