@@ -206,3 +206,30 @@ def test_cli_bakes_into_a_bfl_file(run, tmp_path):
     # weights no layer adapts are copied bit for bit
     assert torch.equal(got["double_blocks.0.img_attn.norm.query_norm.scale"],
                        base_sd["double_blocks.0.img_attn.norm.query_norm.scale"])
+
+
+def test_bake_sd3_into_folder_matches_diffusers_lora(tmp_path):
+    import diffusers
+
+    from lorahub.ops.bake import bake
+    from lorahub.ops.models import load_pipeline
+
+    folder = tiny.ensure("sd3")
+    model, raw = tiny_loras.pipeline_lora(load_pipeline("tiny-sd3"), seed=5, rank=4, scale=0.3,
+                                          keep={"transformer": lambda p: "transformer_blocks." in p})
+    model.base = "sd3"
+    rep = bake(folder, model, tmp_path / "baked")
+    assert rep.family == "sd3" and rep.layers == len(model.layers)
+
+    def image(path, lora=None):
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True)
+        if lora is not None:
+            pipe.load_lora_weights({k: v.clone() for k, v in lora.items()})
+        pipe.set_progress_bar_config(disable=True)
+        return np.asarray(pipe("a cat", num_inference_steps=2, height=32, width=32,
+                               max_sequence_length=tiny.T5_MAX_LENGTH,
+                               generator=torch.Generator().manual_seed(2)).images[0]).astype(int)
+
+    baked = image(tmp_path / "baked")
+    assert np.abs(baked - image(folder, raw)).max() <= 2
+    assert np.abs(baked - image(folder)).max() > 4
