@@ -121,3 +121,46 @@ def test_output_name_is_made_safe_and_never_overwritten(tmp_path, tiny_sd1):
     assert res.lora_path.read_bytes() == before
     res2 = Trainer(cfg, force=True).run()
     assert res2.lora_path == res.lora_path and res2.steps == 1
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_flow_matching_loss_preconditioning_is_sigma_squared_weighting(kind):
+    """The SD3 script's output preconditioning (x0 = noisy − σ·pred against x0) is the velocity loss
+    (pred against noise − x0) weighted by σ², with σ read from the scheduler at the sampled timestep;
+    instance + class split adds the class part with its weight."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from lorahub import tiny
+    from lorahub.ops.models import load_pipeline
+    from lorahub.train.trainer import flow_matching_loss
+
+    pipe = load_pipeline(f"tiny-{kind}")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        if kind == "flux":
+            pe, ppe, ids = pipe.encode_prompt(["a cat", "a dog"], None, max_sequence_length=tiny.T5_MAX_LENGTH)
+            text = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "text_ids": ids}
+        else:
+            pe, _, ppe, _ = pipe.encode_prompt(["a cat", "a dog"], None, None, do_classifier_free_guidance=False,
+                                               max_sequence_length=tiny.T5_MAX_LENGTH)
+            text = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+        lat = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(9))
+
+        def loss(n, **kw):
+            g = torch.Generator().manual_seed(5)
+            t = {k: v[:n] for k, v in text.items() if k != "text_ids"} | (
+                {"text_ids": text["text_ids"]} if "text_ids" in text else {})
+            return flow_matching_loss(pipe.transformer, sched, lat[:n], t, g, family=kind, vae_scale_factor=2, **kw)
+
+        plain, _, _ = loss(1)
+        pre, _, _ = loss(1, precondition=True)
+        g = torch.Generator().manual_seed(5)
+        torch.randn(lat[:1].shape, generator=g)  # the noise draw comes first
+        u = compute_density_for_timestep_sampling("none", 1, device="cpu", generator=g)
+        sigma = float(sched.sigmas[(u * 1000).long()])
+        assert 0 < sigma < 1 and torch.isfinite(plain)
+        assert float(pre) == pytest.approx(sigma ** 2 * float(plain), rel=1e-4)
+        total, inst, prior = loss(2, reduction_split=1, prior_loss_weight=0.25)
+        assert float(total) == pytest.approx(float(inst) + 0.25 * float(prior), rel=1e-6)
+        assert float(inst) != pytest.approx(float(prior))

@@ -12,7 +12,8 @@ transformer (by default the modules diffusers' own ``train_dreambooth_lora_flux.
 target, :data:`DIT_TARGETS`), text encoders frozen, with the flow-matching loss of those scripts
 (:func:`flow_matching_loss`): σ from the ``FlowMatchEulerDiscreteScheduler``'s own table at timesteps
 drawn by ``compute_density_for_timestep_sampling`` (Flux: uniform; SD3: logit-normal), noisy =
-(1−σ)·x0 + σ·noise, target = noise − x0, weighting by ``compute_loss_weighting_for_sd3``; Flux latents
+(1−σ)·x0 + σ·noise, target = noise − x0 (SD3: the script's default output preconditioning, x0 against
+noisy − σ·pred), weighting by ``compute_loss_weighting_for_sd3``; Flux latents
 are packed 2×2 and get position ids as ``FluxPipeline`` makes them, and the guidance embedding when
 the transformer has one (``guidance_embeds``, at :data:`FLUX_GUIDANCE`).
 
@@ -52,8 +53,10 @@ DIT_TARGETS = {
     "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
             "attn.to_out.0", "attn.to_q", "attn.to_v"],
 }
-# the timestep sampling and loss weighting defaults of those scripts (--weighting_scheme)
+# the timestep sampling and loss weighting defaults of those scripts (--weighting_scheme), and whether
+# the output is preconditioned (--precondition_outputs: the SD3 script's default 1, none in Flux's)
 DIT_WEIGHTING = {"flux": "none", "sd3": "logit_normal"}
+DIT_PRECONDITION = {"flux": False, "sd3": True}
 FLUX_GUIDANCE = 3.5  # train_dreambooth_lora_flux.py --guidance_scale default
 
 
@@ -126,10 +129,12 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator, *
 
 
 def flow_matching_loss(transformer, scheduler, latents, text: dict, generator, *, family: str,
-                       vae_scale_factor: int, weighting_scheme: str = "none",
+                       vae_scale_factor: int, weighting_scheme: str = "none", precondition: bool = False,
                        reduction_split: int | None = None, prior_loss_weight: float = 1.0):
     """Flow-matching loss of one batch of (scaled, shifted) latents as diffusers' DreamBooth-LoRA
-    scripts for Flux.1 / SD3 compute it. ``text``: ``prompt_embeds``, ``pooled_prompt_embeds`` (and
+    scripts for Flux.1 / SD3 compute it: target = noise − x0 for the predicted velocity, or with
+    ``precondition`` (the SD3 script's default) the prediction turned into x0 (noisy − σ·pred) against
+    x0 — the same objective weighted by σ². ``text``: ``prompt_embeds``, ``pooled_prompt_embeds`` (and
     Flux's ``text_ids``). With ``reduction_split`` = n the first n samples are the instance batch:
     loss = instance + w · class. Returns (loss, instance loss, class loss or None)."""
     import torch
@@ -165,7 +170,10 @@ def flow_matching_loss(transformer, scheduler, latents, text: dict, generator, *
         pred = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text["prompt_embeds"],
                            pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-    target = noise - latents
+    if precondition:
+        pred, target = pred * (-sigmas) + noisy, latents
+    else:
+        target = noise - latents
     per = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
     if reduction_split is not None and reduction_split < bsz:
         n = reduction_split
@@ -845,6 +853,7 @@ class Trainer:
                 loss, _, _ = flow_matching_loss(unet, self.scheduler, lat.to(self.weight_dtype), text, self.gen,
                                                 family=self.family, vae_scale_factor=self.vae_scale,
                                                 weighting_scheme=DIT_WEIGHTING[self.family],
+                                                precondition=DIT_PRECONDITION[self.family],
                                                 reduction_split=split, prior_loss_weight=cfg.prior_loss_weight)
             else:
                 if added is not None:
