@@ -233,3 +233,33 @@ def test_bake_sd3_into_folder_matches_diffusers_lora(tmp_path):
     baked = image(tmp_path / "baked")
     assert np.abs(baked - image(folder, raw)).max() <= 2
     assert np.abs(baked - image(folder)).max() > 4
+
+
+def test_bfl_checkpoint_shows_canonical_weights(run, tmp_path):
+    """A BFL file answers canonical transformer names with the rows of its fused weights (adaLN halves
+    swapped back), so `inspect --base BFL.safetensors` reports what `--base tiny-flux` reports."""
+    import json
+
+    from lorahub.formats.io import save_lora
+    from lorahub.ops.checkpoints import open_checkpoint
+
+    folder = tiny.ensure("flux")
+    sd = st.load_file(folder / WEIGHTS)
+    st.save_file(tiny.flux_to_bfl(sd), tmp_path / "base.safetensors")
+    with open_checkpoint(tmp_path / "base.safetensors") as ck:
+        assert ck.layout == "bfl" and ck.family == "flux"
+        assert "double_blocks.0.img_attn.qkv.weight" in ck.keys()
+        linear = [k for k in sd if not k.split(".")[-2].startswith("norm_")]  # RMSNorm scales have no view
+        for k in linear:
+            name = f"transformer.{k}"
+            assert name in ck and tuple(ck.shape(name)) == tuple(sd[k].shape), k
+            assert torch.equal(ck.get(name), sd[k]), k
+        assert "transformer.transformer_blocks.0.attn.nope.weight" not in ck
+    model, _raw = _flux_lora()
+    lora = save_lora(model, tmp_path / "x.safetensors", dialect="diffusers")
+    reports = []
+    for base in (tmp_path / "base.safetensors", "tiny-flux"):
+        code, out, err = run("inspect", lora, "--base", base, "--json")
+        assert code == 0, err
+        reports.append({s["key"]: s["rel_strength"] for s in json.loads(out)["per_layer"]})
+    assert reports[0] == reports[1] and all(v > 0 for v in reports[0].values())
