@@ -96,8 +96,10 @@ def test_extract_flux_from_bfl_single_files(flux_pair, tmp_path):
     from lorahub.ops.extract import extract_lora
 
     base, tuned, truth = flux_pair
-    for name, folder in (("base", base), ("tuned", tuned)):
-        st.save_file(tiny.flux_to_bfl(st.load_file(folder / WEIGHTS)), tmp_path / f"{name}.safetensors")
+    for name, folder, prefix in (("base", base, ""), ("tuned", tuned, "model.diffusion_model.")):
+        # the tuned file as a ComfyUI full checkpoint names it (prefixed): the same layout
+        bfl = tiny.flux_to_bfl(st.load_file(folder / WEIGHTS))
+        st.save_file({prefix + k: v for k, v in bfl.items()}, tmp_path / f"{name}.safetensors")
     res = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out=tmp_path / "x.safetensors",
                        rank=4, dtype="fp32")
     assert res.family == "flux"
