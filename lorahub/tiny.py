@@ -8,10 +8,19 @@ bytes on every run. ``ensure(kind)`` builds into a cache folder once and reuses 
 * ``sdxl`` — an SDXL-style UNet with added time/text conditioning, two text encoders (``tiny-sdxl``);
 * ``odd`` — an SD-style pipeline whose UNet has a shape no built-in table holds (three blocks of widths
   32/32/64, two layers per block, no mid block): "an architecture lorahub has never seen", for tests
-  of everything that must work from a model's own config.
+  of everything that must work from a model's own config;
+* ``flux`` — a Flux.1-style ``FluxPipeline`` (``tiny-flux``): a ``FluxTransformer2DModel`` with one
+  double-stream and one single-stream block (width 32, guidance embedding), a CLIP text encoder and a
+  T5 encoder, a 1-latent-channel VAE and Flux's dynamically shifted ``FlowMatchEulerDiscreteScheduler``;
+* ``sd3`` — an SD3-style ``StableDiffusion3Pipeline`` (``tiny-sd3``): an ``SD3Transformer2DModel`` with
+  two joint blocks (the last one ``context_pre_only``), two CLIP encoders with projection, a T5
+  encoder, the same VAE and ``FlowMatchEulerDiscreteScheduler(shift=3)``.
 
-The tokenizer vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two special
-tokens, with no merges: every word is spelled out character by character. Nothing is downloaded.
+The CLIP tokenizer vocabulary is the 256 byte-level characters, their ``</w>`` forms and the two special
+tokens, with no merges: every word is spelled out character by character. The T5 tokenizer is a
+``tokenizers`` Unigram model over the printable ASCII characters (each alone and with the ``▁``
+word-start mark) behind a Metaspace pre-tokenizer, wrapped as ``T5TokenizerFast``. Both render 32×32
+images in 2 steps in a fraction of a second on CPU. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from pathlib import Path
 
 from lorahub.resources import model_config, model_config_files
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 
 
 def _config(name: str) -> dict:
@@ -61,6 +70,62 @@ def make_tokenizer():
                         bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     return tok
+
+
+T5_MAX_LENGTH = 32  # the tiny T5 tokenizer's model_max_length (pipelines' max_sequence_length)
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """Unigram vocabulary: the three special tokens, the word-start mark, every printable ASCII
+    character alone and after the mark (scores favour the fewest pieces)."""
+    chars = [chr(c) for c in range(32, 127)]
+    return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+            + [(c, -3.0) for c in chars] + [("\u2581" + c, -3.5) for c in chars])
+
+
+def make_t5_tokenizer():
+    """A ``T5TokenizerFast`` built offline from a ``tokenizers`` Unigram model (Metaspace
+    pre-tokenizer); it saves and reloads through ``from_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    tk = Tokenizer(models.Unigram(_t5_vocab(), unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def make_t5_encoder(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = _config("t5_encoder")  # its vocab_size is len(_t5_vocab())
+    _seeded(seed)
+    return T5EncoderModel(T5Config(**cfg)).eval()
+
+
+def make_transformer(kind: str, seed: int = 0):
+    """The tiny Flux (``flux``) or SD3 (``sd3``) transformer."""
+    import diffusers
+
+    cfg = model_config("tiny", f"{kind}_transformer")
+    cls = getattr(diffusers, cfg.pop("_class_name"))
+    _seeded(seed)
+    return cls(**cfg).eval()
+
+
+def make_flow_vae(seed: int = 2):
+    """A 1-latent-channel VAE (scaling 1, shift 0) for the flow-matching fixtures."""
+    from diffusers import AutoencoderKL
+
+    _seeded(seed)
+    return AutoencoderKL(**_config("flow_vae")).eval()
+
+
+def make_flow_scheduler(kind: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**_config(f"{kind}_scheduler"))
 
 
 def _seeded(seed: int):
@@ -101,11 +166,12 @@ def make_scheduler():
     return DDIMScheduler(**_config("scheduler"))
 
 
-KINDS = ("sd1", "sdxl", "odd")
+KINDS = ("sd1", "sdxl", "odd", "flux", "sd3")
 
 
 def make_pipeline(kind: str = "sd1"):
-    """Build the tiny pipeline in memory (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
+    """Build the tiny pipeline in memory (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    FluxPipeline or StableDiffusion3Pipeline)."""
     if kind in ("sd1", "odd"):
         from diffusers import StableDiffusionPipeline
 
@@ -120,6 +186,22 @@ def make_pipeline(kind: str = "sd1"):
             unet=make_unet("sdxl", 0), vae=make_vae(2), text_encoder=make_text_encoder(1),
             text_encoder_2=make_text_encoder(3, with_projection=True), tokenizer=make_tokenizer(),
             tokenizer_2=make_tokenizer(), scheduler=make_scheduler(), force_zeros_for_empty_prompt=True)
+    if kind == "flux":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(
+            transformer=make_transformer("flux", 0), vae=make_flow_vae(2), text_encoder=make_text_encoder(1),
+            tokenizer=make_tokenizer(), text_encoder_2=make_t5_encoder(3), tokenizer_2=make_t5_tokenizer(),
+            scheduler=make_flow_scheduler("flux"))
+    if kind == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=make_transformer("sd3", 0), vae=make_flow_vae(2),
+            text_encoder=make_text_encoder(1, with_projection=True), tokenizer=make_tokenizer(),
+            text_encoder_2=make_text_encoder(3, with_projection=True), tokenizer_2=make_tokenizer(),
+            text_encoder_3=make_t5_encoder(4), tokenizer_3=make_t5_tokenizer(),
+            scheduler=make_flow_scheduler("sd3"))
     raise ValueError(f"unknown tiny pipeline kind {kind!r} (one of {', '.join(KINDS)})")
 
 
@@ -171,3 +253,48 @@ def ensure(kind: str = "sd1") -> Path:
     if not (folder / "model_index.json").exists():
         build(kind, folder, replace=False)
     return folder
+
+
+# BFL names of the Flux.1 transformer's RMSNorm scales (the only weights outside the LoRA-able modules
+# whose names differ); every other weight follows lorahub.formats.dit.flux.FLUX's module map.
+_BFL_NORMS = {"img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+              "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+              "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+              "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+_BFL_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def flux_to_bfl(state_dict: dict) -> dict:
+    """A diffusers ``FluxTransformer2DModel`` state dict in the original BFL layout
+    (``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``, …), fused where BFL
+    fuses: the single-file form diffusers' ``from_single_file`` reads back (tests of single-file Flux
+    extract and bake)."""
+    import torch
+
+    from lorahub.formats.dit.flux import FLUX
+    from lorahub.formats.dit.fused import swap_halves
+
+    out = {}
+    n_double = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")), default=-1)
+    n_single = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("single_transformer_blocks.")),
+                       default=-1)
+    modules = dict(FLUX.top)
+    for b, n in zip(FLUX.blocks, (n_double, n_single)):
+        for i in range(n):
+            for suffix, f in b.modules.items():
+                modules[f"{b.orig}.{i}.{suffix}"] = type(f)(tuple(f"{b.canon}.{i}.{p}" for p in f.parts), f.dims,
+                                                            f.swap)
+    for orig, f in modules.items():
+        for kind in ("weight", "bias"):
+            parts = [state_dict.get(f"{p}.{kind}") for p in f.parts]
+            if any(t is None for t in parts):
+                continue
+            t = torch.cat(parts, 0)
+            out[f"{orig}.{kind}"] = swap_halves(t) if f.swap else t
+    for i in range(n_double):
+        for bfl, d in _BFL_NORMS.items():
+            out[f"double_blocks.{i}.{bfl}"] = state_dict[f"transformer_blocks.{i}.{d}"]
+    for i in range(n_single):
+        for bfl, d in _BFL_SINGLE_NORMS.items():
+            out[f"single_blocks.{i}.{bfl}"] = state_dict[f"single_transformer_blocks.{i}.{d}"]
+    return {k: v.contiguous() for k, v in out.items()}

@@ -27,7 +27,7 @@ OTHER_FAMILIES = ("flux2", "chroma", "qwen-image", "wan", "hunyuan-dit", "hunyua
                   "mochi", "cogvideox")
 
 # The built-in tiny fixture pipelines (``lorahub.tiny``) and the family each belongs to.
-TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 # Architectures whose module lists ship with lorahub, as a cache of their derivation from published
 # configs (lorahub.formats.names): layer names are matched against them when no model is at hand.
@@ -50,7 +50,8 @@ KINDS = ("lora", "locon", "loha", "lokr", "dora", "textual-inversion", "checkpoi
 NETWORK_KINDS = KINDS[:5]  # the LoRA / LyCORIS adapters (not embeddings, not full models)
 
 # File dialects lorahub reads (``FORMATS``) and writes (``DIALECTS``).
-FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint")
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "lycoris", "embedding", "checkpoint",
+           "xlabs", "bfl", "comfyui")  # the last three: Flux.1 LoRAs keyed by BFL module paths (read only)
 DIALECTS = ("kohya", "diffusers", "peft")
 
 # How an entry came from another (the ``lineage.relation`` column).

@@ -38,8 +38,29 @@ def files(tmp_path_factory):
     return out
 
 
+# kohya's BFL names of Flux.1 -> the diffusers modules each stands for, with their rows of the up-matrix
+# (FORMATS.md: q, k, v fused in qkv; q, k, v and the MLP input fused in single blocks' linear1)
+_BFL_PARTS = {
+    "img_attn_qkv": [("attn.to_q", 3072), ("attn.to_k", 3072), ("attn.to_v", 3072)],
+    "txt_attn_qkv": [("attn.add_q_proj", 3072), ("attn.add_k_proj", 3072), ("attn.add_v_proj", 3072)],
+    "img_attn_proj": [("attn.to_out.0", 3072)], "txt_attn_proj": [("attn.to_add_out", 3072)],
+    "linear1": [("attn.to_q", 3072), ("attn.to_k", 3072), ("attn.to_v", 3072), ("proj_mlp", 12288)],
+}
+
+
+def _bfl_parts(module: str, up: torch.Tensor):
+    """(canonical key, its rows of ``up``) for a kohya Flux module name."""
+    m = re.fullmatch(r"lora_unet_(double|single)_blocks_(\d+)_(\w+)", module)
+    block = f"transformer.{'transformer_blocks' if m[1] == 'double' else 'single_transformer_blocks'}.{m[2]}"
+    start = 0
+    for path, rows in _BFL_PARTS[m[3]]:
+        yield f"{block}.{path}", up[start:start + rows]
+        start += rows
+
+
 def factors(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(up, down, scale) per module straight from the file's tensors, float64: kohya up·down·alpha/r,
+    """(up, down, scale) per module straight from the file's tensors, float64: kohya up·down·alpha/r
+    (a fused Flux.1 module split into the diffusers modules it stands for, keyed canonically),
     diffusers B·A."""
     out = {}
     with safe_open(str(path), "pt") as f:
@@ -50,7 +71,11 @@ def factors(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
                 scale = float(f.get_tensor(f"{m}.alpha")) / down.shape[0]
             else:
                 down, up, scale = f.get_tensor(f"{m}.lora_A.weight"), f.get_tensor(f"{m}.lora_B.weight"), 1.0
-            out[m] = (up.double(), down.double(), scale)
+            if m.startswith("lora_unet_"):
+                for key, rows in _bfl_parts(m, up):
+                    out[key] = (rows.double(), down.double(), scale)
+            else:
+                out[m] = (up.double(), down.double(), scale)
     return out
 
 
@@ -70,8 +95,8 @@ def sample(path, n: int = 4) -> dict[str, torch.Tensor]:
 
 
 def key_of(module: str) -> str:
-    """The canonical key lorahub reports for a file's module name (kohya names stay under their part)."""
-    return module if not module.startswith("lora_unet_") else "unet." + module
+    """The canonical key lorahub reports for a module of :func:`factors`."""
+    return module
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,7 +128,7 @@ def test_inspect_norms_equal_the_materialised_delta(files, run, name, blocks):
     rep = json.loads(out)
     per = {s["key"]: s for s in rep["per_layer"]}
     fs = factors(files[name])
-    assert len(per) == len(fs) == rep["layers"]
+    assert len(per) == len(fs) == rep["layers"]  # a Flux kohya file: its fused modules split
     for m, d in sample(files[name]).items():  # against ΔW materialised from the raw tensors
         s = per[key_of(m)]
         assert s["fro"] == pytest.approx(float(d.norm()), rel=1e-5)
@@ -115,7 +140,7 @@ def test_inspect_norms_equal_the_materialised_delta(files, run, name, blocks):
     assert rep["totals"]["fro"] == pytest.approx(sum(float(sigma(*f).norm()) ** 2 for f in fs.values()) ** 0.5,
                                                  rel=1e-5)
     assert len({b["block"] for b in rep["blocks"]}) == blocks
-    assert rep["unmapped_layers"] == (len(fs) if name == "fk1" else 0)
+    assert rep["unmapped_layers"] == 0
     assert rep["base"] == {"fk1": "flux", "fd1": "flux", "sd1": "sd3"}[name]
 
 
@@ -152,7 +177,7 @@ def test_concat_merge_is_exact_and_svd_merge_works(files, tmp_path, run, pair):
     rc, out, err = run("merge", f"{a}:0.7", f"{b}:0.3", "--method", "concat", "--out", tmp_path / "m.safetensors")
     assert rc == 0, err
     merged = load_lora(tmp_path / "m.safetensors")
-    assert detect(tmp_path / "m.safetensors").format == ("kohya" if pair[0] == "fk1" else "diffusers")
+    assert detect(tmp_path / "m.safetensors").format == "kohya"  # Flux.1 and SD3 have kohya writers
     assert merged.base == ("sd3" if pair[0] == "sd1" else "flux")
     for m in ra:
         got = merged.layers[key_of(m)]
@@ -178,9 +203,7 @@ def test_conversions_that_keep_names_and_the_ones_that_need_a_map(files, tmp_pat
     rc, out, err = run("convert", files["fk1"], "--to", "kohya", "--out", tmp_path / "k.safetensors", "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert res["unmapped"] == len(flux_kohya_modules(kinds=FLUX_KINDS)) == 114
-    assert "unet.lora_unet_double_blocks_0_img_attn_qkv" in res["unmapped_layers"]
-    assert any("kohya files of flux name modules in the family's original layout" in n for n in res["notes"])
+    assert res["unmapped"] == 0 and res["layers"] == len(factors(files["fk1"])) == 304
     a, b = load_file(str(files["fk1"])), load_file(str(tmp_path / "k.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # diffusers -> peft -> diffusers, no table
@@ -188,19 +211,20 @@ def test_conversions_that_keep_names_and_the_ones_that_need_a_map(files, tmp_pat
     assert run("convert", tmp_path / "p.safetensors", "--to", "diffusers", "--out", tmp_path / "d.safetensors")[0] == 0
     a, b = load_file(str(files["sd1"])), load_file(str(tmp_path / "d.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # a map is needed: kohya BFL names -> module paths, diffusers transformer -> kohya names
+    # the families' maps: kohya BFL names -> module paths and back (tests/test_dit_formats.py checks them)
     rc, out, err = run("convert", files["fk1"], "--to", "diffusers", "--out", tmp_path / "x.safetensors")
-    assert rc == 2 and "114 layer(s) have no known module path" in err and "Traceback" not in err
-    rc, out, err = run("convert", files["fd1"], "--to", "kohya", "--out", tmp_path / "y.safetensors")
-    assert rc == 2 and "no generic naming for the transformer of flux" in err
-    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    assert rc == 0, err
+    rc, out, err = run("convert", tmp_path / "x.safetensors", "--to", "kohya", "--out", tmp_path / "y.safetensors")
+    assert rc == 0, err
+    a, b = load_file(str(files["fk1"])), load_file(str(tmp_path / "y.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_diff_of_two_flux_kohya_files_compares_every_layer(files, run):
     rc, out, err = run("diff", files["fk1"], files["fk2"], "--json")
     assert rc == 0, err
     rep = json.loads(out)
-    n = len(flux_kohya_modules(kinds=FLUX_KINDS))
+    n = len(factors(files["fk1"]))
     assert rep["summary"]["common"] == rep["summary"]["compared"] == n and rep["only_a"] == rep["only_b"] == []
     per = {d["key"]: d for d in rep["per_layer"]}
     ra, rb = sample(files["fk1"]), sample(files["fk2"])
@@ -229,6 +253,7 @@ def test_a_family_plugs_its_own_kohya_reader_and_writer_in(files, tmp_path):
         seen.append(("write", len(model.layers)))
         return {"only": torch.zeros(1)}, {}
 
+    builtin = names.family_dialect("flux")  # lorahub's own (the BFL map)
     names.register_family_dialect("flux", names.FamilyDialect(read_kohya=read, write_kohya=write))
     try:
         m = load_lora(files["fk1"])
@@ -236,6 +261,9 @@ def test_a_family_plugs_its_own_kohya_reader_and_writer_in(files, tmp_path):
         assert names.default_dialect(m) == "kohya"
         save_lora(m, tmp_path / "w.safetensors", dialect="kohya")
         assert seen == [("read", "flux-kohya-1.safetensors"), ("write", len(m.layers))]
+        names.register_family_dialect("flux", None)  # none: the generic rule keeps the kohya names
+        assert all(k.startswith("unet.lora_unet_") for k in load_lora(files["fk1"]).layers)
     finally:
-        names.register_family_dialect("flux", None)
-    assert all(k.startswith("unet.lora_unet_") for k in load_lora(files["fk1"]).layers)
+        names.register_family_dialect("flux", builtin)
+    assert all(k.startswith("transformer.transformer_blocks.") or k.startswith("transformer.single_")
+               for k in load_lora(files["fk1"]).layers)

@@ -159,7 +159,7 @@ def test_cli_two_lora_grid_and_errors(run, cli, home, tmp_path, lora_files, tiny
         (["sweep", lora_files["sd1-kohya"], "--base", "tiny-sd1", "--prompt", "x", "--image", grid], "both an image and a mask"),
         (["sweep", lora_files["sd1-ti-diffusers"], "--base", "tiny-sd1", "--prompt", "x", *FAST], "render"),
         (["sweep", tmp_path / "missing.safetensors", "--base", "tiny-sd1", "--prompt", "x"], "no such file"),
-        (["previews", "nosuchentry"], "no registry entry"),
+        (["previews", "nosuchentry"], "no lorahub registry here yet"),  # opened without creating one
     ]:
         code, _, err = run(*args)
         assert code == 2 and msg in err, (args, err)

@@ -12,16 +12,18 @@ from typing import Annotated, List, Optional
 import typer
 
 from lorahub.cli.app import ForceOpt, app
-from lorahub.cli.common import HomeOpt, JsonOpt, console, open_registry, print_json
+from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json
 from lorahub.cli.steps import steps as steps_bar
 
-BaseOpt = Annotated[str, typer.Option("--base", help="Base model: tiny-sd1, tiny-sdxl, a diffusers folder, a "
-                                                     "single-file .safetensors checkpoint, or a registry checkpoint.")]
+BaseOpt = Annotated[str, typer.Option("--base", help="Base model: tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3, a "
+                                                     "diffusers folder (SD1/SD2/SDXL, Flux.1, SD3), a single-file "
+                                                     ".safetensors SD checkpoint, or a registry checkpoint.")]
 PromptOpt = Annotated[List[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several rows).")]
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Seeds, comma-separated; one row per prompt × seed.")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")]
 SizeOpt = Annotated[int, typer.Option("--size", min=8, max=4096, help="Image width and height (multiple of 8).")]
-GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = off).")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = off); for "
+                                                             "Flux.1, the distilled guidance the model takes.")]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm_single, unipc, or a "
@@ -182,16 +184,19 @@ def previews(
     ref: Annotated[str, typer.Argument(help="Registry id, name or hash prefix.", metavar="ID")],
     export: Annotated[Optional[Path], typer.Option("--export", help="Copy the preview images into DIR.")] = None,
     open_: Annotated[bool, typer.Option("--open", help="Open the newest preview with the system viewer.")] = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """List the preview images of an entry (sweep grids, animations, imported covers); export or open them."""
     from lorahub.ops.sweep import export_previews
+    from lorahub.registry import Registry
 
-    with open_registry(home) as reg:
+    with Registry.open(home, create=False) as reg:
         entry = reg.resolve(ref)
         items = reg.previews(entry["id"])
-        exported = [str(p) for p in export_previews(reg, entry["id"], export)] if export is not None else []
+        exported = ([str(p) for p in export_previews(reg, entry["id"], export, force=force)]
+                    if export is not None else [])
     if open_ and items:
         typer.launch(items[-1]["path"])
     if json_out:

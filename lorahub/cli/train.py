@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorahub.cli.app import app
+from lorahub.cli.app import ForceOpt, app
 from lorahub.cli.common import HomeOpt, JsonOpt, console, print_json, progress
 
 captions_app = typer.Typer(name="captions", help="Check training captions.", no_args_is_help=True,
@@ -20,8 +20,9 @@ _TYPE_HELP = "LoRA type: character|style|pose|clothing|object|concept."
 def train(
     data_dir: Annotated[Optional[Path], typer.Argument(help="Folder of training images (png/jpg/webp) "
                                                        "with optional same-name .txt captions.")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model: tiny-sd1, tiny-sdxl, a diffusers "
-                                                "folder or a registry reference.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model: tiny-sd1, tiny-sdxl, tiny-flux, "
+                                                "tiny-sd3, a diffusers folder (SD1/SD2/SDXL, Flux.1, SD3: "
+                                                "dreambooth) or a registry reference.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="dreambooth | textual-inversion | pivotal.")] = None,
     type_: Annotated[Optional[str], typer.Option("--type", help=_TYPE_HELP)] = None,
     trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger word(s), '|'-separated "
@@ -76,6 +77,7 @@ def train(
     register: Annotated[Optional[bool], typer.Option("--register/--no-register", help="Add the result to the registry.")] = None,
     ignore_lint: Annotated[Optional[bool], typer.Option("--ignore-lint", help="Train despite caption-lint errors.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="train.toml with any of these settings.")] = None,
+    force: ForceOpt = False,
     home: HomeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -111,7 +113,7 @@ def train(
         def log(msg: str) -> None:
             bar.console.print(msg, markup=False, highlight=False)
 
-        res = train_lora(data_dir, config=config, registry=home, on_step=report, log=log, **settings)
+        res = train_lora(data_dir, config=config, registry=home, on_step=report, log=log, force=force, **settings)
     if not res.is_main:  # accelerate launch: the main process reports
         return
     if json_out:

@@ -54,6 +54,17 @@ _DIFF_SUFFIX = re.compile(
 _PROC_SUFFIX = re.compile(r"^(?P<mod>.+)\.(?P<proj>to_q|to_k|to_v|to_out(?:\.0)?|add_k_proj|add_v_proj)_lora\."
                           r"(?P<ud>up|down)\.weight$")
 _CLONE = re.compile(r"^(?P<model>[A-Za-z0-9_]+):(?P<i>\d+):(?P<ud>up|down)$")
+# Flux.1 LoRAs keyed by BFL module paths: XLabs (attention-processor LoRAs), and ComfyUI / ai-toolkit
+# (``diffusion_model.`` prefix) or PEFT (``base_model.model.`` or no prefix) files with kohya or PEFT factors
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(?P<mod>(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
+                    r"\.(?P<ud>down|up)\.weight$")
+_BFL = re.compile(r"^(?P<prefix>diffusion_model\.|base_model\.model\.|transformer\.|model\.)?"
+                  r"(?P<mod>(?:double_blocks|single_blocks)\.\d+\.[a-z_0-9]+(?:\.(?:qkv|proj|lin|\d))?"
+                  r"|final_layer\.(?:linear|adaLN_modulation\.1)|img_in|txt_in"
+                  r"|(?:time_in|vector_in|guidance_in)\.(?:in_layer|out_layer))"
+                  r"\.(?P<fac>lora_[AB]\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_BFL_FACTOR = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+               "alpha": "alpha"}
 CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
@@ -185,6 +196,27 @@ def _clone_layers(tensors: dict[str, TensorInfo]) -> dict[str, _Layer]:
             mod = f"{m['model']}:{m['i']}"
             layers.setdefault(mod, _Layer(m["model"], mod)).factors[m["ud"]] = info
     return layers
+
+
+def _bfl_layers(tensors: dict[str, TensorInfo]) -> tuple[str, dict[str, _Layer]] | None:
+    """(xlabs | comfyui | bfl, layers) when every key is a LoRA factor on a Flux.1 BFL module path."""
+    layers: dict[str, _Layer] = {}
+    keys = list(tensors)
+    if all(_XLABS.match(k) for k in keys):
+        for k in keys:
+            m = _XLABS.match(k)
+            layers.setdefault(m["mod"], _Layer("transformer", m["mod"])).factors[m["ud"]] = tensors[k]
+        return "xlabs", layers
+    prefixes = set()
+    for k in keys:
+        m = _BFL.match(k)
+        if m is None:
+            return None
+        prefixes.add(m["prefix"] or "")
+        layers.setdefault(m["mod"], _Layer("transformer", m["mod"])).factors[_BFL_FACTOR[m["fac"]]] = tensors[k]
+    if len(prefixes) != 1 or not any("_blocks." in n for n in layers):
+        return None
+    return ("comfyui" if prefixes == {"diffusion_model."} else "bfl"), layers
 
 
 _STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
@@ -360,7 +392,17 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
         return _checkpoint_detection(tensors, meta, notes)
 
     clone = _clone_layers(tensors)
-    if clone:
+    dit = _bfl_layers(tensors)
+    if dit is not None:
+        fmt, layers = dit
+        other, tokens, parts = [], [], ["transformer"]
+        if fmt == "xlabs":
+            notes.append("XLabs Flux LoRA (attention-processor keys, no alpha: scale 1)")
+        elif fmt == "comfyui":
+            notes.append("ComfyUI / ai-toolkit keys (diffusion_model. prefix, BFL module paths)")
+        else:
+            notes.append("PEFT factors on BFL module paths (the original Flux.1 layout)")
+    elif clone:
         layers = clone
         fmt = "cloneofsimo"
         tokens = [k for k, v in meta.items() if v == "<embed>" and k in tensors]

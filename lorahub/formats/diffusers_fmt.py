@@ -63,6 +63,9 @@ def _bookkeeping(metadata: dict[str, str]) -> tuple[dict[str, str], dict]:
             info = {}
         for k in info.get("added_keys", []):
             meta.pop(k, None)
+        stash = info.get("stash")
+        if isinstance(stash, dict):  # kohya's hash fields, held back while the tensors are not kohya's
+            meta.update({k: v for k, v in stash.items() if isinstance(k, str) and isinstance(v, str)})
     return meta, info
 
 
@@ -271,8 +274,10 @@ def _consistent(cfg: dict, layers: dict[str, LoraLayer]) -> bool:
     return True
 
 
-def _bookkeeping_meta(model: LoraModel, added: list[str], has_config: bool) -> str:
+def _bookkeeping_meta(model: LoraModel, added: list[str], has_config: bool, stash: dict[str, str]) -> str:
     info: dict = {"added_keys": added}
+    if stash:
+        info["stash"] = stash
     na = [n for n, layer in model.layers.items() if layer.alpha is None] if has_config else []
     if na:
         info["no_alpha"] = na
@@ -294,9 +299,14 @@ def _bookkeeping_meta(model: LoraModel, added: list[str], has_config: bool) -> s
 
 def write(model: LoraModel, dtype: torch.dtype | None = None, dialect: str = "diffusers"
           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from lorahub.formats.kohya import HASH_KEYS
+
     _check_writable(model, dialect)
     out: dict[str, torch.Tensor] = {}
     meta = dict(model.metadata)
+    # kohya's hashes describe kohya's tensors: stale here. Held in lorahub's field, so a conversion back
+    # to kohya recomputes them.
+    stash = {k: meta.pop(k) for k in HASH_KEYS if k in meta}
     added: list[str] = []
     if dialect == "peft":
         parts = model.parts()
@@ -333,7 +343,7 @@ def write(model: LoraModel, dtype: torch.dtype | None = None, dialect: str = "di
     if "format" not in meta:
         meta["format"] = "pt"
         added.append("format")
-    book = _bookkeeping_meta(model, added, META_KEY in meta)
+    book = _bookkeeping_meta(model, added, META_KEY in meta, stash)
     if book != '{"added_keys":[]}':
         meta[LOREHUB_KEY] = book
     return out, meta

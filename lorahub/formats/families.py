@@ -297,8 +297,8 @@ def _dit(den: list[LayerShape], names: list[str], joined: str, ev) -> Evidence |
             return ev(other("flux2"), detail)
         if w == 3072 and (nd > 19 or ns > 38):
             return ev(other("hunyuan-video"), detail)
-        if w in (3072, None):
-            return ev("flux", detail, also=(other("chroma"), other("hunyuan-video")))
+        # FLUX.1's width 3072; any other width: a smaller model of the same layout (a test fixture)
+        return ev("flux", detail, also=(other("chroma"), other("hunyuan-video")))
     if re.search(r"(?:^|_)joint_blocks_\d+_(?:x|context)_block", joined):  # SAI MMDiT layout
         n = _max_index(names, r"(?:^|_)joint_blocks_(\d+)_")
         w = _width(den, r"joint_blocks_\d+_x_block_attn_qkv")

@@ -80,7 +80,15 @@ def load_lora(path: str | os.PathLike, *, arch=None) -> LoraModel:
         raise FormatError(f"{name}: is a full model checkpoint, not a LoRA")
     tensors, metadata, strings = _read_tensors(p)
     hint = det.base if det.base != "unknown" else None
-    if det.format in ("kohya", "lycoris"):
+    model = None
+    if det.format in ("kohya", "lycoris", "peft") and arch is None and (hint or "").startswith("other:"):
+        from lorahub.formats.dit import other
+
+        # a newer DiT family: its diffusers loader converts the keys (None: it has none, or refuses them)
+        model = other.read(hint, tensors, metadata, fmt=det.format, name=name)
+    if model is not None:
+        model.source_format = det.format
+    elif det.format in ("kohya", "lycoris"):
         model = kohya.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
         model.source_format = det.format
     elif det.format in ("diffusers", "peft"):
@@ -90,6 +98,14 @@ def load_lora(path: str | os.PathLike, *, arch=None) -> LoraModel:
             model = cloneofsimo.read_pt_list(tensors, name=name, arch=arch)
         else:
             model = cloneofsimo.read(tensors, metadata, arch=arch, base_hint=hint, name=name)
+    elif det.format == "xlabs":
+        from lorahub.formats.dit import flux
+
+        model = flux.read_xlabs(tensors, metadata, name=name)
+    elif det.format in ("bfl", "comfyui"):
+        from lorahub.formats.dit import flux
+
+        model = flux.read_bfl(tensors, metadata, name=name)
     elif det.format == "embedding":
         model = embeddings.read(tensors, metadata, strings=strings, stem=p.stem, name=name)
         if model.base == "unknown":

@@ -60,6 +60,13 @@ _BUILTIN: dict[str, dict[str, tuple[str, str, str | None]]] = {
     "tiny-sd1": {"unet": ("tiny", "sd1_unet", None), "text_encoder": ("tiny", "clip_text", "CLIPTextModel")},
     "tiny-sdxl": {"unet": ("tiny", "sdxl_unet", None), "text_encoder": ("tiny", "clip_text", "CLIPTextModel"),
                   "text_encoder_2": ("tiny", "clip_text", "CLIPTextModelWithProjection")},
+    "tiny-flux": {"transformer": ("tiny", "flux_transformer", None),
+                  "text_encoder": ("tiny", "clip_text", "CLIPTextModel"),
+                  "text_encoder_2": ("tiny", "t5_encoder", None)},
+    "tiny-sd3": {"transformer": ("tiny", "sd3_transformer", None),
+                 "text_encoder": ("tiny", "clip_text", "CLIPTextModelWithProjection"),
+                 "text_encoder_2": ("tiny", "clip_text", "CLIPTextModelWithProjection"),
+                 "text_encoder_3": ("tiny", "t5_encoder", None)},
     "flux": {"transformer": ("real", "flux1_dev_transformer", None),
              "text_encoder": ("real", "clip_vit_l14_text", None),
              "text_encoder_2": ("real", "t5_v1_1_xxl_encoder", None)},
@@ -245,8 +252,8 @@ def _family_of_specs(specs: dict[str, PartSpec]) -> str:
         if spec.cls == "UNet2DConditionModel":
             fam = families.family_of_unet_config(spec.config)
             if fam == "unknown":  # the tiny fixtures' UNets are catalogued under their family
-                fam = next((_BUILTIN_FAMILY[a] for a in TINY_MODELS
-                            if _same_config(_builtin_specs(a)["unet"].config, spec.config)), "unknown")
+                fam = next((_BUILTIN_FAMILY[a] for a in TINY_MODELS if "unet" in _BUILTIN[a]
+                            and _same_config(_builtin_specs(a)["unet"].config, spec.config)), "unknown")
             return fam
         return families.family_of_class(spec.cls) or "unknown"
     return "unknown"
@@ -627,11 +634,20 @@ class FamilyDialect:
 
 
 _FAMILY_DIALECTS: dict[str, FamilyDialect] = {}
+_BUILTIN_DIALECTS: list[bool] = []  # set once lorahub.formats.dit registered Flux.1's and SD3's
+
+
+def _load_builtin_dialects() -> None:
+    if not _BUILTIN_DIALECTS:
+        _BUILTIN_DIALECTS.append(True)
+        import lorahub.formats.dit  # noqa: F401 - registers the built-in family dialects
 
 
 def register_family_dialect(family: str, dialect: FamilyDialect | None) -> None:
     """Install ``dialect`` for LoRAs of ``family`` (sd3, flux, other:…); None removes it. kohya files
-    detected as ``family`` are then read, and LoRAs of ``family`` written, through it."""
+    detected as ``family`` are then read, and LoRAs of ``family`` written, through it. The built-in
+    ones (:mod:`lorahub.formats.dit`: flux, sd3) are registered first, so a later call replaces them."""
+    _load_builtin_dialects()
     if dialect is None:
         _FAMILY_DIALECTS.pop(family, None)
     else:
@@ -639,7 +655,8 @@ def register_family_dialect(family: str, dialect: FamilyDialect | None) -> None:
 
 
 def family_dialect(family: str | None) -> FamilyDialect | None:
-    """The dialect registered for ``family``, if any."""
+    """The dialect registered for ``family``, if any (the built-in ones: flux, sd3)."""
+    _load_builtin_dialects()
     return _FAMILY_DIALECTS.get(family or "")
 
 

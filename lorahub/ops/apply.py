@@ -1,7 +1,9 @@
 """Apply canonical LoRAs to a live diffusers pipeline as side branches with a per-sample scale.
 
-Every adapted ``nn.Linear`` / ``nn.Conv2d`` is replaced by a :class:`LoraBranch` wrapper that keeps the
-original module untouched and adds, for sample *i* of the batch::
+Every adapted ``nn.Linear`` / ``nn.Conv2d`` — of the UNet, of a DiT's transformer (Flux.1, SD3: the
+module paths of the canonical ``transformer.…`` keys), of the CLIP / T5 text encoders — is replaced by a
+:class:`LoraBranch` wrapper that keeps the original module untouched and adds, for sample *i* of the
+batch (the first dimension of every input, ``(B, …)`` for transformer tokens too)::
 
     y_i = W0·x_i (+ b)  +  Σ_k  α_{k,i} · ΔW_k·x_i
 

@@ -6,7 +6,12 @@ positioned reads, a streaming safetensors writer): per adapted weight only its Î
 W0 in fp32 and cast back to the base tensor's own dtype; every other tensor is copied as stored.
 
 * base = a diffusers folder  -> a diffusers folder (other files copied);
-* base = a single-file LDM/SGM ``.safetensors`` -> a single ``.safetensors`` in the same layout.
+* base = a single-file LDM/SGM ``.safetensors`` -> a single ``.safetensors`` in the same layout;
+* base = a Flux.1 transformer in the BFL layout (``double_blocks.N.img_attn.qkv.weight``) -> the same
+  layout, the LoRA's q/k/v (and single blocks' q/k/v + MLP) fused exactly as BFL fuses them
+  (:func:`lorahub.formats.dit.flux.to_bfl_layers`).
+
+Flux.1 / SD3 diffusers folders take the LoRA's ``transformer.â€¦`` layers on the transformer's weights.
 
 The recipe is recorded in ``lorahub_recipe.toml`` inside a baked folder, and in the header metadata
 (``lorahub.recipe``) of a baked single file.
@@ -66,13 +71,36 @@ def _module_of(ck, key: str) -> str:
     return hit
 
 
+def _bfl_layers(ck, merged: LoraModel) -> dict[str, object]:
+    """A Flux.1 LoRA's transformer layers keyed by BFL module path (fused q/k/v exact:
+    :func:`lorahub.formats.dit.flux.to_bfl_layers`), for a BFL-layout file (the transformer only)."""
+    from lorahub.formats.dit.flux import to_bfl_layers
+
+    if ck.family != merged.base and merged.base not in ("flux", "unknown"):
+        raise LorahubError(f"{ck.path} is a Flux.1 transformer (BFL layout) but the LoRA is for {merged.base}")
+    layers = {}
+    for key, layer in merged.layers.items():
+        if is_unmapped(key) and dialect_name(key).startswith("lora_unet_"):
+            key = "transformer." + dialect_name(key)  # a kohya Flux name read without its family
+        elif not key.startswith("transformer."):
+            others = [k for k in merged.layers if not k.startswith("transformer.") and not
+                      (is_unmapped(k) and dialect_name(k).startswith("lora_unet_"))]
+            raise LorahubError(f"{key}: a Flux.1 file in the BFL layout holds only the transformer; "
+                               f"{len(others)} text-encoder layer(s) of the LoRA cannot be baked into it")
+        layers[key] = layer
+    return to_bfl_layers(LoraModel(base="flux", layers=layers))
+
+
 def _plan(ck, merged: LoraModel) -> dict[str, list]:
     """Weight name -> the layers that add to it (several when differently named layers of the inputs
-    map to one module)."""
+    map to one module). A Flux.1 file in the BFL layout takes the LoRA's layers fused as BFL modules."""
     plan: dict[str, list] = {}
     lost = []
-    for key, layer in merged.layers.items():
-        name = weight_name(_module_of(ck, key))
+    if ck.layout == "bfl":
+        items = [(orig, orig + ".weight", layer) for orig, layer in _bfl_layers(ck, merged).items()]
+    else:
+        items = [(key, weight_name(_module_of(ck, key)), layer) for key, layer in merged.layers.items()]
+    for key, name, layer in items:
         if name not in ck:
             lost.append(key)
             continue

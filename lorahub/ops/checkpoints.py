@@ -7,10 +7,15 @@ Two storage layouts are read and written:
   stored as an ``fp16`` variant);
 * a **single-file checkpoint** in the original layout: LDM for SD1/SD2
   (``model.diffusion_model.*``, ``cond_stage_model.transformer.*`` or OpenCLIP ``cond_stage_model.model.*``)
-  and SGM for SDXL (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``).
+  and SGM for SDXL (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``);
+* a **Flux.1 transformer in the BFL layout** (``double_blocks.N.img_attn.qkv.weight``,
+  ``single_blocks.N.linear1.weight``; also under ComfyUI's ``model.diffusion_model.`` prefix): layout
+  ``bfl``, whose tensors keep their BFL names (fused q/k/v stay fused); ``get`` / ``shape`` / ``in``
+  also take the canonical transformer names (a read-only view: the rows of the fused weight, the
+  adaLN halves swapped), so ``inspect --base`` and friends see the diffusers modules.
 
-Every tensor that belongs to the UNet or a text encoder is exposed under its *canonical* name, the
-diffusers module path with a part prefix (the same keys LoRA layers use, plus ``.weight``/``.bias``)::
+Every tensor that belongs to the UNet, a DiT transformer or a text encoder is exposed under its
+*canonical* name (BFL files: their BFL name), the diffusers module path with a part prefix (the same keys LoRA layers use, plus ``.weight``/``.bias``)::
 
     unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight
     text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight
@@ -24,7 +29,7 @@ API::
     ck = open_checkpoint(path)        # folder or .safetensors file
     ck.family                         # sd1 | sd2 | sdxl | sd3 | flux | other:<name> | unknown
     ck.arch                           # module list from a folder's own configs (names.Arch)
-    ck.layout                         # diffusers | ldm | sgm
+    ck.layout                         # diffusers | ldm | sgm | bfl
     ck.keys(); ck.shape(name); ck.get(name, dtype=None)
     write_like(ck, dest, transform=fn, dtype=None)   # same layout, every tensor passed through fn
     save_single_file(ck, dest, transform=fn)         # UNet + text encoders in LDM/SGM layout
@@ -248,7 +253,31 @@ class Checkpoint:
         return list(self._map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._map
+        return name in self._map or self._bfl_view(name) is not None
+
+    def _bfl_view(self, name: str):
+        """For a BFL-layout file: (BFL tensor name, first row, rows, swap halves) of the canonical
+        weight ``name`` (``transformer.transformer_blocks.0.attn.to_q.weight`` is a third of
+        ``double_blocks.0.img_attn.qkv.weight``), read-only; None when there is none."""
+        if self.layout != "bfl" or not name.startswith("transformer.") or name in self._map:
+            return None
+        from lorahub.formats.dit.flux import FLUX
+
+        module, dot, kind = name.rpartition(".")
+        if kind not in ("weight", "bias"):
+            return None
+        hit = FLUX.original_of(module)
+        if hit is None or f"{hit[0]}.{kind}" not in self._map:
+            return None
+        orig, j = hit
+        spec = FLUX.spec(orig)
+        full = f"{orig}.{kind}"
+        rows = self._files[self._map[full].file].info(self._map[full].key).shape
+        if len(spec.parts) == 1:
+            return full, 0, int(rows[0]), spec.swap
+        inn = int(self._files[self._map[f"{orig}.weight"].file].info(self._map[f"{orig}.weight"].key).shape[1])
+        dims = spec.dims(int(rows[0]), inn)
+        return full, sum(dims[:j]), dims[j], False
 
     def parts(self) -> list[str]:
         found = {k.split(".", 1)[0] for k in self._map}
@@ -261,6 +290,9 @@ class Checkpoint:
             raise LorahubError(f"{self.path}: no tensor {name}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        view = self._bfl_view(name)
+        if view is not None:
+            return (view[2], *self.shape(view[0])[1:])
         src = self.source(name)
         shape = list(self._files[src.file].info(src.key).shape)
         if src.part is not None:
@@ -271,10 +303,23 @@ class Checkpoint:
 
     def dtype(self, name: str) -> str:
         """safetensors dtype string (F16, BF16, F32, ...) as stored."""
+        view = self._bfl_view(name)
+        if view is not None:
+            return self.dtype(view[0])
         src = self.source(name)
         return self._files[src.file].info(src.key).dtype
 
     def get(self, name: str, dtype=None):
+        view = self._bfl_view(name)
+        if view is not None:  # a canonical weight inside a fused BFL one (read-only view)
+            full, start, n, swap = view
+            t = self.get(full)
+            if swap:
+                from lorahub.formats.dit.fused import swap_halves
+
+                t = swap_halves(t)
+            t = t[start:start + n].clone()
+            return t if dtype is None else t.to(dtype)
         src = self.source(name)
         t = self._files[src.file].read(src.key)
         if src.part is not None:
@@ -350,9 +395,26 @@ def _detect_family_single(keys: Iterable[str], shapes: dict[str, tuple]) -> str:
     return "unknown"
 
 
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+BFL_PROBE = "double_blocks.0.img_attn.qkv.weight"
+
+
+def _bfl_prefix(keys) -> str | None:
+    """The key prefix of a Flux.1 transformer in the original BFL layout (none for a BFL release file,
+    ``model.diffusion_model.`` in ComfyUI full checkpoints), None when the file holds no such model."""
+    keys = set(keys)
+    return next((p for p in BFL_PREFIXES if p + BFL_PROBE in keys), None)
+
+
 def _open_single(path: Path) -> Checkpoint:
     f = _File(path)
     keys = f.keys()
+    prefix = _bfl_prefix(keys)
+    if prefix is not None:
+        # Flux.1 in the BFL layout: tensors keep their BFL names (``double_blocks.3.img_attn.qkv.weight``);
+        # fused q/k/v stay fused (a LoRA reaches them through lorahub.formats.dit.flux.to_bfl_layers)
+        mapping = {k[len(prefix):]: Source(0, k) for k in keys if k.startswith(prefix)}
+        return Checkpoint(path, "bfl", [f], mapping, "flux")
     unet_keys = [k[len(UNET_LDM_PREFIX):] for k in keys if k.startswith(UNET_LDM_PREFIX)]
     # layers per block: the first downsampler sits at input_blocks.(L+1)
     downs = sorted(int(m[1]) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k)))

@@ -98,10 +98,15 @@ def convert(lora: str | os.PathLike, dialect: str, *, out: str | os.PathLike | N
             out = default_output(src.name, f".{dialect}.safetensors", Path.cwd() if src.entry else src.path.parent)
         out = check_output(out, force=force, inputs=[src.path])
         path = save_lora(model, out, dialect=dialect, dtype=dt)
+        notes = list(model.notes)
+        if dialect == "kohya":
+            from lorahub.formats.dit import fusion_notes
+
+            notes += fusion_notes(model)
         res = ConvertResult(input=src.path, out=Path(path), source_format=det.format, dialect=dialect,
                             kind=model.kind, base=model.base, arch=model.arch, layers=len(model.layers),
                             embeddings=list(model.embeddings), dropped_embeddings=dropped, dtype=dtype,
-                            unmapped_layers=unmapped(model.layers), notes=list(model.notes))
+                            unmapped_layers=unmapped(model.layers), notes=notes)
         if register:
             entry = src.entry or {}
             res.entry, res.created = register_derived(

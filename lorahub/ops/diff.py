@@ -101,11 +101,11 @@ def _dense_pair(la: LoraLayer, lb: LoraLayer) -> dict:
     return out
 
 
-def diff_layer(key: str, la: LoraLayer, lb: LoraLayer) -> LayerDiff:
+def diff_layer(key: str, la: LoraLayer, lb: LoraLayer, family: str | None = None) -> LayerDiff:
     check_layer(key, la)
     check_layer(key, lb)
     sa, sb = _shape(la), _shape(lb)
-    d = LayerDiff(key=key, block=block_of(key), type=layer_type(key), status="ok", shape_a=sa, shape_b=sb)
+    d = LayerDiff(key=key, block=block_of(key, family), type=layer_type(key), status="ok", shape_a=sa, shape_b=sb)
     if not sa or not sb or _flat2(sa) != _flat2(sb):
         d.status = "shape-mismatch"
         return d
@@ -175,7 +175,7 @@ def diff_models(a: LoraModel, b: LoraModel, *, layers: str | None = None, on_lay
         check_layer(k, b.layers[k])
     diffs: list[LayerDiff] = []
     for k in common:
-        diffs.append(diff_layer(k, a.layers[k], b.layers[k]))
+        diffs.append(diff_layer(k, a.layers[k], b.layers[k], a.base if a.base == b.base else None))
         if on_layer is not None:
             on_layer(k)
     ok = [d for d in diffs if d.status == "ok"]

@@ -7,6 +7,13 @@ exact singular values from the Gram matrix, rank chosen on them (fixed or dynami
 factors checked against the exact truncated-SVD optimum with an exact-SVD fallback, float64 retry on
 non-convergence. √S goes into both factors (up = U·√S, down = √S·Vh, alpha = rank: scale 1).
 
+DiT families: from diffusers folders every linear of the transformer (Flux.1, SD3, …) and the CLIP / T5
+text encoders' attention and MLP linears; from two Flux.1 single files in the original BFL layout
+(``double_blocks.N.img_attn.qkv.weight``) every BFL module a kohya Flux LoRA adapts, fused q/k/v
+factored as one matrix (what kohya's Flux LoRAs hold), then split into canonical layers that share the
+fused down factor (written as kohya, they fuse back exactly). Both ways read one tensor at a time, so
+a 12B-parameter pair needs about one fused weight's working set, not the models.
+
 The reported Frobenius retained is measured on the factors *as saved* (after the dtype cast and any
 clamp): √(1 − ‖ΔW − up·down‖²/‖ΔW‖²), per layer and overall (energy-weighted), in float64, next to the
 float64 Eckart–Young optimum √(Σ_{i<k} σᵢ²/‖ΔW‖²) (singular values of a float64 Gram matrix).
@@ -29,7 +36,9 @@ from lorahub.linalg.rank import RankCriteria, finite, whole
 from lorahub.outputs import Written
 from lorahub.vocab import DTYPE_NAMES, DTYPES
 
-TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))\.weight$")
+TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2)"
+                       r"|SelfAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))\.weight$")  # CLIP, T5
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_RANK = 64
 SVD_METHODS = ("auto", "randomized", "exact")
 
@@ -111,8 +120,12 @@ def overall_retained(layers: list[LayerReport]) -> float:
 
 
 def block_of(name: str) -> str:
-    """Report group of a layer: unet.down_blocks.N, unet.mid_block, unet.up_blocks.N, text encoders."""
-    m = re.match(r"(unet\.(down_blocks|up_blocks)\.\d+|unet\.mid_block|unet\.[a-z_]+|text_encoder_2|text_encoder)", name)
+    """Report group of a layer: unet.down_blocks.N, unet.mid_block, unet.up_blocks.N, a DiT's
+    transformer.transformer_blocks.N / transformer.single_transformer_blocks.N (BFL: double_blocks.N,
+    single_blocks.N), text encoders."""
+    m = re.match(r"(unet\.(down_blocks|up_blocks)\.\d+|unet\.mid_block|unet\.[a-z_]+"
+                 r"|transformer\.(transformer_blocks|single_transformer_blocks)\.\d+|transformer"
+                 r"|(double_blocks|single_blocks)\.\d+|text_encoder_3|text_encoder_2|text_encoder)", name)
     return m[1] if m else name.split(".")[0]
 
 
@@ -141,16 +154,34 @@ def layer_kind(name: str, shape: tuple, conv: bool) -> str | None:
                 return "linear"  # time_emb_proj, conv_shortcut
             return "conv"
         return None
+    if name.startswith("transformer."):  # a DiT (Flux.1, SD3, …): every linear of the transformer
+        return "linear" if len(shape) == 2 else None
     if name.startswith("text_encoder") and TE_LINEAR.search(name) and len(shape) == 2:
         return "linear"
     return None
 
 
+def _bfl_kind(name: str, shape: tuple) -> str | None:
+    """'linear' for a weight of a Flux.1 BFL-layout file that a kohya Flux LoRA adapts (a module of
+    the BFL layout: fused ``img_attn.qkv``, ``linear1``, …), else None."""
+    from lorahub.formats.dit.flux import FLUX
+
+    if not name.endswith(".weight") or len(shape) != 2:
+        return None
+    return "linear" if FLUX.spec(name[: -len(".weight")]) is not None else None
+
+
 def select_layers(base, tuned, opts: ExtractOptions) -> list[tuple[str, str]]:
     conv = bool(opts.conv_rank)
+    if (base.layout == "bfl") != (tuned.layout == "bfl"):
+        raise LorahubError("one model is a Flux.1 file in the BFL layout and the other is not: give both "
+                           "models in the same layout (two BFL files, or two diffusers folders)")
     out = []
     for name in tuned.keys():
-        kind = layer_kind(name, tuned.shape(name), conv)
+        if tuned.layout == "bfl":
+            kind = _bfl_kind(name, tuned.shape(name))
+        else:
+            kind = layer_kind(name, tuned.shape(name), conv)
         if kind is None:
             continue
         if name not in base:
@@ -279,7 +310,7 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
         family = tuned.family if tuned.family != "unknown" else base.family
         todo = select_layers(base, tuned, opts)
         # text encoders: extracted only when they differ by more than --min-diff
-        for part in ("text_encoder", "text_encoder_2"):
+        for part in TEXT_ENCODERS:
             names = [n for n, _ in todo if n.startswith(part + ".")]
             if not names:
                 continue
@@ -297,6 +328,7 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
         if not todo:
             raise LorahubError("nothing to extract: no adaptable layer differs between the models")
         model = LoraModel(base=family, source_format="extract", arch=base.arch.name if base.arch else "unknown")
+        bfl: dict = {}  # BFL-layout inputs: layers keyed by BFL module path, made canonical at the end
         reports: list[LayerReport] = []
         unchanged = 0
         for i, (name, kind) in enumerate(todo):
@@ -311,8 +343,8 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             del diff
             module = name[: -len(".weight")]
             rep.name = module
-            model.layers[module] = LoraLayer(kind="lora", weights={"down": down, "up": up},
-                                             alpha=float(rep.rank))
+            layer = LoraLayer(kind="lora", weights={"down": down, "up": up}, alpha=float(rep.rank))
+            (bfl if tuned.layout == "bfl" else model.layers)[module] = layer
             reports.append(rep)
         if on_layer:
             on_layer(len(todo), len(todo), "")
@@ -320,6 +352,13 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             notes.append(f"{unchanged} layer(s) identical in both models: not included")
         if not reports:
             raise LorahubError("nothing to extract: the models are identical in every adaptable layer")
+        if bfl:
+            from lorahub.formats.dit.flux import from_bfl_layers
+
+            # one canonical layer per diffusers module; the parts of a fused module share its down
+            # factor, so writing kohya fuses them back exactly (lora_unet_double_blocks_N_img_attn_qkv)
+            model.layers.update(from_bfl_layers(bfl))
+            notes.append(f"{len(bfl)} BFL-layout module(s) extracted (fused q/k/v kept fused: one rank each)")
         tuned_name = tuned_name or public_name(tuned_path)
         info = {
             "base": {"name": base_name or public_name(base_path),
@@ -356,7 +395,12 @@ def extract_metadata(res: ExtractResult, opts: ExtractOptions, info: dict, title
         "frobenius_retained": round(res.retained, 6),
         "notes": res.notes,
     }
-    meta = kohya.derived_metadata(res.model, title=title)
+    from lorahub.vocab import KOHYA_BASE_VERSIONS
+
+    inherited = {}
+    if res.family in KOHYA_BASE_VERSIONS:  # readers tell a kohya Flux/SD3 file by it at any width
+        inherited["ss_base_model_version"] = KOHYA_BASE_VERSIONS[res.family]
+    meta = kohya.derived_metadata(res.model, title=title, inherited=inherited)
     meta["lorahub_extract"] = json.dumps(summary, sort_keys=True)
     meta["lorahub_extract_layers"] = json.dumps(
         {r.name: {"rank": r.rank, "retained": round(r.retained, 6), "optimum": round(r.optimum, 6),
@@ -386,7 +430,9 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, out: str 
     """Extract ``tuned`` − ``base`` as a LoRA and write it to ``out``.
 
     ``base`` / ``tuned``: a diffusers folder, a single-file .safetensors checkpoint, a registry
-    checkpoint, or tiny-sd1 / tiny-sdxl. The rank: a fixed ``rank`` (default 64), or one dynamic
+    checkpoint, or a built-in tiny model (tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3); Flux.1 / SD3
+    transformers from diffusers folders, or Flux.1 transformers as two single files in the original BFL
+    layout (the LoRA then adapts the fused BFL modules: kohya's Flux naming). The rank: a fixed ``rank`` (default 64), or one dynamic
     criterion (``energy``, ``sv_ratio``, ``sv_fro``) capped by ``rank``; ``conv_rank`` also extracts
     3×3 convs (LoCon). See :class:`ExtractOptions` for the rest. ``out`` defaults to
     ``<tuned name>-extract-<r64|energy|…>.safetensors`` in the current folder; ``register`` adds the

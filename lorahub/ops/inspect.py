@@ -54,11 +54,25 @@ def _rest(key: str) -> tuple[str, str]:
     return part, rest
 
 
-def block_of(key: str) -> str:
+# the DiT families' own names for their numbered blocks (diffusers' names -> the family's)
+FAMILY_BLOCKS = {"flux": {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"},
+                 "sd3": {"transformer_blocks": "joint_blocks"}}
+
+
+def block_of(key: str, family: str | None = None) -> str:
     """Block label of a canonical key: down.0 … mid … up.3 and unet.other for a UNet; te.0 …, te2.0 …,
     te3.0 …, te.other for text encoders; for any other model the numbered block the key sits in
     (``transformer_blocks.3``, ``single_transformer_blocks.10``, ``double_blocks.3`` of a kohya Flux file),
-    else ``<part>.other``. Unmapped kohya keys are read through their flattened names."""
+    else ``<part>.other``. Unmapped kohya keys are read through their flattened names. With ``family``
+    the DiT families' blocks take their own names (:data:`FAMILY_BLOCKS`): Flux.1 ``double_blocks.N`` /
+    ``single_blocks.N``, SD3 ``joint_blocks.N``."""
+    label = _block_of(key)
+    head, _, idx = label.rpartition(".")
+    own = FAMILY_BLOCKS.get(family or "", {}).get(head)
+    return f"{own}.{idx}" if own else label
+
+
+def _block_of(key: str) -> str:
     part, rest = _rest(key)
     if part in _TE_LABEL:
         m = _TE_LAYER.match(rest)
@@ -243,7 +257,8 @@ def effective_rank(S: torch.Tensor, energy: float) -> int:
     return lowrank.effective_rank(S, energy)
 
 
-def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = None) -> LayerStats:
+def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = None,
+                family: str | None = None) -> LayerStats:
     check_layer(key, layer)
     # Plain LoRA factors are checked for NaN/Inf through their Grams (layer_singular_values);
     # the other kinds (and alpha) here.
@@ -254,7 +269,7 @@ def layer_stats(key: str, layer: LoraLayer, base_weight: torch.Tensor | None = N
     except (ValueError, KeyError):
         shape = []
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in layer.weights.values()})
-    st = LayerStats(key=key, block=block_of(key), type=layer_type(key), kind=layer.kind, shape=shape,
+    st = LayerStats(key=key, block=block_of(key, family), type=layer_type(key), kind=layer.kind, shape=shape,
                     rank=layer.rank, alpha=None if layer.alpha is None else float(layer.alpha),
                     scale=layer.scale, params=layer.parameter_count(), dtype="/".join(dtypes),
                     fro=None, spectral=None, eff_rank_90=None, eff_rank_99=None, finite=finite,
@@ -507,7 +522,7 @@ def inspect_model(model: LoraModel, *, path: Path | None = None, layers: str | N
                 if lshape is not None and _flat2(w0.shape) != _flat2(lshape):
                     raise LorahubError(f"layer {k} is {tuple(lshape)} but the base model's weight is "
                                        f"{tuple(w0.shape)}: this LoRA is not for {base_ref or 'that model'}")
-        stats.append(layer_stats(k, layer, w0))
+        stats.append(layer_stats(k, layer, w0, model.base))
         if on_layer is not None:
             on_layer(k)
     bad = [s.key for s in stats if not s.finite]

@@ -1,6 +1,7 @@
 """Load diffusers pipelines offline from a model reference (:func:`lorahub.refs.resolve_model`).
 
-MODEL is one of: ``tiny-sd1`` / ``tiny-sdxl`` (the built-in tiny fixture pipelines), a diffusers
+MODEL is one of: ``tiny-sd1`` / ``tiny-sdxl`` / ``tiny-flux`` / ``tiny-sd3`` (the built-in tiny fixture
+pipelines), a diffusers
 folder, a single-file checkpoint (``.safetensors``), or a registry reference (id, name, hash prefix)
 of a checkpoint entry. Nothing is ever downloaded.
 """
@@ -20,9 +21,21 @@ def resolve_model_ref(ref: str, registry=None) -> Path:
 
 
 def family_of_pipeline(pipe) -> str:
-    """The pipeline's shape: ``sdxl`` with two text encoders, else ``sd1`` (its base family is
+    """The pipeline's shape: ``flux`` / ``sd3`` (or another DiT family) for a pipeline with a
+    transformer, ``sdxl`` for a UNet with two text encoders, else ``sd1`` (its base family is
     ``lorahub.formats.names.arch_of_pipeline(pipe).family``)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        from lorahub.formats.families import family_of_class
+
+        return family_of_class(type(transformer).__name__) or "unknown"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+
+
+def denoiser(pipe):
+    """The pipeline's denoising model: its ``transformer`` (Flux, SD3, …) or its ``unet``."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else pipe.unet
 
 
 def arch_of_model(ref: str, registry=None, *, config=None):
@@ -164,7 +177,8 @@ def load_pipeline(ref: str, *, registry=None, device: str = "cpu", dtype=None, c
                   inpaint: bool = False):
     """Load a text-to-image (or, with ``inpaint``, inpainting) pipeline from MODEL, offline.
 
-    MODEL: tiny-sd1 / tiny-sdxl, a diffusers folder, a single-file ``.safetensors`` checkpoint (with
+    MODEL: tiny-sd1 / tiny-sdxl / tiny-flux / tiny-sd3, a diffusers folder (any pipeline diffusers
+    loads: SD1/SD2/SDXL, Flux.1, SD3, …), a single-file SD ``.safetensors`` checkpoint (with
     ``config``: a local diffusers folder of the same architecture) or a registry checkpoint entry.
     ``registry``: a Registry, a LazyRegistry, a home folder or None (the default home, opened only when
     ``ref`` is a registry reference). ``dtype``: a torch dtype or fp32 | fp16 | bf16; None keeps the
@@ -203,6 +217,9 @@ def to_inpaint(pipe):
 
     if isinstance(pipe, (diffusers.StableDiffusionInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline)):
         return pipe
+    if getattr(pipe, "transformer", None) is not None:
+        raise LorahubError("inpainting works with SD1/SD2/SDXL models; this model is "
+                           f"{family_of_pipeline(pipe)} (a transformer)")
     if family_of_pipeline(pipe) == "sdxl":
         return diffusers.StableDiffusionXLInpaintPipeline.from_pipe(pipe)
     return diffusers.StableDiffusionInpaintPipeline.from_pipe(pipe)

@@ -1,4 +1,7 @@
-"""Batched α sweeps: every strength of a row (and classifier-free guidance) in one UNet call per step.
+"""Batched α sweeps: every strength of a row (and classifier-free guidance) in one denoiser call per step.
+
+The denoiser is the UNet of SD1/SD2/SDXL pipelines or the transformer of Flux.1 / SD3 pipelines; the
+side branches sit on its linears (and convs) and on the text encoders' (CLIP and T5) linears alike.
 
 The LoRA(s) are installed once as side branches (:mod:`lorahub.ops.apply`) whose strength is a
 per-sample tensor. A batch of samples (prompt, seed, α…) is rendered by one call of the diffusers
@@ -8,12 +11,15 @@ pipeline itself, fed with
   hold the same per-sample α vector (so the text-encoder part of the LoRA follows α too, for the
   positive and the negative prompt, as ``set_adapters`` does);
 * initial latents drawn per sample exactly as the pipeline draws them (``randn_tensor`` of a
-  (1, C, h, w) shape from ``torch.Generator(device).manual_seed(seed)``), and that same generator per
+  (1, C, h, w) shape from ``torch.Generator(device).manual_seed(seed)``; for DiT pipelines their own
+  ``prepare_latents`` of one sample, packed for Flux), and that same generator per
   sample for any later noise of the scheduler; every sample of a row shares its seed, initial noise
   and scheduler, so only α changes along a row.
 
-Inside the pipeline the UNet sees ``[uncond…, cond…]`` of 2·N samples and the branches tile the
-α vector to match. The denoising loop, guidance and scheduler are diffusers' own.
+Inside the pipeline the UNet (SD3: the transformer) sees ``[uncond…, cond…]`` of 2·N samples and the
+branches tile the α vector to match; Flux.1's distilled guidance is a transformer input, so its batch
+is N. DiT prompts go through T5 at the T5 tokenizer's own length (:func:`t5_length`). The denoising
+loop, guidance and scheduler are diffusers' own.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ def set_scheduler(pipe, name: str | None) -> None:
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
         raise LorahubError(f"unknown scheduler {name!r} (one of {', '.join(SCHEDULERS)} or a diffusers class name)")
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    if flow != ("FlowMatch" in cls_name):
+        raise LorahubError(f"scheduler {name!r} does not fit this model: it is trained for "
+                           f"{'flow matching (FlowMatch… schedulers)' if flow else 'noise prediction'}")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
@@ -85,6 +95,13 @@ def _initial(pipe, seed: int, height: int, width: int, dtype, device, generator_
     import torch
 
     g = torch.Generator(device=generator_device).manual_seed(int(seed))
+    if getattr(pipe, "transformer", None) is not None:
+        # DiT pipelines: the pipeline's own prepare_latents for one sample (Flux packs 2×2 patches)
+        c = pipe.transformer.config.in_channels
+        if _family(pipe) == "flux":
+            c //= 4
+        lat = pipe.prepare_latents(1, c, int(height), int(width), dtype, torch.device(device), g, None)
+        return g, lat[0] if isinstance(lat, tuple) else lat
     c = pipe.unet.config.in_channels
     if c == 9:  # inpainting UNet: noise has the VAE latent width
         c = pipe.vae.config.latent_channels
@@ -92,10 +109,41 @@ def _initial(pipe, seed: int, height: int, width: int, dtype, device, generator_
     return g, randn_tensor(shape, generator=g, device=torch.device(device), dtype=dtype)
 
 
-def _embed(pipe, prompts: list[str], negatives: list[str] | None, do_cfg: bool, device) -> dict:
+def _family(pipe) -> str:
     from lorahub.ops.models import family_of_pipeline
 
-    if family_of_pipeline(pipe) == "sdxl":
+    return family_of_pipeline(pipe)
+
+
+def t5_length(pipe) -> int | None:
+    """The T5 prompt length a DiT pipeline is driven with: its T5 tokenizer's ``model_max_length``,
+    capped by the pipeline's default (Flux 512, SD3 256); None for pipelines without T5."""
+    fam = _family(pipe)
+    tok = getattr(pipe, {"flux": "tokenizer_2", "sd3": "tokenizer_3"}.get(fam, ""), None)
+    if tok is None:
+        return None
+    return min(int(tok.model_max_length), 512 if fam == "flux" else 256)
+
+
+def _embed(pipe, prompts: list[str], negatives: list[str] | None, do_cfg: bool, device) -> dict:
+    fam = _family(pipe)
+    if fam == "flux":
+        if negatives is not None:
+            raise LorahubError("Flux.1 models use guidance distillation: a negative prompt is not used")
+        pe, ppe, _ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                           max_sequence_length=t5_length(pipe))
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+    if fam == "sd3":
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+                                                negative_prompt=negatives, max_sequence_length=t5_length(pipe))
+        out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+        if do_cfg:
+            out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
+        return out
+    if getattr(pipe, "transformer", None) is not None:
+        raise LorahubError(f"rendering {fam} models is not supported (Flux.1, SD3 and the SD UNet families are)")
+    if fam == "sdxl":
         pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                 do_classifier_free_guidance=do_cfg, negative_prompt=negatives)
         out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
@@ -125,7 +173,11 @@ def render_batch(pipe, handle, samples: list[Sample], *, steps: int, height: int
             for slot in range(n_slots):
                 handle.set_scale(slot, [a[slot] if slot < len(a) else 1.0 for a in rows])
 
-    do_cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    from lorahub.ops.models import denoiser
+
+    fam = _family(pipe)
+    # Flux.1's guidance is an input of the transformer (distilled), not a second batch half
+    do_cfg = guidance > 1.0 and fam != "flux" and getattr(denoiser(pipe).config, "time_cond_proj_dim", None) is None
     # the text encoder sees each distinct (prompt, α…) once (seeds repeat them), at its per-sample α
     keys = [(s.prompt, tuple(s.alphas)) for s in samples]
     uniq = list(dict.fromkeys(keys))
@@ -143,6 +195,8 @@ def render_batch(pipe, handle, samples: list[Sample], *, steps: int, height: int
         lats.append(lat)
     call = dict(kwargs, latents=torch.cat(lats), generator=gens, num_inference_steps=steps,
                 guidance_scale=guidance, height=height, width=width, output_type=output_type)
+    if t5_length(pipe) is not None:
+        call["max_sequence_length"] = t5_length(pipe)
     if image is not None:
         call.update(image=image, mask_image=mask)
     if extra_call_kwargs:
@@ -314,8 +368,10 @@ def sweep(loras: list, base: str, prompts: list[str], *, alphas=(0, 0.25, 0.5, 0
     labelled grid; α=0 is the base model, α=1 the full LoRA.
 
     ``loras``: one or two references (files or registry entries). ``base``: the model (tiny-sd1,
-    tiny-sdxl, a diffusers folder, a single-file checkpoint with ``config`` = a local diffusers folder
-    of the same architecture, or a registry checkpoint). ``alphas2`` defaults to ``alphas`` for two
+    tiny-sdxl, tiny-flux, tiny-sd3, a diffusers folder — SD1/SD2/SDXL, Flux.1 or SD3 —, a single-file
+    SD checkpoint with ``config`` = a local diffusers folder of the same architecture, or a registry
+    checkpoint). Flux.1 takes ``guidance`` as its distilled guidance (no negative prompt); inpainting
+    is for the SD UNet families. ``alphas2`` defaults to ``alphas`` for two
     LoRAs. Every image of a row shares its seed, initial noise and scheduler; all strengths (and
     classifier-free guidance) run in one batched UNet call per step. ``animation``: also write a .gif or
     .webp cycling α. ``add_triggers`` prepends the entries' trigger words (and embedding tokens);
@@ -342,6 +398,7 @@ def sweep(loras: list, base: str, prompts: list[str], *, alphas=(0, 0.25, 0.5, 0
         animation = check_output(animation, force=force, suffixes=ANIMATION_SUFFIXES)
     img, msk = _inpaint_inputs(image, mask, size)
     from lorahub.ops.grid import format_alpha, make_animation, make_grid, save_animation, save_image
+    from lorahub.ops.models import denoiser
 
     with LazyRegistry.using(registry) as regs:
         s = _Session(loras, regs)
@@ -370,7 +427,7 @@ def sweep(loras: list, base: str, prompts: list[str], *, alphas=(0, 0.25, 0.5, 0
         params = {"loras": [{"name": n, "id": x.entry["id"] if x.entry else None} for n, x in zip(names, s.loras)],
                   "base": base, "prompts": full, "alphas": a1, "alphas2": a2, "seeds": seed_list, "steps": steps,
                   "size": size, "guidance": guidance, "negative": negative,
-                  "scheduler": type(s.pipe.scheduler).__name__, "dtype": str(s.pipe.unet.dtype).replace("torch.", ""),
+                  "scheduler": type(s.pipe.scheduler).__name__, "dtype": str(denoiser(s.pipe).dtype).replace("torch.", ""),
                   "device": device, "inpaint": img is not None, "triggers": s.triggers}
         grid = make_grid(cells, col_labels, row_labels, title=title, col_axis=f"{names[0]}  α",
                          row_axis="prompt · seed" + (f" · {names[1]} α" if len(loras) == 2 else ""))
@@ -439,10 +496,12 @@ def render(loras: list, base: str, prompts: list[str], *, seeds=(1,), steps: int
     return RenderResult(files=files, loras=loras_out, images=images, warnings=s.warnings)
 
 
-def export_previews(registry, ref: str, folder: str | os.PathLike) -> list[Path]:
+def export_previews(registry, ref: str, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
     """Copy the preview images of the entry ``ref`` into ``folder`` as
-    ``<entry name>-<preview id>-<kind>.<ext>`` (names made safe); returns the files written."""
+    ``<entry name>-<preview id>-<kind>.<ext>`` (names made safe); returns the files written. Files
+    already there are replaced only with ``force`` (otherwise nothing is written)."""
     from lorahub.fsutil import atomic_write_bytes
+    from lorahub.outputs import check_output
     from lorahub.vocab import safe_filename
 
     folder = Path(folder)
@@ -450,11 +509,11 @@ def export_previews(registry, ref: str, folder: str | os.PathLike) -> list[Path]
         raise LorahubError(f"{folder}: not a folder")
     entry = registry.resolve(ref)
     stem = safe_filename(entry["name"], default=entry["id"])
-    written = []
+    plan = []
     for p in registry.previews(entry["id"]):
         src = Path(p["path"])
         if not src.is_file():
             raise LorahubError(f"preview {p['id']} of {entry['name']} is missing from the store; run `lorahub verify`")
-        written.append(atomic_write_bytes(folder / f"{stem}-{p['id']}-{p['kind']}.{p.get('ext') or 'png'}",
-                                          src.read_bytes()))
-    return written
+        dest = check_output(folder / f"{stem}-{p['id']}-{p['kind']}.{p.get('ext') or 'png'}", force=force)
+        plan.append((src, dest))
+    return [atomic_write_bytes(dest, src.read_bytes()) for src, dest in plan]

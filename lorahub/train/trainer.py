@@ -7,6 +7,16 @@ One loop serves the three methods. A run is a list of phases:
 - ``lora`` peft LoRA adapters on the UNet attention projections (``to_q/to_k/to_v/to_out.0``) and,
            optionally, on the text encoder(s) (``q_proj/k_proj/v_proj/out_proj``).
 
+Flux.1 and SD3 (a transformer instead of a UNet) train with ``dreambooth`` only, LoRA on the
+transformer (by default the modules diffusers' own ``train_dreambooth_lora_flux.py`` / ``_sd3.py``
+target, :data:`DIT_TARGETS`), text encoders frozen, with the flow-matching loss of those scripts
+(:func:`flow_matching_loss`): σ from the ``FlowMatchEulerDiscreteScheduler``'s own table at timesteps
+drawn by ``compute_density_for_timestep_sampling`` (Flux: uniform; SD3: logit-normal), noisy =
+(1−σ)·x0 + σ·noise, target = noise − x0 (SD3: the script's default output preconditioning, x0 against
+noisy − σ·pred), weighting by ``compute_loss_weighting_for_sd3``; Flux latents
+are packed 2×2 and get position ids as ``FluxPipeline`` makes them, and the guidance embedding when
+the transformer has one (``guidance_embeds``, at :data:`FLUX_GUIDANCE`).
+
 dreambooth = [lora]; textual-inversion = [ti]; pivotal = [ti, lora] (the embeddings learned in phase 1
 are frozen in phase 2, whose prompts use them). The loss is the usual noise-prediction MSE (or
 v-prediction, as the base scheduler says); with prior preservation each step also sees a batch of
@@ -33,6 +43,21 @@ from lorahub.train.config import TrainConfig
 from lorahub.vocab import safe_filename
 
 CKPT_DIRNAME = "checkpoints"
+
+# LoRA targets of diffusers' own DreamBooth-LoRA scripts for the DiT families (used when the UNet
+# default targets are left as they are)
+DIT_TARGETS = {
+    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+             "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+             "ff_context.net.2", "proj_mlp"],
+    "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+            "attn.to_out.0", "attn.to_q", "attn.to_v"],
+}
+# the timestep sampling and loss weighting defaults of those scripts (--weighting_scheme), and whether
+# the output is preconditioned (--precondition_outputs: the SD3 script's default 1, none in Flux's)
+DIT_WEIGHTING = {"flux": "none", "sd3": "logit_normal"}
+DIT_PRECONDITION = {"flux": False, "sd3": True}
+FLUX_GUIDANCE = 3.5  # train_dreambooth_lora_flux.py --guidance_scale default
 
 
 class TrainingInterrupted(LorahubError):
@@ -103,6 +128,61 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator, *
     return loss, loss.detach(), None
 
 
+def flow_matching_loss(transformer, scheduler, latents, text: dict, generator, *, family: str,
+                       vae_scale_factor: int, weighting_scheme: str = "none", precondition: bool = False,
+                       reduction_split: int | None = None, prior_loss_weight: float = 1.0):
+    """Flow-matching loss of one batch of (scaled, shifted) latents as diffusers' DreamBooth-LoRA
+    scripts for Flux.1 / SD3 compute it: target = noise − x0 for the predicted velocity, or with
+    ``precondition`` (the SD3 script's default) the prediction turned into x0 (noisy − σ·pred) against
+    x0 — the same objective weighted by σ². ``text``: ``prompt_embeds``, ``pooled_prompt_embeds`` (and
+    Flux's ``text_ids``). With ``reduction_split`` = n the first n samples are the instance batch:
+    loss = instance + w · class. Returns (loss, instance loss, class loss or None)."""
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    bsz = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    u = compute_density_for_timestep_sampling(weighting_scheme, bsz, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29, device="cpu", generator=generator
+                                              if generator.device.type == "cpu" else None)
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    # σ of each timestep from the scheduler's own table (the scripts' get_sigmas)
+    sched_t = scheduler.timesteps.to(latents.device)
+    step = [(sched_t == t).nonzero().item() for t in timesteps]
+    sigmas = scheduler.sigmas.to(latents.device, latents.dtype)[step].reshape(bsz, *([1] * (latents.dim() - 1)))
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    if family == "flux":
+        _, c, h, w = latents.shape
+        packed = FluxPipeline._pack_latents(noisy, bsz, c, h, w)
+        ids = FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, latents.device, latents.dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((bsz,), FLUX_GUIDANCE, device=latents.device, dtype=latents.dtype)
+        pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                           pooled_projections=text["pooled_prompt_embeds"],
+                           encoder_hidden_states=text["prompt_embeds"], txt_ids=text["text_ids"], img_ids=ids,
+                           return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, height=h * vae_scale_factor, width=w * vae_scale_factor,
+                                            vae_scale_factor=vae_scale_factor)
+    else:
+        pred = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text["prompt_embeds"],
+                           pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+    if precondition:
+        pred, target = pred * (-sigmas) + noisy, latents
+    else:
+        target = noise - latents
+    per = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
+    if reduction_split is not None and reduction_split < bsz:
+        n = reduction_split
+        inst, prior = per[:n].mean(), per[n:].mean()
+        return inst + prior_loss_weight * prior, inst.detach(), prior.detach()
+    loss = per.mean()
+    return loss, loss.detach(), None
+
+
 def add_lora(model, rank: int, alpha: float, targets: list[str]):
     """Inject peft LoRA adapters (gaussian A, zero B: the model is unchanged until trained)."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -143,7 +223,7 @@ def build_lora_model(parts: dict, alpha: float, dtype, base: str, metadata: dict
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, home=None, report: Callable[[dict], None] | None = None,
                  on_step: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None,
-                 pipeline=None, registry=None):
+                 pipeline=None, registry=None, force: bool = False):
         self.cfg = cfg
         self.home = home
         self.report = report
@@ -151,7 +231,9 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self._pipe = pipeline
         self._registry = registry
-        name = cfg.name or f"{Path(cfg.data_dir).resolve().name}-{cfg.method}"
+        self.force = force
+        # the name becomes file names: made safe (no separators, no leading dots, never empty)
+        name = safe_filename(cfg.name or f"{Path(cfg.data_dir).resolve().name}-{cfg.method}", default="lora")
         self.name = name
         self.out_dir = Path(cfg.output_dir or name).expanduser()
         self.result = TrainResult(self.out_dir)
@@ -189,13 +271,14 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from lorahub.ops.models import family_of_pipeline, load_pipeline, resolve_model_ref
+        from lorahub.vocab import TINY_MODELS
 
         cfg = self.cfg
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision,
                                cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         reg = None
-        if not Path(cfg.base).expanduser().exists() and cfg.base not in ("tiny-sd1", "tiny-sdxl"):
+        if not Path(cfg.base).expanduser().exists() and cfg.base not in TINY_MODELS:
             reg = self.registry()
         self.base_path = resolve_model_ref(cfg.base, reg)
         self.base_entry = None
@@ -206,7 +289,16 @@ class Trainer:
                 self.base_entry = None
         pipe = self._pipe if self._pipe is not None else load_pipeline(cfg.base, registry=reg)
         self.pipe = pipe
-        self.family = family_of_pipeline(pipe)  # the pipeline's shape: sdxl (two text encoders) or sd1
+        self.family = family_of_pipeline(pipe)  # the pipeline's shape: sd1, sdxl (two text encoders), flux, sd3
+        self.dit = getattr(pipe, "transformer", None) is not None
+        if self.dit and self.family not in DIT_TARGETS:
+            raise LorahubError(f"training {self.family} models is not supported (Flux.1, SD3 and the SD UNet "
+                               "families are)")
+        if self.dit and cfg.method != "dreambooth":
+            raise LorahubError(f"{cfg.method}: Flux.1 and SD3 models train with the dreambooth method only")
+        if self.dit and cfg.train_text_encoder:
+            raise LorahubError("text-encoder LoRA training is for SD1/SD2/SDXL; Flux.1 and SD3 train the "
+                               "transformer only")
         # the model's own module list (from its components' configs) names the LoRA's layers in every
         # dialect; its family is what the outputs are catalogued under
         from lorahub.formats.names import arch_of_pipeline
@@ -217,15 +309,25 @@ class Trainer:
                              "bf16": torch.bfloat16}[cfg.mixed_precision]
         if self.device.type == "cpu" and self.weight_dtype == torch.float16:
             self.weight_dtype = torch.float32  # fp16 kernels are missing on CPU; autocast still applies
-        self.unet, self.vae = pipe.unet, pipe.vae
-        self.tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.family == "sdxl" else [])
-        self.toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.family == "sdxl" else [])
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # self.unet is the denoiser: the UNet, or the transformer of a Flux.1 / SD3 pipeline
+        self.unet, self.vae = (pipe.transformer if self.dit else pipe.unet), pipe.vae
+        n_te = {"sdxl": 2, "flux": 2, "sd3": 3}.get(self.family, 1)
+        self.tes = [getattr(pipe, "text_encoder" + (f"_{i + 1}" if i else "")) for i in range(n_te)]
+        self.toks = [getattr(pipe, "tokenizer" + (f"_{i + 1}" if i else "")) for i in range(n_te)]
+        if self.dit:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        else:
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for m in [self.unet, self.vae, *self.tes]:
             m.requires_grad_(False)
             m.eval()
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.pixel_step = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if self.dit:  # Flux packs 2×2 latent patches; SD3 patchifies by its patch size
+            self.pixel_step = self.vae_scale * (2 if self.family == "flux" else self.unet.config.patch_size)
+        else:
+            self.pixel_step = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if cfg.resolution % self.pixel_step:
             raise LorahubError(f"--resolution must be a multiple of {self.pixel_step} for this model")
 
@@ -300,6 +402,17 @@ class Trainer:
         import torch
 
         tes = tes or self.tes
+        if self.dit:  # frozen text encoders: the pipeline's own prompt encoding
+            from lorahub.ops.sweep import t5_length
+
+            if self.family == "flux":
+                pe, ppe, ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                       max_sequence_length=t5_length(self.pipe))
+                return pe, {"pooled_prompt_embeds": ppe, "text_ids": ids}
+            pe, _, ppe, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                                                    do_classifier_free_guidance=False,
+                                                    max_sequence_length=t5_length(self.pipe))
+            return pe, {"pooled_prompt_embeds": ppe}
         if self.family == "sd1":
             tok = self.toks[0]
             ids = tok([self.expand_prompt(p, tok) for p in prompts], padding="max_length",
@@ -410,6 +523,8 @@ class Trainer:
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             lat = dist.sample(generator=self.gen) if not self.cfg.cache_latents else dist.mean
+            if self.dit:  # the DiT scripts: (x − shift) · scale
+                return (lat.float() - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
             return lat.float() * self.vae.config.scaling_factor
 
     def _batch(self, ds, idx, *, flip_seed: int):
@@ -516,7 +631,7 @@ class Trainer:
 
     # ---- models for each phase ------------------------------------------------------------------
     def _lora_parts(self) -> dict:
-        parts = {"unet": self.unet}
+        parts = {"transformer" if self.dit else "unet": self.unet}
         if self.cfg.train_text_encoder or self.cfg.method == "pivotal":
             for i, te in enumerate(self.tes):
                 parts["text_encoder" if i == 0 else "text_encoder_2"] = te
@@ -537,9 +652,9 @@ class Trainer:
             self._add_tokens()
         self.lora = {}
         if self.has_lora:
-            self.lora["unet"] = add_lora(self.unet, cfg.rank, cfg.lora_alpha, cfg.unet_targets)
+            self.lora["unet"] = add_lora(self.unet, cfg.rank, cfg.lora_alpha, self.denoiser_targets())
             for part, m in self._lora_parts().items():
-                if part != "unet":
+                if part not in ("unet", "transformer"):
                     self.lora[part] = add_lora(m, cfg.rank, cfg.lora_alpha, cfg.text_targets)
             for params in self.lora.values():
                 for p in params:
@@ -552,8 +667,16 @@ class Trainer:
                     getattr(te, "gradient_checkpointing_enable", None)
                 if enable is not None:
                     enable()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.dit:
             self.unet.to(memory_format=torch.channels_last)
+
+    def denoiser_targets(self) -> list[str]:
+        """The LoRA targets on the denoiser: the configured ones; for Flux.1 / SD3, when the UNet
+        defaults are left as they are, those of diffusers' own DreamBooth-LoRA script (:data:`DIT_TARGETS`)."""
+        targets = list(self.cfg.unet_targets)
+        if self.dit and targets == TrainConfig().unet_targets:
+            return list(DIT_TARGETS[self.family])
+        return targets
 
     def _phase_optimizer(self, phase: str):
         import torch
@@ -614,6 +737,7 @@ class Trainer:
         import torch
 
         cfg = self.cfg
+        self._check_outputs()
         self._lint()
         self._load()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -627,6 +751,31 @@ class Trainer:
         self._emb_cache: dict[str, tuple] = {}
         self.step = self._last_ckpt_step = 0    # steps done; the step of the last checkpoint kept
         self._phase = None                      # the phase running (for the checkpoint kept on Ctrl-C)
+
+    def planned_outputs(self) -> list[Path]:
+        """The files a run writes into its output folder (LoRA, embeddings, bundle)."""
+        cfg = self.cfg
+        out = []
+        if cfg.method in ("dreambooth", "pivotal"):
+            out.append(self.out_dir / f"{self.name}.safetensors")
+        if cfg.uses_tokens:
+            ph = cfg.placeholders()
+            suffix = ".emb" if cfg.method == "pivotal" else ""
+            out += [self.out_dir / (f"{self.name}{suffix}.safetensors" if len(ph) == 1 else
+                                    f"{self.name}-{safe_filename(p, 'token')}{suffix}.safetensors") for p in ph]
+        if cfg.bundle and cfg.method == "pivotal":
+            out.append(self.out_dir / f"{self.name}.bundle.safetensors")
+        return out
+
+    def _check_outputs(self) -> None:
+        """Refuse, before any work, to replace an earlier run's files (unless ``force``, or when
+        resuming a run, whose outputs are its own)."""
+        from lorahub.outputs import check_output
+
+        if self.cfg.resume:
+            return
+        for p in self.planned_outputs():
+            check_output(p, force=self.force)
 
     def _resume(self) -> tuple[str | None, dict | None]:
         """With ``--resume``: load the checkpoint's weights, losses and random state and set ``self.step``;
@@ -698,11 +847,20 @@ class Trainer:
         size = items[0].bucket[1], items[0].bucket[0]
         with self.acc.autocast():
             enc, added = self._text_embeddings(prompts, tes)
-            if added is not None:
-                added = {**added, "time_ids": self._time_ids(items, size)}
-            loss, _, _ = diffusion_loss(unet, self.scheduler, lat, enc.to(self.weight_dtype),
-                                        self.gen, added_cond=added, reduction_split=split,
-                                        prior_loss_weight=cfg.prior_loss_weight)
+            if self.dit:
+                text = {"prompt_embeds": enc.to(self.weight_dtype),
+                        **{k: v.to(self.weight_dtype) for k, v in added.items()}}
+                loss, _, _ = flow_matching_loss(unet, self.scheduler, lat.to(self.weight_dtype), text, self.gen,
+                                                family=self.family, vae_scale_factor=self.vae_scale,
+                                                weighting_scheme=DIT_WEIGHTING[self.family],
+                                                precondition=DIT_PRECONDITION[self.family],
+                                                reduction_split=split, prior_loss_weight=cfg.prior_loss_weight)
+            else:
+                if added is not None:
+                    added = {**added, "time_ids": self._time_ids(items, size)}
+                loss, _, _ = diffusion_loss(unet, self.scheduler, lat, enc.to(self.weight_dtype),
+                                            self.gen, added_cond=added, reduction_split=split,
+                                            prior_loss_weight=cfg.prior_loss_weight)
         if not torch.isfinite(loss):
             raise LorahubError(f"loss is not finite at step {step + 1} ({loss.item()}); "
                                "lower the learning rate or use --mixed-precision bf16/no")
@@ -779,11 +937,14 @@ class Trainer:
         ds_name = Path(cfg.data_dir).resolve().name
         caps = [c for c in self.data.raw_captions if c] or [self.instance_prompt()]
         freq = {ds_name: tag_frequency(caps)}
-        base_version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3",
-                        "flux": "flux1"}.get(self.base_family, self.base_family)
+        from lorahub.ops.extract import public_name
+        from lorahub.vocab import KOHYA_BASE_VERSIONS
+
+        base_version = KOHYA_BASE_VERSIONS.get(self.base_family, self.base_family)
         md = {
             "ss_training_method": cfg.method,
-            "ss_sd_model_name": str(cfg.base),
+            # the base model's name (registry entry, tiny model, file or folder name), never its path
+            "ss_sd_model_name": public_name(cfg.base, self.base_entry),
             "ss_base_model_version": base_version,
             "ss_v2": str(self.base_family == "sd2"),
             "ss_output_name": self.name,
@@ -818,7 +979,7 @@ class Trainer:
         if self.has_lora:
             md.update({"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
                        "ss_network_alpha": str(cfg.lora_alpha),
-                       "ss_network_args": json.dumps({"unet_targets": cfg.unet_targets,
+                       "ss_network_args": json.dumps({"unet_targets": self.denoiser_targets(),
                                                       "text_targets": cfg.text_targets if
                                                       "text_encoder" in self.lora else []}),
                        "ss_network_train_unet_only": str("text_encoder" not in self.lora)})
@@ -895,7 +1056,7 @@ class Trainer:
                                      self.base_family, md)
             model.arch = self.arch.name
             if "text_encoder" not in self.lora:
-                model.layers = {k: v for k, v in model.layers.items() if k.startswith("unet.")}
+                model.layers = {k: v for k, v in model.layers.items() if k.startswith(("unet.", "transformer."))}
             dest = self.out_dir / f"{self.name}.safetensors"
             save_lora(model, dest, dialect=cfg.dialect, dtype=self._save_dtype())
             self.result.lora_path = dest
