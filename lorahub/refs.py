@@ -30,7 +30,8 @@ from typing import Iterator
 from lorahub.errors import LorahubError, NotFound
 from lorahub.vocab import TINY_MODELS, has_separator, looks_like_path
 
-MODEL_HINT = "a diffusers folder, a .safetensors checkpoint, a registry checkpoint, tiny-sd1 or tiny-sdxl"
+MODEL_HINT = ("a diffusers folder, a .safetensors checkpoint, a registry checkpoint, or a built-in tiny model "
+              f"({', '.join(TINY_MODELS)})")
 
 
 class LazyRegistry:
@@ -218,7 +219,7 @@ class ModelRef:
 
 
 def resolve_model(ref: str | os.PathLike, registry=None) -> ModelRef:
-    """Resolve ``ref`` to a model: tiny-sd1 / tiny-sdxl (built on first use), a diffusers folder, a
+    """Resolve ``ref`` to a model: a built-in tiny model (tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3; built on first use), a diffusers folder, a
     single-file checkpoint, or a registry checkpoint entry. Nothing is downloaded."""
     ref = str(ref)
     if ref in TINY_MODELS:

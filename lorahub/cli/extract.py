@@ -37,7 +37,7 @@ def _print_registered(con, res) -> None:
 
 @app.command()
 def extract(
-    base: Annotated[str, typer.Argument(help="Base model: diffusers folder, .safetensors checkpoint, registry ref, tiny-sd1/tiny-sdxl.")],
+    base: Annotated[str, typer.Argument(help="Base model: diffusers folder, .safetensors checkpoint, registry ref, tiny-sd1/tiny-sdxl/tiny-flux/tiny-sd3.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned model (same kinds as BASE).")],
     rank: RankOpt = None,
     energy: EnergyOpt = None,

@@ -80,7 +80,7 @@ def inspect_cmd(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a heat-map PNG of strength by block and layer type.")] = None,
     layers: LayersOpt = None,
     base: Annotated[Optional[str], typer.Option(
-        "--base", help="Base model (tiny-sd1, tiny-sdxl, diffusers folder, checkpoint, registry ref): adds ‖ΔW‖/‖W0‖; "
+        "--base", help="Base model (tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3, diffusers folder, checkpoint, registry ref): adds ‖ΔW‖/‖W0‖; "
                        "its own module list maps kohya names no built-in table holds.")] = None,
     top: Annotated[int, typer.Option("--top", help="Strongest layers listed when --layers is not given (0: all).")] = 12,
     force: ForceOpt = False,

@@ -27,7 +27,7 @@ def merge(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="svd | concat | sum "
                                                    "(default: svd with --rank, else concat).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base family (sd1|sd2|sdxl) or, with --checkpoint, "
-                                                 "the model to bake into (tiny-sd1, folder, .safetensors, registry ref).")] = None,
+                                                 "the model to bake into (tiny-sd1, tiny-flux, …, folder, .safetensors, registry ref).")] = None,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Bake into the --base model instead of "
                                               "writing a LoRA (output = \"checkpoint\").")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the merged LoRA (registry and metadata).")] = None,
