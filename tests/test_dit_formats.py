@@ -513,3 +513,40 @@ def test_bad_dit_input_is_one_error_line(tmp_path, run):
     rc, out, err = run("convert", str(tmp_path / "lokr.safetensors"), "--to", "diffusers",
                        "--out", str(tmp_path / "o.safetensors"))
     assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_kohya_flux_of_a_smaller_model_maps_through_its_own_module_list(tmp_path):
+    """A kohya Flux file of a tiny model (its own CLIP text encoder): with the model's architecture
+    (derived from its configs) every layer maps, text encoder too; diffusers and kohya writes work and
+    kohya comes back bit for bit."""
+    from lorahub.formats.io import load_lora, save_lora
+    from lorahub.formats.names import PartSpec, derive_arch
+    from lorahub.resources import model_config
+
+    cfg = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    clip = {k: v for k, v in model_config("tiny", "clip_text").items() if not k.startswith("_")}
+    t5 = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    arch = derive_arch({"transformer": PartSpec("diffusers", "FluxTransformer2DModel", cfg),
+                        "text_encoder": PartSpec("transformers", "CLIPTextModel", clip),
+                        "text_encoder_2": PartSpec("transformers", "T5EncoderModel", t5)})
+    t = kohya_flux(double=(0,), single=(0,), width=32, top=True)
+    t |= {k: torch.from_numpy(v) for k, v in kohya_tensors(
+        {"lora_te1_text_model_encoder_layers_1_self_attn_q_proj": (32, 32),
+         "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (16, 16)}, rank=4, dtype="float32").items()}
+    p = tmp_path / "tiny.safetensors"
+    save_file(t, str(p))
+    unmapped_without = [k for k in load_lora(p).layers if k.startswith("text_encoder.lora_")]
+    m = load_lora(p, arch=arch)
+    assert m.arch == arch.name and m.base == "flux"
+    assert all(k in arch.modules for k in m.layers), [k for k in m.layers if k not in arch.modules]
+    assert "text_encoder.text_model.encoder.layers.1.self_attn.q_proj" in m.layers
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in m.layers
+    # without it, CLIP-L's shapes do not fit: the text-encoder layer keeps its kohya name
+    assert unmapped_without == ["text_encoder.lora_te1_text_model_encoder_layers_1_self_attn_q_proj"]
+    assert m.notes == []
+    save_lora(m, tmp_path / "d.safetensors", "diffusers")
+    back = load_lora(tmp_path / "d.safetensors", arch=arch)
+    save_lora(back, tmp_path / "k.safetensors", "kohya")
+    k2 = load_file(str(tmp_path / "k.safetensors"))
+    assert k2.keys() == t.keys() and all(torch.equal(k2[k], t[k]) for k in t)
