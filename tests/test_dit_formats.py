@@ -377,6 +377,7 @@ def test_kohya_to_diffusers_to_kohya_is_bit_exact(tmp_path, run, family):
         t = load_file(str(src))
     rc, out, err = run("convert", str(src), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors"), "--json")
     assert rc == 0, err
+    assert json.loads(out)["notes"] == []
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
@@ -546,6 +547,10 @@ def test_kohya_flux_of_a_smaller_model_maps_through_its_own_module_list(tmp_path
     assert unmapped_without == ["text_encoder.lora_te1_text_model_encoder_layers_1_self_attn_q_proj"]
     assert m.notes == []
     save_lora(m, tmp_path / "d.safetensors", "diffusers")
+    from lorahub.formats.dit import diffusers_notes
+
+    assert diffusers_notes(m) == ["1 layer(s) of text_encoder_2 (T5): diffusers' flux pipeline loads no LoRA into it "
+                                  "(load_lora_weights ignores them); they are kept in the file"]
     back = load_lora(tmp_path / "d.safetensors", arch=arch)
     save_lora(back, tmp_path / "k.safetensors", "kohya")
     k2 = load_file(str(tmp_path / "k.safetensors"))
