@@ -144,7 +144,7 @@ def main() -> None:
     from lorahub.ops.merge import MergeInput, merge
     from lorahub.ops.resize import ResizeOptions, resize
 
-    lines = [f"# DiT formats at real shapes (inspect / resize / merge)", "",
+    lines = ["# DiT formats at real shapes (inspect / resize / merge)", "",
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPU(s), "
              f"torch {torch.__version__}, {args.threads} torch thread(s)", "",
              "Command: `" + " ".join(["python", "benchmarks/dit_formats.py"] + sys.argv[1:]) + "`", ""]

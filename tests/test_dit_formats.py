@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorahub.tiny_loras import kohya_tensors, random_lora, save_tensors
+from lorahub.tiny_loras import kohya_tensors, random_lora
 
 W = 3072  # FLUX.1's width (diffusers' kohya converter knows only this one for single blocks)
 
@@ -555,3 +555,34 @@ def test_kohya_flux_of_a_smaller_model_maps_through_its_own_module_list(tmp_path
     save_lora(back, tmp_path / "k.safetensors", "kohya")
     k2 = load_file(str(tmp_path / "k.safetensors"))
     assert k2.keys() == t.keys() and all(torch.equal(k2[k], t[k]) for k in t)
+
+
+def test_sai_layout_is_the_inverse_of_diffusers_single_file_sd3_converter():
+    """The SAI map checked on weights: a tiny SD3 transformer's weights and biases, fused into the SAI
+    layout through lorahub's map (q/k/v stacked, the last block's context adaLN and the final adaLN
+    halves swapped), come back unchanged through diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from lorahub.formats.dit import sd3
+    from lorahub.formats.dit.fused import swap_halves
+
+    model = tiny_sd3()
+    sd = model.state_dict()
+    lay = sd3.layout(model.config.num_layers)
+    groups: dict[str, dict[int, str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            orig, pos = lay.original_of(f"transformer.{name}")
+            groups.setdefault(orig, {})[pos] = name
+    sai = {"pos_embed": sd["pos_embed.pos_embed"]} if "pos_embed.pos_embed" in sd else {}
+    for orig, parts in groups.items():
+        spec = lay.spec(orig)
+        for what in ("weight", "bias"):
+            t = torch.cat([sd[f"{parts[j]}.{what}"] for j in range(len(parts))], dim=0)
+            sai[f"{orig}.{what}"] = swap_halves(t) if spec.swap else t
+    if "pos_embed" not in sai:  # a buffer the state dict leaves out: the converter still reads it
+        sai["pos_embed"] = model.pos_embed.pos_embed
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
+    assert {k for k in back if k != "pos_embed.pos_embed"} == {k for k in sd if k != "pos_embed.pos_embed"}
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k
