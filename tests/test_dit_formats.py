@@ -214,6 +214,29 @@ def test_newer_family_reads_through_its_diffusers_loader(tmp_path):
     assert any("QwenImagePipeline.lora_state_dict" in n for n in m.notes)
 
 
+def test_newer_family_lokr_reads_through_its_diffusers_loader(tmp_path):
+    """An ai-toolkit Z-Image LoKr (diffusion_model.<path>.lokr_*): detected as LyCORIS of z-image, read
+    through ZImagePipeline.lora_state_dict (alpha baked into w1) as LoKr layers with the raw file's ΔW."""
+    from lorahub.formats.detect import detect
+
+    g = torch.Generator().manual_seed(4)
+    t = {"diffusion_model.layers.0.attention.to_q.lokr_w1": torch.randn(8, 8, generator=g),
+         "diffusion_model.layers.0.attention.to_q.lokr_w2": torch.randn(480, 480, generator=g) * 0.01,
+         "diffusion_model.layers.0.attention.to_k.lokr_w1": torch.randn(8, 8, generator=g),
+         "diffusion_model.layers.0.attention.to_k.lokr_w2_a": torch.randn(480, 4, generator=g),
+         "diffusion_model.layers.0.attention.to_k.lokr_w2_b": torch.randn(4, 480, generator=g),
+         "diffusion_model.layers.0.attention.to_k.alpha": torch.tensor(2.0)}
+    p, m = read(t, tmp_path)
+    d = detect(p)
+    assert (d.format, d.base, d.kind) == ("lycoris", "other:z-image", "lokr")
+    assert m.source_format == "lycoris" and m.base == "other:z-image" and m.kind == "lokr"
+    q = torch.kron(t["diffusion_model.layers.0.attention.to_q.lokr_w1"], t["diffusion_model.layers.0.attention.to_q.lokr_w2"])
+    k = torch.kron(t["diffusion_model.layers.0.attention.to_k.lokr_w1"],
+                   t["diffusion_model.layers.0.attention.to_k.lokr_w2_a"] @ t["diffusion_model.layers.0.attention.to_k.lokr_w2_b"]) * 0.5
+    assert rel(m.layers["transformer.layers.0.attention.to_q"].delta(torch.float64), q.double()) < 1e-6
+    assert rel(m.layers["transformer.layers.0.attention.to_k"].delta(torch.float64), k.double()) < 1e-6
+
+
 @pytest.mark.parametrize("case,fmt,base", [
     ("kohya-flux", "kohya", "flux"), ("kohya-sd3", "kohya", "sd3"), ("diffusers-flux", "diffusers", "flux"),
 ])
