@@ -138,8 +138,7 @@ def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer | N
     return out
 
 
-def fuse_layers(parts: list[LoraLayer | None], spec: Fused, where: str,
-                missing_dims: Callable[[int, int, int], int] | None = None) -> LoraLayer:
+def fuse_layers(parts: list[LoraLayer | None], spec: Fused, where: str) -> LoraLayer:
     """One layer for a fused module from its parts (None: a part without a layer, zero rows).
     ``extra["fusion"]`` says ``shared`` (one down, same rank) or ``block-diagonal`` (rank Σr), and
     ``extra["fused_ranks"]`` the parts' ranks."""
