@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorahub.tiny_loras import kohya_tensors, random_lora, save_tensors
+from lorahub.tiny_loras import kohya_tensors, random_lora
 
 W = 3072  # FLUX.1's width (diffusers' kohya converter knows only this one for single blocks)
 
@@ -214,6 +214,29 @@ def test_newer_family_reads_through_its_diffusers_loader(tmp_path):
     assert any("QwenImagePipeline.lora_state_dict" in n for n in m.notes)
 
 
+def test_newer_family_lokr_reads_through_its_diffusers_loader(tmp_path):
+    """An ai-toolkit Z-Image LoKr (diffusion_model.<path>.lokr_*): detected as LyCORIS of z-image, read
+    through ZImagePipeline.lora_state_dict (alpha baked into w1) as LoKr layers with the raw file's ΔW."""
+    from lorahub.formats.detect import detect
+
+    g = torch.Generator().manual_seed(4)
+    t = {"diffusion_model.layers.0.attention.to_q.lokr_w1": torch.randn(8, 8, generator=g),
+         "diffusion_model.layers.0.attention.to_q.lokr_w2": torch.randn(480, 480, generator=g) * 0.01,
+         "diffusion_model.layers.0.attention.to_k.lokr_w1": torch.randn(8, 8, generator=g),
+         "diffusion_model.layers.0.attention.to_k.lokr_w2_a": torch.randn(480, 4, generator=g),
+         "diffusion_model.layers.0.attention.to_k.lokr_w2_b": torch.randn(4, 480, generator=g),
+         "diffusion_model.layers.0.attention.to_k.alpha": torch.tensor(2.0)}
+    p, m = read(t, tmp_path)
+    d = detect(p)
+    assert (d.format, d.base, d.kind) == ("lycoris", "other:z-image", "lokr")
+    assert m.source_format == "lycoris" and m.base == "other:z-image" and m.kind == "lokr"
+    q = torch.kron(t["diffusion_model.layers.0.attention.to_q.lokr_w1"], t["diffusion_model.layers.0.attention.to_q.lokr_w2"])
+    k = torch.kron(t["diffusion_model.layers.0.attention.to_k.lokr_w1"],
+                   t["diffusion_model.layers.0.attention.to_k.lokr_w2_a"] @ t["diffusion_model.layers.0.attention.to_k.lokr_w2_b"]) * 0.5
+    assert rel(m.layers["transformer.layers.0.attention.to_q"].delta(torch.float64), q.double()) < 1e-6
+    assert rel(m.layers["transformer.layers.0.attention.to_k"].delta(torch.float64), k.double()) < 1e-6
+
+
 @pytest.mark.parametrize("case,fmt,base", [
     ("kohya-flux", "kohya", "flux"), ("kohya-sd3", "kohya", "sd3"), ("diffusers-flux", "diffusers", "flux"),
 ])
@@ -377,6 +400,7 @@ def test_kohya_to_diffusers_to_kohya_is_bit_exact(tmp_path, run, family):
         t = load_file(str(src))
     rc, out, err = run("convert", str(src), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors"), "--json")
     assert rc == 0, err
+    assert json.loads(out)["notes"] == []
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
@@ -513,3 +537,75 @@ def test_bad_dit_input_is_one_error_line(tmp_path, run):
     rc, out, err = run("convert", str(tmp_path / "lokr.safetensors"), "--to", "diffusers",
                        "--out", str(tmp_path / "o.safetensors"))
     assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_kohya_flux_of_a_smaller_model_maps_through_its_own_module_list(tmp_path):
+    """A kohya Flux file of a tiny model (its own CLIP text encoder): with the model's architecture
+    (derived from its configs) every layer maps, text encoder too; diffusers and kohya writes work and
+    kohya comes back bit for bit."""
+    from lorahub.formats.io import load_lora, save_lora
+    from lorahub.formats.names import PartSpec, derive_arch
+    from lorahub.resources import model_config
+
+    cfg = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    clip = {k: v for k, v in model_config("tiny", "clip_text").items() if not k.startswith("_")}
+    t5 = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    arch = derive_arch({"transformer": PartSpec("diffusers", "FluxTransformer2DModel", cfg),
+                        "text_encoder": PartSpec("transformers", "CLIPTextModel", clip),
+                        "text_encoder_2": PartSpec("transformers", "T5EncoderModel", t5)})
+    t = kohya_flux(double=(0,), single=(0,), width=32, top=True)
+    t |= {k: torch.from_numpy(v) for k, v in kohya_tensors(
+        {"lora_te1_text_model_encoder_layers_1_self_attn_q_proj": (32, 32),
+         "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (16, 16)}, rank=4, dtype="float32").items()}
+    p = tmp_path / "tiny.safetensors"
+    save_file(t, str(p))
+    unmapped_without = [k for k in load_lora(p).layers if k.startswith("text_encoder.lora_")]
+    m = load_lora(p, arch=arch)
+    assert m.arch == arch.name and m.base == "flux"
+    assert all(k in arch.modules for k in m.layers), [k for k in m.layers if k not in arch.modules]
+    assert "text_encoder.text_model.encoder.layers.1.self_attn.q_proj" in m.layers
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in m.layers
+    # without it, CLIP-L's shapes do not fit: the text-encoder layer keeps its kohya name
+    assert unmapped_without == ["text_encoder.lora_te1_text_model_encoder_layers_1_self_attn_q_proj"]
+    assert m.notes == []
+    save_lora(m, tmp_path / "d.safetensors", "diffusers")
+    from lorahub.formats.dit import diffusers_notes
+
+    assert diffusers_notes(m) == ["1 layer(s) of text_encoder_2 (T5): diffusers' flux pipeline loads no LoRA into it "
+                                  "(load_lora_weights ignores them); they are kept in the file"]
+    back = load_lora(tmp_path / "d.safetensors", arch=arch)
+    save_lora(back, tmp_path / "k.safetensors", "kohya")
+    k2 = load_file(str(tmp_path / "k.safetensors"))
+    assert k2.keys() == t.keys() and all(torch.equal(k2[k], t[k]) for k in t)
+
+
+def test_sai_layout_is_the_inverse_of_diffusers_single_file_sd3_converter():
+    """The SAI map checked on weights: a tiny SD3 transformer's weights and biases, fused into the SAI
+    layout through lorahub's map (q/k/v stacked, the last block's context adaLN and the final adaLN
+    halves swapped), come back unchanged through diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from lorahub.formats.dit import sd3
+    from lorahub.formats.dit.fused import swap_halves
+
+    model = tiny_sd3()
+    sd = model.state_dict()
+    lay = sd3.layout(model.config.num_layers)
+    groups: dict[str, dict[int, str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            orig, pos = lay.original_of(f"transformer.{name}")
+            groups.setdefault(orig, {})[pos] = name
+    sai = {"pos_embed": sd["pos_embed.pos_embed"]} if "pos_embed.pos_embed" in sd else {}
+    for orig, parts in groups.items():
+        spec = lay.spec(orig)
+        for what in ("weight", "bias"):
+            t = torch.cat([sd[f"{parts[j]}.{what}"] for j in range(len(parts))], dim=0)
+            sai[f"{orig}.{what}"] = swap_halves(t) if spec.swap else t
+    if "pos_embed" not in sai:  # a buffer the state dict leaves out: the converter still reads it
+        sai["pos_embed"] = model.pos_embed.pos_embed
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
+    assert {k for k in back if k != "pos_embed.pos_embed"} == {k for k in sd if k != "pos_embed.pos_embed"}
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k

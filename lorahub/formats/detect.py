@@ -63,6 +63,9 @@ _BFL = re.compile(r"^(?P<prefix>diffusion_model\.|base_model\.model\.|transforme
                   r"|final_layer\.(?:linear|adaLN_modulation\.1)|img_in|txt_in"
                   r"|(?:time_in|vector_in|guidance_in)\.(?:in_layer|out_layer))"
                   r"\.(?P<fac>lora_[AB]\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+# LyCORIS factors on module paths under a ``diffusion_model.`` prefix (ai-toolkit LoKr of newer DiTs)
+_PREFIXED_LYCORIS = re.compile(r"^diffusion_model\.(?P<mod>.+)\.(?P<fac>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a"
+                               r"|lokr_w2_b|lokr_t2|alpha)$")
 _BFL_FACTOR = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
                "alpha": "alpha"}
 CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
@@ -196,6 +199,19 @@ def _clone_layers(tensors: dict[str, TensorInfo]) -> dict[str, _Layer]:
             mod = f"{m['model']}:{m['i']}"
             layers.setdefault(mod, _Layer(m["model"], mod)).factors[m["ud"]] = info
     return layers
+
+
+def _prefixed_lycoris(tensors: dict[str, TensorInfo]) -> tuple[str, dict[str, _Layer]] | None:
+    """(lycoris, layers) when every key is a LoKr factor (or alpha) on a ``diffusion_model.`` module path."""
+    layers: dict[str, _Layer] = {}
+    for k, info in tensors.items():
+        m = _PREFIXED_LYCORIS.match(k)
+        if m is None:
+            return None
+        layers.setdefault(m["mod"], _Layer("transformer", m["mod"])).factors[m["fac"]] = info
+    if not any(any(f.startswith("lokr_") for f in layer.factors) for layer in layers.values()):
+        return None
+    return "lycoris", layers
 
 
 def _bfl_layers(tensors: dict[str, TensorInfo]) -> tuple[str, dict[str, _Layer]] | None:
@@ -392,11 +408,13 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
         return _checkpoint_detection(tensors, meta, notes)
 
     clone = _clone_layers(tensors)
-    dit = _bfl_layers(tensors)
+    dit = _bfl_layers(tensors) or _prefixed_lycoris(tensors)
     if dit is not None:
         fmt, layers = dit
         other, tokens, parts = [], [], ["transformer"]
-        if fmt == "xlabs":
+        if fmt == "lycoris":
+            notes.append("LyCORIS factors on diffusion_model. module paths (ai-toolkit)")
+        elif fmt == "xlabs":
             notes.append("XLabs Flux LoRA (attention-processor keys, no alpha: scale 1)")
         elif fmt == "comfyui":
             notes.append("ComfyUI / ai-toolkit keys (diffusion_model. prefix, BFL module paths)")

@@ -80,7 +80,14 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
     layers keep their kohya names (unmapped; see :mod:`lorahub.formats.names`)."""
     family = names.family_dialect(base_hint)
     if family is not None and family.read_kohya is not None:
-        return family.read_kohya(tensors, metadata, name)
+        model = family.read_kohya(tensors, metadata, name)
+        if arch is not None:  # the base model's own module list maps what the family's reader left unmapped
+            left = names.map_unmapped(model, arch)
+            model.notes = [n for n in model.notes if "kept under their kohya names" not in n]
+            if left:
+                model.notes.append(f"{len(left)} layer(s) are not modules of the base model: kept under their "
+                                   f"kohya names, e.g. {left[0]}")
+        return model
     groups: dict[str, dict[str, torch.Tensor]] = {}
     emb: dict[str, dict[str, torch.Tensor]] = {}
     emb_keys: dict[str, dict[str, str]] = {}

@@ -99,10 +99,9 @@ def convert(lora: str | os.PathLike, dialect: str, *, out: str | os.PathLike | N
         out = check_output(out, force=force, inputs=[src.path])
         path = save_lora(model, out, dialect=dialect, dtype=dt)
         notes = list(model.notes)
-        if dialect == "kohya":
-            from lorahub.formats.dit import fusion_notes
+        from lorahub.formats.dit import diffusers_notes, fusion_notes
 
-            notes += fusion_notes(model)
+        notes += fusion_notes(model) if dialect == "kohya" else diffusers_notes(model)
         res = ConvertResult(input=src.path, out=Path(path), source_format=det.format, dialect=dialect,
                             kind=model.kind, base=model.base, arch=model.arch, layers=len(model.layers),
                             embeddings=list(model.embeddings), dropped_embeddings=dropped, dtype=dtype,

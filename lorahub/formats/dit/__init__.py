@@ -33,3 +33,22 @@ def fusion_notes(model) -> list[str]:
     if model.base not in ("flux", "sd3") or not any(k.startswith("transformer.") for k in model.layers):
         return []
     return flux.block_diagonal_notes(original_layers(model))
+
+
+# the parts each family's diffusers pipeline loads LoRA layers into (its loader mixin's
+# ``_lora_loadable_modules``): FluxPipeline has no T5 (text_encoder_2) LoRA, SD3 none for text_encoder_3
+DIFFUSERS_LOADABLE = {"flux": ("transformer", "text_encoder"), "sd3": ("transformer", "text_encoder", "text_encoder_2")}
+
+
+def diffusers_notes(model) -> list[str]:
+    """What the family's diffusers pipeline will not load from ``model`` written as diffusers (its T5
+    layers): one line, or none."""
+    parts = DIFFUSERS_LOADABLE.get(model.base)
+    if parts is None:
+        return []
+    left = sorted({k.split(".", 1)[0] for k in model.layers} - set(parts))
+    if not left:
+        return []
+    n = sum(1 for k in model.layers if k.split(".", 1)[0] in left)
+    return [f"{n} layer(s) of {', '.join(left)} (T5): diffusers' {model.base} pipeline loads no LoRA into it "
+            "(load_lora_weights ignores them); they are kept in the file"]

@@ -61,9 +61,11 @@ def clean_meta(metadata: dict[str, str]) -> dict[str, str]:
     raw = meta.pop(LOREHUB_KEY, None)
     if raw:
         try:
-            meta.update(json.loads(raw).get("stash", {}))
+            stash = json.loads(raw).get("stash", {})
         except (ValueError, AttributeError):
-            pass
+            stash = {}
+        if isinstance(stash, dict):  # header metadata is hostile input: only string fields come back
+            meta.update({k: v for k, v in stash.items() if isinstance(k, str) and isinstance(v, str)})
     return meta
 
 

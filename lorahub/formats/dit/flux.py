@@ -200,4 +200,5 @@ def read_bfl(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: s
 
 def write_kohya(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of Flux LoRA ``model`` in kohya sd-scripts' naming (BFL layout, fused q/k/v)."""
-    return write_kohya_layout(model, to_bfl_layers(model), dtype, arch="flux")
+    return write_kohya_layout(model, to_bfl_layers(model), dtype, arch=model.arch if model.arch not in ("", "unknown")
+                              else "flux")

@@ -77,6 +77,11 @@ def _plain(layer: LoraLayer, where: str) -> None:
                           f"{'DoRA' if layer.dora_scale is not None else layer.kind})")
 
 
+def _nonzero(u: torch.Tensor) -> bool:
+    """True when ``u`` holds a non-zero value (its first and last columns are looked at first)."""
+    return bool(u[:, 0].ne(0).any()) or bool(u[:, -1].ne(0).any()) or bool(u.ne(0).any())
+
+
 def _block_columns(ups: list[torch.Tensor], rank: int) -> list[tuple[int, int]] | None:
     """Column ranges [a, b) each part's rows use, when they are contiguous, disjoint, in part order and
     cover every rank column (a block-diagonal up); else None."""
@@ -109,12 +114,16 @@ def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer | N
         raise FormatError(f"{where}: up has {up.shape[0]} rows, which do not split into "
                           f"{'/'.join(p.rsplit('.', 1)[-1] for p in spec.parts)}")
     ups = list(torch.split(up, dims, dim=0))
-    used = [bool(u.ne(0).any()) for u in ups]
+    used = [_nonzero(u) for u in ups]
     if not any(used):  # an all-zero layer (a fresh LoRA): every part, as stored
         used = [True] * len(ups)
     live = [u for u, keep in zip(ups, used) if keep]
     r = int(down.shape[0])
-    cols = _block_columns(live, r) if len(live) > 1 and r >= len(live) else None
+    # block-diagonal needs the first live part off the last column and the last one off the first
+    # (two cheap column checks settle the usual dense up before any full scan)
+    maybe = len(live) > 1 and r >= len(live) and not bool(live[0][:, -1].ne(0).any()) \
+        and not bool(live[-1][:, 0].ne(0).any())
+    cols = _block_columns(live, r) if maybe else None
     out: list[LoraLayer | None] = []
     it = iter(cols or [])
     for u, keep in zip(ups, used):
@@ -129,8 +138,7 @@ def split_layer(layer: LoraLayer, spec: Fused, where: str) -> list[LoraLayer | N
     return out
 
 
-def fuse_layers(parts: list[LoraLayer | None], spec: Fused, where: str,
-                missing_dims: Callable[[int, int, int], int] | None = None) -> LoraLayer:
+def fuse_layers(parts: list[LoraLayer | None], spec: Fused, where: str) -> LoraLayer:
     """One layer for a fused module from its parts (None: a part without a layer, zero rows).
     ``extra["fusion"]`` says ``shared`` (one down, same rank) or ``block-diagonal`` (rank Σr), and
     ``extra["fused_ranks"]`` the parts' ranks."""

@@ -32,6 +32,9 @@ class Block:
 
 @dataclass
 class Layout:
+    """A family's original layout: its numbered ``blocks``, its ``top``-level modules, and ``special``
+    (block, index, suffix, fused) -> the fused module to use at that index (SD3's last block)."""
+
     name: str
     blocks: list[Block]
     top: dict[str, Fused]                       # original path -> parts as paths under the transformer

@@ -11,7 +11,8 @@ import logging
 
 import torch
 
-from lorahub.formats.canonical import LoraModel
+from lorahub.errors import FormatError
+from lorahub.formats.canonical import LoraLayer, LoraModel
 
 # family -> the diffusers pipeline class whose loader mixin converts its LoRA files
 PIPELINES = {
@@ -48,11 +49,40 @@ def read(family: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         quiet.setLevel(level)
     if isinstance(sd, tuple):
         sd = sd[0]
-    if not sd or not all(isinstance(t, torch.Tensor) and k.startswith(tuple(p + "." for p in PARTS))
-                         and ("lora_A" in k or "lora_B" in k or k.endswith(".alpha")) for k, t in sd.items()):
+    prefixes = tuple(p + "." for p in PARTS)
+    if not sd or not all(isinstance(t, torch.Tensor) and k.startswith(prefixes) for k, t in sd.items()):
         return None
-    model = diffusers_fmt.read(dict(sd), {k: v for k, v in clean_meta(metadata).items()
-                                          if k != diffusers_fmt.META_KEY}, base_hint=family, name=name)
+    lokr = {k: t for k, t in sd.items() if ".lokr_" in k}
+    rest = {k: t for k, t in sd.items() if k not in lokr}
+    if not all("lora_A" in k or "lora_B" in k or k.endswith(".alpha") for k in rest):
+        return None
+    meta = {k: v for k, v in clean_meta(metadata).items() if k != diffusers_fmt.META_KEY}
+    model = diffusers_fmt.read(rest, meta, base_hint=family, name=name) if rest else LoraModel(metadata=meta)
+    model.layers.update(_lokr_layers(lokr, name))
     model.base, model.source_format = family, fmt
     model.notes.append(f"read through diffusers' {cls.__name__}.lora_state_dict (alpha folded into the factors)")
     return model
+
+
+_LOKR = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
+         "lokr_w2_b": "w2b", "lokr_t2": "t2"}
+
+
+def _lokr_layers(tensors: dict[str, torch.Tensor], name: str) -> dict[str, LoraLayer]:
+    """LoKr layers from diffusers' converted keys (``transformer.<path>.lokr_w1`` …; alpha already baked
+    into the left factor, so scale 1)."""
+    from lorahub.formats.kohya import _adapted_shape
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        mod, _, fac = k.rpartition(".")
+        if fac not in _LOKR:
+            raise FormatError(f"{name}: key {k!r} is not a LoKr factor")
+        groups.setdefault(mod, {})[_LOKR[fac]] = t
+    out = {}
+    for mod, w in groups.items():
+        shape = _adapted_shape("lokr", w)
+        if shape is None:
+            raise FormatError(f"{name}: LoKr layer {mod} lacks a Kronecker factor")
+        out[mod] = LoraLayer("lokr", w, alpha=None, extra={"shape": list(shape)})  # alpha baked in: scale 1
+    return out

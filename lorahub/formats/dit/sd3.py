@@ -130,5 +130,5 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
 
 def write_kohya(model: LoraModel, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of SD3 LoRA ``model`` in kohya sd-scripts' naming (SAI layout, fused q/k/v)."""
-    arch = model.arch if model.arch in ("sd3", "sd3.5-large") else "sd3"
+    arch = model.arch if model.arch not in ("", "unknown") else "sd3"
     return write_kohya_layout(model, to_sai_layers(model), dtype, arch=arch)
