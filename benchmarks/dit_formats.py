@@ -144,7 +144,7 @@ def main() -> None:
     from lorahub.ops.merge import MergeInput, merge
     from lorahub.ops.resize import ResizeOptions, resize
 
-    lines = ["# DiT formats at real shapes (inspect / resize / merge)", "",
+    lines = ["## DiT formats at real shapes (inspect / resize / merge)", "",
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPU(s), "
              f"torch {torch.__version__}, {args.threads} torch thread(s)", "",
              "Command: `" + " ".join(["python", "benchmarks/dit_formats.py"] + sys.argv[1:]) + "`", ""]
@@ -157,7 +157,7 @@ def main() -> None:
         b = load_lora(fb)
         sub = subset(a, args.baseline_layers)
         sub_model = type(a)(layers=sub, base=a.base)
-        lines += [f"## FLUX.1-dev shape, rank {args.rank}", "",
+        lines += [f"### FLUX.1-dev shape, rank {args.rank}", "",
                   f"kohya file: {len(flux_modules())} BFL modules ({fa.stat().st_size / 2**20:.0f} MiB fp16) -> "
                   f"{len(a.layers)} canonical layers, read in {t_read:.2f} s. Baseline subset ({len(sub)} layers, "
                   f"3072×3072 each): {', '.join(k.removeprefix('transformer.') for k in sub)}.", ""]
@@ -217,7 +217,7 @@ def main() -> None:
         t_mat, _ = timed(lambda: materialised_inspect(sub))
         t_all, _ = timed(lambda: inspect_model(m))
         ct = child_inspect(fs, args.threads, args.repeat)
-        lines += ["", f"## SD3.5-large shape, rank {args.rank}", "",
+        lines += ["", f"### SD3.5-large shape, rank {args.rank}", "",
                   f"kohya file: {len(sd35_modules())} SAI modules ({fs.stat().st_size / 2**20:.0f} MiB fp16) -> "
                   f"{len(m.layers)} canonical layers (arch {m.arch}).", "",
                   "| operation | factors, subset (s) | materialised, subset (s) | ratio | factors, all layers (s) |",
