@@ -140,6 +140,11 @@ def test_dit_refusals(pipelines, tmp_path):
     # a Flux LoRA on an SD1 model: wrong base model, one clear line
     with pytest.raises(LorahubError, match="another base model"):
         render([str(path)], "tiny-sd1", [PROMPT], out=tmp_path / "c.png", **kw)
+    # ... and on the tiny SD3 model, whose module names and widths happen to match: the family tells
+    model.base = "flux"
+    kohya = save_lora(model, tmp_path / "flux-kohya.safetensors", dialect="kohya")
+    with pytest.raises(LorahubError, match="a flux LoRA, and this pipeline is sd3"):
+        render([str(kohya)], "tiny-sd3", [PROMPT], out=tmp_path / "d.png", **kw)
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -26,7 +26,7 @@ def merge(
     rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Rank after an svd merge.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="svd | concat | sum "
                                                    "(default: svd with --rank, else concat).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base family (sd1|sd2|sdxl) or, with --checkpoint, "
+    base: Annotated[Optional[str], typer.Option("--base", help="Base family (sd1|sd2|sdxl|sd3|flux|other:<name>) or, with --checkpoint, "
                                                  "the model to bake into (tiny-sd1, tiny-flux, …, folder, .safetensors, registry ref).")] = None,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Bake into the --base model instead of "
                                               "writing a LoRA (output = \"checkpoint\").")] = False,

@@ -312,18 +312,27 @@ def _target_key(key: str, pipe, arch: list) -> str:
     return names.from_kohya(kname, arch[0]) or key
 
 
+_DIT_FAMILIES = ("flux", "sd3")
+
+
 def apply_loras(pipe, models, names=None, *, strict: bool = False) -> AppliedLoras:
     """Install every model of ``models`` (canonical LoraModel) into ``pipe``; strengths start at 1.
 
     Layers whose module the pipeline lacks are listed in ``handle.unmatched[slot]``; a model with no
     matching layer at all (and no embeddings) raises LorahubError (wrong base model).
     """
+    from lorahub.ops.models import family_of_pipeline
+
     state = ScaleState()
     handle = AppliedLoras(pipe, state)
     arch = []  # the pipeline's own module list, derived once when a LoRA has unmapped kohya names
     try:
         for slot, model in enumerate(models):
             name = names[slot] if names else f"lora{slot}"
+            if model.base in _DIT_FAMILIES and family_of_pipeline(pipe) != model.base:
+                # DiT families share module names (transformer_blocks.N.attn.to_q): names alone cannot tell
+                raise LorahubError(f"{name}: a {model.base} LoRA, and this pipeline is "
+                                   f"{family_of_pipeline(pipe)}; is it for another base model?")
             handle.names.append(name)
             applied, unmatched = 0, []
             for key, layer in model.items():
