@@ -212,27 +212,28 @@ def test_block_diagonal_flux_lora_resizes_per_fused_layer(tmp_path, run):
 
 
 def test_missing_parts_stay_missing(tmp_path):
-    """A Flux LoRA without to_v and without proj_mlp: the resized and the svd-merged LoRA have the
-    same layers (no to_v / proj_mlp made of rounding), ΔW the best approximation of the fused one."""
+    """A Flux LoRA without to_q (the first rows of the fused qkv / linear1) and without proj_mlp: the
+    resized and the svd-merged LoRA have the same layers (no to_q / proj_mlp made of rounding in the
+    factorisation), ΔW the best approximation of the fused one."""
     from lorahub.formats.canonical import LoraModel
     from lorahub.formats.dit import flux
     from lorahub.ops.merge import MergeInput, merge
     from lorahub.ops.resize import ResizeOptions, resize
 
-    mods = {k: v for k, v in linear_modules(tiny_flux()).items()
-            if not k.endswith(("attn.to_v", "proj_mlp"))}
+    mods = {k: v for k, v in linear_modules(tiny_flux()).items() if not k.endswith(("attn.to_q", "proj_mlp"))}
     lora = random_lora(mods, seed=4, rank=4, alpha=4.0, scale=0.2, base="flux")
     res = resize(lora, ResizeOptions(rank=3))
     assert set(res.model.layers) == set(lora.layers)
-    fused_in = flux.to_bfl_layers(lora)["single_blocks.0.linear1"].delta(torch.float64)
-    fused_out = flux.to_bfl_layers(res.model)["single_blocks.0.linear1"]
-    assert fused_out.rank == 3 and rel(fused_out.delta(torch.float64), best(fused_in, 3)) < 1e-5
-    # merge: one input adapts to_q only, the other to_k only
-    qa = {k: v for k, v in lora.layers.items() if k == "transformer.transformer_blocks.0.attn.to_q"}
-    kb = {k: v for k, v in lora.layers.items() if k == "transformer.transformer_blocks.0.attn.to_k"}
-    a, b = LoraModel(layers=qa, base="flux"), LoraModel(layers=kb, base="flux")
+    for orig in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        fused_in = flux.to_bfl_layers(lora)[orig].delta(torch.float64)
+        fused_out = flux.to_bfl_layers(res.model)[orig]
+        assert fused_out.rank == 3 and rel(fused_out.delta(torch.float64), best(fused_in, 3)) < 1e-5
+    # merge: one input adapts to_k only, the other to_v only
+    ka = {k: v for k, v in lora.layers.items() if k == "transformer.transformer_blocks.0.attn.to_k"}
+    vb = {k: v for k, v in lora.layers.items() if k == "transformer.transformer_blocks.0.attn.to_v"}
+    a, b = LoraModel(layers=ka, base="flux"), LoraModel(layers=vb, base="flux")
     m = merge([MergeInput(a, 0.5), MergeInput(b, 2.0)], method="svd", rank=3)
-    assert set(m.model.layers) == set(qa) | set(kb)
+    assert set(m.model.layers) == set(ka) | set(vb)
     assert [r.key for r in m.layers] == ["transformer.double_blocks.0.img_attn.qkv"]
     want = 0.5 * flux.to_bfl_layers(a)["double_blocks.0.img_attn.qkv"].delta(torch.float64) \
         + 2.0 * flux.to_bfl_layers(b)["double_blocks.0.img_attn.qkv"].delta(torch.float64)
