@@ -204,8 +204,9 @@ def layer_factors(layer: LoraLayer, dtype=torch.float64) -> tuple[torch.Tensor, 
 
 
 def input_layers(inp: MergeInput, fuse: str | None = None) -> dict[str, LoraLayer]:
-    """The layers of one input its parts filter keeps; with ``fuse`` (a family: flux | sd3) its
-    q/k/v fused into the modules of the family's original layout (:func:`lorahub.formats.dit.to_original`)."""
+    """The layers of one input its parts filter keeps; with ``fuse`` (the inputs' family) a Flux.1/SD3
+    input's q/k/v fused into the modules of the family's original layout
+    (:func:`lorahub.formats.dit.to_original`; other families' layers as they are)."""
     layers = {k: v for k, v in inp.model.layers.items() if layer_selected(k, inp.parts)}
     if fuse is None:
         return layers
@@ -216,7 +217,8 @@ def input_layers(inp: MergeInput, fuse: str | None = None) -> dict[str, LoraLaye
 
 def collect_terms(inputs: list[MergeInput], dtype=torch.float64, fuse: str | None = None) -> dict[str, list[Term]]:
     """Per layer key, the weighted flattened factors of every input that adapts it: canonical keys, or
-    with ``fuse`` (flux | sd3) the fused layers of the family's original layout (:func:`input_layers`)."""
+    with ``fuse`` (the inputs' family) Flux.1/SD3 q/k/v as the fused layers of the family's original
+    layout (:func:`input_layers`)."""
     terms: dict[str, list[Term]] = {}
     for idx, inp in enumerate(inputs):
         w = float(inp.weight)
@@ -291,14 +293,6 @@ def check_families(inputs: list[MergeInput], base: str | None = None) -> str:
     return next(iter(fams), "unknown")
 
 
-def fused_family(method: str, family: str) -> str | None:
-    """The family whose original fused layers an svd merge works on (flux | sd3), else None."""
-    return family if method == "svd" and family in FUSED_FAMILIES else None
-
-
-FUSED_FAMILIES = ("flux", "sd3")
-
-
 def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = None,
              base: str | None = None, compute_dtype: torch.dtype = torch.float64
              ) -> tuple[str, dict[str, list[Term]]]:
@@ -314,7 +308,7 @@ def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None 
             raise LorahubError("method 'svd' needs a rank (e.g. rank 64)")
         whole(rank, "rank")
     family = check_families(inputs, base)
-    terms = collect_terms(inputs, compute_dtype, fuse=fused_family(method, family))
+    terms = collect_terms(inputs, compute_dtype, fuse=family if method == "svd" else None)
     if not terms:
         raise LorahubError("the inputs have no LoRA layers to merge (check the parts filters)")
     if method == "sum":
@@ -389,11 +383,11 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
             t.release()  # free this layer's compute-dtype copies
         if on_layer:
             on_layer(key)
-    fuse = fused_family(method, family)
-    if fuse is not None:
+    if method == "svd":
         from lorahub.formats.dit import to_original
 
-        back = to_original(LoraModel(base=fuse, arch=out.arch))[1]
+        # fused layers back to their parts: back() depends only on the family's layout
+        back = to_original(LoraModel(base=family, arch=out.arch))[1]
         out.layers = dict(sorted(back(out.layers).layers.items()))
     return result
 
