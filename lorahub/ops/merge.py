@@ -16,6 +16,12 @@ Inputs may have different ranks, layers present in only some of them, LoCon conv
 Tucker ``mid`` factors are folded into ``down`` exactly) and negative weights. LyCORIS LoHa/LoKr/full
 layers have no plain factors: they are materialised (that one layer) and given exact factors by a
 thin SVD, noted in the report. DoRA layers cannot be merged without the base weights and are refused.
+
+With ``svd``, Flux.1 and SD3 LoRAs are merged per module of the family's original layout, as kohya's
+svd_merge tools merge them (:func:`lorahub.formats.dit.to_original`): each input's q/k/v (Flux single
+blocks: q/k/v + MLP input) are one fused layer, the weighted sum of the fused ΔW is truncated to
+``rank`` once, and the result is split back into parts sharing one ``lora_A`` (kohya's writer fuses
+them at ``rank``). Parts filters apply to the inputs' own (diffusers) layer keys first.
 """
 
 from __future__ import annotations
@@ -197,16 +203,28 @@ def layer_factors(layer: LoraLayer, dtype=torch.float64) -> tuple[torch.Tensor, 
     return u[:, :k] * r, r[:, None] * vh[:k], 1.0, True
 
 
-def collect_terms(inputs: list[MergeInput], dtype=torch.float64) -> dict[str, list[Term]]:
-    """Per canonical layer key, the weighted flattened factors of every input that adapts it."""
+def input_layers(inp: MergeInput, fuse: str | None = None) -> dict[str, LoraLayer]:
+    """The layers of one input its parts filter keeps; with ``fuse`` (the inputs' family) a Flux.1/SD3
+    input's q/k/v fused into the modules of the family's original layout
+    (:func:`lorahub.formats.dit.to_original`; other families' layers as they are)."""
+    layers = {k: v for k, v in inp.model.layers.items() if layer_selected(k, inp.parts)}
+    if fuse is None:
+        return layers
+    from lorahub.formats.dit import to_original
+
+    return to_original(LoraModel(layers=layers, base=fuse, arch=inp.model.arch))[0]
+
+
+def collect_terms(inputs: list[MergeInput], dtype=torch.float64, fuse: str | None = None) -> dict[str, list[Term]]:
+    """Per layer key, the weighted flattened factors of every input that adapts it: canonical keys, or
+    with ``fuse`` (the inputs' family) Flux.1/SD3 q/k/v as the fused layers of the family's original
+    layout (:func:`input_layers`)."""
     terms: dict[str, list[Term]] = {}
     for idx, inp in enumerate(inputs):
         w = float(inp.weight)
         if not math.isfinite(w):
             raise LorahubError(f"input {inp.label or idx + 1}: weight {inp.weight!r} is not a finite number")
-        for key, layer in inp.model.layers.items():
-            if not layer_selected(key, inp.parts):
-                continue
+        for key, layer in input_layers(inp, fuse).items():
             if layer.dora_scale is not None:
                 raise LorahubError(f"{inp.label or f'input {idx + 1}'}: {key}: DoRA layers cannot be merged "
                                    "without the base weights (dora_scale)")
@@ -279,7 +297,8 @@ def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None 
              base: str | None = None, compute_dtype: torch.dtype = torch.float64
              ) -> tuple[str, dict[str, list[Term]]]:
     """Every check :func:`merge` makes before computing (cheap: factors are not converted yet).
-    Returns (base family, terms per layer key)."""
+    Returns (base family, terms per layer key: the layers :func:`merge` reports, one per fused
+    module of a Flux.1/SD3 svd merge)."""
     if method not in METHODS:
         raise LorahubError(f"unknown merge method {method!r} (choose {', '.join(METHODS)})")
     if not inputs:
@@ -289,7 +308,7 @@ def validate(inputs: list[MergeInput], *, method: str = "svd", rank: int | None 
             raise LorahubError("method 'svd' needs a rank (e.g. rank 64)")
         whole(rank, "rank")
     family = check_families(inputs, base)
-    terms = collect_terms(inputs, compute_dtype)
+    terms = collect_terms(inputs, compute_dtype, fuse=family if method == "svd" else None)
     if not terms:
         raise LorahubError("the inputs have no LoRA layers to merge (check the parts filters)")
     if method == "sum":
@@ -303,8 +322,10 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
     """Merge ``inputs`` into one LoRA. ``rank`` is required for ``svd``; ignored by concat/sum.
 
     Output layers are plain LoRA layers sharing one alpha (the svd rank, else the largest layer rank),
-    with the factors rescaled so that alpha/rank · up · down is the merged ΔW.
-    ``on_layer(key)`` is called after each layer (progress).
+    with the factors rescaled so that alpha/rank · up · down is the merged ΔW. With ``svd``, Flux.1/SD3
+    q/k/v are merged as the fused layers of the family's original layout (reported as
+    ``transformer.<original path>``, written back as parts sharing one ``lora_A``).
+    ``on_layer(key)`` is called after each (reported) layer (progress).
     """
     family, terms = validate(inputs, method=method, rank=rank, base=base, compute_dtype=compute_dtype)
 
@@ -336,6 +357,10 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
             sp = lowrank.spectrum(up_s, down_s, dtype=compute_dtype)
             k = max(1, min(int(rank), int(sp.S.numel())))
             up2, down2 = lowrank.split(sp, k)
+            zero = ~up_s.ne(0).any(dim=1)  # rows no input adapts stay exactly zero (not QR rounding)
+            if bool(zero.any()):
+                up2 = up2.clone()
+                up2[zero] = 0
             kept = lowrank.retained(sp.S, k)
             norm = float(torch.linalg.vector_norm(sp.S))
             rep = LayerReport(key, len(ts), rank_in, k, norm, kept,
@@ -358,6 +383,12 @@ def merge(inputs: list[MergeInput], *, method: str = "svd", rank: int | None = N
             t.release()  # free this layer's compute-dtype copies
         if on_layer:
             on_layer(key)
+    if method == "svd":
+        from lorahub.formats.dit import to_original
+
+        # fused layers back to their parts: back() depends only on the family's layout
+        back = to_original(LoraModel(base=family, arch=out.arch))[1]
+        out.layers = dict(sorted(back(out.layers).layers.items()))
     return result
 
 

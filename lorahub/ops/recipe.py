@@ -565,11 +565,11 @@ def _merge_lora(res: RecipeResult, inputs: list, models: list, regs, *, register
     from lorahub.ops import merge as mg
 
     recipe = res.recipe
-    mg.validate(inputs, method=recipe.method, rank=recipe.rank, base=recipe.family)
+    _, terms = mg.validate(inputs, method=recipe.method, rank=recipe.rank, base=recipe.family)
     firsts = {next(iter(layer.weights.values())).dtype for m in models for layer in list(m.layers.values())[:1]}
     res.dtype = recipe.dtype or (dtype_name(firsts.pop()) if len(firsts) == 1 else "fp32")
     out_dtype = parse_dtype(res.dtype)
-    n = len({k for m in models for k in m.layers})
+    n = len(terms)  # the layers merge reports (Flux/SD3 svd: fused q/k/v count once)
     done = iter(range(1, n + 1))
     merged = mg.merge(inputs, method=recipe.method, rank=recipe.rank, out_dtype=out_dtype, base=recipe.family,
                       on_layer=(lambda key: on_layer(next(done), n, key)) if on_layer else None)

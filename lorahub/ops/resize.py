@@ -9,6 +9,11 @@ Rank selection (:func:`lorahub.linalg.rank.choose_rank`): a fixed rank, or the *
 criterion (energy, sv_ratio, sv_fro), always capped by the layer's own size (never an index error when
 a layer has fewer singular values than asked). LyCORIS layers (LoHa, LoKr, full diffs, Tucker LoCon) are
 materialised (they are small) and re-factored by an exact SVD into plain LoRA layers.
+
+Flux.1 and SD3 LoRAs are resized per module of the family's original layout, as kohya's tools resize
+them (:func:`lorahub.formats.dit.to_original`): q/k/v (Flux single blocks: q/k/v + MLP input) are one
+fused layer whose ΔW gets its best rank-k approximation, then split back into parts sharing one
+``lora_A``, so kohya's writer fuses them at rank k (not 3k).
 """
 
 from __future__ import annotations
@@ -95,6 +100,13 @@ def resize_layer(layer, opts: ResizeOptions):
     if k == 0:
         raise LorahubError("layer has no singular values")
     new_up, new_down = lowrank.split(sp, k)
+    if how == "factored":
+        # rows of ΔW that are zero stay exactly zero (rounding in the QR leaves ~1e-17 there): a fused
+        # layer's missing part is still missing after the resize
+        zero = ~up.reshape(up.shape[0], -1).ne(0).any(dim=1)
+        if bool(zero.any()):
+            new_up = new_up.clone()
+            new_up[zero] = 0
     if len(shape) == 4:
         new_down = new_down.reshape(k, shape[1], shape[2], shape[3])
         new_up = new_up.reshape(shape[0], k, 1, 1)
@@ -109,23 +121,26 @@ def resize_layer(layer, opts: ResizeOptions):
 def resize(model, opts: ResizeOptions, *, on_layer=None, title: str | None = None) -> ResizeResult:
     """Resize every layer of a canonical :class:`LoraModel`; embeddings are carried over unchanged.
 
+    Flux.1/SD3 q/k/v are resized as the fused layers of the family's original layout (one rank-k
+    layer each, reported as ``transformer.<original path>``; see the module docstring).
+
     The result's metadata is what kohya's resize_lora.py writes (:func:`lorahub.formats.kohya.derived_metadata`:
     the new ``ss_network_dim`` / ``ss_network_alpha``, ``Dynamic`` where layers differ, the training
     comment, ModelSpec with ``title`` (default: the input's)), the input's training metadata
     (:func:`kept_metadata`) and the operation (``lorahub_resize``).
     """
     from lorahub.formats import kohya
-    from lorahub.formats.canonical import LoraModel
+    from lorahub.formats.dit import to_original
 
     opts.validate()
     if not model.layers:
         raise LorahubError("this file has no LoRA layers to resize (an embedding?)")
-    out = LoraModel(embeddings=dict(model.embeddings), metadata=dict(model.metadata), base=model.base,
-                    source_format=model.source_format, arch=model.arch, extra=dict(model.extra))
+    layers, back = to_original(model)
     reports: list[ResizeLayer] = []
     notes: list[str] = []
-    n = len(model.layers)
-    for i, (name, layer) in enumerate(model.layers.items()):
+    resized = {}
+    n = len(layers)
+    for i, (name, layer) in enumerate(layers.items()):
         if on_layer:
             on_layer(i, n, name)
         try:
@@ -133,10 +148,11 @@ def resize(model, opts: ResizeOptions, *, on_layer=None, title: str | None = Non
         except LorahubError as exc:
             raise LorahubError(f"{name}: {exc}") from None
         rep.name = name
-        out.layers[name] = new
+        resized[name] = new
         reports.append(rep)
     if on_layer:
         on_layer(n, n, "")
+    out = back(resized)
     materialised = sum(r.how == "materialised" for r in reports)
     if materialised:
         notes.append(f"{materialised} LyCORIS/Tucker layer(s) re-factored as plain LoRA layers")

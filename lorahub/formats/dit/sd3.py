@@ -94,9 +94,9 @@ _KOHYA_X = re.compile(r"^lora_unet_joint_blocks_(\d+)_(x_block_(?!mlp_fc2)\w+|co
 _CANON = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.(.+)$")
 
 
-def to_sai_layers(model: LoraModel) -> dict[str, LoraLayer]:
-    """The transformer layers of SD3 LoRA ``model`` (canonical form) keyed by SAI module path
-    (``joint_blocks.3.x_block.attn.qkv``, …), exact (fusion as :func:`lorahub.formats.dit.flux.to_bfl_layers`)."""
+def layout_of(model: LoraModel) -> Layout:
+    """The SAI layout of the SD3 transformer canonical LoRA ``model`` is for (its joint blocks from its
+    architecture, its width, or the blocks it adapts)."""
     width, idx = None, []
     for k, layer in model.layers.items():
         m = _CANON.match(k)
@@ -104,8 +104,13 @@ def to_sai_layers(model: LoraModel) -> dict[str, LoraLayer]:
             idx.append(int(m[1]))
             if width is None and m[2] in ("attn.to_q", "attn.to_out.0", "norm1.linear", "ff.net.0.proj"):
                 width = int(layer.shape[1])
-    return layout(_num_layers(model.arch, width, idx)).to_original(
-        {k: v for k, v in model.layers.items() if k.startswith("transformer.")})
+    return layout(_num_layers(model.arch, width, idx))
+
+
+def to_sai_layers(model: LoraModel) -> dict[str, LoraLayer]:
+    """The transformer layers of SD3 LoRA ``model`` (canonical form) keyed by SAI module path
+    (``joint_blocks.3.x_block.attn.qkv``, …), exact (fusion as :func:`lorahub.formats.dit.flux.to_bfl_layers`)."""
+    return layout_of(model).to_original({k: v for k, v in model.layers.items() if k.startswith("transformer.")})
 
 
 def from_sai_layers(layers: dict[str, LoraLayer], num_layers: int) -> dict[str, LoraLayer]:
