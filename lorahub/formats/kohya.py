@@ -73,6 +73,16 @@ def _adapted_shape(kind: str, f: dict[str, torch.Tensor]) -> tuple[int, ...] | N
     return None
 
 
+def set_alpha(layer: LoraLayer, tensor, what: str) -> None:
+    """``layer.alpha`` from a kohya ``.alpha`` tensor (a scalar, as any shape of one element), keeping
+    its dtype and shape so the file is written back bit for bit; ``what`` names it in the error."""
+    if tensor.numel() != 1:
+        raise FormatError(f"{what} is not a scalar")
+    layer.alpha = float(tensor.reshape(()).item())
+    layer.extra["alpha_dtype"] = str(tensor.dtype).replace("torch.", "")
+    layer.extra["alpha_shape"] = list(tensor.shape)
+
+
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=None,
          base_hint: str | None = None, name: str = "file") -> LoraModel:
     """Read kohya/LyCORIS tensors. ``arch`` (an Arch or its name: the base model's own architecture)
@@ -143,12 +153,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, arch=Non
             model.extra["kohya_unet_layout"] = "diffusers"  # written back the same way
         layer = LoraLayer(kind=kind, weights=weights)
         if "alpha" in special:
-            at = special["alpha"]
-            if at.numel() != 1:
-                raise FormatError(f"{name}: alpha of {mod} is not a scalar")
-            layer.alpha = float(at.reshape(()).item())
-            layer.extra["alpha_dtype"] = str(at.dtype).replace("torch.", "")
-            layer.extra["alpha_shape"] = list(at.shape)
+            set_alpha(layer, special["alpha"], f"{name}: alpha of {mod}")
         if "dora_scale" in special:
             layer.dora_scale = special["dora_scale"]
         if kind in ("loha", "lokr") or (kind == "lora" and "mid" in weights):

@@ -45,6 +45,17 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return repo, rev
 
 
+def _arguments(spec: str, file: str | None, include: list[str] | None, endpoint: str | None,
+               token_env: str | None) -> tuple:
+    """``(repo, revision, endpoint, token, include)`` of a pull or a listing, each checked."""
+    repo, rev = parse_spec(spec)
+    ep = resolve_endpoint(endpoint)
+    token = resolve_token(token_env)
+    if file is not None:
+        check_repo_path(file)
+    return repo, rev, ep, token, _check_patterns(include)
+
+
 def _check_patterns(include: list[str] | None) -> list[str] | None:
     if not include:
         return None
@@ -140,12 +151,7 @@ def pull(spec: str, *, registry=None, file: str | None = None, include: list[str
 
     if type is not None and type not in LORA_TYPES:
         raise LorahubError(f"type {type!r}: expected one of {', '.join(LORA_TYPES)}")
-    repo, rev = parse_spec(spec)
-    ep = resolve_endpoint(endpoint)
-    token = resolve_token(token_env)
-    if file is not None:
-        check_repo_path(file)
-    include = _check_patterns(include)
+    repo, rev, ep, token, include = _arguments(spec, file, include, endpoint, token_env)
     if file is not None and include:
         raise LorahubError("pull: give a file or include patterns, not both")
     src = RepoSource.open(repo, rev, endpoint=ep, token=token)
@@ -290,12 +296,7 @@ def list_repo(spec: str, *, file: str | None = None, include: list[str] | None =
     only (no weights are downloaded). Offline (``HF_HUB_OFFLINE=1``): from the Hugging Face cache."""
     from lorahub.metadata import collect
 
-    repo, rev = parse_spec(spec)
-    ep = resolve_endpoint(endpoint)
-    token = resolve_token(token_env)
-    if file is not None:
-        check_repo_path(file)
-    include = _check_patterns(include)
+    repo, rev, ep, token, include = _arguments(spec, file, include, endpoint, token_env)
     src = RepoSource.open(repo, rev, endpoint=ep, token=token)
     fields, marker = _card(src)
     ch = select.choose(src, file=file, include=include, marker=marker)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from lorahub.errors import FormatError
+from lorahub.formats import kohya
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.formats.dit.layout import Layout
 
@@ -44,12 +45,7 @@ def plain_layer(mod: str, f: dict[str, torch.Tensor], name: str) -> LoraLayer:
                           "do not make a LoRA pair")
     layer = LoraLayer("lora", {"down": f["down"], "up": f["up"]})
     if "alpha" in f:
-        a = f["alpha"]
-        if a.numel() != 1:
-            raise FormatError(f"{name}: alpha of {mod} is not a scalar")
-        layer.alpha = float(a.reshape(()).item())
-        layer.extra["alpha_dtype"] = str(a.dtype).replace("torch.", "")
-        layer.extra["alpha_shape"] = list(a.shape)
+        kohya.set_alpha(layer, f["alpha"], f"{name}: alpha of {mod}")
     return layer
 
 
