@@ -151,6 +151,29 @@ HUB_TOKEN = "hf_lorahubTestToken0123456789"
 
 
 @pytest.fixture
+def ok():
+    """``ok(result)``: a CLI run (a CompletedProcess) that exited 0; returns it."""
+    def _ok(res):
+        assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+        return res
+    return _ok
+
+
+@pytest.fixture
+def fail():
+    """``fail(result, *needles)``: a CLI run refused the way every command refuses bad input -- exit 2,
+    one ``error:`` line holding each needle (case-insensitive), no traceback; returns the line."""
+    def _fail(res, *needles):
+        assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+        err = res.stderr.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in res.stderr, err
+        for n in needles:
+            assert n.lower() in err.lower(), err
+        return err
+    return _fail
+
+
+@pytest.fixture
 def hub(tmp_path):
     """A Hugging Face Hub-compatible server on 127.0.0.1 (tests/hubserver.py), running for the test.
     Writes and private repos need ``hub.token``; ``hub.seed``, ``hub.files``, ``hub.front_matter`` … inspect it."""

@@ -62,21 +62,6 @@ def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
 
-def ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    return res
-
-
-def fail(res, *needles):
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    assert "Traceback" not in res.stderr
-    err = res.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for n in needles:
-        assert n.lower() in err.lower(), err
-    return err
-
-
 @pytest.fixture
 def style_entry(home, tmp_path):
     """A registered kohya LoRA with triggers, tags, a sweep preview and a lineage record."""
@@ -94,7 +79,7 @@ def style_entry(home, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- push + pull
-def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_path):
+def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_path, ok):
     env = henv("hf-push")
     res = ok(cli("push", style_entry["id"], "--repo", "tester/arcane", "--token-env", "LORAHUB_TEST_TOKEN",
                  "--json", home=home, env=env))
@@ -196,7 +181,7 @@ def test_push_card_and_pull_round_trip(cli, home, hub, henv, style_entry, tmp_pa
     assert open_reg(home).remotes(style_entry["id"])[0]["commit"] == third["commit"]
 
 
-def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
+def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path, fail, ok):
     reg = open_reg(home)
     lh, _ = reg.add_file(loha(tmp_path / "arcane_style.safetensors"), triggers=["arcane"])
     emb, _ = reg.add_file(embedding(tmp_path / "arcane_emb.safetensors"))
@@ -233,7 +218,7 @@ def test_push_branch_private_and_embedding(cli, home, hub, henv, tmp_path):
     assert kinds == ["loha", "textual-inversion"]
 
 
-def test_pull_file_option_and_card_metadata(cli, hub, henv, tmp_path):
+def test_pull_file_option_and_card_metadata(cli, hub, henv, tmp_path, fail, ok):
     a = kohya_lora(tmp_path / "a.safetensors", seed=3).read_bytes()
     b = kohya_lora(tmp_path / "b.safetensors", seed=4).read_bytes()
     card = ("---\nbase_model: stabilityai/stable-diffusion-xl-base-1.0\ninstance_prompt: zyx person, red coat\n"
@@ -271,7 +256,7 @@ def _hostile_cases(tmp_path):
 
 @pytest.mark.parametrize("case", ["dotdot", "absolute", "nested-dotdot", "huge-announced-small", "bad-yaml",
                                   "not-safetensors"])
-def test_pull_hostile_repo(cli, hub, henv, tmp_path, case):
+def test_pull_hostile_repo(cli, hub, henv, tmp_path, case, fail):
     files, announce, needle = _hostile_cases(tmp_path)[case]
     hub.seed("evil/repo", files, announce=announce)
     home = tmp_path / "home"
@@ -291,7 +276,7 @@ def test_pull_hostile_repo(cli, hub, henv, tmp_path, case):
     assert not Path("/tmp/evil.safetensors").exists()
 
 
-def test_pull_refuses_files_over_max_size(cli, hub, henv, tmp_path):
+def test_pull_refuses_files_over_max_size(cli, hub, henv, tmp_path, fail):
     hub.seed("big/one", {"x.safetensors": kohya_lora(tmp_path / "x.safetensors").read_bytes()})
     fail(cli("pull", "big/one", "--max-size", "0.001", home=tmp_path / "h", env=henv()), "over the size limit")
     # refused before downloading (only its header was read, with a range request)
@@ -299,7 +284,7 @@ def test_pull_refuses_files_over_max_size(cli, hub, henv, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- search, errors
-def test_pull_search_lists_hub_loras(cli, hub, henv, tmp_path):
+def test_pull_search_lists_hub_loras(cli, hub, henv, tmp_path, ok):
     lora = kohya_lora(tmp_path / "s.safetensors").read_bytes()
     card = "---\nbase_model: {bm}\ntags: [lora, diffusers, {t}]\nlibrary_name: diffusers\n---\n"
     hub.seed("alice/arcane-style", {"README.md": card.format(bm="stabilityai/stable-diffusion-xl-base-1.0",
@@ -319,7 +304,7 @@ def test_pull_search_lists_hub_loras(cli, hub, henv, tmp_path):
     assert any(r[1] == "/api/models" for r in hub.requests)
 
 
-def test_push_errors_are_one_line(cli, home, hub, henv, style_entry):
+def test_push_errors_are_one_line(cli, home, hub, henv, style_entry, fail):
     env = henv()
     err = fail(cli("push", style_entry["id"], "--repo", "tester/x", "--token-env", "WRONG_TOKEN", home=home,
                    env=env | {"WRONG_TOKEN": "hf_wrongWrongWrong123"}), "refused")
@@ -412,7 +397,7 @@ def test_canonical_safetensors_bytes_do_not_depend_on_metadata_order(tmp_path):
         assert f.metadata() == meta
 
 
-def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, tmp_path, tiny_sd1):
+def test_card_diffusers_instructions_load_the_pushed_file(cli, home, hub, henv, tmp_path, tiny_sd1, ok):
     """Follow the card: load_lora_weights(weight_name=...) on the file as stored on the hub, fuse at the
     card's α, and compare every touched UNet weight with W0 + α·(alpha/rank)·up·down."""
     import re
@@ -488,7 +473,7 @@ def test_card_uses_sweep_params_and_alpha_override(home, tmp_path):
     reg.close()
 
 
-def test_pull_real_cloneofsimo_file_with_diffusers_card(cli, hub, henv, tmp_path):
+def test_pull_real_cloneofsimo_file_with_diffusers_card(cli, hub, henv, tmp_path, ok):
     """A real published pivotal-tuning LoRA (cloneofsimo dialect, with two token embeddings inside)."""
     real = Path(__file__).resolve().parents[2] / "shared" / "real-loras" / "lora_disney.safetensors"
     if not real.exists():
@@ -612,7 +597,7 @@ def test_cards_before_the_base_model_field_still_read():
     assert card_fields({"tags": ["flux", "sd3-diffusers", "style"]})["tags"] == ["style"]
 
 
-def test_push_of_a_home_without_a_registry_creates_nothing(cli, tmp_path):
+def test_push_of_a_home_without_a_registry_creates_nothing(cli, tmp_path, fail):
     nowhere = tmp_path / "no-home"
     res = cli("push", "some-entry", "--repo", "u/r", "--home", nowhere)
     fail(res, "no lorahub registry")

@@ -40,20 +40,6 @@ def gets(hub, *paths) -> list:
     return [d for d in hub.downloads if d[0] == "GET" and d[2] in paths]
 
 
-def ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    return res
-
-
-def fail(res, *needles):
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    err = res.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in res.stderr, err
-    for n in needles:
-        assert n.lower() in err.lower(), err
-    return err
-
-
 TRAINING_CARD = b"""---
 base_model: runwayml/stable-diffusion-v1-5
 library_name: diffusers
@@ -195,7 +181,7 @@ def test_subfolders_only_when_the_top_level_has_no_lora(hub, hub_online, tmp_pat
         lorahub.pull("u/ckpts", registry=tmp_path / "h3", **kw)
 
 
-def test_pickle_only_repo_names_the_file_it_will_not_load(cli, hub, henv, tmp_path):
+def test_pickle_only_repo_names_the_file_it_will_not_load(cli, hub, henv, tmp_path, fail):
     hub.seed("old/bin", {"pytorch_lora_weights.bin": b"\x80\x02}q\x00." * 50, "README.md": b"# old\n"})
     err = fail(cli("pull", "old/bin", home=tmp_path / "h", env=henv()), "pytorch_lora_weights.bin", "pickle")
     assert "never unpickles" in err
@@ -236,7 +222,7 @@ def test_textual_inversion_named_after_the_repo_and_images_become_previews(hub, 
     assert res.previews == []
 
 
-def test_pull_list_shows_the_plan_before_downloading(cli, hub, henv, tmp_path):
+def test_pull_list_shows_the_plan_before_downloading(cli, hub, henv, tmp_path, fail, ok):
     final, c500 = lora_bytes(tmp_path, 80), lora_bytes(tmp_path, 81)
     hub.seed("someone/run", {"README.md": TRAINING_CARD, "pytorch_lora_weights.safetensors": final,
                              "checkpoint-500/pytorch_lora_weights.safetensors": c500,
@@ -261,7 +247,7 @@ def test_pull_list_shows_the_plan_before_downloading(cli, hub, henv, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- item 6: offline
-def test_offline_pull_from_the_hf_cache(cli, hub, henv, tmp_path):
+def test_offline_pull_from_the_hf_cache(cli, hub, henv, tmp_path, fail, ok):
     """With HF_HUB_OFFLINE=1 a pull works from the user's Hugging Face cache for a full commit sha or a
     cached ref, as hf_hub_download does; only what truly needs the network is refused."""
     lora = lora_bytes(tmp_path, 90, "kohya")

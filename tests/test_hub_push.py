@@ -18,20 +18,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    return res
-
-
-def fail(res, *needles):
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
-    err = res.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in res.stderr, err
-    for n in needles:
-        assert n.lower() in err.lower(), err
-    return err
-
-
 @pytest.fixture
 def entry(home, tmp_path):
     """A registered kohya LoRA (its push: the original, a diffusers copy and the card)."""
@@ -94,7 +80,7 @@ def test_a_push_with_other_entries_removes_what_the_previous_push_left(home, hub
 
 
 # ---------------------------------------------------------------------------------------- item 4
-def test_private_on_an_existing_public_repo_makes_it_private(cli, hub, henv, hub_online, entry, tmp_path):
+def test_private_on_an_existing_public_repo_makes_it_private(cli, hub, henv, hub_online, entry, tmp_path, fail):
     push(hub_online, entry, "tester/vis")
     assert hub.state.repos["tester/vis"]["private"] is False
     res = push(hub_online, entry, "tester/vis", private=True)
@@ -110,7 +96,7 @@ def test_private_on_an_existing_public_repo_makes_it_private(cli, hub, henv, hub
 
 
 # ---------------------------------------------------------------------------------------- item 5: Xet
-def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv, hub_online, entry):
+def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv, hub_online, entry, ok):
     """Real users have hf_xet installed: the client asks the hub for a Xet token first. This hub has
     no Xet storage (404): the push says so and uploads through Git LFS."""
     env = henv()
@@ -129,7 +115,7 @@ def test_default_upload_path_through_xet_falls_back_to_lfs(cli, home, hub, henv,
 
 
 def test_a_failed_first_push_says_what_happened_and_leaves_no_repo(cli, home, hub, henv, hub_online, entry,
-                                                                    monkeypatch):
+                                                                    monkeypatch, fail):
     hub.lfs = False   # this hub can store no large file at all: neither Xet nor LFS
     env = henv()
     del env["HF_HUB_DISABLE_XET"]
@@ -156,7 +142,7 @@ def test_a_failed_first_push_says_what_happened_and_leaves_no_repo(cli, home, hu
 
 
 # ---------------------------------------------------------------------------------------- --create-pr
-def test_create_pr_on_someone_elses_repo(cli, home, hub, henv, hub_online, entry):
+def test_create_pr_on_someone_elses_repo(cli, home, hub, henv, hub_online, entry, ok):
     alice = hub.add_user("alice")
     hub.seed("alice/ink", {"README.md": b"# alice's repo\n"})
     head = hub.head("alice/ink")
@@ -195,7 +181,7 @@ def test_lfs_objects_belong_to_their_repo(hub, hub_online, entry):
     assert set(hub.state.repos["tester/one"]["lfs"]) == set(hub.state.repos["tester/two"]["lfs"])
 
 
-def test_invalid_token_is_refused_even_for_public_reads(cli, hub, henv, hub_online, entry, tmp_path):
+def test_invalid_token_is_refused_even_for_public_reads(cli, hub, henv, hub_online, entry, tmp_path, fail, ok):
     push(hub_online, entry, "tester/pub")
     env = henv() | {"BAD": "hf_notAValidToken1234567890"}
     err = fail(cli("pull", "tester/pub", "--token-env", "BAD", home=tmp_path / "h", env=env), "401",
