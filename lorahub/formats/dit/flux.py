@@ -22,47 +22,43 @@ import torch
 
 from lorahub.errors import FormatError
 from lorahub.formats.canonical import LoraLayer, LoraModel
-from lorahub.formats.dit.fused import Fused, qkv_mlp, thirds
+from lorahub.formats.dit.fused import Fused, one, qkv_mlp, thirds
 from lorahub.formats.dit.common import (KOHYA_SUFFIXES, PEFT_SUFFIXES, arch_name, clean_meta, groups_of,
                                         plain_layer, read_kohya_layout, write_kohya_layout)
 from lorahub.formats.dit.layout import Block, Layout
-
-def _one(path: str, swap: bool = False) -> Fused:
-    return Fused((path,), swap=swap)
-
 
 FLUX = Layout(
     name="flux",
     blocks=[
         Block("double_blocks", "transformer_blocks", {
             "img_attn.qkv": Fused(("attn.to_q", "attn.to_k", "attn.to_v"), thirds),
-            "img_attn.proj": _one("attn.to_out.0"),
-            "img_mlp.0": _one("ff.net.0.proj"),
-            "img_mlp.2": _one("ff.net.2"),
-            "img_mod.lin": _one("norm1.linear"),
+            "img_attn.proj": one("attn.to_out.0"),
+            "img_mlp.0": one("ff.net.0.proj"),
+            "img_mlp.2": one("ff.net.2"),
+            "img_mod.lin": one("norm1.linear"),
             "txt_attn.qkv": Fused(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), thirds),
-            "txt_attn.proj": _one("attn.to_add_out"),
-            "txt_mlp.0": _one("ff_context.net.0.proj"),
-            "txt_mlp.2": _one("ff_context.net.2"),
-            "txt_mod.lin": _one("norm1_context.linear"),
+            "txt_attn.proj": one("attn.to_add_out"),
+            "txt_mlp.0": one("ff_context.net.0.proj"),
+            "txt_mlp.2": one("ff_context.net.2"),
+            "txt_mod.lin": one("norm1_context.linear"),
         }),
         Block("single_blocks", "single_transformer_blocks", {
             "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), qkv_mlp),
-            "linear2": _one("proj_out"),
-            "modulation.lin": _one("norm.linear"),
+            "linear2": one("proj_out"),
+            "modulation.lin": one("norm.linear"),
         }),
     ],
     top={
-        "img_in": _one("x_embedder"),
-        "txt_in": _one("context_embedder"),
-        "time_in.in_layer": _one("time_text_embed.timestep_embedder.linear_1"),
-        "time_in.out_layer": _one("time_text_embed.timestep_embedder.linear_2"),
-        "vector_in.in_layer": _one("time_text_embed.text_embedder.linear_1"),
-        "vector_in.out_layer": _one("time_text_embed.text_embedder.linear_2"),
-        "guidance_in.in_layer": _one("time_text_embed.guidance_embedder.linear_1"),
-        "guidance_in.out_layer": _one("time_text_embed.guidance_embedder.linear_2"),
-        "final_layer.linear": _one("proj_out"),
-        "final_layer.adaLN_modulation.1": _one("norm_out.linear", swap=True),
+        "img_in": one("x_embedder"),
+        "txt_in": one("context_embedder"),
+        "time_in.in_layer": one("time_text_embed.timestep_embedder.linear_1"),
+        "time_in.out_layer": one("time_text_embed.timestep_embedder.linear_2"),
+        "vector_in.in_layer": one("time_text_embed.text_embedder.linear_1"),
+        "vector_in.out_layer": one("time_text_embed.text_embedder.linear_2"),
+        "guidance_in.in_layer": one("time_text_embed.guidance_embedder.linear_1"),
+        "guidance_in.out_layer": one("time_text_embed.guidance_embedder.linear_2"),
+        "final_layer.linear": one("proj_out"),
+        "final_layer.adaLN_modulation.1": one("norm_out.linear", swap=True),
     },
 )
 

@@ -41,6 +41,11 @@ class Fused:
     swap: bool = False
 
 
+def one(path: str, swap: bool = False) -> Fused:
+    """An original module standing for one diffusers module (``swap``: its ``up`` halves swapped)."""
+    return Fused((path,), swap=swap)
+
+
 def thirds(out: int, inn: int) -> list[int]:
     """q, k, v of equal size."""
     return [out // 3] * 3

@@ -20,47 +20,43 @@ import torch
 
 from lorahub.formats.canonical import LoraLayer, LoraModel
 from lorahub.formats.dit.common import read_kohya_layout, write_kohya_layout
-from lorahub.formats.dit.fused import Fused, thirds
+from lorahub.formats.dit.fused import Fused, one, thirds
 from lorahub.formats.dit.layout import Block, Layout
 
 # number of joint blocks by model width (the last block is context_pre_only)
 BLOCKS_BY_WIDTH = {1536: 24, 2432: 38}
 
 
-def _one(path: str, swap: bool = False) -> Fused:
-    return Fused((path,), swap=swap)
-
-
 JOINT = {
     "x_block.attn.qkv": Fused(("attn.to_q", "attn.to_k", "attn.to_v"), thirds),
-    "x_block.attn.proj": _one("attn.to_out.0"),
+    "x_block.attn.proj": one("attn.to_out.0"),
     "x_block.attn2.qkv": Fused(("attn2.to_q", "attn2.to_k", "attn2.to_v"), thirds),
-    "x_block.attn2.proj": _one("attn2.to_out.0"),
-    "x_block.mlp.fc1": _one("ff.net.0.proj"),
-    "x_block.mlp.fc2": _one("ff.net.2"),
-    "x_block.adaLN_modulation.1": _one("norm1.linear"),
+    "x_block.attn2.proj": one("attn2.to_out.0"),
+    "x_block.mlp.fc1": one("ff.net.0.proj"),
+    "x_block.mlp.fc2": one("ff.net.2"),
+    "x_block.adaLN_modulation.1": one("norm1.linear"),
     "context_block.attn.qkv": Fused(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), thirds),
-    "context_block.attn.proj": _one("attn.to_add_out"),
-    "context_block.mlp.fc1": _one("ff_context.net.0.proj"),
-    "context_block.mlp.fc2": _one("ff_context.net.2"),
-    "context_block.adaLN_modulation.1": _one("norm1_context.linear"),
+    "context_block.attn.proj": one("attn.to_add_out"),
+    "context_block.mlp.fc1": one("ff_context.net.0.proj"),
+    "context_block.mlp.fc2": one("ff_context.net.2"),
+    "context_block.adaLN_modulation.1": one("norm1_context.linear"),
 }
 TOP = {
-    "x_embedder.proj": _one("pos_embed.proj"),
-    "context_embedder": _one("context_embedder"),
-    "t_embedder.mlp.0": _one("time_text_embed.timestep_embedder.linear_1"),
-    "t_embedder.mlp.2": _one("time_text_embed.timestep_embedder.linear_2"),
-    "y_embedder.mlp.0": _one("time_text_embed.text_embedder.linear_1"),
-    "y_embedder.mlp.2": _one("time_text_embed.text_embedder.linear_2"),
-    "final_layer.linear": _one("proj_out"),
-    "final_layer.adaLN_modulation.1": _one("norm_out.linear", swap=True),
+    "x_embedder.proj": one("pos_embed.proj"),
+    "context_embedder": one("context_embedder"),
+    "t_embedder.mlp.0": one("time_text_embed.timestep_embedder.linear_1"),
+    "t_embedder.mlp.2": one("time_text_embed.timestep_embedder.linear_2"),
+    "y_embedder.mlp.0": one("time_text_embed.text_embedder.linear_1"),
+    "y_embedder.mlp.2": one("time_text_embed.text_embedder.linear_2"),
+    "final_layer.linear": one("proj_out"),
+    "final_layer.adaLN_modulation.1": one("norm_out.linear", swap=True),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def layout(num_layers: int) -> Layout:
     """The SAI layout of an SD3 transformer with ``num_layers`` joint blocks."""
-    last_context = _one("norm1_context.linear", swap=True)
+    last_context = one("norm1_context.linear", swap=True)
 
     def special(block, i, suffix, f):
         return last_context if suffix == "context_block.adaLN_modulation.1" and i == num_layers - 1 else f
