@@ -63,16 +63,20 @@ def test_extract_flux_from_diffusers_folders(flux_pair, tmp_path):
     res = extract_lora("tiny-flux", tuned, out=tmp_path / "x.safetensors", rank=4, dtype="fp32",
                        dialect="diffusers")
     assert res.family == "flux" and res.retained > 0.999999
-    assert {r.name for r in res.layers} == set(truth)  # T5 (text_encoder_2) included, unchanged layers not
+    # T5 (text_encoder_2) included, unchanged layers not; q/k/v (+ the MLP input) as their fused module
+    assert {r.name for r in res.layers} == {"transformer.double_blocks.0.img_attn.qkv", "transformer.single_blocks.0.linear1",
+                                            "transformer.transformer_blocks.0.ff.net.2", "transformer.norm_out.linear",
+                                            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"}
     blocks = {b["block"] for b in res.blocks()}
     assert {"transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0", "transformer",
             "text_encoder_2"} <= blocks
     model = load_lora(tmp_path / "x.safetensors")
     assert model.base == "flux" and set(model.layers) == set(truth)
     _check_deltas(model, truth)
-    # dynamic rank: each layer takes the rank its ΔW has (2 here)
+    # dynamic rank: each layer takes the rank its ΔW has (2 here; 2 + 2 for two changed parts of a fused module)
     dyn = extract_lora(base, tuned, out=tmp_path / "d.safetensors", energy=0.999999, rank=8, dtype="fp32")
-    assert {r.rank for r in dyn.layers} == {2}
+    assert {r.name: r.rank for r in dyn.layers} == {r.name: 4 if r.name.endswith(("qkv", "linear1")) else 2
+                                                    for r in res.layers}
 
 
 def test_extract_sd3_from_diffusers_folders(tmp_path):
@@ -85,7 +89,9 @@ def test_extract_sd3_from_diffusers_folders(tmp_path):
                                                              "transformer_blocks.0.ff_context.net.2.weight"]})
     res = extract_lora(base, tmp_path / "tuned", out=tmp_path / "x.safetensors", rank=4, dtype="fp32",
                        dialect="diffusers")
-    assert res.family == "sd3" and {r.name for r in res.layers} == set(truth)
+    assert res.family == "sd3" and {r.name for r in res.layers} == {"transformer.joint_blocks.1.x_block.attn.qkv",
+                                                                    "transformer.joint_blocks.0.context_block.attn.qkv",
+                                                                    "transformer.transformer_blocks.0.ff_context.net.2"}
     _check_deltas(load_lora(tmp_path / "x.safetensors"), truth)
 
 

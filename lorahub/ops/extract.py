@@ -8,7 +8,12 @@ factors checked against the exact truncated-SVD optimum with an exact-SVD fallba
 non-convergence. √S goes into both factors (up = U·√S, down = √S·Vh, alpha = rank: scale 1).
 
 DiT families: from diffusers folders every linear of the transformer (Flux.1, SD3, …) and the CLIP / T5
-text encoders' attention and MLP linears; from two Flux.1 single files in the original BFL layout
+text encoders' attention and MLP linears. The diffusers modules that the family's original layout fuses
+(Flux.1: q/k/v as ``img_attn.qkv`` / ``txt_attn.qkv``, single blocks' q/k/v + ``proj_mlp`` as ``linear1``;
+SD3: q/k/v as ``attn.qkv``) are factored as one matrix: the parts' differences stacked in the original
+row order, one SVD, then split back into parts sharing one rank-r ``lora_A`` (reported as
+``transformer.<original path>``), so the kohya file holds ``lora_unet_double_blocks_N_img_attn_qkv`` at
+rank r, as kohya's own Flux extraction gives it. From two Flux.1 single files in the original BFL layout
 (``double_blocks.N.img_attn.qkv.weight``) every BFL module a kohya Flux LoRA adapts, fused q/k/v
 factored as one matrix (what kohya's Flux LoRAs hold), then split into canonical layers that share the
 fused down factor (written as kohya, they fuse back exactly). Both ways read one tensor at a time, so
@@ -41,6 +46,9 @@ TE_LINEAR = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_RANK = 64
 SVD_METHODS = ("auto", "randomized", "exact")
+# the numbered blocks of the DiT families' original layouts -> diffusers' (for the report's blocks)
+ORIGINAL_BLOCKS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks",
+                   "joint_blocks": "transformer_blocks"}
 
 
 @dataclass
@@ -123,6 +131,9 @@ def block_of(name: str) -> str:
     """Report group of a layer: unet.down_blocks.N, unet.mid_block, unet.up_blocks.N, a DiT's
     transformer.transformer_blocks.N / transformer.single_transformer_blocks.N (BFL: double_blocks.N,
     single_blocks.N), text encoders."""
+    m = re.match(r"transformer\.(double_blocks|single_blocks|joint_blocks)\.(\d+)\.", name)
+    if m:  # a fused module reported by its original path: the diffusers block it sits in
+        return f"transformer.{ORIGINAL_BLOCKS[m[1]]}.{m[2]}"
     m = re.match(r"(unet\.(down_blocks|up_blocks)\.\d+|unet\.mid_block|unet\.[a-z_]+"
                  r"|transformer\.(transformer_blocks|single_transformer_blocks)\.\d+|transformer"
                  r"|(double_blocks|single_blocks)\.\d+|text_encoder_3|text_encoder_2|text_encoder)", name)
@@ -192,6 +203,64 @@ def select_layers(base, tuned, opts: ExtractOptions) -> list[tuple[str, str]]:
     return out
 
 
+@dataclass
+class ExtractUnit:
+    """What one SVD factors: one weight (``names`` of one), or the parts of a fused module of the
+    family's original layout (``fused``: its original path) stacked in that layout's row order."""
+
+    names: list[str]
+    kind: str
+    fused: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name the report gives it: the module path, a fused module ``transformer.<original path>``."""
+        return f"transformer.{self.fused}" if self.fused else self.names[0][: -len(".weight")]
+
+
+def plan_units(todo: list[tuple[str, str]], family: str, arch: str, shape: Callable[[str], tuple]
+               ) -> tuple[list[ExtractUnit], Callable | None]:
+    """``(units, back)``: the weights to extract grouped as the family's original layout fuses them
+    (:func:`lorahub.formats.dit.family_layout`: Flux.1 BFL, SD3 SAI), one unit per fused module whose
+    parts are all there with the rows the layout gives them, placed at its first part; every other weight
+    on its own. ``back`` (:func:`lorahub.formats.dit.to_original`'s) splits a fused layer into canonical
+    parts sharing its ``lora_A``; None for families without an original layout."""
+    from lorahub.formats.canonical import LoraModel
+    from lorahub.formats.dit import family_layout, to_original
+
+    model = LoraModel(base=family, arch=arch)
+    lay = family_layout(model)
+    if lay is None:
+        return [ExtractUnit([n], k) for n, k in todo], None
+    groups: dict[str, dict[int, str]] = {}
+    where: dict[str, str] = {}
+    for name, kind in todo:
+        hit = lay.original_of(name[: -len(".weight")]) if kind == "linear" else None
+        if hit is not None and len(lay.spec(hit[0]).parts) > 1:
+            groups.setdefault(hit[0], {})[hit[1]] = name
+            where[name] = hit[0]
+    whole_groups = {}
+    for orig, parts in groups.items():
+        spec = lay.spec(orig)
+        if len(parts) != len(spec.parts):
+            continue
+        names = [parts[j] for j in range(len(spec.parts))]
+        shapes = [tuple(shape(n)) for n in names]
+        rows, inn = sum(s[0] for s in shapes), shapes[0][1]
+        if all(s[1] == inn for s in shapes) and spec.dims(rows, inn) == [s[0] for s in shapes]:
+            whole_groups[orig] = names
+    units, seen = [], set()
+    for name, kind in todo:
+        orig = where.get(name)
+        if orig in whole_groups:
+            if orig not in seen:
+                seen.add(orig)
+                units.append(ExtractUnit(whole_groups[orig], kind, fused=orig))
+        else:
+            units.append(ExtractUnit([name], kind))
+    return units, to_original(model)[1]
+
+
 def file_blake3(paths: list[Path]) -> str:
     """BLAKE3 (multi-threaded; the registry records it too and resolves it) of one file; for several
     (a diffusers folder) BLAKE3 over their hex digests in order."""
@@ -211,12 +280,14 @@ def file_blake3(paths: list[Path]) -> str:
     return blake3.blake3("".join(digests).encode()).hexdigest()
 
 
-def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
+def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer", zero_rows: bool = False):
     """Factor one difference tensor (out, in[, kh, kw]) -> (up, down, LayerReport) in the saved dtype.
 
     Without a clamp √S goes into both factors; with ``clamp_quantile`` the factors are kohya's
     (up = U·S, down = Vh) clipped by :func:`lorahub.linalg.lowrank.kohya_clamp`. The reported retained
-    (of the factors as saved) and optimum are computed in float64.
+    (of the factors as saved) and optimum are computed in float64. ``zero_rows``: rows of ``diff`` that
+    are all zero get exactly zero rows of ``up`` (as the optimum has them), so the unchanged part of a
+    stacked fused difference adapts nothing.
     """
     import torch
 
@@ -244,6 +315,8 @@ def extract_layer(diff, kind: str, opts: ExtractOptions, name: str = "layer"):
     save_dtype = getattr(torch, DTYPE_NAMES[opts.dtype])
     up = up.to(save_dtype).cpu()
     down = down.to(save_dtype).cpu()
+    if zero_rows:
+        up[~A.any(dim=1).cpu()] = 0
     ret = lowrank.residual_retained(A, up, down, ap.norm2)  # of what is saved, in float64
     if len(shape) == 4:
         down = down.reshape(k, shape[1], shape[2], shape[3])
@@ -329,27 +402,45 @@ def extract(base_path, tuned_path, opts: ExtractOptions | None = None, *,
             raise LorahubError("nothing to extract: no adaptable layer differs between the models")
         model = LoraModel(base=family, source_format="extract", arch=base.arch.name if base.arch else "unknown")
         bfl: dict = {}  # BFL-layout inputs: layers keyed by BFL module path, made canonical at the end
+        if tuned.layout == "bfl":
+            units, back = [ExtractUnit([n], k) for n, k in todo], None
+        else:  # diffusers DiT folders: the parts of each fused module of the original layout as one
+            units, back = plan_units(todo, family, model.arch, tuned.shape)
         reports: list[LayerReport] = []
-        unchanged = 0
-        for i, (name, kind) in enumerate(todo):
+        unchanged = fused = 0
+        for i, unit in enumerate(units):
             if on_layer:
-                on_layer(i, len(todo), name)
-            diff = tuned.get(name, torch.float32).to(opts.device)
-            diff -= base.get(name, torch.float32).to(opts.device)
-            if not bool(diff.any()):
-                unchanged += 1
+                on_layer(i, len(units), unit.label)
+            diffs = []
+            for name in unit.names:  # one unit's tensors at a time
+                d = tuned.get(name, torch.float32).to(opts.device)
+                d -= base.get(name, torch.float32).to(opts.device)
+                diffs.append(d)
+            if not any(bool(d.any()) for d in diffs):
+                unchanged += len(diffs)
                 continue
-            up, down, rep = extract_layer(diff, kind, opts, name)
+            diff = diffs[0] if len(diffs) == 1 else torch.cat(diffs, dim=0)
+            del diffs
+            up, down, rep = extract_layer(diff, unit.kind, opts, unit.label, zero_rows=unit.fused is not None)
             del diff
-            module = name[: -len(".weight")]
-            rep.name = module
+            rep.name = unit.label
             layer = LoraLayer(kind="lora", weights={"down": down, "up": up}, alpha=float(rep.rank))
-            (bfl if tuned.layout == "bfl" else model.layers)[module] = layer
+            if unit.fused is not None:
+                # parts share the one lora_A (an unchanged part's rows are zero: left out), so the
+                # kohya writer fuses them back at this rank
+                model.layers.update(back({unit.label: layer}).layers)
+                fused += 1
+            else:
+                (bfl if tuned.layout == "bfl" else model.layers)[unit.label] = layer
             reports.append(rep)
         if on_layer:
-            on_layer(len(todo), len(todo), "")
+            on_layer(len(units), len(units), "")
         if unchanged:
             notes.append(f"{unchanged} layer(s) identical in both models: not included")
+        if fused:
+            notes.append(f"{fused} fused module(s) of the {family} original layout (q/k/v"
+                         f"{', single blocks q/k/v + MLP input' if family == 'flux' else ''}) extracted as one "
+                         "matrix each: one rank, one lora_A shared by the parts")
         if not reports:
             raise LorahubError("nothing to extract: the models are identical in every adaptable layer")
         if bfl:
