@@ -77,6 +77,8 @@ _API = {
     "PullResult": "lorahub.hub.pull:PullResult",
     "search_hub": "lorahub.hub.pull:search",
     "list_hub_repo": "lorahub.hub.pull:list_repo",
+    # the web gallery (``lorahub serve``)
+    "GalleryServer": "lorahub.web.server:GalleryServer",
     "RepoListing": "lorahub.hub.pull:RepoListing",
 }
 
