@@ -290,6 +290,29 @@ _TINY_SDXL_SGM = {
 }
 
 
+def flux_injected_deltas(transformer, path: str | os.PathLike, prefix: str = "transformer.") -> dict:
+    """Load the diffusers Flux LoRA file ``path`` into ``transformer`` (a FluxTransformer2DModel) as
+    ``FluxPipeline.load_lora_weights`` does; the ΔW = lora_B·lora_A·scaling (float64) peft injected into
+    each module, keyed by ``prefix`` + its module path (the canonical key with the default prefix)."""
+    import warnings
+
+    import torch
+    from diffusers import FluxPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd, meta = FluxPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        FluxPipeline.load_lora_into_transformer(sd, transformer=transformer, adapter_name="x", metadata=meta,
+                                                network_alphas=None)
+    out = {}
+    with torch.no_grad():
+        for name, mod in transformer.named_modules():
+            if hasattr(mod, "lora_A") and "x" in mod.lora_A:
+                out[prefix + name] = (mod.lora_B["x"].weight.double() @ mod.lora_A["x"].weight.double()
+                                      * mod.scaling["x"])
+    return out
+
+
 def _gen(seed: int):
     import torch
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 
 import pytest
 import safetensors.torch as st
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from lorahub import tiny
+from lorahub.tiny_loras import flux_injected_deltas
 
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 W = 32  # the tiny Flux / SD3 transformers' width
@@ -134,22 +134,11 @@ def test_flux_dynamic_rank_is_the_fused_rank(flux_pair, tmp_path):
 
 
 def _injected(folder, path) -> dict[str, torch.Tensor]:
-    """Load a diffusers Flux LoRA file into the folder's transformer as FluxPipeline.load_lora_weights
-    does; the ΔW peft injected into each module, keyed by diffusers module path."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    """The ΔW peft injects into each module of the folder's transformer, keyed by module path."""
+    from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sd, meta = FluxPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        FluxPipeline.load_lora_into_transformer(sd, transformer=model, adapter_name="x", metadata=meta,
-                                                network_alphas=None)
-    out = {}
-    for n, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and "x" in mod.lora_A:
-            with torch.no_grad():
-                out[n] = mod.lora_B["x"].weight.double() @ mod.lora_A["x"].weight.double() * mod.scaling["x"]
-    return out
+    return flux_injected_deltas(model, path, prefix="")
 
 
 def test_flux_diffusers_output_loads_split_in_diffusers(flux_pair, tmp_path, caplog):

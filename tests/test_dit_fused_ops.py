@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorahub.tiny_loras import kohya_tensors, random_lora
+from lorahub.tiny_loras import flux_injected_deltas, kohya_tensors, random_lora
 
 WIDTH = 32  # the tiny Flux transformer below: 2 heads × 16
 
@@ -123,23 +122,8 @@ def test_flux_kohya_resize_gives_rank_k_fused_layers_at_the_best_approximation(t
 
 
 def _injected_deltas(path) -> dict[str, torch.Tensor]:
-    """Load a diffusers Flux LoRA file into a tiny FluxTransformer2DModel as FluxPipeline.load_lora_weights
-    does; the ΔW (lora_B·lora_A·scaling) peft injected into each module, keyed by canonical key."""
-    from diffusers import FluxPipeline
-
-    model = tiny_flux()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sd, meta = FluxPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        FluxPipeline.load_lora_into_transformer(sd, transformer=model, adapter_name="x", metadata=meta,
-                                                network_alphas=None)
-    out = {}
-    for n, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and "x" in mod.lora_A:
-            with torch.no_grad():
-                out[f"transformer.{n}"] = (mod.lora_B["x"].weight.double() @ mod.lora_A["x"].weight.double()
-                                           * mod.scaling["x"])
-    return out
+    """The ΔW peft injects into each module of a tiny FluxTransformer2DModel, keyed by canonical key."""
+    return flux_injected_deltas(tiny_flux(), path)
 
 
 def test_flux_resized_written_as_diffusers_loads_split(tmp_path, caplog):
