@@ -31,23 +31,11 @@ import time
 from pathlib import Path
 
 
-
-def sd15_targets():
-    """(canonical name, weight shape) of the modules a default kohya SD1.5 LoRA adapts."""
-    from lorahub.formats.names import get_arch
-
-    arch = get_arch("sd1")
-    unet = [(k, s) for k, s in arch.modules.items() if k.startswith("unet.") and ".attentions." in k]
-    te = [(k, s) for k, s in arch.modules.items()
-          if k.startswith("text_encoder.") and (".self_attn." in k or ".mlp." in k)]
-    assert len(unet) == 192 and len(te) == 72, (len(unet), len(te))
-    return unet + te
-
-
 def make_lora(rank: int, seed: int = 0):
     import torch
 
     from lorahub.formats.canonical import LoraLayer, LoraModel
+    from lorahub.tiny_loras import sd15_targets
 
     g = torch.Generator().manual_seed(seed)
     layers = {}

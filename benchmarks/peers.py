@@ -137,16 +137,11 @@ QUICK = False  # --quick: a few modules only (a smoke test of the harness; not a
 
 
 def sd15_targets():
-    from lorahub.formats.names import get_arch
+    from lorahub.tiny_loras import sd15_targets as targets
 
-    arch = get_arch("sd1")
-    unet = [(k, s) for k, s in arch.modules.items() if k.startswith("unet.") and ".attentions." in k]
-    te = [(k, s) for k, s in arch.modules.items()
-          if k.startswith("text_encoder.") and (".self_attn." in k or ".mlp." in k)]
-    assert len(unet) == 192 and len(te) == 72, (len(unet), len(te))
     if QUICK:
-        return [(k, s) for k, s in unet + te if k.startswith(("unet.mid_block.", "text_encoder.text_model.encoder.layers.0."))]
-    return unet + te
+        return [(k, s) for k, s in targets() if k.startswith(("unet.mid_block.", "text_encoder.text_model.encoder.layers.0."))]
+    return targets()
 
 
 def make_lora(rank: int, alpha: float, seed: int, dtype):

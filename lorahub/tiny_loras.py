@@ -290,6 +290,19 @@ _TINY_SDXL_SGM = {
 }
 
 
+def sd15_targets() -> list[tuple[str, tuple]]:
+    """(canonical name, weight shape) of the modules a default kohya SD1.5 LoRA adapts: the UNet's
+    attention blocks (192 linears) and the text encoder's attention and MLP linears (72)."""
+    from lorahub.formats.names import get_arch
+
+    arch = get_arch("sd1")
+    unet = [(k, s) for k, s in arch.modules.items() if k.startswith("unet.") and ".attentions." in k]
+    te = [(k, s) for k, s in arch.modules.items()
+          if k.startswith("text_encoder.") and (".self_attn." in k or ".mlp." in k)]
+    assert len(unet) == 192 and len(te) == 72, (len(unet), len(te))
+    return unet + te
+
+
 def flux_injected_deltas(transformer, path: str | os.PathLike, prefix: str = "transformer.") -> dict:
     """Load the diffusers Flux LoRA file ``path`` into ``transformer`` (a FluxTransformer2DModel) as
     ``FluxPipeline.load_lora_weights`` does; the ΔW = lora_B·lora_A·scaling (float64) peft injected into
