@@ -39,6 +39,9 @@ class NoSpace(LorahubError):
         super().__init__(message or f"no space left on {path}")
         self.path = Path(path)
 
+    def __reduce__(self):  # from a worker process of a scan, with its message
+        return type(self), (self.path, str(self))
+
 
 def os_error(exc: OSError, path: os.PathLike | str) -> LorahubError:
     """The one-line error for an OSError on ``path`` (:class:`NoSpace` when the disk or quota is full)."""

@@ -90,9 +90,25 @@ def hash_file(path: str | os.PathLike, *, copy_to: BinaryIO | None = None, chunk
 
 
 def hash_bytes(data: bytes) -> Hashes:
-    import io
-
-    return hash_stream(io.BytesIO(data), len(data))
+    """The hashes of a file whose whole content is ``data`` (what :func:`hash_stream` gives)."""
+    mv = memoryview(data)
+    size = len(data)
+    digest = hashlib.sha256(mv).hexdigest()
+    v3_start = _autov3_start(data[:8], size)
+    v1 = None
+    if size >= AUTOV1_MIN_SIZE:
+        v1 = hashlib.sha256(mv[AUTOV1_OFFSET:AUTOV1_OFFSET + AUTOV1_LENGTH]).hexdigest()[:8]
+    b3 = _new_blake3()
+    b3.update(mv)
+    return Hashes(
+        sha256=digest,
+        autov1=v1,
+        autov2=digest[:10],
+        autov3=hashlib.sha256(mv[v3_start:]).hexdigest() if v3_start is not None else None,
+        crc32=crc32_hex(zlib.crc32(mv)),
+        blake3=b3.hexdigest(),
+        size=size,
+    )
 
 
 def hash_stream(f: BinaryIO, size: int, *, copy_to: BinaryIO | None = None, chunk: int = CHUNK) -> Hashes:

@@ -54,8 +54,8 @@ def test_scan_recursive_idempotent_without_rehashing(run, home, tmp_path, monkey
     import lorahub.hashing as hashing
 
     calls = []
-    real = hashing.hash_stream
-    monkeypatch.setattr(hashing, "hash_stream", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for fn in ("hash_stream", "hash_bytes"):  # files are hashed as they are read, or from memory
+        monkeypatch.setattr(hashing, fn, lambda *a, real=getattr(hashing, fn), **k: calls.append(a) or real(*a, **k))
     res = jrun(run, "scan", root)
     assert res["added"] == [] and res["already"] == 5 and calls == []
     os.utime(root / "sub1" / "l1.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: re-hashed

@@ -628,14 +628,25 @@ def test_scan_group_commits_and_reads_each_header_once(reg, tmp_path, monkeypatc
     lib = tmp_path / "lib"
     for i in range(40):
         kohya_file(lib / f"d{i % 3}" / f"s{i:02d}.safetensors", seed=300 + i)
-    headers, stmts, fsyncs = [], [], []
-    real_detect, real_fsync = det.detect, os.fsync
-    monkeypatch.setattr(det, "detect", lambda p: headers.append(p) or real_detect(p))
+    stmts, fsyncs = [], []
+    log = tmp_path / "headers.log"  # the files are prepared in worker processes: they append here
+
+    def logged(fn):
+        def read(p, *a):
+            with open(log, "a") as f:
+                f.write(f"{p}\n")
+            return fn(p, *a)
+        return read
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(det, "detect", logged(det.detect))
+    monkeypatch.setattr(det, "detect_bytes", lambda data, p, real=det.detect_bytes: logged(lambda q: real(data, q))(p))
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
     reg.conn.set_trace_callback(stmts.append)
     res = reg.scan(lib)
     reg.conn.set_trace_callback(None)
-    assert len(res.added) == 40 and len(headers) == 40  # one header read per file
+    headers = log.read_text().splitlines()
+    assert len(res.added) == 40 and sorted(headers) == sorted(str(p) for p in lib.rglob("*.safetensors"))
     # group commit: one transaction (entries, FTS rows and scan cache) for the 40 files, one fsync per
     # blob and one per store folder touched
     assert sum(s.startswith("BEGIN IMMEDIATE") for s in stmts) == 1

@@ -7,6 +7,7 @@ lorahub.cli.common and lorahub.vocab): `lorahub search` must start fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -14,7 +15,7 @@ import typer
 
 from lorahub.cli.app import app
 from lorahub.cli.common import (HomeOpt, JsonOpt, console, print_json, print_rows, progress, progress_callback,
-                                 styled)
+                                 safe_text, styled)
 from lorahub.registry.queries import rank_text, short
 from lorahub.vocab import BASES, KINDS, LORA_TYPES
 
@@ -148,13 +149,12 @@ def scan(
     if json_out:
         print_json({"added": [short(e) for e in res.added], "already": res.already, "skipped": res.skipped})
         return
-    con = console()
-    for e in res.added:
-        con.print(f"added {e['name']} ({e['id']}) {e['format']} {e['kind']} {e['base']}")
-    for b in res.skipped:
-        con.print(f"skipped {b['path']}: {b['error']}")
-    con.print(f"{res.files} file(s): {len(res.added)} added, {res.already} already registered, "
-              f"{len(res.skipped)} skipped")
+    # plain lines (escaped), not rich: a scan of thousands of files prints one line per new entry
+    lines = [f"added {e['name']} ({e['id']}) {e['format']} {e['kind']} {e['base']}" for e in res.added]
+    lines += [f"skipped {b['path']}: {b['error']}" for b in res.skipped]
+    lines.append(f"{res.files} file(s): {len(res.added)} added, {res.already} already registered, "
+                 f"{len(res.skipped)} skipped")
+    sys.stdout.write("".join(safe_text(line) + "\n" for line in lines))
 
 
 # --------------------------------------------------------------------------- list / search / show

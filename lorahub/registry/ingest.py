@@ -36,7 +36,7 @@ from lorahub.registry import edits, queries
 from lorahub.formats.families import check_base
 from lorahub.registry.schema import insert, is_disk_full, no_space, now_iso, transaction
 from lorahub.registry.store import Store, fsync_dir, fsync_many
-from lorahub.vocab import LORA_TYPES
+from lorahub.vocab import LORA_TYPES, PICKLE_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorahub.formats.detect import Detection
@@ -47,6 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # the sidecar files whose bytes are kept (``export`` writes them back): kind -> file-name suffix
 KEPT_SIDECARS = {"json": ".json", "civitai": ".civitai.info", "txt": ".txt"}
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024
+# safetensors files smaller than this are read into memory once, then detected, hashed and copied from there
+SMALL_FILE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -282,6 +284,44 @@ def _copy_and_hash(store: Store, p: Path, *, copy: bool, durable: bool) -> tuple
     return hashes, tmp, linked, st
 
 
+def _read_small(p: Path) -> tuple[bytes, os.stat_result]:
+    """The whole content of a small file and its stat, in one read."""
+    try:
+        with open(p, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            data = f.read(st.st_size + 1)
+    except OSError as exc:
+        raise LorahubError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if len(data) != st.st_size:
+        from lorahub.errors import FormatError
+
+        raise FormatError(f"{p}: file changed while it was read ({len(data)} bytes read, {st.st_size} expected)")
+    return data, st
+
+
+def _store_bytes(store: Store, data: bytes, *, durable: bool) -> Path:
+    """``data`` in a new read-only temp blob of the store (fsynced when ``durable``)."""
+    home = store.root.parent
+    try:
+        tmp, out = store.open_temp(read_only=True)
+    except OSError as exc:
+        raise os_error(exc, home) from None
+    try:
+        try:
+            out.write(data)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+        finally:
+            out.close()
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, home) from None
+        raise
+    return tmp
+
+
 def _sidecar_files(path: Path, imported: "Imported") -> list[SidecarFile]:
     """The bytes of the sidecar files :func:`lorahub.metadata.collect` read (json, civitai, txt)."""
     out = []
@@ -314,13 +354,15 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     already (its header is not read again).
     """
     from lorahub import metadata as md
-    from lorahub.formats.detect import detect
+    from lorahub.formats.detect import detect, detect_bytes
+    from lorahub.hashing import hash_bytes
 
     import stat as _stat
 
     p = Path(path)
     try:
-        mode = os.stat(p).st_mode
+        st = os.stat(p)
+        mode, st_size = st.st_mode, st.st_size
     except FileNotFoundError:
         raise NotFound(f"{path}: no such file") from None
     except OSError as exc:
@@ -331,12 +373,24 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
         name = edits.check_name(name)
     edits.check_choice("type", type, LORA_TYPES)
     check_base(base)
-    det = detection if detection is not None else detect(p)
+    data = None
+    if detection is not None:
+        det = detection
+    elif copy and st_size < SMALL_FILE_BYTES and p.suffix.lower() not in PICKLE_SUFFIXES:
+        data, st = _read_small(p)  # read once: detected, hashed and copied from memory
+        det = detect_bytes(data, p)
+    else:
+        det = detect(p)
     imported = md.collect(p, dict(det.metadata), sidecars=sidecars)
     header = _slim_meta(dict(det.metadata))
     det = dataclasses.replace(det, metadata={})  # held until commit: without the (maybe large) header copy
     kept = _sidecar_files(p, imported) if sidecars and imported.sidecars else []
-    hashes, tmp, linked, st = _copy_and_hash(store, p, copy=copy, durable=durable)
+    if data is not None:
+        hashes, linked = hash_bytes(data), False
+        tmp = _store_bytes(store, data, durable=durable)
+        del data
+    else:
+        hashes, tmp, linked, st = _copy_and_hash(store, p, copy=copy, durable=durable)
     prep = Prepared(p, det, header, imported, hashes, tmp, linked, st, sidecar_files=kept, name=name, type=type,
                     triggers=triggers, tags=tags, base=base, description=description, source=source,
                     lineage=lineage, extra=extra)
@@ -488,20 +542,76 @@ def commit(reg: "Registry", prep: Prepared, *, durable: bool = True) -> tuple[di
 
 
 AddCallback = Callable[[Path, "dict | None", bool, "LorahubError | None"], None]
+Result = tuple[object, "Prepared | None", "LorahubError | None"]   # (path, prepared, error) of one file
+
+
+def _prepare_or_error(store: Store, p, tags: list[str] | None, copy: bool, sidecars: bool) -> Result:
+    """:func:`prepare` one file of :func:`add_many` (temp blob not fsynced): any error but a full disk
+    is returned, so that one bad file never stops the others."""
+    try:
+        return p, prepare(store, p, tags=tags, copy=copy, durable=False, sidecars=sidecars), None
+    except NoSpace:
+        raise
+    except LorahubError as exc:
+        return p, None, exc
+    except OSError as exc:
+        return p, None, LorahubError(f"{p}: {exc.strerror or exc}")
+    except Exception as exc:  # one file that breaks a reader never aborts the others: report it
+        return p, None, LorahubError(f"{p}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+# The store of a worker process of add_many (set when the pool forks it: nothing is pickled).
+_worker_store: Store | None = None
+
+
+def _worker_init(store: Store) -> None:
+    global _worker_store
+    _worker_store = store
+
+
+def _prepare_chunk(chunk: list[tuple[str, bool]], tags: list[str] | None, copy: bool) -> list[Result]:
+    """Prepare a few small files in a worker process; on an exception (a full disk) the files this
+    call prepared are discarded before it propagates."""
+    out: list[Result] = []
+    try:
+        for p, side in chunk:
+            out.append(_prepare_or_error(_worker_store, p, tags, copy, side))
+    except BaseException:
+        for _, prep, _ in out:
+            if prep is not None:
+                prep.discard()
+        raise
+    return out
+
+
+def _fork_pool(store: Store, workers: int):
+    """A pool of ``workers`` processes forked from this one (None where fork is not available)."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                               initargs=(store,))
 
 
 def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[str] | None = None,
              batch_files: int = 256, batch_bytes: int = 256 * 1024 * 1024, workers: int | None = None,
              copy: bool = True, remember: bool = False, callback: AddCallback | None = None,
              sidecars: bool | Callable[[Path], bool] = True) -> dict:
-    """Add many files with group commit: ``workers`` threads (default: one per CPU, 2 to 4) prepare
-    the files of :data:`THREAD_MIN_BYTES` or more (detect, hash, copy: hashing and copying release the
-    GIL) while the main thread prepares the smaller ones itself (on threads, their Python work would
-    only contend for the GIL: 1,000 files of 175 KB took 2.1 s of wall and 2.7 s of CPU on 2 threads,
-    1.7 s and 1.7 s on one) and commits the files prepared so far in batches of up to ``batch_files``
-    files / ``batch_bytes`` bytes: per batch, the temp blobs are fsynced together, then one transaction
-    renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`). A batch's
-    blob fsyncs run on a background thread while the next batch is prepared.
+    """Add many files with group commit. ``workers`` (default: one per CPU, 2 to 4) prepare the files
+    (detect, hash, copy into temp blobs) while this thread commits the files prepared so far in
+    batches of up to ``batch_files`` files / ``batch_bytes`` bytes: per batch, the temp blobs are
+    fsynced together (on a background thread, while the next batch is prepared), then one
+    transaction renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
+
+    Files of :data:`THREAD_MIN_BYTES` or more are prepared on worker threads (hashing and copying
+    release the GIL and outweigh the Python work of detection). Smaller files are prepared in
+    ``workers`` forked worker processes, a few files per task, when the call has at least
+    :data:`PROCESS_MIN_FILES` of them (their Python work would only contend for the GIL on threads;
+    measured on 2 CPUs, 1,000 files of 175 KB: see benchmarks/RESULTS.md); else on this thread.
+    ``workers=1``: everything on this thread.
 
     ``callback(path, entry | None, created, error | None)`` is called once per file, in order (a
     file with the same content as another file of this call is reported, not created). A file that
@@ -518,19 +628,13 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     counts = {"added": 0, "already": 0, "failed": 0}
     pending: list[Prepared] = []
     size = 0
+    paths = list(paths)
 
-    def prep_one(p):
-        try:
-            side = sidecars(Path(p)) if callable(sidecars) else sidecars
-            return p, prepare(reg.store, p, tags=tags, copy=copy, durable=False, sidecars=side), None
-        except NoSpace:
-            raise
-        except LorahubError as exc:
-            return p, None, exc
-        except OSError as exc:
-            return p, None, LorahubError(f"{p}: {exc.strerror or exc}")
-        except Exception as exc:  # one file that breaks a reader never aborts the others: report it
-            return p, None, LorahubError(f"{p}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
+    def side(p) -> bool:
+        return sidecars(Path(p)) if callable(sidecars) else sidecars
+
+    def prep_one(p) -> list[Result]:
+        return [_prepare_or_error(reg.store, p, tags, copy, side(p))]
 
     def report(p, entry, created, err):
         counts["failed" if err else "added" if created else "already"] += 1
@@ -566,37 +670,63 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
         if last and syncing:
             commit_synced()
 
-    queue: deque = deque()
-    items = iter(paths)
-    ahead = max(2 * workers, batch_files)  # files being prepared while a batch commits
-    ex = ThreadPoolExecutor(max(1, workers)) if workers > 1 else None
-
-    def threaded(p) -> bool:
+    def large(p) -> bool:
         try:
             return os.stat(p).st_size >= THREAD_MIN_BYTES
         except (OSError, ValueError):
-            return False  # prepared here, where prepare() says what is wrong
+            return False  # prepared where small files are, where prepare() says what is wrong
 
-    def submit() -> bool:
-        p = next(items, None)
-        if p is None:
-            return False
-        queue.append(ex.submit(prep_one, p) if ex is not None and threaded(p) else _Later(prep_one, p))
-        return True
+    is_large = [large(p) for p in paths] if workers > 1 else [False] * len(paths)
+    n_small = is_large.count(False)
+    threads = ThreadPoolExecutor(workers) if workers > 1 and n_small < len(paths) else None
+    procs = _fork_pool(reg.store, workers) if workers > 1 and n_small >= PROCESS_MIN_FILES else None
+
+    queue: deque = deque()   # futures, in path order, each of a list of results
+    ahead = max(2 * workers, batch_files)  # files being prepared while a batch commits
+    queued = 0               # files in ``queue``
+    nxt = 0                  # index of the next path to submit
+
+    def submit() -> None:
+        nonlocal nxt, queued
+        while nxt < len(paths) and queued < ahead:
+            p = paths[nxt]
+            if is_large[nxt]:
+                queue.append(threads.submit(prep_one, p))
+                nxt += 1
+                queued += 1
+            elif procs is not None:
+                chunk = []
+                while nxt < len(paths) and not is_large[nxt] and len(chunk) < PROCESS_CHUNK:
+                    chunk.append((paths[nxt], side(paths[nxt])))
+                    nxt += 1
+                queue.append(procs.submit(_prepare_chunk, chunk, tags, copy))
+                queued += len(chunk)
+            else:
+                queue.append(_Later(prep_one, p))
+                nxt += 1
+                queued += 1
 
     try:
-        while len(queue) < ahead and submit():
-            pass
+        submit()
         while queue:
-            p, prep, err = queue.popleft().result()
+            results = queue[0].result()
+            queue.popleft()
+            queued -= len(results)
             submit()
-            if err is not None:
-                report(p, None, False, err)
-                continue
-            pending.append(prep)
-            size += prep.hashes.size
-            if len(pending) >= batch_files or size >= batch_bytes:
-                flush()
+            for i, (p, prep, err) in enumerate(results):
+                if err is not None:
+                    report(p, None, False, err)
+                    continue
+                pending.append(prep)
+                size += prep.hashes.size
+                if len(pending) >= batch_files or size >= batch_bytes:
+                    try:
+                        flush()
+                    except BaseException:
+                        for _, rest, _ in results[i + 1:]:
+                            if rest is not None:
+                                rest.discard()
+                        raise
         flush(last=True)
     except BaseException:
         for prep in pending:
@@ -609,25 +739,33 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             for prep in batch:
                 prep.discard()
         for fut in queue:  # files still being prepared: wait, then remove their temp files
-            if isinstance(fut, _Later) and not fut.ran:
+            if fut.cancel():
                 continue  # never started: nothing to remove
             try:
-                _, prep, _ = fut.result()
+                results = fut.result()
             except BaseException:
                 continue
-            if prep is not None:
-                prep.discard()
+            for _, prep, _ in results:
+                if prep is not None:
+                    prep.discard()
         raise
     finally:
         syncer.shutdown(wait=True)
-        if ex is not None:
-            ex.shutdown(wait=True)
+        if threads is not None:
+            threads.shutdown(wait=True)
+        if procs is not None:
+            procs.shutdown(wait=True, cancel_futures=True)
     return counts
 
 
 # Files at least this large are prepared on worker threads (their hashing and copying, which release
-# the GIL, outweigh the Python work of detection); smaller ones by the committing thread.
+# the GIL, outweigh the Python work of detection); smaller ones in worker processes or by the
+# committing thread.
 THREAD_MIN_BYTES = 2 * 1024 * 1024
+# A call with this many smaller files prepares them in forked worker processes, PROCESS_CHUNK per task
+# (fewer: the pool's start-up is not worth it).
+PROCESS_MIN_FILES = 32
+PROCESS_CHUNK = 8
 
 
 class _Later:
@@ -636,6 +774,9 @@ class _Later:
     def __init__(self, fn, *args):
         self._fn, self._args = fn, args
         self.ran = False
+
+    def cancel(self) -> bool:
+        return not self.ran
 
     def result(self):
         if not self.ran:

@@ -210,6 +210,9 @@ def connect(db: Path) -> sqlite3.Connection:
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # statement journals (one per savepoint: a scan gives each file of a batch its own) in memory,
+        # not a temp file: they are never needed after a crash (the WAL is)
+        conn.execute("PRAGMA temp_store = MEMORY")
     except sqlite3.DatabaseError as exc:
         if conn is not None:
             conn.close()
