@@ -27,15 +27,18 @@ The base family comes from the adapted modules' names and shapes first, then the
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import FormatError
 from lorahub.formats import families
-from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, read_header
+from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, section_tensors, header_from_bytes, read_header
+from lorahub.formats.header import clear_cache as clear_header_cache
 from lorahub.formats.names import KOHYA_PREFIXES
 from lorahub.formats.pickle_safe import ZIP_MAGIC
 from lorahub.vocab import PARTS, PICKLE_SUFFIXES
@@ -236,28 +239,42 @@ def _bfl_layers(tensors: dict[str, TensorInfo]) -> tuple[str, dict[str, _Layer]]
 
 
 _STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+_STRUCTS = {k: struct.Struct(v) for k, v in _STRUCT.items()}
+_BF16 = struct.Struct("<f")
 
 
-def _scalars(path: Path | None, header: Header | None, infos: list[TensorInfo]) -> list[float]:
-    """Values of scalar tensors (alphas), read with ``struct`` through one open file (no numpy, no torch)."""
+def _readable_scalar(info: TensorInfo) -> bool:
+    """Whether ``info`` is a scalar tensor whose value :func:`_scalar` reads (1 to 8 bytes, a known type)."""
+    if info.nbytes == 0 or info.nbytes > 8:
+        return False
+    return info.dtype == "BF16" or (info.dtype in _STRUCTS and _STRUCTS[info.dtype].size == info.nbytes)
+
+
+def _scalar(raw: bytes | memoryview, dtype: str) -> float:
+    if dtype == "BF16":
+        return _BF16.unpack(b"\x00\x00" + bytes(raw[:2]))[0]
+    return float(_STRUCTS[dtype].unpack(raw)[0])
+
+
+def _scalars(path: Path | None, header: Header | None, infos: tuple[TensorInfo, ...]) -> list[float]:
+    """Values of scalar tensors (alphas), read with ``struct`` through one open file (no numpy, no torch);
+    ``infos`` are readable (:func:`_readable_scalar`), in data order."""
     if path is None or header is None or not infos:
         return []
-    import struct
-
     out: list[float] = []
     with open(path, "rb") as f:
-        for info in sorted(infos, key=lambda i: i.start):
-            if info.nbytes == 0 or info.nbytes > 8:
-                continue
+        for info in infos:
             f.seek(header.data_start + info.start)
             raw = f.read(info.nbytes)
-            if len(raw) != info.nbytes:
-                continue
-            if info.dtype == "BF16":
-                out.append(struct.unpack("<f", b"\x00\x00" + raw[:2])[0])
-            elif info.dtype in _STRUCT and struct.calcsize(_STRUCT[info.dtype]) == info.nbytes:
-                out.append(float(struct.unpack(_STRUCT[info.dtype], raw)[0]))
+            if len(raw) == info.nbytes:
+                out.append(_scalar(raw, info.dtype))
     return out
+
+
+def _scalars_in(data: bytes | memoryview, header: Header, infos: tuple[TensorInfo, ...]) -> list[float]:
+    """The same values from the file's whole content ``data``."""
+    at = header.data_start
+    return [_scalar(data[at + i.start: at + i.end], i.dtype) for i in infos]
 
 
 def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
@@ -395,10 +412,40 @@ def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], 
     return d
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a LoRA file's tensor names, dtypes and shapes say (everything of a :class:`Detection` that does
+    not depend on the alpha values or the metadata). Immutable: one plan serves many files."""
+
+    fmt: str
+    kind: str
+    parts: tuple[str, ...]
+    rank: int | None
+    rank_min: int | None
+    rank_max: int | None
+    tokens: tuple[str, ...]
+    n_layers: int
+    dtype: str | None
+    notes: tuple[str, ...]
+    alphas: tuple[TensorInfo, ...]  # the layers' scalar alphas that can be read, in data order
+    shapes: families.Evidence | None
+    uses_metadata: bool  # the plan read the metadata (cloneofsimo's token list): it serves only its file
+
+
 def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path | None = None,
              header: Header | None = None, strings: dict[str, str] | None = None,
              name: str = "file") -> Detection:
-    """Classify from names/shapes/metadata (the core of :func:`detect`)."""
+    """Classify from names/shapes/metadata (the core of :func:`detect`); the alpha values are read from
+    ``path`` when it is given with its ``header``."""
+    plan = _analyse(tensors, meta, strings, name)
+    if isinstance(plan, Detection):
+        return plan
+    return _finish(plan, meta, _scalars(path, header, plan.alphas))
+
+
+def _analyse(tensors: dict[str, TensorInfo], meta: dict[str, str], strings: dict[str, str] | None,
+             name: str) -> _Plan | Detection:
+    """The plan of a LoRA / LyCORIS file, or the whole Detection of an embedding or a checkpoint."""
     notes: list[str] = []
     keys = list(tensors)
     if not keys:
@@ -509,21 +556,11 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
     if any(r == 0 for r in ranks):
         notes.append("a layer has rank 0")
 
-    # alpha
-    alphas = _scalars(path, header, [layer.factors["alpha"] for layer in layers.values()
-                                     if "alpha" in layer.factors])
-    alpha = None
-    if alphas:
-        c = Counter(alphas)
-        alpha = c.most_common(1)[0][0]
-        if len(c) > 1:
-            notes.append(f"alpha varies by layer ({min(alphas):g}..{max(alphas):g})")
-    else:
-        alpha = _alpha_from_meta(meta, fmt)
-    if fmt == "cloneofsimo":
-        alpha = None  # scale folded into `up`: alpha = rank
+    # the alpha tensors whose values each file gives
+    alphas = tuple(i for i in sorted((layer.factors["alpha"] for layer in layers.values() if "alpha" in layer.factors),
+                                     key=lambda i: i.start) if _readable_scalar(i))
 
-    # base: module names and shapes first, then metadata
+    # base: module names and shapes first, then metadata (per file: _finish)
     shapes = families.from_layers(_layer_shapes(layers))
     if fmt == "cloneofsimo" and shapes is None:
         tw = Counter(int(tensors[t].shape[-1]) for t in tokens)
@@ -532,11 +569,50 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
             shapes = _shape_evidence(_width_base(w), f"token embedding width {w}")
 
     dtypes = Counter(i.dtype for k, i in tensors.items() if not k.endswith(".alpha"))
-    d = Detection(format=fmt, kind=kind, parts=parts, rank=rank, rank_min=rank_min, rank_max=rank_max,
-                  alpha=alpha, tokens=tokens, n_layers=len(layers), notes=notes,
-                  dtype=dtypes.most_common(1)[0][0] if dtypes else None, metadata=meta)
-    _settle(d, shapes, meta, notes)
+    return _Plan(fmt=fmt, kind=kind, parts=tuple(parts), rank=rank, rank_min=rank_min, rank_max=rank_max,
+                 tokens=tuple(tokens), n_layers=len(layers), dtype=dtypes.most_common(1)[0][0] if dtypes else None,
+                 notes=tuple(notes), alphas=alphas, shapes=shapes, uses_metadata=fmt == "cloneofsimo")
+
+
+def _finish(plan: _Plan, meta: dict[str, str], alphas: list[float]) -> Detection:
+    """The Detection of one file: its ``plan``, its alpha ``values`` and its metadata."""
+    notes = list(plan.notes)
+    if alphas:
+        first = alphas[0]
+        if alphas.count(first) == len(alphas):  # one alpha for every layer (the common case)
+            alpha = first
+        else:
+            c = Counter(alphas)
+            alpha = c.most_common(1)[0][0]
+            if len(c) > 1:
+                notes.append(f"alpha varies by layer ({min(alphas):g}..{max(alphas):g})")
+    else:
+        alpha = _alpha_from_meta(meta, plan.fmt)
+    if plan.fmt == "cloneofsimo":
+        alpha = None  # scale folded into `up`: alpha = rank
+    d = Detection(format=plan.fmt, kind=plan.kind, parts=list(plan.parts), rank=plan.rank, rank_min=plan.rank_min,
+                  rank_max=plan.rank_max, alpha=alpha, tokens=list(plan.tokens), n_layers=plan.n_layers,
+                  notes=notes, dtype=plan.dtype, metadata=meta)
+    _settle(d, plan.shapes, meta, notes)
     return d
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(text: str, data_size: int) -> _Plan | None:
+    """The plan of every header with this tensor section (:attr:`Header.section`); None when the file is
+    no LoRA whose plan can serve other files (an embedding, a checkpoint, cloneofsimo, an unknown format:
+    those are classified file by file)."""
+    try:
+        plan = _analyse(section_tensors(text, data_size), {}, None, "file")
+    except (FormatError, ValueError, RecursionError):
+        return None
+    return plan if isinstance(plan, _Plan) and not plan.uses_metadata else None
+
+
+def clear_cache() -> None:
+    """Forget the headers and plans seen so far (benchmarks measure cold detection with it)."""
+    _plan_for.cache_clear()
+    clear_header_cache()
 
 
 def _alpha_from_meta(meta: dict[str, str], fmt: str) -> float | None:
@@ -578,11 +654,8 @@ def detect(path: str | Path) -> Detection:
             try:
                 header = read_header(p)
             except FormatError:
-                from lorahub.errors import UnsafeFile
-
-                raise UnsafeFile(f"{p.name}: legacy pickle file: refusing to unpickle it "
-                                 "(re-save it as safetensors with a tool you trust)") from None
-            return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
+                raise _legacy_pickle(p) from None
+            return _detect_header(header, p.name, lambda infos: _scalars(p, header, infos))
         from lorahub.formats.pickle_safe import read_pickle_shapes
 
         stubs, strings = read_pickle_shapes(p)
@@ -602,4 +675,42 @@ def detect(path: str | Path) -> Detection:
             return d
         return classify(tensors, {}, strings=strings, name=p.name)
     header = read_header(p)
-    return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
+    return _detect_header(header, p.name, lambda infos: _scalars(p, header, infos))
+
+
+def detect_bytes(data: bytes | memoryview, path: str | Path) -> Detection:
+    """:func:`detect` of the file at ``path`` whose whole content is ``data``, read from ``data`` alone (the
+    header and the alpha values; ``path`` names the file in messages and gives its suffix): equal to
+    ``detect(path)``, the same errors included. Torch zip archives (.pt/.ckpt/.bin starting with a zip
+    header) are the exception: their pickle index is read from ``path``.
+
+    Files of one training run (or one tool) share their tensor names, dtypes and shapes: the analysis of
+    those is done once and kept for the next such file (the last 256 kinds are kept)."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        if bytes(data[:len(ZIP_MAGIC)]) == ZIP_MAGIC:
+            return detect(p)
+        try:
+            header = header_from_bytes(data, p.name)
+        except FormatError:
+            raise _legacy_pickle(p) from None
+    else:
+        header = header_from_bytes(data, p.name)
+    return _detect_header(header, p.name, lambda infos: _scalars_in(data, header, infos))
+
+
+def _legacy_pickle(p: Path) -> Exception:
+    from lorahub.errors import UnsafeFile
+
+    return UnsafeFile(f"{p.name}: legacy pickle file: refusing to unpickle it "
+                      "(re-save it as safetensors with a tool you trust)")
+
+
+def _detect_header(header: Header, name: str, read_alphas) -> Detection:
+    """The Detection of a safetensors file from its ``header``; ``read_alphas(infos)`` gives the values."""
+    plan = _plan_for(*header.section) if header.section is not None else None
+    if plan is None:
+        plan = _analyse(header.tensors, header.metadata, None, name)
+        if isinstance(plan, Detection):
+            return plan
+    return _finish(plan, header.metadata, read_alphas(plan.alphas))
