@@ -27,7 +27,6 @@ The base family comes from the adapted modules' names and shapes first, then the
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import struct
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from lorahub.errors import FormatError
 from lorahub.formats import families
-from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, section_tensors, header_from_bytes, read_header
+from lorahub.formats.header import (FLOAT_DTYPES, Header, SectionCache, TensorInfo, header_from_bytes, read_header)
 from lorahub.formats.header import clear_cache as clear_header_cache
 from lorahub.formats.names import KOHYA_PREFIXES
 from lorahub.formats.pickle_safe import ZIP_MAGIC
@@ -597,21 +596,25 @@ def _finish(plan: _Plan, meta: dict[str, str], alphas: list[float]) -> Detection
     return d
 
 
-@functools.lru_cache(maxsize=256)
-def _plan_for(text: str, data_size: int) -> _Plan | None:
-    """The plan of every header with this tensor section (:attr:`Header.section`); None when the file is
-    no LoRA whose plan can serve other files (an embedding, a checkpoint, cloneofsimo, an unknown format:
-    those are classified file by file)."""
-    try:
-        plan = _analyse(section_tensors(text, data_size), {}, None, "file")
-    except (FormatError, ValueError, RecursionError):
-        return None
-    return plan if isinstance(plan, _Plan) and not plan.uses_metadata else None
+_PLANS = SectionCache()
+
+
+def _plan_of(header: Header, name: str) -> _Plan | Detection:
+    """The plan of a safetensors file (or the whole Detection of an embedding / a checkpoint), made once
+    for every header with the same tensor section (LoRAs only: other files are analysed each time, as
+    their Detection depends on the metadata)."""
+    plan = _PLANS.get(header.section) if header.section is not None else None
+    if isinstance(plan, _Plan):
+        return plan
+    plan = _analyse(header.tensors, header.metadata, None, name)
+    if header.section is not None and isinstance(plan, _Plan) and not plan.uses_metadata:
+        _PLANS.put(header.section, plan)
+    return plan
 
 
 def clear_cache() -> None:
     """Forget the headers and plans seen so far (benchmarks measure cold detection with it)."""
-    _plan_for.cache_clear()
+    _PLANS.clear()
     clear_header_cache()
 
 
@@ -708,9 +711,7 @@ def _legacy_pickle(p: Path) -> Exception:
 
 def _detect_header(header: Header, name: str, read_alphas) -> Detection:
     """The Detection of a safetensors file from its ``header``; ``read_alphas(infos)`` gives the values."""
-    plan = _plan_for(*header.section) if header.section is not None else None
-    if plan is None:
-        plan = _analyse(header.tensors, header.metadata, None, name)
-        if isinstance(plan, Detection):
-            return plan
+    plan = _plan_of(header, name)
+    if isinstance(plan, Detection):
+        return plan
     return _finish(plan, header.metadata, read_alphas(plan.alphas))

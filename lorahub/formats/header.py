@@ -24,11 +24,12 @@ same depth limit, no non-finite numbers, no integers longer than :data:`MAX_JSON
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -283,22 +284,68 @@ def _split(raw_s: str) -> tuple[str, object] | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
+class SectionCache:
+    """What was computed from header sections (:attr:`Header.section`), the most recently used first: at
+    most ``entries`` of them and ``chars`` characters of section text in all (a section longer than a
+    quarter of that is never kept). Safe to share between threads."""
+
+    MISSING = object()
+
+    def __init__(self, entries: int = 256, chars: int = 16 * 1024 * 1024):
+        self.entries, self.chars = entries, chars
+        self._items: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, section: tuple[str, int]):
+        """The value kept for ``section``, or :attr:`MISSING`."""
+        with self._lock:
+            value = self._items.get(section, self.MISSING)
+            if value is not self.MISSING:
+                self._items.move_to_end(section)
+            return value
+
+    def put(self, section: tuple[str, int], value) -> None:
+        if len(section[0]) > self.chars // 4:
+            return
+        with self._lock:
+            if section in self._items:
+                return
+            self._items[section] = value
+            self._size += len(section[0])
+            while len(self._items) > self.entries or self._size > self.chars:
+                old, _ = self._items.popitem(last=False)
+                self._size -= len(old[0])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+_SECTIONS = SectionCache()
+
+
 def section_tensors(text: str, data_size: int) -> dict[str, TensorInfo]:
     """The checked tensors of a header's tensor entries (``text``, a JSON object without ``__metadata__``)
     for a data area of ``data_size`` bytes; raises when anything is wrong (callers then parse the whole
-    header, whose errors name the file). Cached: callers copy the dict they return."""
+    header, whose errors name the file). Kept for the next header with the same entries: callers copy the
+    dict."""
+    tensors = _SECTIONS.get((text, data_size))
+    if tensors is not SectionCache.MISSING:
+        return tensors
     obj = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
     if type(obj) is not dict or "__metadata__" in obj or len(obj) > MAX_TENSORS:
         raise FormatError("not a plain tensor section")
     tensors = {key: _check_tensor(key, info, data_size, "file") for key, info in obj.items()}
     _check_layout(tensors, data_size, "file")
+    _SECTIONS.put((text, data_size), tensors)
     return tensors
 
 
 def clear_cache() -> None:
     """Forget the tensor sections seen so far (benchmarks measure cold parses with it)."""
-    section_tensors.cache_clear()
+    _SECTIONS.clear()
 
 
 def _check_metadata(meta_raw, name: str) -> dict[str, str]:
