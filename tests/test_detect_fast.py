@@ -318,3 +318,27 @@ def test_random_headers_detect_the_same_cold_and_warm(tmp_path, tensors, meta, d
     cold = [_outcome(detect_bytes, blob, p), _outcome(detect, p)]
     warm = [_outcome(detect_bytes, blob, p), _outcome(detect, p)]
     assert cold[0] == cold[1] == warm[0] == warm[1]
+
+
+@pytest.mark.parametrize("keys", [["emb_params"], ["clip_l", "clip_g"], ["string_to_param.*"]])
+def test_scalar_embedding_keys_are_refused_not_crashed(tmp_path, keys):
+    """0-d tensors under embedding names used to raise IndexError (a traceback) from detect."""
+    header = {k: {"dtype": "F32", "shape": [], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(keys)}
+    p = _write(tmp_path, _blob(header, b"\0" * 4 * len(keys)))
+    for fn in (detect, lambda q: detect_bytes(q.read_bytes(), q)):
+        with pytest.raises(FormatError, match="unknown format"):
+            fn(p)
+
+
+@pytest.mark.parametrize("keys, fmt", [
+    (["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"], "lycoris"),
+    (["lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2", "lora_unet_x.lokr_t2"], "lycoris"),
+    (["unet:0:down", "unet:0:up", "<s1>"], "cloneofsimo"),
+])
+def test_scalar_factors_do_not_crash_detection(tmp_path, keys, fmt):
+    """0-d factors where a rank or a width is read (hostile files) used to raise IndexError."""
+    header = {"__metadata__": {"<s1>": "<embed>"}}
+    header |= {k: {"dtype": "F16", "shape": [], "data_offsets": [2 * i, 2 * i + 2]} for i, k in enumerate(keys)}
+    p = _write(tmp_path, _blob(header, b"\0" * 2 * len(keys)))
+    kind, d = _both_ways(p)
+    assert kind == "ok" and d["format"] == fmt and d["rank"] is None and d["base"] == "unknown"

@@ -280,9 +280,9 @@ def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
     for k in ("lora_down", "down"):
         if k in f and f[k].shape:
             return int(f[k].shape[0])
-    if "hada_w1_b" in f:
+    if "hada_w1_b" in f and f["hada_w1_b"].shape:
         return int(f["hada_w1_b"].shape[0])
-    if "lokr_t2" in f:
+    if "lokr_t2" in f and f["lokr_t2"].shape:
         return int(f["lokr_t2"].shape[0])
     for k in ("lokr_w2_a", "lokr_w1_a"):
         if k in f and len(f[k].shape) >= 2:
@@ -315,7 +315,8 @@ def _io(f: dict[str, TensorInfo]) -> tuple[int | None, int | None]:
         out = int(f["diff"].shape[0])
     if inp is None and "lokr_w1" in f and ("lokr_w2" in f or "lokr_w2_b" in f):
         w2 = f.get("lokr_w2") or f.get("lokr_w2_b")
-        inp = int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])
+        if f["lokr_w1"].shape and w2.shape:
+            inp = int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])
     return out, inp
 
 
@@ -331,17 +332,18 @@ def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], n
     dims: list[int] = []
     tokens: list[str] = []
     base = None
-    if set(keys) == {"emb_params"}:
+    if set(keys) == {"emb_params"} and tensors["emb_params"].shape:  # (a 0-d tensor is no embedding)
         dims = [tensors["emb_params"].shape[-1]]
         name = meta.get("name") or (strings or {}).get("name")
         tokens = [name] if name else []
         if not tokens:
             notes.append("webui embedding without a stored name: the file name is the token")
-    elif {"clip_l", "clip_g"} <= set(keys) and len(keys) == 2:
+    elif {"clip_l", "clip_g"} == set(keys) and tensors["clip_l"].shape and tensors["clip_g"].shape:
         base = "sdxl"
         dims = [tensors["clip_l"].shape[-1], tensors["clip_g"].shape[-1]]
         notes.append("SDXL embedding (clip_l + clip_g): load each tensor into its own text encoder")
-    elif any(k.startswith("string_to_param.") for k in keys):
+    elif any(k.startswith("string_to_param.") for k in keys) and all(
+            tensors[k].shape for k in keys if k.startswith("string_to_param.")):
         keys = [k for k in keys if k.startswith("string_to_param.")]
         dims = [tensors[k].shape[-1] for k in keys]
         name = (strings or {}).get("name")
@@ -562,7 +564,7 @@ def _analyse(tensors: dict[str, TensorInfo], meta: dict[str, str], strings: dict
     # base: module names and shapes first, then metadata (per file: _finish)
     shapes = families.from_layers(_layer_shapes(layers))
     if fmt == "cloneofsimo" and shapes is None:
-        tw = Counter(int(tensors[t].shape[-1]) for t in tokens)
+        tw = Counter(int(tensors[t].shape[-1]) for t in tokens if tensors[t].shape)
         if tw and tw.most_common(1)[0][0] in (768, 1024):
             w = tw.most_common(1)[0][0]
             shapes = _shape_evidence(_width_base(w), f"token embedding width {w}")
