@@ -11,8 +11,8 @@ Printed, in milliseconds per file and files per second (best of --repeat passes 
 page cache warm):
 
 (a) ``detect(path)``: read the header from disk, parse it, classify (alphas read from the file);
-(b) ``detect_bytes(data, path)`` from the whole file already in memory, the structure cache emptied first
-    (every signature seen for the first time in the pass... then repeated ones hit);
+(b) ``detect_bytes(data, path)`` from the whole file already in memory, the caches emptied before each
+    pass (the first file of each structure is analysed in full, the others reuse it: a first scan);
 (c) the same with the cache warm (every file's structure seen before);
 (d) the file read alone (``Path.read_bytes``), the cost (b)/(c) leave to the caller.
 
@@ -68,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lorahub.formats import detect as det
+    from lorahub.formats.header import header_from_bytes
 
     with tempfile.TemporaryDirectory() as d:
         paths = write_files(Path(d), args.files)
@@ -84,7 +85,7 @@ def main() -> None:
             ("(d) Path.read_bytes alone (for scale)", per_file_ms(Path.read_bytes, paths, args.repeat)),
         ]
     print(f"{args.files} kohya files, {size / args.files / 1024:.0f} KB average, "
-          f"{len({(b[8:8 + int.from_bytes(b[:8], 'little')]) for b, _ in blobs})} distinct headers; "
+          f"{len({header_from_bytes(b).section for b, _ in blobs})} distinct tensor sections; "
           f"Python {platform.python_version()}, {platform.processor() or platform.machine()}; "
           f"CPU time, best of {args.repeat}")
     for label, ms in rows:

@@ -20,6 +20,11 @@ Dialects recognised (facts in ``FORMATS.md``):
 * single-file Stable Diffusion checkpoints (``model.diffusion_model.…``) and bare DiT state dicts (Flux.1
   in the BFL layout, …).
 
+``detect_bytes(data, path)`` gives the same from a file's whole content already in memory (nothing read from
+disk). What a LoRA's tensor names, dtypes and shapes say is worked out once per kind of header and kept
+(a bounded cache): files of one training run differ only in what is read per file, the alpha values and
+the metadata.
+
 The base family comes from the adapted modules' names and shapes first, then the header metadata
 (:mod:`lorahub.formats.families`): ``Detection.base``, ``.base_model`` (``pony``, ``flux-1-dev``, …) and
 ``.evidence`` (what said so); a disagreement is a note, and the shapes win.

@@ -18,6 +18,11 @@ lorahub's limits:
   ``ssmd_cover_images``, lorahub's own field …) passes :func:`loads_json`, so every reader of these
   fields can parse them without a recursion, overflow or non-finite-number surprise.
 
+Headers of one training run (or one tool) differ at most in their metadata: the tensor entries, once
+checked, are kept (:class:`SectionCache`, keyed on their JSON text and the data area's size), and the next
+header with the same entries has only its metadata parsed and checked. Anything unusual or wrong goes
+through the whole parse, so the result and every error message are the same either way.
+
 :func:`loads_json` is the reader for JSON found inside hostile files (metadata fields, sidecars): the
 same depth limit, no non-finite numbers, no integers longer than :data:`MAX_JSON_INT_DIGITS` digits.
 """
@@ -234,7 +239,7 @@ def parse_header_bytes(prefix: bytes | memoryview, file_size: int, name: str = "
     if split is not None:
         text, meta_raw = split
         try:
-            tensors = section_tensors(text, data_size)
+            tensors = _section_tensors(text, data_size)
         except (FormatError, ValueError, RecursionError):
             tensors = None
         if tensors is not None:
@@ -269,7 +274,7 @@ def _split(raw_s: str) -> tuple[str, object] | None:
     and the text is; None when the metadata value does not parse (the whole parse then says why)."""
     m = _META_FIRST.match(raw_s)
     if m is None:
-        return raw_s, None  # a "__metadata__" key further on makes section_tensors refuse the text
+        return raw_s, None  # a "__metadata__" key further on makes _section_tensors refuse the text
     try:
         meta_raw, end = _DECODER.raw_decode(raw_s, m.end())
     except (FormatError, ValueError, RecursionError):
@@ -326,7 +331,7 @@ class SectionCache:
 _SECTIONS = SectionCache()
 
 
-def section_tensors(text: str, data_size: int) -> dict[str, TensorInfo]:
+def _section_tensors(text: str, data_size: int) -> dict[str, TensorInfo]:
     """The checked tensors of a header's tensor entries (``text``, a JSON object without ``__metadata__``)
     for a data area of ``data_size`` bytes; raises when anything is wrong (callers then parse the whole
     header, whose errors name the file). Kept for the next header with the same entries: callers copy the
