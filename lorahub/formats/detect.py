@@ -20,6 +20,11 @@ Dialects recognised (facts in ``FORMATS.md``):
 * single-file Stable Diffusion checkpoints (``model.diffusion_model.…``) and bare DiT state dicts (Flux.1
   in the BFL layout, …).
 
+``detect_bytes(data, path)`` gives the same from a file's whole content already in memory (nothing read from
+disk). What a LoRA's tensor names, dtypes and shapes say is worked out once per kind of header and kept
+(a bounded cache): files of one training run differ only in what is read per file, the alpha values and
+the metadata.
+
 The base family comes from the adapted modules' names and shapes first, then the header metadata
 (:mod:`lorahub.formats.families`): ``Detection.base``, ``.base_model`` (``pony``, ``flux-1-dev``, …) and
 ``.evidence`` (what said so); a disagreement is a note, and the shapes win.
@@ -29,13 +34,15 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorahub.errors import FormatError
 from lorahub.formats import families
-from lorahub.formats.header import FLOAT_DTYPES, Header, TensorInfo, read_header
+from lorahub.formats.header import (FLOAT_DTYPES, Header, SectionCache, TensorInfo, header_from_bytes, read_header)
+from lorahub.formats.header import clear_cache as clear_header_cache
 from lorahub.formats.names import KOHYA_PREFIXES
 from lorahub.formats.pickle_safe import ZIP_MAGIC
 from lorahub.vocab import PARTS, PICKLE_SUFFIXES
@@ -236,37 +243,51 @@ def _bfl_layers(tensors: dict[str, TensorInfo]) -> tuple[str, dict[str, _Layer]]
 
 
 _STRUCT = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+_STRUCTS = {k: struct.Struct(v) for k, v in _STRUCT.items()}
+_BF16 = struct.Struct("<f")
 
 
-def _scalars(path: Path | None, header: Header | None, infos: list[TensorInfo]) -> list[float]:
-    """Values of scalar tensors (alphas), read with ``struct`` through one open file (no numpy, no torch)."""
+def _readable_scalar(info: TensorInfo) -> bool:
+    """Whether ``info`` is a scalar tensor whose value :func:`_scalar` reads (1 to 8 bytes, a known type)."""
+    if info.nbytes == 0 or info.nbytes > 8:
+        return False
+    return info.dtype == "BF16" or (info.dtype in _STRUCTS and _STRUCTS[info.dtype].size == info.nbytes)
+
+
+def _scalar(raw: bytes | memoryview, dtype: str) -> float:
+    if dtype == "BF16":
+        return _BF16.unpack(b"\x00\x00" + bytes(raw[:2]))[0]
+    return float(_STRUCTS[dtype].unpack(raw)[0])
+
+
+def _scalars(path: Path | None, header: Header | None, infos: tuple[TensorInfo, ...]) -> list[float]:
+    """Values of scalar tensors (alphas), read with ``struct`` through one open file (no numpy, no torch);
+    ``infos`` are readable (:func:`_readable_scalar`), in data order."""
     if path is None or header is None or not infos:
         return []
-    import struct
-
     out: list[float] = []
     with open(path, "rb") as f:
-        for info in sorted(infos, key=lambda i: i.start):
-            if info.nbytes == 0 or info.nbytes > 8:
-                continue
+        for info in infos:
             f.seek(header.data_start + info.start)
             raw = f.read(info.nbytes)
-            if len(raw) != info.nbytes:
-                continue
-            if info.dtype == "BF16":
-                out.append(struct.unpack("<f", b"\x00\x00" + raw[:2])[0])
-            elif info.dtype in _STRUCT and struct.calcsize(_STRUCT[info.dtype]) == info.nbytes:
-                out.append(float(struct.unpack(_STRUCT[info.dtype], raw)[0]))
+            if len(raw) == info.nbytes:
+                out.append(_scalar(raw, info.dtype))
     return out
+
+
+def _scalars_in(data: bytes | memoryview, header: Header, infos: tuple[TensorInfo, ...]) -> list[float]:
+    """The same values from the file's whole content ``data``."""
+    at = header.data_start
+    return [_scalar(data[at + i.start: at + i.end], i.dtype) for i in infos]
 
 
 def _layer_rank(f: dict[str, TensorInfo]) -> int | None:
     for k in ("lora_down", "down"):
         if k in f and f[k].shape:
             return int(f[k].shape[0])
-    if "hada_w1_b" in f:
+    if "hada_w1_b" in f and f["hada_w1_b"].shape:
         return int(f["hada_w1_b"].shape[0])
-    if "lokr_t2" in f:
+    if "lokr_t2" in f and f["lokr_t2"].shape:
         return int(f["lokr_t2"].shape[0])
     for k in ("lokr_w2_a", "lokr_w1_a"):
         if k in f and len(f[k].shape) >= 2:
@@ -299,7 +320,8 @@ def _io(f: dict[str, TensorInfo]) -> tuple[int | None, int | None]:
         out = int(f["diff"].shape[0])
     if inp is None and "lokr_w1" in f and ("lokr_w2" in f or "lokr_w2_b" in f):
         w2 = f.get("lokr_w2") or f.get("lokr_w2_b")
-        inp = int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])
+        if f["lokr_w1"].shape and w2.shape:
+            inp = int(f["lokr_w1"].shape[-1]) * int(w2.shape[-1])
     return out, inp
 
 
@@ -315,17 +337,18 @@ def _embedding_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], n
     dims: list[int] = []
     tokens: list[str] = []
     base = None
-    if set(keys) == {"emb_params"}:
+    if set(keys) == {"emb_params"} and tensors["emb_params"].shape:  # (a 0-d tensor is no embedding)
         dims = [tensors["emb_params"].shape[-1]]
         name = meta.get("name") or (strings or {}).get("name")
         tokens = [name] if name else []
         if not tokens:
             notes.append("webui embedding without a stored name: the file name is the token")
-    elif {"clip_l", "clip_g"} <= set(keys) and len(keys) == 2:
+    elif {"clip_l", "clip_g"} == set(keys) and tensors["clip_l"].shape and tensors["clip_g"].shape:
         base = "sdxl"
         dims = [tensors["clip_l"].shape[-1], tensors["clip_g"].shape[-1]]
         notes.append("SDXL embedding (clip_l + clip_g): load each tensor into its own text encoder")
-    elif any(k.startswith("string_to_param.") for k in keys):
+    elif any(k.startswith("string_to_param.") for k in keys) and all(
+            tensors[k].shape for k in keys if k.startswith("string_to_param.")):
         keys = [k for k in keys if k.startswith("string_to_param.")]
         dims = [tensors[k].shape[-1] for k in keys]
         name = (strings or {}).get("name")
@@ -395,10 +418,40 @@ def _checkpoint_detection(tensors: dict[str, TensorInfo], meta: dict[str, str], 
     return d
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a LoRA file's tensor names, dtypes and shapes say (everything of a :class:`Detection` that does
+    not depend on the alpha values or the metadata). Immutable: one plan serves many files."""
+
+    fmt: str
+    kind: str
+    parts: tuple[str, ...]
+    rank: int | None
+    rank_min: int | None
+    rank_max: int | None
+    tokens: tuple[str, ...]
+    n_layers: int
+    dtype: str | None
+    notes: tuple[str, ...]
+    alphas: tuple[TensorInfo, ...]  # the layers' scalar alphas that can be read, in data order
+    shapes: families.Evidence | None
+    uses_metadata: bool  # the plan read the metadata (cloneofsimo's token list): it serves only its file
+
+
 def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path | None = None,
              header: Header | None = None, strings: dict[str, str] | None = None,
              name: str = "file") -> Detection:
-    """Classify from names/shapes/metadata (the core of :func:`detect`)."""
+    """Classify from names/shapes/metadata (the core of :func:`detect`); the alpha values are read from
+    ``path`` when it is given with its ``header``."""
+    plan = _analyse(tensors, meta, strings, name)
+    if isinstance(plan, Detection):
+        return plan
+    return _finish(plan, meta, _scalars(path, header, plan.alphas))
+
+
+def _analyse(tensors: dict[str, TensorInfo], meta: dict[str, str], strings: dict[str, str] | None,
+             name: str) -> _Plan | Detection:
+    """The plan of a LoRA / LyCORIS file, or the whole Detection of an embedding or a checkpoint."""
     notes: list[str] = []
     keys = list(tensors)
     if not keys:
@@ -509,34 +562,67 @@ def classify(tensors: dict[str, TensorInfo], meta: dict[str, str], *, path: Path
     if any(r == 0 for r in ranks):
         notes.append("a layer has rank 0")
 
-    # alpha
-    alphas = _scalars(path, header, [layer.factors["alpha"] for layer in layers.values()
-                                     if "alpha" in layer.factors])
-    alpha = None
-    if alphas:
-        c = Counter(alphas)
-        alpha = c.most_common(1)[0][0]
-        if len(c) > 1:
-            notes.append(f"alpha varies by layer ({min(alphas):g}..{max(alphas):g})")
-    else:
-        alpha = _alpha_from_meta(meta, fmt)
-    if fmt == "cloneofsimo":
-        alpha = None  # scale folded into `up`: alpha = rank
+    # the alpha tensors whose values each file gives
+    alphas = tuple(i for i in sorted((layer.factors["alpha"] for layer in layers.values() if "alpha" in layer.factors),
+                                     key=lambda i: i.start) if _readable_scalar(i))
 
-    # base: module names and shapes first, then metadata
+    # base: module names and shapes first, then metadata (per file: _finish)
     shapes = families.from_layers(_layer_shapes(layers))
     if fmt == "cloneofsimo" and shapes is None:
-        tw = Counter(int(tensors[t].shape[-1]) for t in tokens)
+        tw = Counter(int(tensors[t].shape[-1]) for t in tokens if tensors[t].shape)
         if tw and tw.most_common(1)[0][0] in (768, 1024):
             w = tw.most_common(1)[0][0]
             shapes = _shape_evidence(_width_base(w), f"token embedding width {w}")
 
     dtypes = Counter(i.dtype for k, i in tensors.items() if not k.endswith(".alpha"))
-    d = Detection(format=fmt, kind=kind, parts=parts, rank=rank, rank_min=rank_min, rank_max=rank_max,
-                  alpha=alpha, tokens=tokens, n_layers=len(layers), notes=notes,
-                  dtype=dtypes.most_common(1)[0][0] if dtypes else None, metadata=meta)
-    _settle(d, shapes, meta, notes)
+    return _Plan(fmt=fmt, kind=kind, parts=tuple(parts), rank=rank, rank_min=rank_min, rank_max=rank_max,
+                 tokens=tuple(tokens), n_layers=len(layers), dtype=dtypes.most_common(1)[0][0] if dtypes else None,
+                 notes=tuple(notes), alphas=alphas, shapes=shapes, uses_metadata=fmt == "cloneofsimo")
+
+
+def _finish(plan: _Plan, meta: dict[str, str], alphas: list[float]) -> Detection:
+    """The Detection of one file: its ``plan``, its alpha ``values`` and its metadata."""
+    notes = list(plan.notes)
+    if alphas:
+        first = alphas[0]
+        if alphas.count(first) == len(alphas):  # one alpha for every layer (the common case)
+            alpha = first
+        else:
+            c = Counter(alphas)
+            alpha = c.most_common(1)[0][0]
+            if len(c) > 1:
+                notes.append(f"alpha varies by layer ({min(alphas):g}..{max(alphas):g})")
+    else:
+        alpha = _alpha_from_meta(meta, plan.fmt)
+    if plan.fmt == "cloneofsimo":
+        alpha = None  # scale folded into `up`: alpha = rank
+    d = Detection(format=plan.fmt, kind=plan.kind, parts=list(plan.parts), rank=plan.rank, rank_min=plan.rank_min,
+                  rank_max=plan.rank_max, alpha=alpha, tokens=list(plan.tokens), n_layers=plan.n_layers,
+                  notes=notes, dtype=plan.dtype, metadata=meta)
+    _settle(d, plan.shapes, meta, notes)
     return d
+
+
+_PLANS = SectionCache()
+
+
+def _plan_of(header: Header, name: str) -> _Plan | Detection:
+    """The plan of a safetensors file (or the whole Detection of an embedding / a checkpoint), made once
+    for every header with the same tensor section (LoRAs only: other files are analysed each time, as
+    their Detection depends on the metadata)."""
+    plan = _PLANS.get(header.section) if header.section is not None else None
+    if isinstance(plan, _Plan):
+        return plan
+    plan = _analyse(header.tensors, header.metadata, None, name)
+    if header.section is not None and isinstance(plan, _Plan) and not plan.uses_metadata:
+        _PLANS.put(header.section, plan)
+    return plan
+
+
+def clear_cache() -> None:
+    """Forget the headers and plans seen so far (benchmarks measure cold detection with it)."""
+    _PLANS.clear()
+    clear_header_cache()
 
 
 def _alpha_from_meta(meta: dict[str, str], fmt: str) -> float | None:
@@ -578,11 +664,8 @@ def detect(path: str | Path) -> Detection:
             try:
                 header = read_header(p)
             except FormatError:
-                from lorahub.errors import UnsafeFile
-
-                raise UnsafeFile(f"{p.name}: legacy pickle file: refusing to unpickle it "
-                                 "(re-save it as safetensors with a tool you trust)") from None
-            return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
+                raise _legacy_pickle(p) from None
+            return _detect_header(header, p.name, lambda infos: _scalars(p, header, infos))
         from lorahub.formats.pickle_safe import read_pickle_shapes
 
         stubs, strings = read_pickle_shapes(p)
@@ -602,4 +685,40 @@ def detect(path: str | Path) -> Detection:
             return d
         return classify(tensors, {}, strings=strings, name=p.name)
     header = read_header(p)
-    return classify(header.tensors, header.metadata, path=p, header=header, name=p.name)
+    return _detect_header(header, p.name, lambda infos: _scalars(p, header, infos))
+
+
+def detect_bytes(data: bytes | memoryview, path: str | Path) -> Detection:
+    """:func:`detect` of the file at ``path`` whose whole content is ``data``, read from ``data`` alone (the
+    header and the alpha values; ``path`` names the file in messages and gives its suffix): equal to
+    ``detect(path)``, the same errors included. Torch zip archives (.pt/.ckpt/.bin starting with a zip
+    header) are the exception: their pickle index is read from ``path``.
+
+    Files of one training run (or one tool) share their tensor names, dtypes and shapes: the analysis of
+    those is done once and kept for the next such file (the last 256 kinds are kept)."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        if bytes(data[:len(ZIP_MAGIC)]) == ZIP_MAGIC:
+            return detect(p)
+        try:
+            header = header_from_bytes(data, p.name)
+        except FormatError:
+            raise _legacy_pickle(p) from None
+    else:
+        header = header_from_bytes(data, p.name)
+    return _detect_header(header, p.name, lambda infos: _scalars_in(data, header, infos))
+
+
+def _legacy_pickle(p: Path) -> Exception:
+    from lorahub.errors import UnsafeFile
+
+    return UnsafeFile(f"{p.name}: legacy pickle file: refusing to unpickle it "
+                      "(re-save it as safetensors with a tool you trust)")
+
+
+def _detect_header(header: Header, name: str, read_alphas) -> Detection:
+    """The Detection of a safetensors file from its ``header``; ``read_alphas(infos)`` gives the values."""
+    plan = _plan_of(header, name)
+    if isinstance(plan, Detection):
+        return plan
+    return _finish(plan, header.metadata, read_alphas(plan.alphas))

@@ -18,6 +18,11 @@ lorahub's limits:
   ``ssmd_cover_images``, lorahub's own field …) passes :func:`loads_json`, so every reader of these
   fields can parse them without a recursion, overflow or non-finite-number surprise.
 
+Headers of one training run (or one tool) differ at most in their metadata: the tensor entries, once
+checked, are kept (:class:`SectionCache`, keyed on their JSON text and the data area's size), and the next
+header with the same entries has only its metadata parsed and checked. Anything unusual or wrong goes
+through the whole parse, so the result and every error message are the same either way.
+
 :func:`loads_json` is the reader for JSON found inside hostile files (metadata fields, sidecars): the
 same depth limit, no non-finite numbers, no integers longer than :data:`MAX_JSON_INT_DIGITS` digits.
 """
@@ -28,7 +33,9 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
@@ -75,6 +82,9 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     file_size: int
+    # (the tensor entries' JSON text, the data area's size): headers with equal sections hold equal tensors
+    # (what lorahub.formats.detect keys its structure cache on); None when the header was read another way
+    section: tuple[str, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def data_start(self) -> int:
@@ -175,7 +185,31 @@ def _valid_text(s: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the header
-def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Header:
+_JSON_SPACE = " \t\n\r"
+_META_FIRST = re.compile(r'\{[ \t\n\r]*"__metadata__"[ \t\n\r]*:[ \t\n\r]*')
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+
+
+def _length(first: bytes, size: int, name: str) -> int:
+    """The header length N from the first 8 bytes of a file of ``size`` bytes, checked against both."""
+    if len(first) < 8:
+        raise FormatError(f"{name}: not a safetensors file (shorter than 8 bytes)")
+    n = int.from_bytes(first[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{name}: safetensors header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
+    if 8 + n > size:
+        raise FormatError(f"{name}: truncated or not safetensors (header length {n} > file size {size})")
+    return n
+
+
+def header_from_bytes(data: bytes | memoryview, name: str = "file") -> Header:
+    """The header of the safetensors file whose whole content is ``data`` (what :func:`read_header` gives
+    for the same file, the same errors included)."""
+    _length(data[:8], len(data), name)
+    return parse_header_bytes(data, len(data), name)
+
+
+def parse_header_bytes(prefix: bytes | memoryview, file_size: int, name: str = "file") -> Header:
     """Parse a header from its first bytes (``prefix`` must hold 8 + N bytes)."""
     if file_size < 8 or len(prefix) < 8:
         raise FormatError(f"{name}: not a safetensors file (shorter than 8 bytes)")
@@ -189,14 +223,29 @@ def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Hea
     if len(prefix) < 8 + n:
         raise FormatError(f"{name}: truncated header")
     try:
-        raw = prefix[8 : 8 + n].decode("utf-8")
+        raw = str(prefix[8 : 8 + n], "utf-8")
     except UnicodeDecodeError:
         raise FormatError(f"{name}: safetensors header is not valid UTF-8") from None
-    raw_s = raw.rstrip(" \t\r\n")  # the format allows trailing-space padding
+    raw_s = raw.rstrip(_JSON_SPACE)  # the format allows trailing-space padding
     if not raw_s.startswith("{"):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
     if raw_s.count('"data_offsets"') > MAX_TENSORS:  # refuse before parsing (every tensor names one)
         raise FormatError(f"{name}: more than the {MAX_TENSORS} tensors lorahub reads")
+    data_size = file_size - 8 - n
+    # The common case: the tensor entries were seen (and checked) before, in a header that differed at
+    # most in its metadata (files of one training run, of one tool). Only the metadata is parsed and
+    # checked then; anything else, or anything wrong, goes through the whole parse below, which says what.
+    split = _split(raw_s)
+    if split is not None:
+        text, meta_raw = split
+        try:
+            tensors = _section_tensors(text, data_size)
+        except (FormatError, ValueError, RecursionError):
+            tensors = None
+        if tensors is not None:
+            metadata = _check_metadata({} if meta_raw is None else meta_raw, name)
+            return Header(header_len=n, tensors=dict(tensors), metadata=metadata, file_size=file_size,
+                          section=(text, data_size))
     try:
         obj = json.loads(raw_s, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
     except FormatError as exc:
@@ -211,12 +260,97 @@ def parse_header_bytes(prefix: bytes, file_size: int, name: str = "file") -> Hea
     metadata = _check_metadata({} if meta_raw is None else meta_raw, name)
     if len(obj) > MAX_TENSORS:
         raise FormatError(f"{name}: {len(obj)} tensors, more than the {MAX_TENSORS} lorahub reads")
-    data_size = file_size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for key, info in obj.items():
         tensors[key] = _check_tensor(key, info, data_size, name)
     _check_layout(tensors, data_size, name)
     return Header(header_len=n, tensors=tensors, metadata=metadata, file_size=file_size)
+
+
+def _split(raw_s: str) -> tuple[str, object] | None:
+    """(the tensor entries as a JSON object text, the parsed ``__metadata__`` value or None) of a header
+    text that starts with ``{``: the metadata is cut out when it comes first (as safetensors writes it),
+    else the text is the whole header. The whole header is valid JSON exactly when the metadata value is
+    and the text is; None when the metadata value does not parse (the whole parse then says why)."""
+    m = _META_FIRST.match(raw_s)
+    if m is None:
+        return raw_s, None  # a "__metadata__" key further on makes _section_tensors refuse the text
+    try:
+        meta_raw, end = _DECODER.raw_decode(raw_s, m.end())
+    except (FormatError, ValueError, RecursionError):
+        return None
+    rest = raw_s[end:].lstrip(_JSON_SPACE)
+    if rest == "}":
+        return "{}", meta_raw
+    if rest.startswith(","):
+        rest = rest[1:].lstrip(_JSON_SPACE)
+        if rest.startswith('"'):  # an entry follows (a trailing comma is not JSON)
+            return "{" + rest, meta_raw
+    return None
+
+
+class SectionCache:
+    """What was computed from header sections (:attr:`Header.section`), the most recently used first: at
+    most ``entries`` of them and ``chars`` characters of section text in all (a section longer than a
+    quarter of that is never kept). Safe to share between threads."""
+
+    MISSING = object()
+
+    def __init__(self, entries: int = 256, chars: int = 16 * 1024 * 1024):
+        self.entries, self.chars = entries, chars
+        self._items: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, section: tuple[str, int]):
+        """The value kept for ``section``, or :attr:`MISSING`."""
+        with self._lock:
+            value = self._items.get(section, self.MISSING)
+            if value is not self.MISSING:
+                self._items.move_to_end(section)
+            return value
+
+    def put(self, section: tuple[str, int], value) -> None:
+        if len(section[0]) > self.chars // 4:
+            return
+        with self._lock:
+            if section in self._items:
+                return
+            self._items[section] = value
+            self._size += len(section[0])
+            while len(self._items) > self.entries or self._size > self.chars:
+                old, _ = self._items.popitem(last=False)
+                self._size -= len(old[0])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+
+_SECTIONS = SectionCache()
+
+
+def _section_tensors(text: str, data_size: int) -> dict[str, TensorInfo]:
+    """The checked tensors of a header's tensor entries (``text``, a JSON object without ``__metadata__``)
+    for a data area of ``data_size`` bytes; raises when anything is wrong (callers then parse the whole
+    header, whose errors name the file). Kept for the next header with the same entries: callers copy the
+    dict."""
+    tensors = _SECTIONS.get((text, data_size))
+    if tensors is not SectionCache.MISSING:
+        return tensors
+    obj = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    if type(obj) is not dict or "__metadata__" in obj or len(obj) > MAX_TENSORS:
+        raise FormatError("not a plain tensor section")
+    tensors = {key: _check_tensor(key, info, data_size, "file") for key, info in obj.items()}
+    _check_layout(tensors, data_size, "file")
+    _SECTIONS.put((text, data_size), tensors)
+    return tensors
+
+
+def clear_cache() -> None:
+    """Forget the tensor sections seen so far (benchmarks measure cold parses with it)."""
+    _SECTIONS.clear()
 
 
 def _check_metadata(meta_raw, name: str) -> dict[str, str]:
@@ -323,13 +457,7 @@ def read_header(path: str | os.PathLike) -> Header:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(8)
-            if len(first) < 8:
-                raise FormatError(f"{name}: not a safetensors file (shorter than 8 bytes)")
-            n = int.from_bytes(first, "little")
-            if n > MAX_HEADER_BYTES:
-                raise FormatError(f"{name}: safetensors header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
-            if 8 + n > size:
-                raise FormatError(f"{name}: truncated or not safetensors (header length {n} > file size {size})")
+            n = _length(first, size, name)
             rest = f.read(n)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
