@@ -32,6 +32,16 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
+@pytest.fixture
+def reg(home):
+    """The registry at ``home``, open (closed after the test)."""
+    from lorahub.registry import Registry
+
+    r = Registry.open(home)
+    yield r
+    r.close()
+
+
 # ---------------------------------------------------------------------------------------- files
 @pytest.fixture
 def store_files():

@@ -16,13 +16,6 @@ from lorahub.tiny_loras import kohya_file
 
 
 @pytest.fixture
-def reg(home):
-    r = Registry.open(home)
-    yield r
-    r.close()
-
-
-@pytest.fixture
 def webui(tmp_path, png_bytes) -> Path:
     """A webui models/Lora folder: chars/aqua_v2.safetensors with its .civitai.info, .json and .preview.png."""
     d = tmp_path / "models" / "Lora" / "chars"

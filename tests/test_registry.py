@@ -21,13 +21,6 @@ from lorahub.errors import Ambiguous, LorahubError, NotFound
 from lorahub.registry import Registry
 from lorahub.tiny_loras import kohya_file
 
-@pytest.fixture
-def reg(home):
-    r = Registry.open(home)
-    yield r
-    r.close()
-
-
 CONTRACT_KEYS = {"id", "name", "file_name", "sha256", "autov1", "autov2", "autov3", "crc32", "blake3", "size",
                  "format", "base", "kind", "rank", "rank_min", "rank_max", "alpha", "parts", "type", "triggers",
                  "tags", "description", "source", "created_at", "added_at", "metadata"}

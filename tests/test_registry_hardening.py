@@ -22,13 +22,6 @@ from lorahub.registry import EmptyCatalogue, OrphanedStore, Registry, ingest
 from lorahub.tiny_loras import kohya_file
 
 
-@pytest.fixture
-def reg(home):
-    r = Registry.open(home)
-    yield r
-    r.close()
-
-
 def _temps(root: Path) -> list[Path]:
     return sorted(root.rglob(TMP_PREFIX + "*"))
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import json
 import os
 import sqlite3
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,7 @@ class Prepared:
     extra: dict | None = None
     base_model: str | None = None
     file_name: str | None = None    # the entry's file name (default: the source file's)
+    fields: dict | None = None      # row_fields(), when computed ahead (nothing above changes after that)
 
     @property
     def sha256(self) -> str:
@@ -136,6 +139,16 @@ class Prepared:
 
     def entry_row(self, entry_id: str, name: str, raw_name: str | None = None) -> dict:
         """The ``entries`` row this file becomes (JSON columns as JSON text)."""
+        row = dict(self.fields) if self.fields is not None else self.row_fields()
+        row["id"], row["name"] = entry_id, name
+        if raw_name is not None and "display_name" not in (self.extra or {}):
+            # the name as the file gave it, before it was made safe
+            row["extra"] = edits.dumps({**json.loads(row["extra"]), "display_name": raw_name})
+        return row
+
+    def row_fields(self) -> dict:
+        """The ``entries`` row this file becomes, but its ``id`` and ``name`` (which depend on the
+        catalogue): what a worker of :func:`add_many` computes ahead of the commit (``fields``)."""
         det, imp, h = self.detection, self.imported, self.hashes
         from lorahub.formats.families import from_text
 
@@ -161,8 +174,6 @@ class Prepared:
         if settled.evidence:
             extra["base_evidence"] = settled.evidence
         base_model = self.base_model or (settled.base_model if base == settled.base else None)
-        if raw_name is not None:
-            extra["display_name"] = raw_name  # the name as the file gave it, before it was made safe
         if self.extra:
             extra.update(self.extra)
         from lorahub.metadata import dedupe
@@ -171,7 +182,7 @@ class Prepared:
         triggers = dedupe(self.triggers) if self.triggers else (imp.triggers or list(det.tokens))
         mtime = self.stat.st_mtime if self.stat is not None else self.path.stat().st_mtime
         return {
-            "id": entry_id, "sha256": h.sha256, "name": name, "file_name": self.file_name or self.path.name,
+            "id": None, "sha256": h.sha256, "name": None, "file_name": self.file_name or self.path.name,
             "autov1": h.autov1, "autov2": h.autov2, "autov3": h.autov3, "crc32": h.crc32, "blake3": h.blake3,
             "size": h.size, "format": det.format, "base": base, "kind": det.kind,
             "rank": det.rank, "rank_min": det.rank_min, "rank_max": det.rank_max, "alpha": det.alpha,
@@ -549,7 +560,7 @@ def _prepare_or_error(store: Store, p, tags: list[str] | None, copy: bool, sidec
     """:func:`prepare` one file of :func:`add_many` (temp blob not fsynced): any error but a full disk
     is returned, so that one bad file never stops the others."""
     try:
-        return p, prepare(store, p, tags=tags, copy=copy, durable=False, sidecars=sidecars), None
+        prep = prepare(store, p, tags=tags, copy=copy, durable=False, sidecars=sidecars)
     except NoSpace:
         raise
     except LorahubError as exc:
@@ -558,6 +569,15 @@ def _prepare_or_error(store: Store, p, tags: list[str] | None, copy: bool, sidec
         return p, None, LorahubError(f"{p}: {exc.strerror or exc}")
     except Exception as exc:  # one file that breaks a reader never aborts the others: report it
         return p, None, LorahubError(f"{p}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
+    try:  # work taken off the committing thread: the row but its id and name, the blob's store folder
+        prep.fields = prep.row_fields()
+        store.make_folder(prep.sha256)
+    except BaseException as exc:
+        prep.discard()
+        if isinstance(exc, OSError):
+            raise os_error(exc, store.root.parent) from None
+        raise
+    return p, prep, None
 
 
 # The store of a worker process of add_many (set when the pool forks it: nothing is pickled).
@@ -567,6 +587,10 @@ _worker_store: Store | None = None
 def _worker_init(store: Store) -> None:
     global _worker_store
     _worker_store = store
+    import signal
+
+    # Ctrl-C is the committing process's to handle: it discards what the workers prepared
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare_chunk(chunk: list[tuple[str, bool]], tags: list[str] | None, copy: bool) -> list[Result]:
@@ -585,10 +609,11 @@ def _prepare_chunk(chunk: list[tuple[str, bool]], tags: list[str] | None, copy: 
 
 
 def _fork_pool(store: Store, workers: int):
-    """A pool of ``workers`` processes forked from this one (None where fork is not available)."""
+    """A pool of ``workers`` processes forked from this one (None but on Linux, where forking a
+    process that runs threads is safe for what the workers do: read, hash and write files)."""
     import multiprocessing as mp
 
-    if "fork" not in mp.get_all_start_methods():
+    if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return None
     from concurrent.futures import ProcessPoolExecutor
 
@@ -626,8 +651,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     if workers is None:  # hashing, copying and fsyncs release the GIL: a few threads keep the disk busy
         workers = min(4, max(2, os.cpu_count() or 2))
     counts = {"added": 0, "already": 0, "failed": 0}
-    pending: list[Prepared] = []
-    size = 0
+    pending: list[Result] = []   # files prepared (or failed) since the last batch, in order
+    n_pending = size = 0         # the prepared ones among them, their bytes
     paths = list(paths)
 
     def side(p) -> bool:
@@ -643,29 +668,37 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
 
     # A batch's blob fsyncs run on a background thread while the next batch is prepared; the batch
     # commits once they are done (the crash guarantees are unchanged: no entry before its blob's data).
-    syncing: list[tuple[list[Prepared], object]] = []   # at most one (batch, future of its fsyncs)
+    syncing: list[tuple[list[Result], object]] = []   # at most one (batch, future of its fsyncs)
     syncer = ThreadPoolExecutor(1)
+
+    def prepared(results: list[Result]) -> list[Prepared]:
+        return [prep for _, prep, _ in results if prep is not None]
 
     def commit_synced() -> None:
         batch, fut = syncing[0]
+        preps = prepared(batch)
         try:
             fut.result()  # anything else raised here leaves the batch to the cleanup below
         except OSError as exc:
             syncing.clear()
-            for prep in batch:
+            for prep in preps:
                 prep.discard()
             raise os_error(exc, reg.home) from None
         syncing.clear()  # commit_batch removes the temp files whatever happens
-        for prep, (entry, created, err) in zip(batch, commit_batch(reg, batch, durable=True, remember=remember)):
-            report(prep.path, entry, created, err)
+        outcomes = iter(commit_batch(reg, preps, durable=True, remember=remember) if preps else [])
+        for p, prep, err in batch:  # in order: the files that failed among those committed
+            if prep is None:
+                report(p, None, False, err)
+            else:
+                report(prep.path, *next(outcomes))
 
     def flush(last: bool = False):
-        nonlocal pending, size
-        batch, pending, size = pending, [], 0
+        nonlocal pending, n_pending, size
         if syncing:
-            commit_synced()
+            commit_synced()  # may raise (so may the callback): ``pending`` is still to be discarded then
+        batch, pending, n_pending, size = pending, [], 0, 0
         if batch:
-            blobs = [t for prep in batch for t in prep.temp_files() if not (prep.linked and t == prep.blob)]
+            blobs = [t for prep in prepared(batch) for t in prep.temp_files() if not (prep.linked and t == prep.blob)]
             syncing.append((batch, syncer.submit(fsync_many, blobs)))
         if last and syncing:
             commit_synced()
@@ -714,29 +747,28 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             queued -= len(results)
             submit()
             for i, (p, prep, err) in enumerate(results):
-                if err is not None:
-                    report(p, None, False, err)
+                pending.append((p, prep, err))
+                if prep is None:
                     continue
-                pending.append(prep)
+                n_pending += 1
                 size += prep.hashes.size
-                if len(pending) >= batch_files or size >= batch_bytes:
+                if n_pending >= batch_files or size >= batch_bytes:
                     try:
                         flush()
                     except BaseException:
-                        for _, rest, _ in results[i + 1:]:
-                            if rest is not None:
-                                rest.discard()
+                        for rest in prepared(results[i + 1:]):
+                            rest.discard()
                         raise
         flush(last=True)
     except BaseException:
-        for prep in pending:
+        for prep in prepared(pending):
             prep.discard()
         for batch, fut in syncing:  # fsynced or not, never committed: remove its temp files
             try:
                 fut.result()
             except BaseException:
                 pass
-            for prep in batch:
+            for prep in prepared(batch):
                 prep.discard()
         for fut in queue:  # files still being prepared: wait, then remove their temp files
             if fut.cancel():
@@ -745,9 +777,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 results = fut.result()
             except BaseException:
                 continue
-            for _, prep, _ in results:
-                if prep is not None:
-                    prep.discard()
+            for prep in prepared(results):
+                prep.discard()
         raise
     finally:
         syncer.shutdown(wait=True)

@@ -90,6 +90,13 @@ class Store:
             raise
         return tmp
 
+    def make_folder(self, sha256: str) -> None:
+        """Create the folder blob ``sha256`` goes in (if it is not there yet)."""
+        try:
+            os.mkdir(self.path(sha256).parent)
+        except FileExistsError:
+            pass
+
     def place(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
         """Rename a finished temp file to blob ``sha256`` (call while holding the write lock).
 

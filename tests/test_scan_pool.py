@@ -1,0 +1,142 @@
+"""Scans of many small files: prepared in forked worker processes, read once (detected, hashed and
+copied from memory), committed in groups. The results must be exactly those of adding the files one by
+one on one thread, in the same order, with the same guarantees when something fails."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from lorahub.fsutil import TMP_PREFIX, NoSpace
+from lorahub.hashing import hash_bytes, hash_stream
+from lorahub.registry import ingest
+from lorahub.tiny_loras import kohya_file
+
+N = ingest.PROCESS_MIN_FILES + 8  # enough files for the worker processes
+
+
+def _library(root: Path, n: int = N) -> list[Path]:
+    return [kohya_file(root / f"d{i % 3}" / f"l{i:03d}.safetensors", seed=i, rank=(2, 4, 8)[i % 3],
+                       meta={"ss_output_name": f"out{i}", "ss_tag_frequency": '{"5_x": {"tok%d": 3}}' % i})
+            for i in range(n)]
+
+
+def _rows(reg) -> dict[str, dict]:
+    skip = {"id", "added_at", "fts_rowid", "source"}
+    return {r["sha256"]: {k: r[k] for k in r.keys() if k not in skip}
+            for r in reg.conn.execute("SELECT * FROM entries")}
+
+
+def _temps(home: Path) -> list[Path]:
+    return sorted(home.rglob(TMP_PREFIX + "*"))
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 300, 3 * 1024 * 1024])
+def test_hash_bytes_equals_the_streaming_hashes(size):
+    data = os.urandom(size)
+    if size >= 8:  # a safetensors-shaped prefix: AutoV3 skips the header
+        n = min(100, size - 8)
+        data = n.to_bytes(8, "little") + b"{" + b" " * (n - 1) + data[8 + n:] if n >= 2 else data
+    assert hash_bytes(data) == hash_stream(io.BytesIO(data), len(data))
+
+
+def test_worker_processes_give_the_entries_of_one_file_at_a_time(tmp_path, reg, monkeypatch):
+    from lorahub.registry import Registry
+
+    files = _library(tmp_path / "lib")
+    pids = set()
+    real = ingest.prepare
+    monkeypatch.setattr(ingest, "prepare", lambda *a, **k: pids.add(os.getpid()) or real(*a, **k))
+    order = []
+    counts = reg.add_many(files, callback=lambda p, e, created, err: order.append((Path(p), created, err)))
+    assert counts == {"added": N, "already": 0, "failed": 0}
+    assert [p for p, _, _ in order] == files and all(c and e is None for _, c, e in order)
+    assert pids == set()  # this process prepared nothing: the workers did (their calls are not seen here)
+    with Registry.open(tmp_path / "one") as one:
+        assert one.add_many(files, workers=1)["added"] == N
+        assert _rows(one) == _rows(reg)
+    for sha, source in reg.conn.execute("SELECT sha256, source FROM entries"):
+        assert reg.object_path(sha).read_bytes() == Path(source).read_bytes()
+    assert reg.check().problems == [] and _temps(reg.home) == []
+
+
+def test_bad_files_among_many_are_reported_in_order(tmp_path, reg):
+    files = _library(tmp_path / "lib")
+    bad = tmp_path / "lib" / "d0" / "l005x.safetensors"
+    bad.write_bytes(b"\x10\0\0\0\0\0\0\0{not json at all")
+    twin = tmp_path / "lib" / "twin.safetensors"
+    twin.write_bytes(files[3].read_bytes())
+    paths = files[:6] + [bad, twin] + files[6:]
+    seen = []
+    counts = reg.add_many(paths, batch_files=7, callback=lambda p, e, created, err: seen.append((Path(p), created, err)))
+    assert counts == {"added": N, "already": 1, "failed": 1}
+    assert [p for p, _, _ in seen] == paths
+    (_, _, err), (_, created, _) = seen[6], seen[7]
+    assert "not valid JSON" in str(err) and created is False
+    assert reg.count() == N and reg.check().problems == [] and _temps(reg.home) == []
+
+
+def test_full_disk_in_a_worker_is_one_error_and_leaves_nothing(tmp_path, reg, store_files, run):
+    from lorahub.registry.store import Store
+
+    first, _ = reg.add_file(kohya_file(tmp_path / "first.safetensors", seed=999))
+    files = _library(tmp_path / "lib")
+    real = Store.open_temp
+    made = []
+
+    def full_after_20(self, **kw):  # the workers are forked from here: they run this too
+        tmp, f = real(self, **kw)
+        made.append(tmp)
+        if len(list(self.root.glob(TMP_PREFIX + "*"))) > 20:
+            f.close()
+            tmp.unlink()
+            raise OSError(28, "No space left on device")
+        return tmp, f
+
+    Store.open_temp, saved = full_after_20, Store.open_temp
+    try:
+        with pytest.raises(NoSpace, match=f"^no space left on {reg.home}$"):
+            reg.add_many(files, batch_files=1000)
+        code, out, err = run("scan", tmp_path / "lib")
+    finally:
+        Store.open_temp = saved
+    assert code == 2 and err == f"error: no space left on {reg.home}\n"
+    assert reg.count() == 1 and [p.name for p in store_files(reg.home)] == [first["sha256"]]
+    assert _temps(reg.home) == []
+
+
+def test_interrupted_scan_commits_whole_batches_and_leaves_no_temp_files(tmp_path, reg):
+    files = _library(tmp_path / "lib")
+    seen = []
+
+    def stop(p, e, created, err):
+        seen.append(p)
+        if len(seen) == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reg.add_many(files, batch_files=8, callback=stop)
+    # whole batches were committed (the one being reported included), and no temp file is left
+    done = reg.count()
+    assert done in (8, 16) and reg.check().problems == [] and _temps(reg.home) == []
+    assert reg.add_many(files) == {"added": N - done, "already": done, "failed": 0}
+
+
+def test_workers_leave_ctrl_c_to_the_committing_process(tmp_path, reg, monkeypatch):
+    handlers = []
+    real = ingest._worker_init
+
+    def init(store):
+        real(store)
+        handlers.append(signal.getsignal(signal.SIGINT))
+        with open(tmp_path / "sigint", "a") as f:
+            f.write(f"{signal.getsignal(signal.SIGINT) == signal.SIG_IGN}\n")
+
+    monkeypatch.setattr(ingest, "_worker_init", init)
+    reg.add_many(_library(tmp_path / "lib"))
+    assert (tmp_path / "sigint").read_text().split() == ["True", "True"]
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process's own is untouched
