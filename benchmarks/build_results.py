@@ -4,7 +4,7 @@
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
-order = ["gpu", "startup", "registry", "peers", "inspect", "extract", "merge", "dit_formats", "dit_extract", "sweep", "train", "web"]
+order = ["gpu", "startup", "registry", "detect_speed", "peers", "inspect", "extract", "merge", "dit_formats", "dit_extract", "sweep", "train", "web"]
 parts = sorted((here / "results").glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.name))
 head = ("# Benchmark results\n\nEach section below was written by the benchmark script it names, with the exact command, "
         "the machine and the date. Ratios compare against a baseline measured in the same run. The CPU "

@@ -234,6 +234,26 @@ FLUX_SINGLE = {"linear1": (21504, 3072), "linear2": (3072, 15360), "modulation_l
 ATTENTION = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "linear1", "linear2")
 
 
+def scan_library(folder: str | os.PathLike, n: int, seed: int = 0) -> list[Path]:
+    """``n`` small kohya LoRA files as a scan meets them (the registry and detection benchmarks'
+    library): 4-23 SD1 attention modules each (12-69 tensors, 20-200 KB), rank 2/4/8/16 with alpha
+    rank/2, kohya metadata, ten sub-folders. Returns the paths, sorted."""
+    import numpy as np
+
+    mods_all = [f"lora_unet_down_blocks_{b}_attentions_{a}_transformer_blocks_0_{m}"
+                for b in range(3) for a in range(2) for m in ("attn1_to_q", "attn1_to_k", "attn2_to_k", "attn2_to_v")]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        rank = int(rng.choice([2, 4, 8, 16]))
+        mods = {m: (320, 768 if "attn2" in m else 320) for m in mods_all[: 4 + i % 20]}
+        out.append(save_tensors(Path(folder) / f"d{i % 10}" / f"lora_{i:04d}.safetensors",
+                                kohya_tensors(mods, rank=rank, alpha=rank / 2, seed=rng),
+                                {"ss_network_dim": str(rank), "ss_output_name": f"lora_{i:04d}",
+                                 "ss_tag_frequency": '{"5_x": {"zkz%d": 5, "tag": 2}}' % i}))
+    return sorted(out)
+
+
 def flux_kohya_modules(double: int = 19, single: int = 38, kinds: Sequence[str] = ATTENTION) -> dict[str, tuple]:
     """``{kohya module name: (out, in)}`` of a Flux.1 LoRA in kohya's BFL naming
     (``lora_unet_double_blocks_N_img_attn_qkv``, ``lora_unet_single_blocks_N_linear1``) on ``double`` +
