@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from lorahub.errors import Ambiguous, LorahubError, NotFound
-from lorahub.registry import Registry
+from lorahub.registry import Registry, ingest
 from lorahub.tiny_loras import kohya_file
 
 CONTRACT_KEYS = {"id", "name", "file_name", "sha256", "autov1", "autov2", "autov3", "crc32", "blake3", "size",
@@ -640,11 +640,13 @@ def test_scan_group_commits_and_reads_each_header_once(reg, tmp_path, monkeypatc
     reg.conn.set_trace_callback(None)
     headers = log.read_text().splitlines()
     assert len(res.added) == 40 and sorted(headers) == sorted(str(p) for p in lib.rglob("*.safetensors"))
-    # group commit: one transaction (entries, FTS rows and scan cache) for the 40 files, one fsync per
-    # blob and one per store folder touched
-    assert sum(s.startswith("BEGIN IMMEDIATE") for s in stmts) == 1
-    folders = {reg.object_path(e["sha256"]).parent for e in res.added}
-    assert len(fsyncs) == 40 + len(folders)
+    # group commit: the first MIN_BATCH_FILES files start a batch (nothing is being committed yet), the
+    # rest make the last: two transactions (entries, FTS rows and scan cache) for the 40 files, one fsync
+    # per blob and one per store folder a batch touched
+    batches = [res.added[:ingest.MIN_BATCH_FILES], res.added[ingest.MIN_BATCH_FILES:]]
+    assert sum(s.startswith("BEGIN IMMEDIATE") for s in stmts) == 2
+    folders = [{reg.object_path(e["sha256"]).parent for e in b} for b in batches]
+    assert len(fsyncs) == 40 + sum(map(len, folders))
     assert reg.check().problems == [] and reg.scan(lib).already == 40
 
 

@@ -628,8 +628,11 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     """Add many files with group commit. ``workers`` (default: one per CPU, 2 to 4) prepare the files
     (detect, hash, copy into temp blobs) while this thread commits the files prepared so far in
     batches of up to ``batch_files`` files / ``batch_bytes`` bytes: per batch, the temp blobs are
-    fsynced together (on a background thread, while the next batch is prepared), then one
+    fsynced together (on a background thread, while the next files are prepared), then one
     transaction renames them in, fsyncs the store folders once and commits (see :func:`commit_batch`).
+    A batch commits as soon as its fsyncs are done, and the files prepared meanwhile (once there are
+    :data:`MIN_BATCH_FILES`) become the next batch: batches follow the pace of the disk and the
+    database, and little is left to commit after the last file is prepared.
 
     Files of :data:`THREAD_MIN_BYTES` or more are prepared on worker threads (hashing and copying
     release the GIL and outweigh the Python work of detection). Smaller files are prepared in
@@ -752,7 +755,12 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                     continue
                 n_pending += 1
                 size += prep.hashes.size
-                if n_pending >= batch_files or size >= batch_bytes:
+                # a batch commits as soon as its blobs are on disk, and the next one starts its fsyncs
+                # then (once it has a few files): batches follow the pace of the disk and the database,
+                # and what is left to commit when the last file is prepared stays small
+                ready = not syncing or syncing[0][1].done()
+                if (ready and n_pending >= min(batch_files, MIN_BATCH_FILES)) or n_pending >= batch_files \
+                        or size >= batch_bytes:
                     try:
                         flush()
                     except BaseException:
@@ -797,6 +805,8 @@ THREAD_MIN_BYTES = 2 * 1024 * 1024
 # (fewer: the pool's start-up is not worth it).
 PROCESS_MIN_FILES = 32
 PROCESS_CHUNK = 8
+# A batch ready to commit takes the files prepared meanwhile as the next batch once there are this many.
+MIN_BATCH_FILES = 32
 
 
 class _Later:
