@@ -601,16 +601,20 @@ def _prepare_chunk(chunk: list[tuple[str, bool]], tags: list[str] | None, copy: 
         for p, side in chunk:
             out.append(_prepare_or_error(_worker_store, p, tags, copy, side))
     except BaseException:
-        for _, prep, _ in out:
-            if prep is not None:
-                prep.discard()
+        for prep in _prepared(out):
+            prep.discard()
         raise
     return out
 
 
+def _prepared(results: list[Result]) -> list[Prepared]:
+    """The files of ``results`` that were prepared (not those that failed)."""
+    return [prep for _, prep, _ in results if prep is not None]
+
+
 def _fork_pool(store: Store, workers: int):
-    """A pool of ``workers`` processes forked from this one (None but on Linux, where forking a
-    process that runs threads is safe for what the workers do: read, hash and write files)."""
+    """A pool of ``workers`` processes forked from this one; None except on Linux, where forking a
+    process that runs threads is safe for what the workers do (read, hash and write files)."""
     import multiprocessing as mp
 
     if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
@@ -674,12 +678,9 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     syncing: list[tuple[list[Result], object]] = []   # at most one (batch, future of its fsyncs)
     syncer = ThreadPoolExecutor(1)
 
-    def prepared(results: list[Result]) -> list[Prepared]:
-        return [prep for _, prep, _ in results if prep is not None]
-
     def commit_synced() -> None:
         batch, fut = syncing[0]
-        preps = prepared(batch)
+        preps = _prepared(batch)
         try:
             fut.result()  # anything else raised here leaves the batch to the cleanup below
         except OSError as exc:
@@ -701,7 +702,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             commit_synced()  # may raise (so may the callback): ``pending`` is still to be discarded then
         batch, pending, n_pending, size = pending, [], 0, 0
         if batch:
-            blobs = [t for prep in prepared(batch) for t in prep.temp_files() if not (prep.linked and t == prep.blob)]
+            blobs = [t for prep in _prepared(batch) for t in prep.temp_files() if not (prep.linked and t == prep.blob)]
             syncing.append((batch, syncer.submit(fsync_many, blobs)))
         if last and syncing:
             commit_synced()
@@ -764,19 +765,19 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                     try:
                         flush()
                     except BaseException:
-                        for rest in prepared(results[i + 1:]):
+                        for rest in _prepared(results[i + 1:]):
                             rest.discard()
                         raise
         flush(last=True)
     except BaseException:
-        for prep in prepared(pending):
+        for prep in _prepared(pending):
             prep.discard()
         for batch, fut in syncing:  # fsynced or not, never committed: remove its temp files
             try:
                 fut.result()
             except BaseException:
                 pass
-            for prep in prepared(batch):
+            for prep in _prepared(batch):
                 prep.discard()
         for fut in queue:  # files still being prepared: wait, then remove their temp files
             if fut.cancel():
@@ -785,7 +786,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 results = fut.result()
             except BaseException:
                 continue
-            for prep in prepared(results):
+            for prep in _prepared(results):
                 prep.discard()
         raise
     finally:
