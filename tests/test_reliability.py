@@ -140,3 +140,26 @@ def test_store_blobs_are_read_only_and_export_stays_inside(tmp_path, cli):
     outside = [p for p in written if dest not in p.parents and p.parent != tmp_path]
     assert outside == [], outside
     assert any(p.suffix == ".safetensors" for p in dest.rglob("*"))
+
+
+def test_opening_a_new_catalogue_waits_for_a_writer_instead_of_failing(tmp_path):
+    """Switching a new database to WAL while another connection writes gets "database is locked" at once,
+    whatever the busy timeout (two `lorahub scan` processes on a new home hit this): connect waits."""
+    import threading
+    import time
+
+    from lorahub.registry.schema import connect
+
+    db = tmp_path / "lorahub.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t(x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    t0 = time.monotonic()
+    conn = connect(db)
+    assert time.monotonic() - t0 >= 0.25  # it waited for the writer
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT x FROM t").fetchall()[0][0] == 1
+    conn.close()
+    other.close()

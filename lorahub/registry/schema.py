@@ -196,6 +196,24 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
     return version
 
 
+def _wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Put the database in WAL mode. Two processes opening a new catalogue at once can get "database is
+    locked" here without SQLite waiting (switching the journal mode takes the database exclusively, and
+    SQLite returns at once where waiting could deadlock): retry, up to the busy timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def connect(db: Path) -> sqlite3.Connection:
     """A connection to the catalogue at ``db`` in autocommit mode (writes go through
     :func:`transaction`), WAL journal, rows as :class:`sqlite3.Row`, foreign keys on.
@@ -205,9 +223,7 @@ def connect(db: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 30000")
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode.lower() != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+        _wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         # statement journals (one per savepoint: a scan gives each file of a batch its own) in memory,
