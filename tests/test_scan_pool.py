@@ -140,3 +140,40 @@ def test_workers_leave_ctrl_c_to_the_committing_process(tmp_path, reg, monkeypat
     reg.add_many(_library(tmp_path / "lib"))
     assert (tmp_path / "sigint").read_text().split() == ["True", "True"]
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process's own is untouched
+
+
+def test_workers_do_not_inherit_a_cache_lock_held_by_another_thread(tmp_path):
+    """A process that scans may run other threads (the gallery's server); one of them may hold a
+    detection cache's lock when the workers are forked: they must not wait for it forever."""
+    import subprocess
+    import sys
+
+    lib = tmp_path / "lib"
+    _library(lib)
+    code = f"""
+import threading
+from pathlib import Path
+from lorahub.formats import detect, header
+from lorahub.registry import Registry
+
+held = threading.Event()
+def hold():
+    with header._SECTIONS._lock, detect._PLANS._lock:  # another thread, mid-change, when the workers fork
+        held.set()
+        threading.Event().wait(30)
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+with Registry.open(Path({str(tmp_path / 'home')!r})) as reg:
+    files = sorted(Path({str(lib)!r}).rglob("*.safetensors"))
+    print(reg.add_many(files)["added"])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and its stuck workers
+        proc.communicate()
+        pytest.fail("the scan's workers waited for a lock held by a thread of the parent")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split() == [str(N)]

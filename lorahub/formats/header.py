@@ -34,6 +34,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -298,6 +299,10 @@ class SectionCache:
 
     def __init__(self, entries: int = 256, chars: int = 16 * 1024 * 1024):
         self.entries, self.chars = entries, chars
+        self._reset()
+        _CACHES.add(self)
+
+    def _reset(self) -> None:
         self._items: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
@@ -328,6 +333,15 @@ class SectionCache:
             self._size = 0
 
 
+def _after_fork() -> None:
+    # a forked child (a worker of a scan) starts with empty caches and fresh locks: another thread of the
+    # parent may have held a lock, mid-change, when it forked
+    for cache in list(_CACHES):
+        cache._reset()
+
+
+_CACHES: "weakref.WeakSet[SectionCache]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork)
 _SECTIONS = SectionCache()
 
 
