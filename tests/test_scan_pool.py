@@ -177,3 +177,23 @@ with Registry.open(Path({str(tmp_path / 'home')!r})) as reg:
         pytest.fail("the scan's workers waited for a lock held by a thread of the parent")
     assert proc.returncode == 0, err[-2000:]
     assert out.split() == [str(N)]
+
+
+def test_a_worker_that_dies_is_one_error_and_leaves_no_temp_files(tmp_path, reg, monkeypatch):
+    from lorahub.errors import LorahubError
+
+    files = _library(tmp_path / "lib")
+    real = ingest.prepare
+
+    def dies(store, p, **k):  # a worker killed (out of memory) while it prepares this file
+        if Path(p) == files[-5]:
+            os._exit(3)
+        return real(store, p, **k)
+
+    monkeypatch.setattr(ingest, "prepare", dies)
+    with pytest.raises(LorahubError, match="^a worker process of this scan stopped unexpectedly"):
+        reg.add_many(files, batch_files=8)
+    done = reg.count()
+    assert done < N and reg.check().problems == [] and _temps(reg.home) == []
+    monkeypatch.setattr(ingest, "prepare", real)
+    assert reg.add_many(files) == {"added": N - done, "already": done, "failed": 0}

@@ -653,7 +653,9 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     to read the files beside each file (or a function of the path saying so).
     Returns ``{"added": n, "already": n, "failed": n}``.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
+
+    from lorahub.fsutil import remove_dead_temps
 
     if workers is None:  # hashing, copying and fsyncs release the GIL: a few threads keep the disk busy
         workers = min(4, max(2, os.cpu_count() or 2))
@@ -743,6 +745,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 nxt += 1
                 queued += 1
 
+    broken = False           # a worker process died (killed, out of memory)
     try:
         submit()
         while queue:
@@ -769,7 +772,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                             rest.discard()
                         raise
         flush(last=True)
-    except BaseException:
+    except BaseException as exc:
+        broken = isinstance(exc, BrokenExecutor)
         for prep in _prepared(pending):
             prep.discard()
         for batch, fut in syncing:  # fsynced or not, never committed: remove its temp files
@@ -788,6 +792,9 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                 continue
             for prep in _prepared(results):
                 prep.discard()
+        if broken:
+            raise LorahubError("a worker process of this scan stopped unexpectedly (killed, or out of memory?): "
+                               "the files not committed yet were not added") from None
         raise
     finally:
         syncer.shutdown(wait=True)
@@ -795,6 +802,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
             threads.shutdown(wait=True)
         if procs is not None:
             procs.shutdown(wait=True, cancel_futures=True)
+            if broken:  # the temp blobs the dead workers (and those stopped with them) had made
+                remove_dead_temps(reg.store.root)
     return counts
 
 
