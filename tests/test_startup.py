@@ -85,3 +85,13 @@ def test_the_check_sees_a_heavy_import(catalogue_home, tmp_path):
     f = kohya_file(tmp_path / "probe.safetensors")
     got = _imports(["inspect", str(f), "--json"], catalogue_home, tmp_path)
     assert got["code"] == 0 and "torch" in got["modules"]
+
+
+def test_scan_into_a_pipe_imports_neither_rich_nor_the_ml_stack(catalogue_home, tmp_path):
+    """With stderr not a terminal no progress bar is shown, and rich is not even imported for it (~25 ms of
+    a scan's start); the per-file lines are plain text."""
+    lib = tmp_path / "lib"
+    kohya_file(lib / "one.safetensors", seed=5)
+    got = _imports(["scan", str(lib), "--home", str(tmp_path / "home")], catalogue_home, tmp_path)
+    assert got["code"] == 0 and "lorahub" in got["modules"], got
+    assert sorted(({"rich"} | set(FORBIDDEN)) & set(got["modules"])) == []
