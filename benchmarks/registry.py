@@ -64,6 +64,7 @@ def breakdown(files: list[str], home: Path) -> dict[str, float]:
     from lorahub import hashing
     from lorahub import metadata as md
     from lorahub.registry import Registry, ingest
+    from lorahub.registry.store import Store
 
     spent: dict[str, float] = {}
 
@@ -83,7 +84,7 @@ def breakdown(files: list[str], home: Path) -> dict[str, float]:
              (det, "detect_bytes", "header + detection"),
              (md, "collect", "metadata + sidecars"),
              (hashing, "hash_bytes", "hashing (6 hashes)"),
-             (ingest, "_store_bytes", "copying into the store (a new file)"),
+             (Store, "write_temp", "copying into the store (a new file)"),
              (ingest, "commit_batch", "database rows + renames + fsyncs")]
     saved = [(mod, name, timing(mod, name, label)) for mod, name, label in steps]
     try:

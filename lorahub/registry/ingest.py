@@ -310,29 +310,6 @@ def _read_small(p: Path) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
-def _store_bytes(store: Store, data: bytes, *, durable: bool) -> Path:
-    """``data`` in a new read-only temp blob of the store (fsynced when ``durable``)."""
-    home = store.root.parent
-    try:
-        tmp, out = store.open_temp(read_only=True)
-    except OSError as exc:
-        raise os_error(exc, home) from None
-    try:
-        try:
-            out.write(data)
-            out.flush()
-            if durable:
-                os.fsync(out.fileno())
-        finally:
-            out.close()
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise os_error(exc, home) from None
-        raise
-    return tmp
-
-
 def _sidecar_files(path: Path, imported: "Imported") -> list[SidecarFile]:
     """The bytes of the sidecar files :func:`lorahub.metadata.collect` read (json, civitai, txt)."""
     out = []
@@ -398,7 +375,10 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     kept = _sidecar_files(p, imported) if sidecars and imported.sidecars else []
     if data is not None:
         hashes, linked = hash_bytes(data), False
-        tmp = _store_bytes(store, data, durable=durable)
+        try:
+            tmp = store.write_temp(data, durable=durable, read_only=True)  # created read-only, as blobs are
+        except OSError as exc:
+            raise os_error(exc, store.root.parent) from None
         del data
     else:
         hashes, tmp, linked, st = _copy_and_hash(store, p, copy=copy, durable=durable)

@@ -64,16 +64,18 @@ class Store:
         path, fd = open_temp(self.root, mode=0o444 if read_only else 0o600)
         return path, os.fdopen(fd, "wb")
 
-    def write_temp(self, data: bytes, *, durable: bool = True) -> Path:
-        """``data`` in a new temp file of the store (fsynced when ``durable``); nothing is left
-        behind when the write fails."""
-        tmp = self.temp()
+    def write_temp(self, data: bytes, *, durable: bool = True, read_only: bool = False) -> Path:
+        """``data`` in a new temp file of the store (fsynced when ``durable``; ``read_only``: mode 0444,
+        as blobs are); nothing is left behind when the write fails."""
+        tmp, f = self.open_temp(read_only=read_only)
         try:
-            with open(tmp, "wb") as f:
+            try:
                 f.write(data)
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
+            finally:
+                f.close()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
