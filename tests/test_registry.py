@@ -457,7 +457,7 @@ def test_prepare_returns_a_typed_record_and_writes_nothing(reg, tmp_path, png_by
     assert prep.sha256 == hashlib.sha256(f.read_bytes()).hexdigest() and prep.hashes.size == f.stat().st_size
     assert (prep.detection.format, prep.detection.kind, prep.detection.rank) == ("kohya", "lora", 4)
     assert prep.imported.triggers == ["zkz"] and [p.kind for p in prep.previews] == ["sidecar"]
-    assert prep.blob.read_bytes() == f.read_bytes() and prep.blob.parent == reg.objects
+    assert prep.blob.read_bytes() == f.read_bytes() and prep.blob.parent == reg.store.path(prep.sha256).parent  # in its own folder
     assert reg.count() == 0  # no database write before commit
     row = prep.entry_row("abc", "p")
     assert json.loads(row["tags"]) == ["t"] and json.loads(row["triggers"]) == ["zkz"] and row["base"] == "sd1"

@@ -91,7 +91,7 @@ def test_full_disk_in_a_worker_is_one_error_and_leaves_nothing(tmp_path, reg, st
     def full_after_20(self, **kw):  # the workers are forked from here: they run this too
         tmp, f = real(self, **kw)
         made.append(tmp)
-        if len(list(self.root.glob(TMP_PREFIX + "*"))) > 20:
+        if len(list(self.root.rglob(TMP_PREFIX + "*"))) > 20:
             f.close()
             tmp.unlink()
             raise OSError(28, "No space left on device")
@@ -197,3 +197,16 @@ def test_a_worker_that_dies_is_one_error_and_leaves_no_temp_files(tmp_path, reg,
     assert done < N and reg.check().problems == [] and _temps(reg.home) == []
     monkeypatch.setattr(ingest, "prepare", real)
     assert reg.add_many(files) == {"added": N - done, "already": done, "failed": 0}
+
+
+def test_a_blob_folder_removed_by_hand_is_made_again(tmp_path, reg):
+    import hashlib
+
+    f = kohya_file(tmp_path / "a.safetensors", seed=5)
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    reg.store.make_folder(sha)  # the store remembers the folders it made...
+    os.rmdir(reg.store.path(sha).parent)  # ...and one is removed behind its back
+    entry, created = reg.add_file(f)
+    assert created and entry["sha256"] == sha and reg.store.path(sha).read_bytes() == f.read_bytes()
+    assert _temps(reg.home) == [] and reg.check().problems == []
+

@@ -376,7 +376,8 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     if data is not None:
         hashes, linked = hash_bytes(data), False
         try:
-            tmp = store.write_temp(data, durable=durable, read_only=True)  # created read-only, as blobs are
+            # created read-only, as blobs are, in the blob's own folder
+            tmp = store.write_temp(data, durable=durable, read_only=True, sha256=hashes.sha256)
         except OSError as exc:
             raise os_error(exc, store.root.parent) from None
         del data
@@ -635,8 +636,6 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     """
     from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 
-    from lorahub.fsutil import remove_dead_temps
-
     if workers is None:  # hashing, copying and fsyncs release the GIL: a few threads keep the disk busy
         workers = min(4, max(2, os.cpu_count() or 2))
     counts = {"added": 0, "already": 0, "failed": 0}
@@ -783,7 +782,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
         if procs is not None:
             procs.shutdown(wait=True, cancel_futures=True)
             if broken:  # the temp blobs the dead workers (and those stopped with them) had made
-                remove_dead_temps(reg.store.root)
+                reg.store.remove_dead_temps()
     return counts
 
 

@@ -1,6 +1,7 @@
 """The content-addressed store: ``objects/<sha[:2]>/<sha256>``, read-only blobs, deduplicated.
 
-A blob is written as a ``.lorahub-tmp-*`` file in ``objects/``, fsynced, and renamed to its final
+A blob is written as a ``.lorahub-tmp-*`` file in ``objects/`` (or, when its hash is known before it
+is written, in its own folder ``objects/<sha[:2]>/``), fsynced, and renamed to its final
 name while the catalogue's write lock is held (the caller's transaction), so a crash leaves at most
 an unreferenced blob or a temp file; :meth:`Store.sweep` (``gc``) removes both. A temp file's name
 records its writer and creation time (:func:`lorahub.fsutil.make_temp`): ``gc`` never removes one
@@ -15,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lorahub.fsutil import TMP_PREFIX, fsync_path, make_temp, open_temp, temp_in_progress
+from lorahub.fsutil import TMP_PREFIX, fsync_path, make_temp, open_temp, remove_dead_temps, temp_in_progress
 
 OBJECTS = "objects"
 
@@ -49,6 +50,7 @@ class Store:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._folders: set[str] = set()   # fan-out folders this object made or found (they are never removed)
 
     def path(self, sha256: str) -> Path:
         """Where blob ``sha256`` lives (whether or not it is there)."""
@@ -58,16 +60,26 @@ class Store:
         """A new empty temp file inside the store (same file system as the blobs, so renames are atomic)."""
         return make_temp(self.root)
 
-    def open_temp(self, *, read_only: bool = False):
+    def open_temp(self, *, read_only: bool = False, sha256: str | None = None):
         """(path, file opened for writing) of a new temp file in the store; ``read_only``: created
-        with mode 0444 as blobs are (writable through the returned file only)."""
-        path, fd = open_temp(self.root, mode=0o444 if read_only else 0o600)
+        with mode 0444 as blobs are (writable through the returned file only); ``sha256``: the
+        content's hash when known, to create the file in the blob's own folder (its rename then
+        stays in that folder)."""
+        folder = self.make_folder(sha256) if sha256 else self.root
+        try:
+            path, fd = open_temp(folder, mode=0o444 if read_only else 0o600)
+        except FileNotFoundError:
+            if not sha256:
+                raise
+            self._folders.discard(sha256[:2])  # removed meanwhile by hand: make it again
+            path, fd = open_temp(self.make_folder(sha256), mode=0o444 if read_only else 0o600)
         return path, os.fdopen(fd, "wb")
 
-    def write_temp(self, data: bytes, *, durable: bool = True, read_only: bool = False) -> Path:
+    def write_temp(self, data: bytes, *, durable: bool = True, read_only: bool = False,
+                   sha256: str | None = None) -> Path:
         """``data`` in a new temp file of the store (fsynced when ``durable``; ``read_only``: mode 0444,
-        as blobs are); nothing is left behind when the write fails."""
-        tmp, f = self.open_temp(read_only=read_only)
+        as blobs are; ``sha256``: see :meth:`open_temp`); nothing is left behind when the write fails."""
+        tmp, f = self.open_temp(read_only=read_only, sha256=sha256)
         try:
             try:
                 f.write(data)
@@ -92,12 +104,16 @@ class Store:
             raise
         return tmp
 
-    def make_folder(self, sha256: str) -> None:
-        """Create the folder blob ``sha256`` goes in (if it is not there yet)."""
-        try:
-            os.mkdir(self.path(sha256).parent)
-        except FileExistsError:
-            pass
+    def make_folder(self, sha256: str) -> Path:
+        """The folder blob ``sha256`` goes in, created if it is not there yet (once per object)."""
+        folder = self.root / sha256[:2]
+        if sha256[:2] not in self._folders:
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                pass
+            self._folders.add(sha256[:2])
+        return folder
 
     def place(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
         """Rename a finished temp file to blob ``sha256`` (call while holding the write lock).
@@ -118,6 +134,15 @@ class Store:
         if durable:
             fsync_dir(dest.parent)
         return dest
+
+    def remove_dead_temps(self) -> list[Path]:
+        """Remove the temp files, in ``objects/`` and its blob folders, whose writer is gone
+        (:func:`lorahub.fsutil.remove_dead_temps`); returns them."""
+        removed = remove_dead_temps(self.root)
+        for sub in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if sub.is_dir():
+                removed += remove_dead_temps(sub)
+        return removed
 
     def check(self, sha256: str, size: int | None = None) -> str | None:
         """``"missing"``, ``"corrupt"`` (wrong size or SHA-256) or None when blob ``sha256`` is intact."""
