@@ -83,12 +83,17 @@ def _fts_text(name: str) -> str:
     return name if spaced == name else f"{name} {spaced}"
 
 
+def fts_values(entry_id: str, name: str, triggers: list[str], tags: list[str], description: str | None) -> tuple:
+    """The full-text row of an entry: ``(entry_id, name, triggers, tags, description)`` as indexed."""
+    return entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""
+
+
 def fts_insert(conn: sqlite3.Connection, entry_id: str, name: str, triggers: list[str], tags: list[str],
                description: str | None) -> int:
     """Write the full-text row of an entry that has none (yet); returns its rowid, which the caller
     stores in the entry's ``fts_rowid`` column."""
     cur = conn.execute("INSERT INTO entries_fts(entry_id, name, triggers, tags, description) VALUES (?, ?, ?, ?, ?)",
-                       (entry_id, _fts_text(name), " ; ".join(triggers), " ; ".join(tags), description or ""))
+                       fts_values(entry_id, name, triggers, tags, description))
     return cur.lastrowid
 
 

@@ -402,20 +402,37 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     return prep
 
 
-def _new_id(conn, sha256: str) -> str:
+def _new_id(conn, sha256: str, taken: set[str] = frozenset()) -> str:
+    """The shortest free prefix of ``sha256`` (12, 16, 20 or 64 characters) as an entry id; ``taken``:
+    ids given to other files of the same transaction."""
     for length in (12, 16, 20, 64):
         cand = sha256[:length]
-        if not queries.exists(conn, cand):
+        if cand not in taken and not queries.exists(conn, cand):
             return cand
     raise LorahubError("cannot derive an entry id")  # pragma: no cover
 
 
-def _unique_name(conn, name: str) -> str:
+def _unique_name(conn, name: str, taken: set[str] = frozenset()) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... the first that no entry (nor ``taken``) has."""
     base, n = name, 1
-    while conn.execute("SELECT 1 FROM entries WHERE name = ?", (name,)).fetchone() is not None:
+    while name in taken or conn.execute("SELECT 1 FROM entries WHERE name = ?", (name,)).fetchone() is not None:
         n += 1
         name = f"{base}-{n}"
     return name
+
+
+def _where_in(conn, what: str, column: str, values) -> list:
+    """``SELECT <what> FROM entries WHERE <column> IN values`` (one query per 500 values)."""
+    values, rows = list(values), []
+    for i in range(0, len(values), 500):
+        part = values[i:i + 500]
+        rows += conn.execute(f"SELECT {what} FROM entries WHERE {column} IN ({', '.join('?' * len(part))})", part)
+    return rows
+
+
+def _present(conn, column: str, values) -> set:
+    """The ``values`` that ``entries.<column>`` holds."""
+    return {r[0] for r in _where_in(conn, column, column, values)}
 
 
 def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> dict:
@@ -445,13 +462,7 @@ def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]
                                       "data": sc.data, "sha256": sc.sha256, "view": view})
     rowid = edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
     conn.execute("UPDATE entries SET fts_rowid = ? WHERE id = ?", (rowid, entry_id))
-    # the rows are in: now the files (a copied blob was created read-only; a link keeps the source's mode)
-    for tmp, sha, chmod in [(pv.tmp, pv.sha256, True) for pv in prep.previews] + [(prep.blob, prep.sha256, False)]:
-        new = not reg.store.path(sha).exists()
-        dest = reg.store.place(tmp, sha, chmod=chmod, durable=False)
-        dirs.add(dest.parent)
-        if new:
-            placed.append(dest)
+    _place_blobs(reg, prep, dirs, placed)  # the rows are in: now the files
     return entry
 
 
@@ -480,8 +491,14 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
 
     try:
         with transaction(conn, on_abort=unplace):
-            for prep in preps:
-                out.append(_commit_one(reg, prep, dirs, placed, remember))
+            together = _commit_together(reg, preps, dirs, placed) if len(preps) > 1 else None
+            if together is None:  # one file, or a statement failed: file by file, each its own savepoint
+                out += [_commit_one(reg, prep, dirs, placed) for prep in preps]
+            else:
+                out += together
+            if remember:
+                _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)
+                                 for prep, (_, _, err) in zip(preps, out) if err is None and prep.stat is not None])
             if durable and dirs:
                 fsync_many(sorted(dirs), fsync_dir)  # the renames are on disk before the commit
     finally:
@@ -490,7 +507,101 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
     return out
 
 
-def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path], remember: bool) -> Outcome:
+def _commit_together(reg: "Registry", preps: list[Prepared], dirs: set[Path], placed: list[Path]) -> list[Outcome] | None:
+    """Insert the rows of a batch's new files a table at a time (one ``executemany`` each, a few
+    queries for what is registered already), then rename their blobs into place: what
+    :func:`_commit_one` does per file at a fraction of the statements. Returns None, with nothing
+    written, when a statement fails (a row the schema refuses): the caller then commits file by file,
+    which reports the file at fault and commits the others."""
+    conn = reg.conn
+    existing = {r["sha256"]: r for r in map(queries.decode, _where_in(conn, "*", "sha256", {p.sha256 for p in preps}))}
+    new: dict[str, Prepared] = {}  # sha256 -> the first file of the batch with that content
+    for prep in preps:
+        if prep.sha256 not in existing:
+            new.setdefault(prep.sha256, prep)
+    entries: dict[str, dict] = {}
+    if new:
+        defaults = {sha: prep.default_name() for sha, prep in new.items()}
+        names_taken = _present(conn, "name", {name for name, _ in defaults.values()})
+        ids_taken = _present(conn, "id", {sha[:12] for sha in new})
+        batch_names: set[str] = set()
+        batch_ids: set[str] = set()
+        fts_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM entries_fts").fetchone()[0]
+        rows, fts, lineage, previews, sidecars = [], [], [], [], []
+        for sha, prep in new.items():
+            name, raw = defaults[sha]
+            if name in names_taken or name in batch_names:
+                name = _unique_name(conn, name, batch_names)
+            entry_id = sha[:12]
+            if entry_id in ids_taken or entry_id in batch_ids:
+                entry_id = _new_id(conn, sha, batch_ids)
+            batch_names.add(name)
+            batch_ids.add(entry_id)
+            fts_rowid += 1
+            row = prep.entry_row(entry_id, name, raw)
+            entry = entries[sha] = queries.decode(row)
+            row["fts_rowid"] = fts_rowid
+            rows.append(row)
+            fts.append((fts_rowid, *edits.fts_values(entry_id, name, entry["triggers"], entry["tags"],
+                                                     entry["description"])))
+            lineage += [(entry_id, item) for item in prep.lineage or []]
+            previews += [(entry_id, pv.sha256, pv.kind, pv.ext, pv.width, pv.height, "{}", now_iso())
+                         for pv in prep.previews]
+            if prep.sidecar_files:
+                from lorahub.metadata import webui_sidecar
+
+                view = edits.dumps(webui_sidecar(entry))
+                sidecars += [(entry_id, sc.kind, sc.file_name, sc.data, sc.sha256, view) for sc in prep.sidecar_files]
+        cols = list(rows[0])
+        if any(list(row) != cols for row in rows):
+            return None  # pragma: no cover (entry_row gives every file the same columns)
+        conn.execute("SAVEPOINT together")
+        try:
+            conn.executemany(f'INSERT INTO entries ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})',
+                             [tuple(row.values()) for row in rows])
+            conn.executemany("INSERT INTO entries_fts(rowid, entry_id, name, triggers, tags, description) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", fts)
+            for entry_id, item in lineage:
+                edits.insert_lineage(conn, entry_id, item)
+            conn.executemany("INSERT OR IGNORE INTO previews (entry_id, sha256, kind, ext, width, height, params, "
+                             "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", previews)
+            conn.executemany("INSERT INTO sidecars (entry_id, kind, file_name, data, sha256, view) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", sidecars)
+        except (LorahubError, sqlite3.Error) as exc:
+            if is_disk_full(exc):
+                raise no_space(conn) from None
+            conn.execute("ROLLBACK TO together")
+            conn.execute("RELEASE together")
+            return None
+        conn.execute("RELEASE together")
+        try:  # the rows are in: now the files
+            for prep in new.values():
+                _place_blobs(reg, prep, dirs, placed)
+        except OSError as exc:  # a blob could not be renamed into the store: the whole batch stops
+            raise os_error(exc, reg.home) from None
+        reg.had_entries = True
+    out: list[Outcome] = []
+    for prep in preps:
+        sha = prep.sha256
+        if sha in existing:
+            out.append((existing[sha], False, None))
+        else:  # the first file with this content is created; the others are reported as registered
+            out.append((entries[sha], new[sha] is prep, None))
+    return out
+
+
+def _place_blobs(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> None:
+    """Rename a committed file's temp blobs into place (a copied blob was created read-only; a link
+    keeps the source's mode); the folders go in ``dirs``, the blobs that were not there in ``placed``."""
+    for tmp, sha, chmod in [(pv.tmp, pv.sha256, True) for pv in prep.previews] + [(prep.blob, prep.sha256, False)]:
+        new = not reg.store.path(sha).exists()
+        dest = reg.store.place(tmp, sha, chmod=chmod, durable=False)
+        dirs.add(dest.parent)
+        if new:
+            placed.append(dest)
+
+
+def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> Outcome:
     conn = reg.conn
     existing = queries.find_sha256(conn, prep.sha256)
     if existing is not None:
@@ -516,8 +627,6 @@ def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[P
         conn.execute("RELEASE one")
         reg.had_entries = True
         outcome = (entry, True, None)
-    if remember and prep.stat is not None:
-        _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)])
     return outcome
 
 
