@@ -334,7 +334,7 @@ def display_path(p: str | os.PathLike) -> str:
 
 def check_path_text(path: str | os.PathLike) -> None:
     """Refuse a path whose name is not valid UTF-8: the registry could not store it, nor print it."""
-    text = os.fspath(Path(path).absolute())
+    text = os.path.abspath(os.fspath(path))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -416,7 +416,7 @@ def type_evidence(path: Path, meta: dict[str, str], *, civitai: dict | None = No
         words = m.group(1).lower().split() if m else []
         if len(words) >= 2 and words[-1] in CLASS_WORDS:
             return CLASS_WORDS[words[-1]], f"kohya dataset folder {folder[:80]!r}"
-    parent = Path(path).absolute().parent.name
+    parent = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(path))))
     t = FOLDER_WORDS.get(parent.lower())
     if t:
         return t, f"folder {parent!r}"

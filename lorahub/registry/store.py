@@ -50,7 +50,7 @@ class Store:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._folders: set[str] = set()   # fan-out folders this object made or found (they are never removed)
+        self._folders: dict[str, Path] = {}   # fan-out folders this object made or found (they are never removed)
 
     def path(self, sha256: str) -> Path:
         """Where blob ``sha256`` lives (whether or not it is there)."""
@@ -71,7 +71,7 @@ class Store:
         except FileNotFoundError:
             if not sha256:
                 raise
-            self._folders.discard(sha256[:2])  # removed meanwhile by hand: make it again
+            self._folders.pop(sha256[:2], None)  # removed meanwhile by hand: make it again
             path, fd = open_temp(self.make_folder(sha256), mode=0o444 if read_only else 0o600)
         return path, os.fdopen(fd, "wb")
 
@@ -106,13 +106,14 @@ class Store:
 
     def make_folder(self, sha256: str) -> Path:
         """The folder blob ``sha256`` goes in, created if it is not there yet (once per object)."""
-        folder = self.root / sha256[:2]
-        if sha256[:2] not in self._folders:
+        folder = self._folders.get(sha256[:2])
+        if folder is None:
+            folder = self.root / sha256[:2]
             try:
                 os.mkdir(folder)
             except FileExistsError:
                 pass
-            self._folders.add(sha256[:2])
+            self._folders[sha256[:2]] = folder
         return folder
 
     def place(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
