@@ -475,7 +475,9 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
 
     A file already registered (by another process meanwhile, or earlier in this batch) gives its
     entry with ``created`` False and changes nothing; a file whose rows cannot be written gives its
-    error and the others are committed (each file has its own savepoint). The blobs' data must be
+    error and the others are committed. The rows are written a table at a time for the whole batch
+    (:func:`_commit_together`); if a row fails, the batch is redone file by file, each in its own
+    savepoint (:func:`_commit_one`), which isolates the file at fault. The blobs' data must be
     on disk already (``prepare(durable=True)``, or fsynced by the caller); the store folders are
     fsynced before the transaction commits when ``durable``. ``remember``: also record each file's
     absolute path, size and mtime in the scan cache. A full disk raises :class:`~lorahub.fsutil.NoSpace`
