@@ -55,12 +55,15 @@ def _commit_ones(monkeypatch) -> list:
     return calls
 
 
-def test_a_batch_gives_the_catalogue_of_one_file_at_a_time(tmp_path, png_bytes, monkeypatch):
+@pytest.mark.parametrize("in_query", [500, 2])
+def test_a_batch_gives_the_catalogue_of_one_file_at_a_time(tmp_path, png_bytes, monkeypatch, in_query):
+    monkeypatch.setattr(ingest, "IN_QUERY_VALUES", in_query)  # 2: the lookups of taken hashes, names, ids in parts
     files = _library(tmp_path / "lib", png_bytes)
     first = kohya_file(tmp_path / "style.safetensors", seed=99)
     parent = kohya_file(tmp_path / "parent.safetensors", seed=98)
     lineage = [{"relation": "resized-from", "parent": "parent"}, {"relation": "trained-on", "parent": "a" * 64}]
     results = {}
+    real_commit_one = ingest._commit_one
     for mode in ("one", "batch"):
         with Registry.open(tmp_path / mode) as reg:
             reg.add_file(first)  # "style" is taken before the batch
@@ -74,7 +77,7 @@ def test_a_batch_gives_the_catalogue_of_one_file_at_a_time(tmp_path, png_bytes, 
             else:
                 outcomes = ingest.commit_batch(reg, preps, remember=True)
                 assert calls == []  # the batch took the path of a few statements per table
-            monkeypatch.undo()
+            monkeypatch.setattr(ingest, "_commit_one", real_commit_one)
             results[mode] = (_catalogue(reg), [(e["id"], e["name"], created, err) for e, created, err in outcomes],
                              sorted(tuple(r)[:2] for r in reg.conn.execute("SELECT path, sha256 FROM scan_cache")))
             assert reg.check().problems == [] and not list(reg.home.rglob(TMP_PREFIX + "*"))

@@ -421,11 +421,15 @@ def _unique_name(conn, name: str, taken: set[str] = frozenset()) -> str:
     return name
 
 
+# values per ``IN (...)`` query of a batch commit (SQLite allows 32,766 parameters; older builds 999)
+IN_QUERY_VALUES = 500
+
+
 def _where_in(conn, what: str, column: str, values) -> list:
-    """``SELECT <what> FROM entries WHERE <column> IN values`` (one query per 500 values)."""
+    """``SELECT <what> FROM entries WHERE <column> IN values`` (one query per :data:`IN_QUERY_VALUES` values)."""
     values, rows = list(values), []
-    for i in range(0, len(values), 500):
-        part = values[i:i + 500]
+    for i in range(0, len(values), IN_QUERY_VALUES):
+        part = values[i:i + IN_QUERY_VALUES]
         rows += conn.execute(f"SELECT {what} FROM entries WHERE {column} IN ({', '.join('?' * len(part))})", part)
     return rows
 
