@@ -93,15 +93,22 @@ def test_a_batch_gives_the_catalogue_of_one_file_at_a_time(tmp_path, png_bytes, 
     assert cat["fts_rows"] == len(cat["entries"]) and len(cached) == len(files)
 
 
-def test_a_row_that_fails_sends_the_batch_file_by_file(tmp_path, reg, monkeypatch):
+@pytest.mark.parametrize("fails", ["statement", "row"])
+def test_a_row_that_fails_sends_the_batch_file_by_file(tmp_path, reg, monkeypatch, fails):
+    from lorahub.errors import LorahubError
+
     files = [kohya_file(tmp_path / f"f{i}.safetensors", seed=i) for i in range(4)]
-    preps = [ingest.prepare(reg.store, f, lineage=[{"relation": "x"}] if i == 2 else None)
+    preps = [ingest.prepare(reg.store, f, lineage=[{"relation": "x"}] if i == 2 and fails == "statement" else None)
              for i, f in enumerate(files)]
+    if fails == "row":  # a row that cannot be made at all (before any statement of the batch)
+        def bad_row(*a):
+            raise LorahubError(f"{files[2]}: no row")
+        preps[2].entry_row = bad_row
     calls = _commit_ones(monkeypatch)
     outcomes = ingest.commit_batch(reg, preps)
-    assert calls == files  # the batch statement failed: nothing of it stayed, then file by file
+    assert calls == files  # the batch failed: nothing of it stayed, then file by file
     assert [created for _, created, _ in outcomes] == [True, True, False, True]
-    assert "lineage item needs 'relation' and 'parent'" in str(outcomes[2][2])
+    assert ("lineage item needs 'relation' and 'parent'" if fails == "statement" else "no row") in str(outcomes[2][2])
     assert reg.count() == 3 and reg.check().problems == [] and not list(reg.home.rglob(TMP_PREFIX + "*"))
     assert not reg.store.path(preps[2].sha256).exists()
     assert reg.conn.execute("SELECT count(*) FROM entries_fts").fetchone()[0] == 3

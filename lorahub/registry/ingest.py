@@ -517,69 +517,20 @@ def _commit_together(reg: "Registry", preps: list[Prepared], dirs: set[Path], pl
     """Insert the rows of a batch's new files a table at a time (one ``executemany`` each, a few
     queries for what is registered already), then rename their blobs into place: what
     :func:`_commit_one` does per file at a fraction of the statements. Returns None, with nothing
-    written, when a statement fails (a row the schema refuses): the caller then commits file by file,
-    which reports the file at fault and commits the others."""
+    written, when a row cannot be made or written (an error of one file, a row the schema refuses):
+    the caller then commits file by file, which reports the file at fault and commits the others."""
     conn = reg.conn
-    existing = {r["sha256"]: r for r in map(queries.decode, _where_in(conn, "*", "sha256", {p.sha256 for p in preps}))}
-    new: dict[str, Prepared] = {}  # sha256 -> the first file of the batch with that content
-    for prep in preps:
-        if prep.sha256 not in existing:
-            new.setdefault(prep.sha256, prep)
-    entries: dict[str, dict] = {}
-    if new:
-        defaults = {sha: prep.default_name() for sha, prep in new.items()}
-        names_taken = _present(conn, "name", {name for name, _ in defaults.values()})
-        ids_taken = _present(conn, "id", {sha[:12] for sha in new})
-        batch_names: set[str] = set()
-        batch_ids: set[str] = set()
-        fts_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM entries_fts").fetchone()[0]
-        rows, fts, lineage, previews, sidecars = [], [], [], [], []
-        for sha, prep in new.items():
-            name, raw = defaults[sha]
-            if name in names_taken or name in batch_names:
-                name = _unique_name(conn, name, batch_names)
-            entry_id = sha[:12]
-            if entry_id in ids_taken or entry_id in batch_ids:
-                entry_id = _new_id(conn, sha, batch_ids)
-            batch_names.add(name)
-            batch_ids.add(entry_id)
-            fts_rowid += 1
-            row = prep.entry_row(entry_id, name, raw)
-            entry = entries[sha] = queries.decode(row)
-            row["fts_rowid"] = fts_rowid
-            rows.append(row)
-            fts.append((fts_rowid, *edits.fts_values(entry_id, name, entry["triggers"], entry["tags"],
-                                                     entry["description"])))
-            lineage += [(entry_id, item) for item in prep.lineage or []]
-            previews += [(entry_id, pv.sha256, pv.kind, pv.ext, pv.width, pv.height, "{}", now_iso())
-                         for pv in prep.previews]
-            if prep.sidecar_files:
-                from lorahub.metadata import webui_sidecar
-
-                view = edits.dumps(webui_sidecar(entry))
-                sidecars += [(entry_id, sc.kind, sc.file_name, sc.data, sc.sha256, view) for sc in prep.sidecar_files]
-        cols = list(rows[0])
-        if any(list(row) != cols for row in rows):
-            return None  # pragma: no cover (entry_row gives every file the same columns)
-        conn.execute("SAVEPOINT together")
-        try:
-            conn.executemany(f'INSERT INTO entries ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})',
-                             [tuple(row.values()) for row in rows])
-            conn.executemany("INSERT INTO entries_fts(rowid, entry_id, name, triggers, tags, description) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", fts)
-            for entry_id, item in lineage:
-                edits.insert_lineage(conn, entry_id, item)
-            conn.executemany("INSERT OR IGNORE INTO previews (entry_id, sha256, kind, ext, width, height, params, "
-                             "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", previews)
-            conn.executemany("INSERT INTO sidecars (entry_id, kind, file_name, data, sha256, view) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", sidecars)
-        except (LorahubError, sqlite3.Error) as exc:
-            if is_disk_full(exc):
-                raise no_space(conn) from None
-            conn.execute("ROLLBACK TO together")
-            conn.execute("RELEASE together")
-            return None
+    conn.execute("SAVEPOINT together")
+    try:
+        existing, new, entries = _insert_together(conn, preps)
+    except (LorahubError, sqlite3.Error) as exc:
+        if is_disk_full(exc):
+            raise no_space(conn) from None
+        conn.execute("ROLLBACK TO together")
         conn.execute("RELEASE together")
+        return None
+    conn.execute("RELEASE together")
+    if new:
         try:  # the rows are in: now the files
             for prep in new.values():
                 _place_blobs(reg, prep, dirs, placed)
@@ -594,6 +545,63 @@ def _commit_together(reg: "Registry", preps: list[Prepared], dirs: set[Path], pl
         else:  # the first file with this content is created; the others are reported as registered
             out.append((entries[sha], new[sha] is prep, None))
     return out
+
+
+def _insert_together(conn, preps: list[Prepared]) -> tuple[dict[str, dict], dict[str, Prepared], dict[str, dict]]:
+    """The rows of :func:`_commit_together`, written. Returns (the entries already registered, the
+    first file of each new content, the new entries), each by SHA-256."""
+    existing = {r["sha256"]: r for r in map(queries.decode, _where_in(conn, "*", "sha256", {p.sha256 for p in preps}))}
+    new: dict[str, Prepared] = {}
+    for prep in preps:
+        if prep.sha256 not in existing:
+            new.setdefault(prep.sha256, prep)
+    entries: dict[str, dict] = {}
+    if not new:
+        return existing, new, entries
+    defaults = {sha: prep.default_name() for sha, prep in new.items()}
+    names_taken = _present(conn, "name", {name for name, _ in defaults.values()})
+    ids_taken = _present(conn, "id", {sha[:12] for sha in new})
+    batch_names: set[str] = set()
+    batch_ids: set[str] = set()
+    fts_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM entries_fts").fetchone()[0]
+    rows, fts, lineage, previews, sidecars = [], [], [], [], []
+    cols: list[str] | None = None
+    for sha, prep in new.items():
+        name, raw = defaults[sha]
+        if name in names_taken or name in batch_names:
+            name = _unique_name(conn, name, batch_names)
+        entry_id = sha[:12]
+        if entry_id in ids_taken or entry_id in batch_ids:
+            entry_id = _new_id(conn, sha, batch_ids)
+        batch_names.add(name)
+        batch_ids.add(entry_id)
+        fts_rowid += 1
+        row = prep.entry_row(entry_id, name, raw)
+        entry = entries[sha] = queries.decode(row)
+        row["fts_rowid"] = fts_rowid
+        rows.append(tuple(row.values()))
+        fts.append((fts_rowid, *edits.fts_values(entry_id, name, entry["triggers"], entry["tags"], entry["description"])))
+        lineage += [(entry_id, item) for item in prep.lineage or []]
+        previews += [(entry_id, pv.sha256, pv.kind, pv.ext, pv.width, pv.height, "{}", now_iso()) for pv in prep.previews]
+        if prep.sidecar_files:
+            from lorahub.metadata import webui_sidecar
+
+            view = edits.dumps(webui_sidecar(entry))
+            sidecars += [(entry_id, sc.kind, sc.file_name, sc.data, sc.sha256, view) for sc in prep.sidecar_files]
+        if cols is None:
+            cols = list(row)
+        elif list(row) != cols:  # pragma: no cover (entry_row gives every file the same columns)
+            raise LorahubError(f"{prep.path}: its entry has other columns than the batch's")
+    conn.executemany(f'INSERT INTO entries ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))})', rows)
+    conn.executemany("INSERT INTO entries_fts(rowid, entry_id, name, triggers, tags, description) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", fts)
+    for entry_id, item in lineage:
+        edits.insert_lineage(conn, entry_id, item)
+    conn.executemany("INSERT OR IGNORE INTO previews (entry_id, sha256, kind, ext, width, height, params, added_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", previews)
+    conn.executemany("INSERT INTO sidecars (entry_id, kind, file_name, data, sha256, view) VALUES (?, ?, ?, ?, ?, ?)",
+                     sidecars)
+    return existing, new, entries
 
 
 def _place_blobs(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> None:
