@@ -76,6 +76,19 @@ def test_gc_keeps_a_linked_temp_of_a_running_writer_whatever_its_mtime(reg, tmp_
     assert reg.blob_path(keep).is_file()
 
 
+def test_gc_treats_temp_blobs_in_blob_folders_as_those_in_objects(reg, tmp_path):
+    f = kohya_file(tmp_path / "small.safetensors", seed=3)
+    prep = ingest.prepare(reg.store, f)  # a small file: its temp blob is written in its own blob folder
+    assert prep.blob.parent == reg.store.path(prep.sha256).parent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = prep.blob.parent / f"{TMP_PREFIX}{host_id()}.{int(dead.stdout)}.1.{int(time.time()) - 3600:x}.abcd1234"
+    old.write_bytes(b"x")  # left there by a killed writer an hour ago
+    res = reg.gc()
+    assert res["temp_files"] == [str(old)] and not old.exists() and prep.blob.exists()  # ours: its writer runs
+    entry, created = ingest.commit(reg, prep)
+    assert created and reg.blob_path(entry).read_bytes() == f.read_bytes() and reg.check().problems == []
+
+
 def test_gc_running_against_a_real_scan_link(home, tmp_path):
     src = tmp_path / "lib"
     files = [kohya_file(src / f"d{i % 4}" / f"l{i:03d}.safetensors", seed=i) for i in range(120)]
