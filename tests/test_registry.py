@@ -214,7 +214,7 @@ def test_crash_mid_add_leaves_no_half_entry(reg, tmp_path, monkeypatch, store_fi
     def boom(*args):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr("lorahub.registry.edits.fts_insert", boom)
+    monkeypatch.setattr("lorahub.registry.edits.insert_lineage", boom)  # after the entry and full-text rows
     with pytest.raises(RuntimeError):
         reg.add_file(f, lineage=[{"relation": "converted-from", "parent": "x"}])
     assert reg.count() == 0

@@ -13,7 +13,7 @@ renamed to its final name, the renames happen under the write lock, the store fo
 before the transaction commits. A crash leaves at most unreferenced blobs and temp files (``gc``
 removes them), never an entry without its blob and never a half entry.
 
-Rows are written with the standard library's sqlite3 (:func:`~lorahub.registry.schema.insert`):
+Rows are written with the standard library's sqlite3 (``executemany``, a table at a time):
 sqlite-utils on this path measured ~0.1 s of import (it imports numpy) plus ~0.25 ms per row,
 12 % of ``lorahub scan``'s time on small files.
 """
@@ -36,7 +36,7 @@ from lorahub.errors import LorahubError, NotFound
 from lorahub.fsutil import NoSpace, os_error
 from lorahub.registry import edits, queries
 from lorahub.formats.families import check_base
-from lorahub.registry.schema import insert, is_disk_full, no_space, now_iso, transaction
+from lorahub.registry.schema import is_disk_full, no_space, now_iso, transaction
 from lorahub.registry.store import Store, fsync_dir, fsync_many
 from lorahub.vocab import LORA_TYPES, PICKLE_SUFFIXES
 
@@ -402,7 +402,7 @@ def prepare(store: Store, path: str | os.PathLike, *, name: str | None = None, t
     return prep
 
 
-def _new_id(conn, sha256: str, taken: set[str] = frozenset()) -> str:
+def _new_id(conn, sha256: str, taken: set[str]) -> str:
     """The shortest free prefix of ``sha256`` (12, 16, 20 or 64 characters) as an entry id; ``taken``:
     ids given to other files of the same transaction."""
     for length in (12, 16, 20, 64):
@@ -412,7 +412,7 @@ def _new_id(conn, sha256: str, taken: set[str] = frozenset()) -> str:
     raise LorahubError("cannot derive an entry id")  # pragma: no cover
 
 
-def _unique_name(conn, name: str, taken: set[str] = frozenset()) -> str:
+def _unique_name(conn, name: str, taken: set[str]) -> str:
     """``name``, or ``name-2``, ``name-3``, ... the first that no entry (nor ``taken``) has."""
     base, n = name, 1
     while name in taken or conn.execute("SELECT 1 FROM entries WHERE name = ?", (name,)).fetchone() is not None:
@@ -439,37 +439,6 @@ def _present(conn, column: str, values) -> set:
     return {r[0] for r in _where_in(conn, column, column, values)}
 
 
-def _insert(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> dict:
-    """Insert one prepared file's rows, then rename its blobs into place (inside the caller's
-    transaction). The store folders touched are added to ``dirs`` (for the caller to fsync), the
-    blobs that did not exist before to ``placed`` (for the caller to remove if it rolls back).
-    Returns the new entry."""
-    conn = reg.conn
-    entry_id = _new_id(conn, prep.sha256)
-    name, raw = prep.default_name()
-    name = _unique_name(conn, name)
-    row = prep.entry_row(entry_id, name, raw)
-    insert(conn, "entries", row)
-    entry = queries.decode(row)
-    for item in prep.lineage or []:
-        edits.insert_lineage(conn, entry_id, item)
-    for pv in prep.previews:
-        insert(conn, "previews", {"entry_id": entry_id, "sha256": pv.sha256, "kind": pv.kind, "ext": pv.ext,
-                                  "width": pv.width, "height": pv.height, "params": "{}",
-                                  "added_at": now_iso()}, or_ignore=True)
-    if prep.sidecar_files:
-        from lorahub.metadata import webui_sidecar
-
-        view = edits.dumps(webui_sidecar(entry))
-        for sc in prep.sidecar_files:
-            insert(conn, "sidecars", {"entry_id": entry_id, "kind": sc.kind, "file_name": sc.file_name,
-                                      "data": sc.data, "sha256": sc.sha256, "view": view})
-    rowid = edits.fts_insert(conn, entry_id, name, entry["triggers"], entry["tags"], entry["description"])
-    conn.execute("UPDATE entries SET fts_rowid = ? WHERE id = ?", (rowid, entry_id))
-    _place_blobs(reg, prep, dirs, placed)  # the rows are in: now the files
-    return entry
-
-
 Outcome = tuple["dict | None", bool, "LorahubError | None"]
 
 
@@ -480,8 +449,8 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
     A file already registered (by another process meanwhile, or earlier in this batch) gives its
     entry with ``created`` False and changes nothing; a file whose rows cannot be written gives its
     error and the others are committed. The rows are written a table at a time for the whole batch
-    (:func:`_commit_together`); if a row fails, the batch is redone file by file, each in its own
-    savepoint (:func:`_commit_one`), which isolates the file at fault. The blobs' data must be
+    (:func:`_commit_files`); if a row fails, the batch is redone file by file (:func:`_commit_one`),
+    which isolates the file at fault. The blobs' data must be
     on disk already (``prepare(durable=True)``, or fsynced by the caller); the store folders are
     fsynced before the transaction commits when ``durable``. ``remember``: also record each file's
     absolute path, size and mtime in the scan cache. A full disk raises :class:`~lorahub.fsutil.NoSpace`
@@ -497,11 +466,13 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
 
     try:
         with transaction(conn, on_abort=unplace):
-            together = _commit_together(reg, preps, dirs, placed) if len(preps) > 1 else None
-            if together is None:  # one file, or a statement failed: file by file, each its own savepoint
-                out += [_commit_one(reg, prep, dirs, placed) for prep in preps]
+            if len(preps) == 1:
+                out.append(_commit_one(reg, preps[0], dirs, placed))
             else:
-                out += together
+                try:
+                    out += _commit_files(reg, preps, dirs, placed)
+                except _Refused:  # nothing of the batch was written: file by file, which isolates the file at fault
+                    out += [_commit_one(reg, prep, dirs, placed) for prep in preps]
             if remember:
                 _remember(conn, [(Path(os.path.abspath(prep.path)), prep.stat, prep.sha256)
                                  for prep, (_, _, err) in zip(preps, out) if err is None and prep.stat is not None])
@@ -513,23 +484,26 @@ def commit_batch(reg: "Registry", preps: list[Prepared], *, durable: bool = True
     return out
 
 
-def _commit_together(reg: "Registry", preps: list[Prepared], dirs: set[Path], placed: list[Path]) -> list[Outcome] | None:
-    """Insert the rows of a batch's new files a table at a time (one ``executemany`` each, a few
-    queries for what is registered already), then rename their blobs into place: what
-    :func:`_commit_one` does per file at a fraction of the statements. Returns None, with nothing
-    written, when a row cannot be made or written (an error of one file, a row the schema refuses):
-    the caller then commits file by file, which reports the file at fault and commits the others."""
+class _Refused(Exception):
+    """A row of the files being committed could not be made or written (its savepoint was rolled
+    back); ``args[0]`` is the LorahubError or sqlite3.Error why."""
+
+
+def _commit_files(reg: "Registry", preps: list[Prepared], dirs: set[Path], placed: list[Path]) -> list[Outcome]:
+    """Insert the rows of ``preps`` in one savepoint (:func:`_insert_rows`: one ``executemany`` per
+    table, a few queries for what is registered already), then rename their blobs into place. A row
+    that cannot be made or written raises :class:`_Refused` with nothing of these files written."""
     conn = reg.conn
-    conn.execute("SAVEPOINT together")
+    conn.execute("SAVEPOINT files")
     try:
-        existing, new, entries = _insert_together(conn, preps)
+        existing, new, entries = _insert_rows(conn, preps)
     except (LorahubError, sqlite3.Error) as exc:
         if is_disk_full(exc):
             raise no_space(conn) from None
-        conn.execute("ROLLBACK TO together")
-        conn.execute("RELEASE together")
-        return None
-    conn.execute("RELEASE together")
+        conn.execute("ROLLBACK TO files")
+        conn.execute("RELEASE files")
+        raise _Refused(exc) from None
+    conn.execute("RELEASE files")
     if new:
         try:  # the rows are in: now the files
             for prep in new.values():
@@ -547,9 +521,19 @@ def _commit_together(reg: "Registry", preps: list[Prepared], dirs: set[Path], pl
     return out
 
 
-def _insert_together(conn, preps: list[Prepared]) -> tuple[dict[str, dict], dict[str, Prepared], dict[str, dict]]:
-    """The rows of :func:`_commit_together`, written. Returns (the entries already registered, the
-    first file of each new content, the new entries), each by SHA-256."""
+def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> Outcome:
+    """:func:`_commit_files` of one file; a row refused is that file's error."""
+    try:
+        return _commit_files(reg, [prep], dirs, placed)[0]
+    except _Refused as refused:
+        exc = refused.args[0]
+        return None, False, exc if isinstance(exc, LorahubError) else LorahubError(f"{prep.path}: cannot register ({exc})")
+
+
+def _insert_rows(conn, preps: list[Prepared]) -> tuple[dict[str, dict], dict[str, Prepared], dict[str, dict]]:
+    """Write the rows of the files ``preps`` not registered yet, a table at a time: entries, full-text
+    rows, lineage, previews, sidecars. Returns (the entries already registered, the first file of each
+    new content, the new entries), each by SHA-256."""
     existing = {r["sha256"]: r for r in map(queries.decode, _where_in(conn, "*", "sha256", {p.sha256 for p in preps}))}
     new: dict[str, Prepared] = {}
     for prep in preps:
@@ -613,35 +597,6 @@ def _place_blobs(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[
         dirs.add(dest.parent)
         if new:
             placed.append(dest)
-
-
-def _commit_one(reg: "Registry", prep: Prepared, dirs: set[Path], placed: list[Path]) -> Outcome:
-    conn = reg.conn
-    existing = queries.find_sha256(conn, prep.sha256)
-    if existing is not None:
-        outcome: Outcome = (existing, False, None)
-    else:
-        mark = len(placed)
-        conn.execute("SAVEPOINT one")
-        try:
-            entry = _insert(reg, prep, dirs, placed)
-        except OSError as exc:  # a blob could not be renamed into the store: the whole batch stops
-            raise os_error(exc, reg.home) from None
-        except (LorahubError, sqlite3.Error) as exc:
-            if is_disk_full(exc):
-                raise no_space(conn) from None
-            conn.execute("ROLLBACK TO one")
-            conn.execute("RELEASE one")
-            for f in placed[mark:]:
-                f.unlink(missing_ok=True)
-            del placed[mark:]
-            if not isinstance(exc, LorahubError):
-                exc = LorahubError(f"{prep.path}: cannot register ({exc})")
-            return None, False, exc
-        conn.execute("RELEASE one")
-        reg.had_entries = True
-        outcome = (entry, True, None)
-    return outcome
 
 
 def commit(reg: "Registry", prep: Prepared, *, durable: bool = True) -> tuple[dict, bool]:
