@@ -65,14 +65,13 @@ class Store:
         with mode 0444 as blobs are (writable through the returned file only); ``sha256``: the
         content's hash when known, to create the file in the blob's own folder (its rename then
         stays in that folder)."""
-        folder = self.make_folder(sha256) if sha256 else self.root
+        mode = 0o444 if read_only else 0o600
         try:
-            path, fd = open_temp(folder, mode=0o444 if read_only else 0o600)
+            path, fd = open_temp(self.make_folder(sha256) if sha256 else self.root, mode=mode)
         except FileNotFoundError:
             if not sha256:
                 raise
-            self._folders.pop(sha256[:2], None)  # removed meanwhile by hand: make it again
-            path, fd = open_temp(self.make_folder(sha256), mode=0o444 if read_only else 0o600)
+            path, fd = open_temp(self._make_folder_again(sha256), mode=mode)
         return path, os.fdopen(fd, "wb")
 
     def write_temp(self, data: bytes, *, durable: bool = True, read_only: bool = False,
@@ -116,6 +115,11 @@ class Store:
             self._folders[sha256[:2]] = folder
         return folder
 
+    def _make_folder_again(self, sha256: str) -> Path:
+        """:meth:`make_folder` for a folder this object made or found, removed since by hand."""
+        self._folders.pop(sha256[:2], None)
+        return self.make_folder(sha256)
+
     def place(self, tmp: Path, sha256: str, *, chmod: bool = True, durable: bool = True) -> Path:
         """Rename a finished temp file to blob ``sha256`` (call while holding the write lock).
 
@@ -130,7 +134,7 @@ class Store:
         except FileNotFoundError:
             if not Path(tmp).exists():
                 raise
-            dest.parent.mkdir(exist_ok=True)
+            self._make_folder_again(sha256)
             os.replace(tmp, dest)
         if durable:
             fsync_dir(dest.parent)
