@@ -210,3 +210,45 @@ def test_a_blob_folder_removed_by_hand_is_made_again(tmp_path, reg):
     assert created and entry["sha256"] == sha and reg.store.path(sha).read_bytes() == f.read_bytes()
     assert _temps(reg.home) == [] and reg.check().problems == []
 
+
+
+def test_fsync_threads_are_made_once_and_made_again_in_a_forked_child(tmp_path):
+    """fsync_many reuses one pool of threads across waves (not up to 32 new threads a wave); a process
+    forked after the pool was made (a scan's workers, a second scan's) gets a pool of its own: the
+    parent's threads do not exist there, and a wave given to them would never end."""
+    import multiprocessing as mp
+
+    from lorahub.registry import store
+
+    files = []
+    for i in range(40):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x" * i)
+        files.append(f)
+    store.fsync_many(files[:20])
+    pool = store._fsync_threads()
+    threads = set(pool._threads)
+    assert 1 < len(threads) <= store.FSYNC_THREADS
+    store.fsync_many(files[20:])
+    assert store._fsync_threads() is pool
+    assert len(pool._threads) <= store.FSYNC_THREADS and threads <= set(pool._threads)
+
+    def child():
+        store.fsync_many(files)
+        store.fsync_many([tmp_path], store.fsync_dir)  # one path: no thread
+        os._exit(0 if store._fsync_threads() is not pool else 3)
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    if proc.exitcode is None:
+        proc.kill()
+        pytest.fail("a forked child's fsync wave waited for its parent's threads")
+    assert proc.exitcode == 0
+
+    def fails(path):
+        if path == files[3]:
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):  # an fsync's error reaches the caller
+        store.fsync_many(files, fails)

@@ -11,6 +11,7 @@ source's mtime). Standard library only.
 
 from __future__ import annotations
 
+import _thread
 import os
 import shutil
 import time
@@ -30,19 +31,44 @@ def fsync_dir(folder: Path) -> None:
     fsync_path(folder)
 
 
+# fsync_many's threads: made once per process, as a wave of fsyncs first needs them, then reused (making
+# and starting up to 32 threads for each wave cost more CPU than the fsyncs, and made the caller wait for
+# each new thread to start).
+FSYNC_THREADS = 32
+_fsync_pool = None
+_fsync_pool_lock = _thread.allocate_lock()
+
+
+def _fsync_threads():
+    global _fsync_pool
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="lorahub-fsync")
+        return _fsync_pool
+
+
+def _forget_fsync_threads() -> None:
+    """In a forked child: the parent's threads are not there (a new pool is made if needed)."""
+    global _fsync_pool, _fsync_pool_lock
+    _fsync_pool, _fsync_pool_lock = None, _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_forget_fsync_threads)
+
+
 def fsync_many(paths, fn=fsync_file) -> None:
-    """Apply ``fn`` (an fsync) to every path, in parallel: parallel fsyncs share the file system's
-    journal commits, so a batch costs about as much as one."""
+    """Apply ``fn`` (an fsync) to every path, in parallel: parallel fsyncs share the device's queue (and
+    the file system's journal commits), so a wave costs little more than one fsync. Errors raise."""
     paths = list(paths)
     if not paths:
         return
     if len(paths) == 1:
         fn(paths[0])
         return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(32, len(paths))) as ex:
-        list(ex.map(fn, paths))
+    for _ in _fsync_threads().map(fn, paths):
+        pass
 
 
 class Store:
