@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import gc
 import hashlib
 import json
 import os
@@ -775,6 +776,10 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     is_large = [large(p) for p in paths] if workers > 1 else [False] * len(paths)
     n_small = is_large.count(False)
     threads = ThreadPoolExecutor(workers) if workers > 1 and n_small < len(paths) else None
+    # The objects made so far (the modules and what they hold) are left out of the garbage collector's
+    # passes for the call: its full passes then cost little, in this process and in the workers, whose
+    # memory pages, shared with this process, are not copied for its bookkeeping.
+    gc.freeze()
     procs = _fork_pool(reg.store, workers) if workers > 1 and n_small >= PROCESS_MIN_FILES else None
 
     queue: deque = deque()   # futures, in path order, each of a list of results
@@ -854,6 +859,7 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                                "the files not committed yet were not added") from None
         raise
     finally:
+        gc.unfreeze()
         syncer.shutdown(wait=True)
         if threads is not None:
             threads.shutdown(wait=True)
