@@ -252,3 +252,29 @@ def test_fsync_threads_are_made_once_and_made_again_in_a_forked_child(tmp_path):
 
     with pytest.raises(OSError, match="Input/output"):  # an fsync's error reaches the caller
         store.fsync_many(files, fails)
+
+
+def test_the_garbage_collector_is_as_it_was_after_a_scan(tmp_path, reg):
+    """add_many freezes the objects made before it forks its workers, for the call only: afterwards (and
+    after a failure) nothing is left frozen, and a caller's own freeze is left as it was."""
+    import gc
+
+    files = _library(tmp_path / "lib", 3 * N)
+    seen_frozen = []
+    reg.add_many(files[:N], callback=lambda *a: seen_frozen.append(gc.get_freeze_count()))
+    assert seen_frozen and min(seen_frozen) > 0  # frozen during the call
+    assert gc.get_freeze_count() == 0
+
+    def stop(*a):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        reg.add_many(files[N:2 * N], callback=stop)
+    assert gc.get_freeze_count() == 0 and _temps(reg.home) == []
+
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        reg.add_many(files[2 * N:])
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()

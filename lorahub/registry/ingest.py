@@ -779,7 +779,9 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
     # The objects made so far (the modules and what they hold) are left out of the garbage collector's
     # passes for the call: its full passes then cost little, in this process and in the workers, whose
     # memory pages, shared with this process, are not copied for its bookkeeping.
-    gc.freeze()
+    froze = gc.get_freeze_count() == 0  # (a caller's own freeze is left as it is)
+    if froze:
+        gc.freeze()
     procs = _fork_pool(reg.store, workers) if workers > 1 and n_small >= PROCESS_MIN_FILES else None
 
     queue: deque = deque()   # futures, in path order, each of a list of results
@@ -859,7 +861,8 @@ def add_many(reg: "Registry", paths: Iterable[str | os.PathLike], *, tags: list[
                                "the files not committed yet were not added") from None
         raise
     finally:
-        gc.unfreeze()
+        if froze:
+            gc.unfreeze()
         syncer.shutdown(wait=True)
         if threads is not None:
             threads.shutdown(wait=True)
